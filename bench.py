@@ -1,0 +1,71 @@
+"""bench.py -- measured speed and memory; figures go in the README and the issue notes, never in tests.
+
+    python bench.py grade              # grading throughput on 1,000 mixed responses
+    python bench.py generate           # hf backend vs plain model.generate (tokens/s), embedded model
+
+Each row is measured in a fresh process so rows don't share caches or memory peaks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+
+
+def mixed_responses(n: int = 1000, seed: int = 0) -> list[tuple[str, str]]:
+    """(response, answer) pairs: a realistic mix of exact hits, equivalent forms, wrong, unboxed, long."""
+    rng = random.Random(seed)
+    kinds = [
+        lambda a: (f"Adding gives {a}. The answer is \\boxed{{{a}}}.", str(a)),                     # exact
+        lambda a: (f"So x = \\boxed{{\\frac{{{2 * a}}}{{2}}}}", str(a)),                            # equivalent form
+        lambda a: (f"Thus \\boxed{{{a + 1}}}.", str(a)),                                             # wrong
+        lambda a: (f"I think it is {a}.", str(a)),                                                   # no box
+        lambda a: ("Wait, let me check. " * 200 + f"\\boxed{{{a}.0}}", str(a)),                     # long
+        lambda a: (f"\\boxed{{\\left({a}, {a + 1}\\right)}}", f"({a},{a + 1})"),                    # tuple
+        lambda a: (f"\\boxed{{{a / 4}}}", f"\\frac{{{a}}}{{4}}"),                                   # decimal vs frac
+        lambda a: (f"\\boxed{{\\frac{{{a}\\sqrt{{2}}}}{{2}}}}", f"\\frac{{{a}}}{{\\sqrt{{2}}}}"),       # symbolic: math-verify
+    ]
+    return [rng.choice(kinds)(rng.randint(1, 999)) for _ in range(n)]
+
+
+def bench_grade(n: int = 1000) -> dict:
+    import data
+    pairs = mixed_responses(n)
+    data.grade("\\boxed{1/2}", "0.5")  # start the math-verify child outside the timing
+    t = time.perf_counter()
+    scores = [data.grade(r, a) for r, a in pairs]
+    dt = time.perf_counter() - t
+    return dict(row="grade", responses=n, seconds=round(dt, 3), responses_per_s=round(n / dt, 1),
+                mean_score=round(sum(scores) / n, 3))
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+ROWS = {"grade": bench_grade}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("rows", nargs="*", default=list(ROWS), help=f"rows to run: {', '.join(ROWS)}")
+    p.add_argument("--in-process", action="store_true", help="run the rows here instead of one fresh process each")
+    args = p.parse_args()
+    if not args.in_process:
+        print(f"# bench.py on {platform.machine()}, {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+    for row in args.rows:
+        if args.in_process:
+            result = ROWS[row]()
+            result["peak_rss_gb"] = round(peak_rss_gb(), 2)
+            print(json.dumps(result))
+        else:
+            subprocess.run([sys.executable, __file__, row, "--in-process"], check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,638 @@
+"""data.py -- problems, prompts and answer grading.
+
+Implements, for "Why Does Self-Distillation (Sometimes) Degrade the Reasoning Capability of LLMs?"
+(arXiv 2603.24472):
+  - the paper's prompt (Sec. 3 "Prompts", App. D): `{question}\\nPlease reason step by step, and put
+    your final answer within \\boxed{}.` -> `format_prompt`
+  - DAPO-Math-17k's "Answer: $Answer" prompt rewritten into that boxed prompt (App. D), with the
+    ~100 copies of every prompt in the raw parquet removed -> `load_problems("dapo.parquet")`
+  - Sec. 3's selection rule (base accuracy in [0.125, 0.5] over 8 rollouts) -> `select_by_accuracy`
+  - the task-coverage subsets |D| in {1, 8, 64, 128, 512} of Sec. 6.2 -> `coverage_subset`
+  - the reward (App. D): last \\boxed{} of the response, exact match, then math-verify, 5 s bound
+    -> `grade`
+  - offline problem sources for machines with no hub: `"synthetic"` (a seeded generator with worked
+    solutions, 10 training types + 4 held-out OOD types, a difficulty knob) and `"champ"` (the 270
+    problems of the champ-dataset wheel).
+
+Where this departs from the reference code (lasgroup/SDPO `verl/utils/reward_score/feedback/math.py`)
+and why:
+  1. The reference looks for \\boxed only in the last 100 characters of the response; we search the
+     whole response, so a long final answer is not graded wrong for its length.
+  2. The reference deletes every comma before its exact match ("(1,2)" == "(12)"); we only drop
+     thousands separators ("1,000" -> "1000").
+  3. The reference's 5 s bound is SIGALRM, which only works in the main thread. Ours runs
+     math-verify in a child process and kills it past the bound, so it holds in worker threads,
+     under torchrun and in notebooks alike.
+  4. Two plain numbers (ints, decimals, a/b, \\frac{a}{b}) are compared as exact fractions in-process
+     before math-verify is asked: the same verdict, 20-50x faster.
+  5. math-verify is called with its LaTeX extractor only. Its plain-expression extractor ends in
+     sympy's `parse_expr`, which is `eval`; the LaTeX path is an ANTLR parser and executes nothing.
+
+Run it:
+    python data.py synthetic:difficulty=1 --limit 5          # print a few problems
+    python data.py ../shared/data/aime24.parquet --limit 3
+    python data.py --list-types
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import random
+import re
+import select
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+GRADE_TIMEOUT_S = 5.0  # App. D / reference: 5 s for the math-verify comparison
+
+
+@dataclass
+class Args:
+    source: str = "synthetic"
+    """path (.parquet/.jsonl/.json) or embedded name: synthetic[:key=value,...] or champ"""
+    limit: int = 5
+    """how many problems to print"""
+    seed: int = 0
+    """seed for generation and shuffling"""
+    list_types: bool = False
+    """print the synthetic problem types (training and held-out OOD) and exit"""
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+def format_prompt(question: str) -> str:
+    """The paper's user prompt. Never appends the instruction twice."""
+    q = question.rstrip()
+    if q.endswith(PROMPT_SUFFIX):
+        return q
+    return f"{q}\n{PROMPT_SUFFIX}"
+
+
+def strip_prompt_suffix(text: str) -> str:
+    q = text.rstrip()
+    if q.endswith(PROMPT_SUFFIX):
+        q = q[: -len(PROMPT_SUFFIX)].rstrip()
+    return q
+
+
+_DAPO_HEAD = re.compile(
+    r"^Solve the following math problem step by step\.\s*The last line of your response should be of the form "
+    r"Answer: \$Answer \(without quotes\) where \$Answer is the answer to the problem\.\s*")
+_DAPO_TAIL = re.compile(r"\s*Remember to put your answer on its own line after \"Answer:\"\.?\s*$")
+
+
+def rewrite_dapo_prompt(text: str) -> tuple[str, bool]:
+    """Strip DAPO-Math-17k's 'Answer: $Answer' instruction (App. D). Returns (question, was_dapo)."""
+    head = _DAPO_HEAD.match(text)
+    if not head:
+        return text, False
+    return _DAPO_TAIL.sub("", text[head.end():]).strip(), True
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic problems: seeded, with worked solutions. Each generator takes (rng, difficulty) and
+# returns (question, answer, solution). Difficulty d >= 1 sets operand sizes: at d = 1 every
+# operand is a single digit (the embedded SmolLM2-135M solves single-digit addition ~29% of the
+# time at temperature 1.0); each level adds a digit.
+# --------------------------------------------------------------------------------------------
+def _num(rng: random.Random, d: int, low: int = 1) -> int:
+    return rng.randint(low, 10 ** d - 1)
+
+
+def _boxed(steps: list[str], answer) -> str:
+    return " ".join(steps) + f" The answer is \\boxed{{{answer}}}."
+
+
+def _gen_add(rng, d):
+    a, b = _num(rng, d), _num(rng, d)
+    return f"What is {a} + {b}?", a + b, _boxed([f"We add {a} and {b}: {a} + {b} = {a + b}."], a + b)
+
+
+def _gen_sub(rng, d):
+    a, b = _num(rng, d), _num(rng, d)
+    a, b = max(a, b), min(a, b)
+    return f"What is {a} - {b}?", a - b, _boxed([f"We subtract {b} from {a}: {a} - {b} = {a - b}."], a - b)
+
+
+def _gen_mul(rng, d):
+    a, b = _num(rng, d), _num(rng, max(1, d - 1), low=2)
+    return f"What is {a} * {b}?", a * b, _boxed([f"We multiply {a} by {b}: {a} * {b} = {a * b}."], a * b)
+
+
+def _gen_div(rng, d):
+    b, q = _num(rng, max(1, d - 1), low=2), _num(rng, d)
+    a = b * q
+    return (f"What is {a} divided by {b}?", q,
+            _boxed([f"We need q with {b} * q = {a}.", f"Since {b} * {q} = {a}, q = {q}."], q))
+
+
+def _gen_mod(rng, d):
+    a, b = _num(rng, d + 1), _num(rng, d, low=2)
+    r = a % b
+    return (f"What is the remainder when {a} is divided by {b}?", r,
+            _boxed([f"{a} = {b} * {a // b} + {r}, and 0 <= {r} < {b}."], r))
+
+
+def _gen_linear(rng, d):
+    a, x, b = _num(rng, max(1, d - 1), low=2), _num(rng, d), _num(rng, d)
+    c = a * x + b
+    return (f"Solve for x: {a}x + {b} = {c}.", x,
+            _boxed([f"Subtract {b} from both sides: {a}x = {c - b}.", f"Divide by {a}: x = {x}."], x))
+
+
+def _gen_sequence(rng, d):
+    start, step = _num(rng, d), _num(rng, d)
+    terms = [start + i * step for i in range(4)]
+    nxt = start + 4 * step
+    return (f"What is the next term of the arithmetic sequence {', '.join(map(str, terms))}, ...?", nxt,
+            _boxed([f"Each term adds {step}.", f"The next term is {terms[-1]} + {step} = {nxt}."], nxt))
+
+
+def _gen_percent(rng, d):
+    p = rng.choice([10, 20, 25, 50, 75]) if d == 1 else rng.randint(1, 99)
+    n = (20 if d == 1 else 100) * _num(rng, d)  # p * n / 100 is a whole number
+    ans = p * n // 100
+    return (f"What is {p}% of {n}?", ans,
+            _boxed([f"{p}% of {n} is {p}/100 * {n} = {ans}."], ans))
+
+
+def _gen_gcd(rng, d):
+    g = _num(rng, max(1, d - 1), low=2)
+    a, b = g * _num(rng, d), g * _num(rng, d)
+    ans = math.gcd(a, b)
+    return (f"What is the greatest common divisor of {a} and {b}?", ans,
+            _boxed([f"Both {a} and {b} are divisible by {ans}, and {a // ans} and {b // ans} share no common factor."],
+                   ans))
+
+
+def _gen_word(rng, d):
+    name = rng.choice(["Tom", "Ana", "Li", "Sam", "Mia", "Omar"])
+    item = rng.choice(["apples", "pencils", "stamps", "marbles", "books"])
+    a, b = _num(rng, d), _num(rng, d)
+    return (f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?", a + b,
+            _boxed([f"{name} starts with {a} and gains {b}: {a} + {b} = {a + b}."], a + b))
+
+
+# Held out for OOD evaluation: never used for training by default (Sec. 6: evaluation is on
+# problem types unseen in training).
+def _gen_lcm(rng, d):
+    a, b = _num(rng, d, low=2), _num(rng, d, low=2)
+    ans = a * b // math.gcd(a, b)
+    return (f"What is the least common multiple of {a} and {b}?", ans,
+            _boxed([f"gcd({a}, {b}) = {math.gcd(a, b)}, so lcm = {a} * {b} / {math.gcd(a, b)} = {ans}."], ans))
+
+
+def _gen_mean(rng, d):
+    k = 3
+    xs = [_num(rng, d) for _ in range(k - 1)]
+    last = k * _num(rng, d) - sum(xs)
+    while last <= 0:
+        xs = [_num(rng, d) for _ in range(k - 1)]
+        last = k * _num(rng, d) - sum(xs)
+    xs.append(last)
+    ans = sum(xs) // k
+    return (f"What is the average of {', '.join(map(str, xs))}?", ans,
+            _boxed([f"The sum is {sum(xs)}.", f"Dividing by {k} gives {ans}."], ans))
+
+
+def _gen_two_step(rng, d):
+    a, b, c = _num(rng, d), _num(rng, d), _num(rng, max(1, d - 1), low=2)
+    ans = a + b * c
+    return (f"What is {a} + {b} * {c}?", ans,
+            _boxed([f"Multiplication first: {b} * {c} = {b * c}.", f"Then {a} + {b * c} = {ans}."], ans))
+
+
+def _gen_square(rng, d):
+    a = _num(rng, d)
+    return (f"What is {a} squared?", a * a, _boxed([f"{a} squared is {a} * {a} = {a * a}."], a * a))
+
+
+TRAIN_TYPES = {
+    "add": _gen_add, "sub": _gen_sub, "mul": _gen_mul, "div": _gen_div, "mod": _gen_mod,
+    "linear": _gen_linear, "sequence": _gen_sequence, "percent": _gen_percent, "gcd": _gen_gcd,
+    "word": _gen_word,
+}
+OOD_TYPES = {"lcm": _gen_lcm, "mean": _gen_mean, "two_step": _gen_two_step, "square": _gen_square}
+ALL_TYPES = {**TRAIN_TYPES, **OOD_TYPES}
+
+
+def synthetic_problems(n: int = 1000, seed: int = 0, difficulty: int = 1, types=None,
+                       split: str = "train") -> list[dict]:
+    """n distinct generated problems, round-robin over the chosen types, deterministic by seed.
+
+    split: "train" (the 10 training types), "ood" (the 4 held-out types), "all". `types` (a list
+    or a '+'-joined string) overrides split. difficulty >= 1: number of digits per operand.
+    """
+    if types is None:
+        types = {"train": list(TRAIN_TYPES), "ood": list(OOD_TYPES), "all": list(ALL_TYPES)}.get(split)
+        if types is None:
+            raise ValueError(f"synthetic: unknown split {split!r}; choose train, ood or all")
+    elif isinstance(types, str):
+        types = [t for t in types.split("+") if t]
+    unknown = [t for t in types if t not in ALL_TYPES]
+    if unknown or not types:
+        raise ValueError(f"synthetic: unknown problem type(s) {unknown or types}; known: {', '.join(ALL_TYPES)}")
+    difficulty, n = int(difficulty), int(n)
+    if difficulty < 1 or n < 1:
+        raise ValueError(f"synthetic: difficulty and n must be >= 1 (got difficulty={difficulty}, n={n})")
+    rng = random.Random(f"synthetic/{seed}/{difficulty}/{'+'.join(types)}")
+    seen, out, live, misses = set(), [], list(types), {t: 0 for t in types}
+    while len(out) < n:
+        if not live:
+            raise ValueError(f"synthetic: only {len(out)} distinct problems exist for types={types} "
+                             f"difficulty={difficulty}; ask for fewer or raise the difficulty")
+        kind = live[len(out) % len(live)]
+        question, answer, solution = ALL_TYPES[kind](rng, difficulty)
+        if question in seen:
+            misses[kind] += 1
+            if misses[kind] > 200:  # this type's problem space is used up at this difficulty
+                live.remove(kind)
+            continue
+        misses[kind] = 0
+        seen.add(question)
+        out.append(dict(id=f"synthetic-{kind}-{len(out)}", question=question, answer=str(answer),
+                        solution=solution, source="synthetic", type=kind, difficulty=difficulty,
+                        split="ood" if kind in OOD_TYPES else "train"))
+    return out
+
+
+def champ_problems() -> list[dict]:
+    """The 270 CHAMP problems (champ-dataset wheel), with step-by-step solutions and categories."""
+    import importlib.util
+    spec = importlib.util.find_spec("champ_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("source 'champ' needs the champ-dataset package: pip install champ-dataset")
+    path = Path(list(spec.submodule_search_locations)[0]) / "dataset_files" / "v0.json"
+    raw = json.loads(path.read_text())["problems"]
+    out = []
+    for key in sorted(raw, key=lambda k: (raw[k]["category"], int(k.rsplit("_", 1)[1]))):
+        p = raw[key]
+        steps = [s["_text"] for s in p["solution"]["steps"]]
+        out.append(dict(id=p["identifier"], question=p["_text"], answer=p["_answer"],
+                        solution=" ".join(steps) + f" The answer is \\boxed{{{p['_answer']}}}.",
+                        source="champ", type=p["category"]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Files in the paper's verl/SDPO layout, plain rows, and raw DAPO-Math-17k
+# --------------------------------------------------------------------------------------------
+def _decode(value, where: str):
+    """A cell may be a nested object, a JSON string, or a Python-literal string (single quotes)."""
+    if not isinstance(value, str):
+        return value
+    s = value.strip()
+    if not s or s[0] not in "[{":
+        return value
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(s)  # literals only: never evaluates code
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"{where}: cannot decode {s[:60]!r} as JSON or a Python literal ({e})") from None
+
+
+def _read_rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: row {i}: not valid JSON ({e})") from None
+        return rows
+    if suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(obj, dict):
+            obj = obj.get("data", obj.get("problems", [obj]))
+        if not isinstance(obj, list):
+            raise ValueError(f"{path}: expected a list of rows")
+        return obj
+    raise ValueError(f"{path}: unknown file type {suffix!r}; use .parquet, .jsonl or .json")
+
+
+def _row_to_problem(row, i: int, path: Path) -> tuple[dict, bool]:
+    where = f"{path}: row {i}"
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+    extra = _decode(row.get("extra_info"), f"{where}, field 'extra_info'") or {}
+    if not isinstance(extra, dict):
+        extra = {}
+    if "prompt" in row:  # verl / SDPO layout
+        prompt = _decode(row["prompt"], f"{where}, field 'prompt'")
+        if isinstance(prompt, list):
+            users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+            if not users or not isinstance(users[-1].get("content"), str):
+                raise ValueError(f"{where}, field 'prompt': no user message with text content")
+            text = users[-1]["content"]
+        elif isinstance(prompt, str):
+            text = prompt
+        else:
+            raise ValueError(f"{where}, field 'prompt': expected a list of chat messages or a string")
+        reward = _decode(row.get("reward_model"), f"{where}, field 'reward_model'")
+        answer = reward.get("ground_truth") if isinstance(reward, dict) else None
+        if answer is None:
+            answer = row.get("answer")
+        if answer is None:
+            raise ValueError(f"{where}: missing answer (field 'reward_model.ground_truth' or 'answer')")
+        question, was_dapo = rewrite_dapo_prompt(text)
+        question = strip_prompt_suffix(question)
+        solution = extra.get("solution") or row.get("solution")
+        pid = row.get("problem_id") or extra.get("index")
+    else:  # plain rows
+        question = row.get("question", row.get("problem"))
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{where}: missing question (field 'question' or 'problem')")
+        answer = row.get("answer")
+        if answer is None:
+            raise ValueError(f"{where}: missing answer (field 'answer')")
+        question, was_dapo = strip_prompt_suffix(question), False
+        solution, pid = row.get("solution"), row.get("id")
+    answer = str(answer).strip()
+    if not answer:
+        raise ValueError(f"{where}: empty answer")
+    return dict(id=f"{path.stem}-{i}", question=question, answer=answer,
+                solution=solution if isinstance(solution, str) and solution.strip() else None,
+                source=str(path), problem_id=None if pid is None else str(pid),
+                data_source=row.get("data_source")), was_dapo
+
+
+def load_file(path) -> list[dict]:
+    """Problems from a .parquet/.jsonl/.json file; raw DAPO-Math-17k prompts are rewritten and deduplicated."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: the file holds no rows")
+    problems, seen = [], set()
+    for i, row in enumerate(rows):
+        problem, was_dapo = _row_to_problem(row, i, path)
+        if was_dapo:  # DAPO ships ~100 copies of every prompt: keep the first of each
+            if problem["question"] in seen:
+                continue
+            seen.add(problem["question"])
+        problems.append(problem)
+    return problems
+
+
+def _parse_source(source: str) -> tuple[str, dict]:
+    """'synthetic:difficulty=2,types=add+mul,n=64' -> ('synthetic', {...})."""
+    name, _, spec = source.partition(":")
+    options = {}
+    for part in filter(None, spec.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(f"source {source!r}: expected key=value, got {part!r}")
+        options[key.strip().replace("-", "_")] = value.strip()
+    return name, options
+
+
+def load_problems(source: str, limit: int | None = None, seed: int = 0, **options) -> list[dict]:
+    """Problems as dicts with id, question (without the instruction), answer, solution (or None), source.
+
+    source: a .parquet/.jsonl/.json path (verl/SDPO layout, plain {question|problem, answer, solution?}
+    rows, or raw DAPO-Math-17k), or an embedded name with options after a colon:
+      synthetic[:n=1000,difficulty=1,split=train|ood|all,types=add+sub+...]
+      champ[:category=Combinatorics]
+    limit: keep the first `limit` problems (files and champ keep their order; synthetic is generated
+    in order). seed: synthetic generation seed.
+    """
+    if os.path.splitext(source)[1].lower() in (".parquet", ".jsonl", ".json"):
+        problems = load_file(source)
+    else:
+        name, spec_options = _parse_source(source)
+        spec_options.update(options)
+        if name == "synthetic":
+            allowed = {"n", "difficulty", "types", "split"}
+            if set(spec_options) - allowed:
+                raise ValueError(f"source {source!r}: unknown option(s) {sorted(set(spec_options) - allowed)}; "
+                                 f"synthetic takes {sorted(allowed)}")
+            if limit is not None and "n" not in spec_options:
+                spec_options["n"] = limit
+            problems = synthetic_problems(seed=seed, **spec_options)
+        elif name == "champ":
+            problems = champ_problems()
+            if "category" in spec_options:
+                problems = [p for p in problems if p["type"] == spec_options["category"]]
+        else:
+            raise ValueError(f"unknown source {source!r}: give a .parquet/.jsonl/.json path, "
+                             f"'synthetic[:options]' or 'champ'")
+    return problems if limit is None else problems[:limit]
+
+
+# --------------------------------------------------------------------------------------------
+# Subsets
+# --------------------------------------------------------------------------------------------
+def select_by_accuracy(problems: list[dict], accuracy: dict, low: float = 0.125, high: float = 0.5,
+                       limit: int | None = None) -> list[dict]:
+    """Sec. 3: keep problems whose base-model accuracy (over 8 rollouts in the paper) lies in [low, high].
+
+    accuracy maps problem id -> mean correctness. The paper keeps 100 such problems (limit=100)."""
+    kept = [p for p in problems if p["id"] in accuracy and low <= accuracy[p["id"]] <= high]
+    return kept if limit is None else kept[:limit]
+
+
+def coverage_subset(problems: list[dict], size: int, seed: int = 0) -> list[dict]:
+    """Sec. 6.2: `size` distinct questions (|D| in {1, 8, 64, 128, 512}), chosen by seed."""
+    unique = list({p["question"]: p for p in problems}.values())
+    if size > len(unique):
+        raise ValueError(f"coverage subset of {size} asked from {len(unique)} distinct problems")
+    return random.Random(seed).sample(unique, size)
+
+
+# --------------------------------------------------------------------------------------------
+# Grading (App. D): last \boxed{}, exact match, then math-verify under a hard time bound
+# --------------------------------------------------------------------------------------------
+_BOX = re.compile(r"\\(?:boxed|fbox)\b")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} / \\fbox{...} (nested braces), or of `\\boxed 5`; None if none."""
+    for m in reversed(list(_BOX.finditer(text))):
+        i = m.end()
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    return text[i + 1:j]
+            continue  # unbalanced: try an earlier box
+        if i > m.end():  # "\boxed 5": up to the next space or $
+            token = re.match(r"[^\s$]+", text[i:])
+            if token:
+                return token.group(0)
+    return None
+
+
+def normalize_answer(ans: str) -> str:
+    s = ans.strip().strip("$").strip()
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\s+", "", s)
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d*)?", s):  # a number with thousands separators, not a tuple
+        s = s.replace(",", "")
+    return s.rstrip(".")
+
+
+_NUMBER = re.compile(r"(-?)(?:(\d+(?:\.\d*)?|\.\d+)|\\frac\{(-?\d+)\}\{(-?\d+)\}|(-?\d+)/(-?\d+))")
+
+
+def as_number(ans: str) -> Fraction | None:
+    """A normalized answer that is plainly a number (int, decimal, a/b, \\frac{a}{b}) as an exact Fraction."""
+    m = _NUMBER.fullmatch(ans)
+    if not m:
+        return None
+    sign, dec, fn, fd, sn, sd = m.groups()
+    num, den = (fn, fd) if fn is not None else (sn, sd) if sn is not None else (dec, "1")
+    if int(den) == 0:
+        return None
+    value = Fraction(num) / Fraction(den)
+    return -value if sign else value
+
+
+_WORKER_CODE = r"""
+import json, logging, sys
+logging.disable(logging.WARNING)
+from math_verify import parse, verify, LatexExtractionConfig
+cfg = [LatexExtractionConfig(boxed_match_priority=0)]
+for line in sys.stdin:
+    req = json.loads(line)
+    try:
+        gold = parse("\\boxed{" + req["gold"] + "}", extraction_config=cfg, parsing_timeout=None)
+        pred = parse("\\boxed{" + req["pred"] + "}", extraction_config=cfg, parsing_timeout=None)
+        ok = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+    except Exception:
+        ok = False
+    sys.stdout.write("1\n" if ok else "0\n")
+    sys.stdout.flush()
+"""
+
+
+class _VerifyWorker:
+    """A math-verify child process, started on first use; killed and restarted when it overruns."""
+
+    def __init__(self):
+        self.proc = None
+        self.lock = threading.Lock()
+
+    def _ask(self, pred: str, gold: str, timeout: float) -> bool | None:
+        """Send one comparison; None when the child overran `timeout` or died (it is then killed)."""
+        self.proc.stdin.write(json.dumps({"pred": pred, "gold": gold}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+            return None
+        return line.strip() == "1"
+
+    def equivalent(self, pred: str, gold: str, timeout: float) -> bool:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                env = dict(os.environ, OMP_NUM_THREADS="1")
+                self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                                             text=True, bufsize=1)
+                # start-up (importing sympy) is not counted against the bound of the real question
+                if self._ask("1", "1", 60.0) is None:
+                    return False
+            return bool(self._ask(pred, gold, timeout))
+
+
+_worker = _VerifyWorker()
+
+
+def grade(response: str, answer: str, timeout: float = GRADE_TIMEOUT_S) -> float:
+    """1.0 if the last \\boxed{} of `response` equals `answer` (exact, then math-verify), else 0.0.
+
+    Never raises; never waits much longer than `timeout` seconds for math-verify; never executes
+    anything from the response (the comparison runs in a child process on an ANTLR LaTeX parser)."""
+    try:
+        pred = last_boxed(response)
+        if pred is None or not pred.strip():
+            return 0.0
+        pred_n, gold_n = normalize_answer(pred), normalize_answer(str(answer))
+        if pred_n == gold_n:
+            return 1.0
+        pred_v, gold_v = as_number(pred_n), as_number(gold_n)
+        if pred_v is not None and gold_v is not None:  # both plain numbers: exact, no need for sympy
+            return 1.0 if pred_v == gold_v else 0.0
+        if len(pred) > 1000:  # no real answer is this long; spare math-verify
+            return 0.0
+        return 1.0 if _worker.equivalent(pred, str(answer), timeout) else 0.0
+    except Exception:
+        return 0.0
+
+
+# --------------------------------------------------------------------------------------------
+def main(args: Args):
+    if args.list_types:
+        print("training types:", ", ".join(TRAIN_TYPES))
+        print("held-out OOD types:", ", ".join(OOD_TYPES))
+        return
+    problems = load_problems(args.source, seed=args.seed)
+    print(f"{len(problems)} problems from {args.source}")
+    for p in problems[:args.limit]:
+        print(json.dumps({k: p[k] for k in ("id", "question", "answer", "solution") if k in p}, ensure_ascii=False))
+
+
+def parse_args(cls, argv=None, positional=()):
+    """Turn a dataclass's fields into kebab-case flags; the docstring under each field is its help."""
+    import dataclasses
+    import inspect
+    helps = dict(re.findall(r"^    (\w+):[^\n]*\n    \"\"\"(.*?)\"\"\"", inspect.getsource(cls), re.M | re.S))
+    doc = sys.modules[cls.__module__].__doc__ or ""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0], epilog="\n".join(doc.split("\n")[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(default=default, help=f"{helps.get(f.name, '')} (default: {default!r})")
+        name = f.name if f.name in positional else "--" + f.name.replace("_", "-")
+        if f.name in positional:
+            kw["nargs"] = "?"
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("list[") or kind.startswith("tuple["):
+            kw.update(nargs="+" if f.name not in positional else "*", type={"int": int, "float": float}.get(kind[5:].split(",")[0].strip("]"), str))
+        else:
+            kw["type"] = {"int": int, "float": float}.get(kind, str)
+        parser.add_argument(name, **kw)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse_args(Args, positional=("source",)))

@@ -1,0 +1,423 @@
+"""Tests for the whole project: `python -m pytest -q test_all.py`.
+
+Unit tests pin the math against values computed independently (by hand, by brute force, by a
+second formula); smoke tests run the scripts as a user would. Tests that read the paper's
+benchmark files skip, saying why, when ../shared/data is absent (a fresh clone has none).
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import data
+import epistemic
+
+ROOT = Path(__file__).resolve().parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent (fresh clone)")
+
+
+def run(*cmd, timeout=600, env=None):
+    """Run a command from the repo root; fail with its output if it fails."""
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    assert p.returncode == 0, f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}"
+    return p.stdout
+
+
+# ============================================================================================
+# data.py: grading
+# ============================================================================================
+GRADE_CASES = [
+    # equivalent forms
+    ("The answer is \\boxed{\\frac{1}{2}}.", "0.5", 1.0),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{1/2}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac12", 1.0),
+    ("\\boxed{\\tfrac{3}{4}}", "0.75", 1.0),
+    ("\\boxed{-5}", "-5.0", 1.0),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", 1.0),
+    ("\\boxed{1,000}", "1000", 1.0),
+    ("\\boxed{10\\%}", "10", 1.0),
+    ("\\boxed{2\\pi}", "2 \\pi", 1.0),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", 1.0),
+    ("\\boxed{a+b}", "b+a", 1.0),
+    ("\\boxed{x=3}", "3", 1.0),
+    ("\\boxed{ 42 }", "42", 1.0),
+    ("$\\boxed{42}$.", "42", 1.0),
+    # text and units
+    ("\\boxed{5 \\text{ cm}}", "5", 1.0),
+    ("\\boxed{5\\text{cm}}", "5", 1.0),
+    ("\\boxed{50^\\circ}", "50", 1.0),
+    ("\\boxed{\\text{(B)}}", "B", 1.0),
+    ("\\boxed{\\text{Monday}}", "\\text{Monday}", 1.0),
+    # intervals, tuples, sets
+    ("\\boxed{[0,1)}", "[0,1)", 1.0),
+    ("\\boxed{(0,1]}", "[0,1)", 0.0),
+    ("\\boxed{(-\\infty, 2]}", "(-\\infty,2]", 1.0),
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3,\\frac{\\pi}{2})", 1.0),
+    ("\\boxed{(1, 2)}", "(1,2)", 1.0),
+    ("\\boxed{(162, 163)}", "(162,163)", 1.0),
+    ("\\boxed{(162,163)}", "162163", 0.0),
+    ("\\boxed{12,345,678}", "12345678", 1.0),
+    ("\\boxed{\\{1,2\\}}", "\\{2,1\\}", 1.0),
+    # wrong answers
+    ("\\boxed{2}", "3", 0.0),
+    ("\\boxed{\\frac{1}{3}}", "0.5", 0.0),
+    ("\\boxed{12}", "1,2", 0.0),
+    ("\\boxed{\\pi}", "3.14159", 0.0),
+    ("\\boxed{-3}", "3", 0.0),
+    # no box, several boxes, box spellings
+    ("The answer is 5.", "5", 0.0),
+    ("", "5", 0.0),
+    ("\\boxed{}", "5", 0.0),
+    ("first \\boxed{1}, finally \\boxed{2}", "2", 1.0),
+    ("first \\boxed{1}, finally \\boxed{2}", "1", 0.0),
+    ("\\boxed 5", "5", 1.0),
+    ("so $\\boxed 7$", "7", 1.0),
+    ("\\fbox{7}", "7", 1.0),
+    ("\\boxed{\\frac{1}{\\sqrt{4}}}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{3} and a broken \\boxed{4", "3", 1.0),
+    ("\\boxed{", "1", 0.0),
+    ("\\boxedx{5}", "5", 0.0),
+]
+
+
+@pytest.mark.parametrize("response,answer,expected", GRADE_CASES)
+def test_grade_cases(response, answer, expected):
+    assert data.grade(response, answer) == expected
+
+
+def test_last_boxed_extraction():
+    assert data.last_boxed("a \\boxed{\\frac{a}{b^{2}}} b") == "\\frac{a}{b^{2}}"
+    assert data.last_boxed("\\boxed{1} \\fbox{2}") == "2"
+    assert data.last_boxed("\\boxed 17.") == "17."
+    assert data.last_boxed("none") is None
+
+
+def test_grade_never_executes_response(tmp_path):
+    target = tmp_path / "pwned"
+    hostile = [
+        f"\\boxed{{__import__('os').system('touch {target}')}}",
+        f"\\boxed{{eval(\"open('{target}','w')\")}}",
+        f"\\boxed{{exec(\"import os; os.system('touch {target}')\")}}",
+        f"\\boxed{{(lambda: __import__('os').system('touch {target}'))()}}",
+        "\\boxed{\\input{/etc/passwd}}",
+    ]
+    for h in hostile:
+        assert data.grade(h, "0") == 0.0
+    # the same payloads through math-verify's comparison path directly
+    for h in hostile:
+        assert data._worker.equivalent(data.last_boxed(h), "0", 5.0) is False
+    assert not target.exists()
+
+
+def test_grade_hostile_and_huge_inputs_are_bounded():
+    t = time.time()
+    assert data.grade("\\boxed{9^{9^{9^{9}}}}", "5", timeout=1.0) == 0.0  # sympy would run for minutes
+    assert time.time() - t < 5.0
+    # the worker is restarted after the kill and still answers
+    assert data.grade("\\boxed{0.5}", "\\frac{1}{2}") == 1.0
+    long_text = "x" * 2_000_000 + " \\boxed{12}"
+    t = time.time()
+    assert data.grade(long_text, "12") == 1.0
+    assert data.grade("\\boxed{" + "1+" * 5000 + "1}", "5001") == 0.0  # oversized boxed answer: rejected
+    assert data.grade("{" * 100_000 + "\\boxed{" + "{" * 100_000, "1") == 0.0
+    assert time.time() - t < 10.0
+    assert data.grade(None, "1") == 0.0  # never raises
+    assert data.grade("\\boxed{1}", None) == 0.0
+
+
+def test_grade_time_bound_holds_in_worker_threads():
+    out = {}
+
+    def work():
+        t = time.time()
+        out["score"] = data.grade("\\boxed{9^{9^{9^{9}}}}", "7", timeout=1.0)
+        out["ok"] = data.grade("\\boxed{\\frac{2}{4}}", "0.5")
+        out["elapsed"] = time.time() - t
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join(60)
+    assert out["score"] == 0.0 and out["ok"] == 1.0
+    assert out["elapsed"] < 10.0
+
+
+# ============================================================================================
+# data.py: prompts and sources
+# ============================================================================================
+def test_format_prompt_never_twice():
+    p = data.format_prompt("What is 2 + 2?")
+    assert p == "What is 2 + 2?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert data.format_prompt(p) == p
+    assert data.format_prompt(p + "\n") == p
+    assert data.strip_prompt_suffix(p) == "What is 2 + 2?"
+
+
+DAPO_TEXT = ("Solve the following math problem step by step. The last line of your response should be of the form "
+             "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{q}\n\n"
+             "Remember to put your answer on its own line after \"Answer:\".")
+
+
+def _write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_dapo_rewrite_and_dedup(tmp_path):
+    questions = ["What is $1+1$?", "Find $x$ if $2x=6$."]
+    rows = []
+    for copy in range(3):  # the raw DAPO parquet holds many copies of each prompt
+        for i, q in enumerate(questions):
+            rows.append(dict(data_source="math_dapo", prompt=[dict(role="user", content=DAPO_TEXT.format(q=q))],
+                             ability="MATH", reward_model=dict(ground_truth=str(2 + i), style="rule"),
+                             extra_info=dict(index=f"id{i}-{copy}")))
+    path = tmp_path / "dapo-math-17k.parquet"
+    _write_parquet(path, rows)
+    problems = data.load_problems(str(path))
+    assert [p["question"] for p in problems] == questions
+    assert [p["answer"] for p in problems] == ["2", "3"]
+    assert data.format_prompt(problems[0]["question"]) == \
+        "What is $1+1$?\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+def test_verl_layout_three_encodings_agree(tmp_path):
+    msg = [{"role": "user", "content": "What is 3*4?\nPlease reason step by step, and put your final answer within \\boxed{}."}]
+    rm = {"ground_truth": "12", "style": "rule"}
+    extra = {"index": 7, "solution": "3*4 = 12"}
+    _write_parquet(tmp_path / "nested.parquet", [dict(data_source="x", prompt=msg, reward_model=rm, extra_info=extra)])
+    with open(tmp_path / "json.jsonl", "w") as f:
+        f.write(json.dumps(dict(data_source="x", prompt=json.dumps(msg), reward_model=json.dumps(rm),
+                                extra_info=json.dumps(extra))) + "\n")
+    with open(tmp_path / "pylit.jsonl", "w") as f:
+        f.write(json.dumps(dict(data_source="x", prompt=repr(msg), reward_model=repr(rm), extra_info=repr(extra))) + "\n")
+    loaded = [data.load_problems(str(tmp_path / n)) for n in ("nested.parquet", "json.jsonl", "pylit.jsonl")]
+    for problems in loaded:
+        assert len(problems) == 1
+        p = problems[0]
+        assert (p["question"], p["answer"], p["solution"]) == ("What is 3*4?", "12", "3*4 = 12")
+
+
+def test_plain_rows(tmp_path):
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps([{"problem": "What is 1+2?", "answer": 3, "solution": "1+2=3"},
+                                {"question": "What is 2+2?", "answer": "4"}]))
+    ps = data.load_problems(str(path))
+    assert [(p["question"], p["answer"], p["solution"]) for p in ps] == \
+        [("What is 1+2?", "3", "1+2=3"), ("What is 2+2?", "4", None)]
+    assert data.load_problems(str(path), limit=1)[0]["answer"] == "3"
+
+
+def test_bad_input_errors_name_file_row_and_field(tmp_path):
+    p = tmp_path / "noanswer.jsonl"
+    p.write_text(json.dumps({"question": "q1", "answer": "1"}) + "\n" + json.dumps({"question": "q2"}) + "\n")
+    with pytest.raises(ValueError, match=r"noanswer\.jsonl: row 1: missing answer \(field 'answer'\)"):
+        data.load_problems(str(p))
+    p = tmp_path / "broken.jsonl"
+    p.write_text(json.dumps({"question": "q", "answer": "1"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl: row 1: not valid JSON"):
+        data.load_problems(str(p))
+    p = tmp_path / "verl.jsonl"
+    p.write_text(json.dumps({"prompt": "[{'role': 'user', 'content': 'q'}]", "reward_model": "{'style': 'x'}"}) + "\n")
+    with pytest.raises(ValueError, match=r"verl\.jsonl: row 0: missing answer \(field 'reward_model.ground_truth'"):
+        data.load_problems(str(p))
+    p = tmp_path / "badcell.jsonl"
+    p.write_text(json.dumps({"prompt": "[{'role': 'user'", "reward_model": "{}"}) + "\n")
+    with pytest.raises(ValueError, match=r"badcell\.jsonl: row 0, field 'prompt': cannot decode"):
+        data.load_problems(str(p))
+    p = tmp_path / "empty.jsonl"
+    p.write_text("")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: the file holds no rows"):
+        data.load_problems(str(p))
+    with pytest.raises(ValueError, match=r"unknown source 'gsm8k'"):
+        data.load_problems("gsm8k")
+    with pytest.raises(ValueError, match=r"nothere\.parquet: no such file"):
+        data.load_problems(str(tmp_path / "nothere.parquet"))
+    with pytest.raises(ValueError, match=r"unknown problem type"):
+        data.load_problems("synthetic:types=add+calculus")
+    with pytest.raises(ValueError, match=r"unknown option"):
+        data.load_problems("synthetic:level=3")
+
+
+EXPECTED_SHARED = {"aime24": (30, "540"), "aime25": (30, "70"), "amc23": (40, "27"),
+                   "math500": (500, "\\left( 3, \\frac{\\pi}{2} \\right)"), "seen_64": (64, "52"),
+                   "seen_8x8": (64, "640")}
+
+
+@needs_shared
+@pytest.mark.parametrize("name", sorted(EXPECTED_SHARED))
+def test_shared_benchmark_files(name):
+    rows, first_answer = EXPECTED_SHARED[name]
+    ps = data.load_problems(str(SHARED_DATA / f"{name}.parquet"))
+    assert len(ps) == rows
+    assert ps[0]["answer"] == first_answer
+    assert all(p["answer"] and p["question"] and not p["question"].endswith("\\boxed{}.") for p in ps)
+    if name.startswith("aime"):  # AIME answers are integers 0..999
+        assert all(re.fullmatch(r"\d{1,3}", p["answer"]) for p in ps)
+    if name == "seen_8x8":  # 8 problems x 8 copies, kept as they are (only raw DAPO is deduplicated)
+        assert len({p["question"] for p in ps}) == 8
+    if name == "seen_64":
+        assert len({p["question"] for p in ps}) == 64
+
+
+def _solve_independently(p):
+    """Recompute a synthetic problem's answer from its question text alone."""
+    q, nums = p["question"], [int(x) for x in re.findall(r"\d+", p["question"])]
+    t = p["type"]
+    if t in ("add", "word"):
+        return nums[0] + nums[1]
+    if t == "sub":
+        return nums[0] - nums[1]
+    if t == "mul":
+        return nums[0] * nums[1]
+    if t == "div":
+        assert nums[0] % nums[1] == 0
+        return nums[0] // nums[1]
+    if t == "mod":
+        return nums[0] % nums[1]
+    if t == "linear":
+        a, b, c = nums
+        assert (c - b) % a == 0
+        return (c - b) // a
+    if t == "sequence":
+        assert len({nums[i + 1] - nums[i] for i in range(3)}) == 1
+        return 2 * nums[3] - nums[2]
+    if t == "percent":
+        assert nums[0] * nums[1] % 100 == 0
+        return nums[0] * nums[1] // 100
+    if t == "gcd":
+        return math.gcd(nums[0], nums[1])
+    if t == "lcm":
+        return math.lcm(nums[0], nums[1])
+    if t == "mean":
+        assert sum(nums) % len(nums) == 0
+        return sum(nums) // len(nums)
+    if t == "two_step":
+        return nums[0] + nums[1] * nums[2]
+    if t == "square":
+        return nums[0] ** 2
+    raise AssertionError(f"no independent solver for {t}")
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3])
+def test_synthetic_answers_and_solutions_are_right(difficulty):
+    ps = data.load_problems(f"synthetic:difficulty={difficulty},split=all,n=280", seed=3)
+    assert len(ps) == 280 and len({p["question"] for p in ps}) == 280
+    assert {p["type"] for p in ps} == set(data.ALL_TYPES)
+    for p in ps:
+        assert int(p["answer"]) == _solve_independently(p), p
+        assert data.grade(p["solution"], p["answer"]) == 1.0
+        if difficulty == 1 and p["type"] in ("add", "sub", "word"):  # single-digit operands
+            assert all(int(x) < 10 for x in re.findall(r"\d+", p["question"]))
+
+
+def test_synthetic_types_splits_and_seed():
+    assert len(data.TRAIN_TYPES) >= 8 and len(data.OOD_TYPES) >= 1
+    assert not set(data.TRAIN_TYPES) & set(data.OOD_TYPES)
+    a = data.load_problems("synthetic:n=50", seed=0)
+    assert a == data.load_problems("synthetic:n=50", seed=0)
+    assert a != data.load_problems("synthetic:n=50", seed=1)
+    assert {p["type"] for p in a} == set(data.TRAIN_TYPES)
+    ood = data.load_problems("synthetic:split=ood,n=40")
+    assert {p["type"] for p in ood} == set(data.OOD_TYPES) and all(p["split"] == "ood" for p in ood)
+    only = data.load_problems("synthetic", limit=9, types="mul+gcd")
+    assert len(only) == 9 and {p["type"] for p in only} == {"mul", "gcd"}
+    with pytest.raises(ValueError, match="distinct problems exist"):
+        data.load_problems("synthetic:types=add,n=82")  # single-digit addition has 81 problems
+    assert len(data.load_problems("synthetic:types=add,n=81")) == 81
+
+
+def test_coverage_subsets_and_selection_rule():
+    ps = data.load_problems("synthetic:difficulty=2,n=600")
+    for size in (1, 8, 64, 128, 512):
+        sub = data.coverage_subset(ps, size, seed=0)
+        assert len(sub) == size == len({p["question"] for p in sub})
+        assert sub == data.coverage_subset(ps, size, seed=0)
+    with pytest.raises(ValueError):
+        data.coverage_subset(ps[:5], 8)
+    acc = {ps[0]["id"]: 0.125, ps[1]["id"]: 0.5, ps[2]["id"]: 0.0, ps[3]["id"]: 0.625, ps[4]["id"]: 0.25}
+    kept = data.select_by_accuracy(ps[:6], acc)
+    assert [p["id"] for p in kept] == [ps[0]["id"], ps[1]["id"], ps[4]["id"]]
+
+
+def test_champ_source():
+    ps = data.load_problems("champ")
+    assert len(ps) == 270
+    from collections import Counter
+    assert Counter(p["type"] for p in ps) == {"Number-Theory": 80, "Inequality": 50, "Polynomial": 50,
+                                              "Sequence": 50, "Combinatorics": 40}
+    assert all(p["answer"] and p["solution"] for p in ps)
+    assert ps[0]["id"] == "P_Combinatorics_1" and ps[0]["answer"] == "239"
+    assert len(data.load_problems("champ:category=Sequence")) == 50
+
+
+def test_data_cli():
+    out = run(sys.executable, "data.py", "synthetic:difficulty=1,n=20", "--limit", "2")
+    assert out.startswith("20 problems from synthetic")
+    assert len(out.strip().splitlines()) == 3
+
+
+# ============================================================================================
+# epistemic.py
+# ============================================================================================
+TEXT = ("Wait, hmm... Hmmm, maybe I should check. Checking again: perhaps it seems likely, not unlikely. "
+        "Actually, alternatively, it might be awaiting us. Wait.")
+
+
+def test_markers_in_paper_order():
+    assert epistemic.MARKERS == ("wait", "hmm", "perhaps", "maybe", "actually", "alternatively", "seems", "might",
+                                 "likely", "check")
+
+
+def test_count_markers_by_hand():
+    # substrings, lower-cased (released code): "Hmmm" holds hmm once, "Checking" holds check,
+    # "unlikely" holds likely, "awaiting" holds wait
+    sub = epistemic.count_markers(TEXT)
+    assert sub == dict(wait=3, hmm=2, perhaps=1, maybe=1, actually=1, alternatively=1, seems=1, might=1, likely=2,
+                       check=2)
+    assert epistemic.epistemic_count(TEXT) == 15
+    whole = epistemic.count_markers(TEXT, whole_words=True)
+    assert whole == dict(wait=2, hmm=1, perhaps=1, maybe=1, actually=1, alternatively=1, seems=1, might=1, likely=1,
+                         check=1)
+    assert epistemic.epistemic_count(TEXT, whole_words=True) == 11
+    assert epistemic.epistemic_count("") == 0
+
+
+def test_split_think():
+    assert epistemic.split_think("so 2+2=4. wait.</think>\n\nThe answer is 4.") == ("so 2+2=4. wait.", "The answer is 4.")
+    assert epistemic.split_think("<think>\nhmm\n</think>\n\n\\boxed{1}") == ("hmm", "\\boxed{1}")
+    assert epistemic.split_think("no tags here") == ("", "no tags here")
+
+
+def test_breakdown_and_frequency_shift_by_hand():
+    br = epistemic.marker_breakdown(["wait wait", "maybe", ""])
+    assert br["wait"] == pytest.approx(2 / 3) and br["maybe"] == pytest.approx(1 / 3)
+    assert br["total"] == pytest.approx(1.0)
+    shift = epistemic.word_frequency_shift(["wait wait the cat", "the dog"], ["the the cat"])
+    # mu_base: wait 1, the 1, cat .5, dog .5 ; mu_model: the 2, cat 1
+    assert shift["delta"] == {"wait": -1.0, "the": 1.0, "cat": 0.5, "dog": -0.5}
+    assert shift["mean_marker_delta"] == -1.0
+    assert shift["mean_rest_delta"] == pytest.approx(1 / 3)
+    assert shift["mean_abs_rest_delta"] == pytest.approx(2 / 3)
+
+
+def test_epistemic_cli(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(json.dumps({"response": r}) for r in ["Wait, maybe.", "hmm wait"]) + "\n")
+    b.write_text(json.dumps({"generated_responses": ["ok then", "wait"]}) + "\n")
+    out = run(sys.executable, "epistemic.py", str(a))
+    assert re.search(r"\| wait\s+\| 1\.00\s+\|", out) and re.search(r"\| total\s+\| 2\.00\s+\|", out)
+    out = run(sys.executable, "epistemic.py", str(a), "--base", str(b))
+    assert "App. B.4" in out
+    p = subprocess.run([sys.executable, "epistemic.py", str(a), "--key", "text"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert p.returncode != 0 and "a.jsonl: row 0: no field 'text'" in p.stderr
