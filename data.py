@@ -575,13 +575,22 @@ class _VerifyWorker:
 _worker = _VerifyWorker()
 
 
-def grade(response: str, answer: str, timeout: float = GRADE_TIMEOUT_S) -> float:
+def last_number(text: str) -> str | None:
+    m = re.findall(r"-?\d+(?:\.\d+)?(?:/\d+)?", text.replace(",", ""))
+    return m[-1] if m else None
+
+
+def grade(response: str, answer: str, timeout: float = GRADE_TIMEOUT_S, lenient: bool = False) -> float:
     """1.0 if the last \\boxed{} of `response` equals `answer` (exact, then math-verify), else 0.0.
 
     Never raises; never waits much longer than `timeout` seconds for math-verify; never executes
-    anything from the response (the comparison runs in a child process on an ANTLR LaTeX parser)."""
+    anything from the response (the comparison runs in a child process on an ANTLR LaTeX parser).
+    lenient: a response with no \\boxed{} is graded on its last number instead. NOT the paper's
+    reward: an opt-in for the embedded 135M model, which rarely boxes (see README)."""
     try:
         pred = last_boxed(response)
+        if pred is None and lenient:
+            pred = last_number(response)
         if pred is None or not pred.strip():
             return 0.0
         pred_n, gold_n = normalize_answer(pred), normalize_answer(str(answer))

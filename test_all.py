@@ -4,6 +4,7 @@ Unit tests pin the math against values computed independently (by hand, by brute
 second formula); smoke tests run the scripts as a user would. Tests that read the paper's
 benchmark files skip, saying why, when ../shared/data is absent (a fresh clone has none).
 """
+import importlib.util
 import json
 import math
 import os
@@ -421,3 +422,325 @@ def test_epistemic_cli(tmp_path):
     p = subprocess.run([sys.executable, "epistemic.py", str(a), "--key", "text"], cwd=ROOT, capture_output=True,
                        text=True)
     assert p.returncode != 0 and "a.jsonl: row 0: no field 'text'" in p.stderr
+
+
+# ============================================================================================
+# rollout.py
+# ============================================================================================
+import itertools
+
+import torch
+
+import rollout
+import evaluate
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(rollout.embedded_model_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
+    """A randomly initialised 2-layer Llama with the embedded tokenizer, saved as a HF directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(embedded_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=embedded_tokenizer.eos_token_id,
+                      pad_token_id=embedded_tokenizer.pad_token_id, bos_token_id=1)
+    model = LlamaForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    embedded_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    return rollout.load_model(tiny_model_dir)
+
+
+def test_context_prompt_strings_exact():
+    q = "What is 2 + 3?"
+    base = "What is 2 + 3?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert rollout.unguided_prompt(q) == base
+    assert rollout.reprompt(q, "2 + 3 = 5, so \\boxed{5}.") == (
+        base + "\nCorrect solution:\n\n2 + 3 = 5, so \\boxed{5}.\n\nCorrectly solve the original question.")
+    assert rollout.reprompt(q, "S", feedback="F") == (
+        base + "\nCorrect solution:\n\nS\nThe following is feedback from your unsuccessful earlier attempt:\n\nF"
+               "\n\nCorrectly solve the original question.")
+    assert rollout.reprompt(q, "S", template="uncertainty") == (
+        base + "\nCorrect solution:\n\nS\n\nSolve the original question from scratch with a full, detailed reasoning "
+               "trace, without skipping any steps, and include as much uncertainty or ambiguity in the explanation.")
+    assert rollout.reprompt(base, "S") == rollout.reprompt(q, "S")  # the instruction is never doubled
+
+
+def test_strip_think():
+    assert rollout.strip_think("<think>\nhmm, 2+3=5\n</think>\n\nSo \\boxed{5}.") == "So \\boxed{5}."  # Qwen3
+    assert rollout.strip_think("Okay, wait... 5.\n</think>\n\nThe answer is \\boxed{5}.") == \
+        "The answer is \\boxed{5}."  # R1-Distill: the template opened <think>, the response only closes it
+    assert rollout.strip_think("<think>a</think>x<think>b</think>y") == "xy"
+    assert rollout.strip_think("no thinking here") == "no thinking here"
+
+
+# The tail of Qwen3's and DeepSeek-R1-Distill's chat templates, written the way the real ones are
+# (string literals inside {{- }}), since their tokenizers cannot be downloaded here.
+QWEN3_LIKE = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+              "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+              "{%- endif %}{%- endif %}")
+R1_LIKE = ("{{- '<｜begin▁of▁sentence｜>' }}{%- for m in messages %}{%- if m.role == 'user' %}"
+           "{{- '<｜User｜>' + m.content }}{%- endif %}{%- endfor %}"
+           "{%- if add_generation_prompt %}{{- '<｜Assistant｜><think>\\n' }}{%- endif %}")
+
+
+def test_chat_templates(embedded_tokenizer):
+    tok = embedded_tokenizer
+    user = "What is 1 + 1?"
+    assert rollout.chat_prompt(tok, user) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n")
+    assert rollout.chat_prompt(tok, user, system="SYS") == (  # OLMo-3 style: our system prompt replaces the default
+        "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n")
+    import copy
+    qwen = copy.copy(tok)
+    qwen.chat_template = QWEN3_LIKE
+    assert rollout.chat_prompt(qwen, user, thinking="on") == "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n"
+    assert rollout.chat_prompt(qwen, user, thinking="auto") == rollout.chat_prompt(qwen, user, thinking="on")
+    assert rollout.chat_prompt(qwen, user, thinking="off").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    r1 = copy.copy(tok)
+    r1.chat_template = R1_LIKE
+    assert rollout.chat_prompt(r1, user) == "<｜begin▁of▁sentence｜><｜User｜>What is 1 + 1?<｜Assistant｜><think>\n"
+
+
+def test_sampling_logprobs_filters_by_hand():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    lp = rollout.sampling_logprobs(logits, 1.0, 1.0, 2)  # top-2: renormalised over {0, 1}
+    z = math.log(math.e ** 2 + math.e)
+    assert torch.allclose(lp[0, :2], torch.tensor([2 - z, 1 - z])) and torch.isinf(lp[0, 2:]).all()
+    p = torch.softmax(logits / 0.5, -1)[0]  # T = 0.5: p = [0.867, 0.117, 0.016, 0.002]
+    lp = rollout.sampling_logprobs(logits, 0.5, 0.9, 0)  # top-p 0.9 keeps the smallest prefix reaching 0.9: {0, 1}
+    keep = torch.log(p[:2] / p[:2].sum())
+    assert torch.allclose(lp[0, :2], keep, atol=1e-6) and torch.isinf(lp[0, 2:]).all()
+
+
+def test_sample_tokens_matches_distribution():
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
+    lp = torch.log(probs).expand(20000, 4)
+    counts = torch.bincount(rollout.sample_tokens(lp, gen), minlength=4).float() / 20000
+    assert counts[1] == 0 and torch.allclose(counts, probs, atol=0.015)
+
+
+def _forward_logprobs(model, sample, params):
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(sample.prompt_ids) - 1:-1]
+    lp = rollout.sampling_logprobs(logits, params.temperature, params.top_p, params.top_k)
+    return lp.gather(-1, torch.tensor(sample.response_ids)[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 20)])
+def test_hf_backend_logprobs_match_forward_and_seed_is_deterministic(tiny, temperature, top_p, top_k):
+    model, tok = tiny
+    prompts = [rollout.chat_prompt(tok, data.format_prompt(q)) for q in ("What is 2 + 3?", "Solve x + 1 = 2.", "Hi")]
+    params = rollout.SamplingParams(n=3, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=24, seed=5)
+    a = rollout.generate_hf(model, tok, prompts, params, batch_size=4, progress=False)
+    b = rollout.generate_hf(model, tok, prompts, params, batch_size=4, progress=False)
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+    c = rollout.generate_hf(model, tok, prompts, rollout.SamplingParams(**{**params.__dict__, "seed": 6}),
+                            batch_size=4, progress=False)
+    assert [s.response_ids for s in a] != [s.response_ids for s in c]
+    assert [s.prompt_index for s in a] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for s in a:
+        assert len(s.logprobs) == len(s.response_ids) >= 1
+        assert s.prompt_ids == tok(prompts[s.prompt_index], add_special_tokens=False)["input_ids"]
+        assert (s.finish_reason == "stop") == (s.response_ids[-1] in rollout.eos_ids(tok, model))
+        assert s.finish_reason == "stop" or len(s.response_ids) == 24
+        assert torch.allclose(torch.tensor(s.logprobs), _forward_logprobs(model, s, params), atol=1e-4)
+
+
+def test_hf_backend_stops_at_eos_and_drops_finished_rows(tiny):
+    model, tok = tiny
+    eos = tok.eos_token_id
+    prompts = [rollout.chat_prompt(tok, f"{i}") for i in range(6)]
+    params = rollout.SamplingParams(n=2, temperature=1.0, max_new_tokens=40, seed=1)
+    orig = model.lm_head.forward  # make EOS likely (an instance-level override) so rows finish at different steps
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eos] = 9.0  # p(EOS) ~ 0.14 a step against 49k near-uniform logits
+    model.lm_head.forward = lambda x: orig(x) + bias
+    try:
+        out = rollout.generate_hf(model, tok, prompts, params, batch_size=12, progress=False)
+    finally:
+        del model.lm_head.forward
+    lengths = [len(s.response_ids) for s in out]
+    assert any(s.finish_reason == "stop" for s in out) and len(set(lengths)) > 1
+    for s in out:
+        assert (eos in s.response_ids) == (s.finish_reason == "stop")
+        assert eos not in s.response_ids[:-1]  # nothing after EOS
+    # the same rows decoded one at a time give the same log-probs (row dropping keeps the cache right)
+    for s in out[:4]:
+        ref = _forward_logprobs_biased(model, s, bias)
+        assert torch.allclose(torch.tensor(s.logprobs), ref, atol=1e-4)
+
+
+def _forward_logprobs_biased(model, s, bias):
+    ids = torch.tensor([s.prompt_ids + s.response_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(s.prompt_ids) - 1:-1] + bias
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
+
+
+def test_max_new_tokens_must_be_positive(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="max_new_tokens must be > 0"):
+        rollout.generate_hf(model, tok, ["x"], rollout.SamplingParams(max_new_tokens=0))
+
+
+def test_load_model_errors_and_embedded_model():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        rollout.load_model("./no/such/model")
+    model, tok = rollout.load_model()  # the embedded model, from the converted cache
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    cfg = json.loads((rollout.embedded_model_dir() / "config.json").read_text())
+    assert "quantization_config" not in cfg  # the saved checkpoint is a plain fp32 model
+
+
+def test_embedded_conversion_is_atomic_and_waits(tmp_path):
+    """Kill a conversion midway while a second process waits on the lock: no half cache, then a whole one."""
+    code = "import sys, rollout; print(rollout.embedded_model_dir(sys.argv[1]))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    time.sleep(4)  # first holds the lock and is converting
+    second = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(2)
+    assert first.poll() is None and second.poll() is None  # second waits for the lock
+    first.kill()
+    first.wait()
+    target = tmp_path / "smollm2-135m-instruct"
+    assert not target.exists()  # killed before the rename: nothing half-written in place
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0 and out.strip() == str(target)
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(target)
+    assert m.config.num_hidden_layers == 30
+    assert not list(tmp_path.glob(".convert-*"))  # the killed run's temporary directory was cleaned up
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is a GPU-only extra, not installed here")
+def test_vllm_backend_matches_contract(tiny_model_dir):
+    import vllm  # noqa: F401
+    backend = rollout.make_backend("vllm", tiny_model_dir, "cuda", gpu_memory_utilization=0.2, max_model_len=512)
+    prompts = [rollout.chat_prompt(backend.tokenizer, "What is 1 + 1?")]
+    params = rollout.SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=0)
+    out = rollout.generate(backend, prompts, params)
+    assert len(out) == 2 and all(len(s.logprobs) == len(s.response_ids) for s in out)
+    rollout.push_weights_to_vllm(backend.llm, backend.model)
+
+
+def test_rollout_cli_table1(tiny_model_dir, tmp_path):
+    out = run(sys.executable, "rollout.py", "--model", tiny_model_dir, "--setting", "all", "--data",
+              "synthetic:types=add,n=3", "--n-samples", "2", "--max-new-tokens", "8", "--solution-source", "dataset",
+              "--out", str(tmp_path))
+    table = (tmp_path / "table.md").read_text()
+    for name in ("(1) Unguided", "(2) Solution-Guided (c = s)", "(3) Solution-Guided (c = s\\think)",
+                 "(4) Regeneration-Conditioned", "App. C"):
+        assert name in table and name in out
+    assert "Avg. Score" in table and "Epistemic Token Count" in table
+    rows = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
+    assert {r["setting"] for r in rows} >= {"unguided", "solution", "solution-no-think", "uncertainty"}
+    assert len([r for r in rows if r["setting"] == "unguided"]) == 6
+    sol = [r for r in rows if r["setting"] == "solution"][0]
+    assert sol["context"].endswith("\n\nCorrectly solve the original question.") and "Correct solution:" in sol["context"]
+
+
+# ============================================================================================
+# evaluate.py
+# ============================================================================================
+def test_pass_at_k_against_brute_force():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations([1] * c + [0] * (n - c), k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert evaluate.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    assert evaluate.pass_at_k(16, 3, 1) == pytest.approx(3 / 16)
+    with pytest.raises(ValueError):
+        evaluate.pass_at_k(4, 1, 5)
+
+
+def test_summarize_by_hand():
+    recs = [dict(scores=[1.0, 0.0, 0.0, 0.0], lengths=[10, 20, 30, 40], epistemic=[0, 1, 2, 3],
+                 finish_reasons=["stop", "stop", "length", "stop"]),
+            dict(scores=[1.0, 1.0, 0.0, 1.0], lengths=[5, 5, 5, 5], epistemic=[0, 0, 0, 0],
+                 finish_reasons=["stop"] * 4)]
+    s = evaluate.summarize(recs, [1, 2, 4])
+    assert s["acc"] == 4 / 8 and s["length"] == 120 / 8 and s["epistemic"] == 6 / 8 and s["truncated"] == 1 / 8
+    # pass@2: problem 1: 1 - C(3,2)/C(4,2) = 1/2; problem 2: 1 - 0 = 1
+    assert s["pass@1"] == pytest.approx((1 / 4 + 3 / 4) / 2) and s["pass@2"] == pytest.approx(0.75)
+    assert s["pass@4"] == 1.0
+
+
+def test_evaluate_cli_bad_input(tmp_path):
+    def fails(*flags):
+        p = subprocess.run([sys.executable, "evaluate.py", "--out", str(tmp_path / "x"), *flags], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert p.returncode != 0
+        return p.stderr
+    assert "pass@k needs 1 <= k <= n" in fails("--n-samples", "2", "--k", "1", "4")
+    assert "--max-new-tokens must be > 0" in fails("--max-new-tokens", "0")
+    assert "does not exist" in fails("--model", str(tmp_path / "missing-model"))
+    bad = tmp_path / "noanswers.jsonl"
+    bad.write_text(json.dumps({"question": "q"}) + "\n")
+    assert "noanswers.jsonl: row 0: missing answer" in fails("--data", str(bad))
+
+
+def test_evaluate_resumes_after_kill(tiny_model_dir, tmp_path):
+    probs = tmp_path / "probs.jsonl"
+    probs.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                             for i in range(6)))
+    out = tmp_path / "ev"
+    flags = ["--model", tiny_model_dir, "--data", str(probs), "--n-samples", "2", "--k", "1", "2", "--chunk", "2",
+             "--max-new-tokens", "300", "--temperature", "1.0", "--top-k", "0", "--top-p", "1.0", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, "evaluate.py", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not (out / "samples.jsonl").exists() or
+                                      len((out / "samples.jsonl").read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    p.kill()
+    p.wait()
+    before = (out / "samples.jsonl").read_text().splitlines()
+    assert 2 <= len(before) < 6, "the run should have been killed midway"
+    with open(out / "samples.jsonl", "a") as f:
+        f.write('{"benchmark": "probs", "id": "torn')  # a write cut by the kill
+    stdout = run(sys.executable, "evaluate.py", *flags)
+    assert f"{len(before)} already done" in stdout
+    after = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(after) == 6 and len({r["id"] for r in after}) == 6
+    assert [json.loads(l) for l in before] == after[:len(before)]  # finished problems were kept, not redone
+    summary = json.loads((out / "summary.json").read_text())["probs"]
+    assert summary["problems"] == 6 and summary["samples"] == 12
+    assert summary["acc"] == pytest.approx(sum(sum(r["scores"]) for r in after) / 12)
+
+
+def test_evaluate_torchrun_two_ranks(tiny_model_dir, tmp_path):
+    flags = ["--model", tiny_model_dir, "--data", "synthetic:types=add,n=5", "--n-samples", "2", "--k", "1", "2",
+             "--max-new-tokens", "8", "--chunk", "2", "--out", str(tmp_path)]
+    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py", *flags,
+        env={"OMP_NUM_THREADS": "1"})
+    rows = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
+    assert sorted(r["id"] for r in rows) == sorted(p["id"] for p in data.load_problems("synthetic:types=add,n=5"))
+    assert all(len(r["scores"]) == 2 for r in rows)
+
+
+def test_evaluate_cli_embedded_model(tmp_path):
+    out = run(sys.executable, "evaluate.py", "--data", "synthetic:split=ood,n=2", "--n-samples", "2", "--k", "1", "2",
+              "--max-new-tokens", "8", "--out", str(tmp_path))
+    assert re.search(r"\| synthetic:split=ood,n=2 \| 2\s+\|", out)
+    assert json.loads((tmp_path / "summary.json").read_text())["synthetic:split=ood,n=2"]["samples"] == 4

