@@ -79,6 +79,8 @@ class Args:
     """float32 | bfloat16 | auto (bf16 on GPU, fp32 on CPU)"""
     seed: int = 0
     """sampling seed"""
+    lenient: bool = False
+    """grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)"""
     out: str = "runs/eval"
     """output directory: samples.jsonl (one line per problem), summary.json, summary.md"""
 
@@ -124,7 +126,7 @@ def format_summary(summary: dict, ks: list[int]) -> str:
 # Evaluation
 # --------------------------------------------------------------------------------------------
 def score_problems(backend, problems: list[dict], params: rollout.SamplingParams, chat: dict,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, lenient: bool = False) -> list[dict]:
     """Generate params.n samples per problem and grade them: one record per problem."""
     prompts = [rollout.chat_prompt(backend.tokenizer, data.format_prompt(p["question"]), **chat) for p in problems]
     samples = rollout.generate(backend, prompts, params, progress=progress)
@@ -133,7 +135,7 @@ def score_problems(backend, problems: list[dict], params: rollout.SamplingParams
     for s in tqdm(samples, desc="grade", disable=not progress, leave=False):
         r = records[s.prompt_index]
         r["responses"].append(s.text)
-        r["scores"].append(data.grade(s.text, r["answer"]))
+        r["scores"].append(data.grade(s.text, r["answer"], lenient=lenient))
         r["lengths"].append(len(s.response_ids))
         r["epistemic"].append(epistemic.epistemic_count(s.text))
         r["finish_reasons"].append(s.finish_reason)
@@ -141,7 +143,7 @@ def score_problems(backend, problems: list[dict], params: rollout.SamplingParams
 
 
 def evaluate(backend, benchmarks: dict[str, list[dict]], params: rollout.SamplingParams, ks=(1,),
-             chat: dict | None = None, progress: bool = False) -> dict:
+             chat: dict | None = None, progress: bool = False, lenient: bool = False) -> dict:
     """Periodic evaluation for the trainers: {benchmark: summary}, the same on every rank.
 
     Problems are split across ranks; records are gathered on rank 0, summarised there and broadcast."""
@@ -150,7 +152,7 @@ def evaluate(backend, benchmarks: dict[str, list[dict]], params: rollout.Samplin
     chat = chat or {}
     summary = {}
     for name, problems in benchmarks.items():
-        mine = score_problems(backend, rollout.shard(problems, rank, world), params, chat, progress)
+        mine = score_problems(backend, rollout.shard(problems, rank, world), params, chat, progress, lenient)
         allr = rollout.gather_to_rank0(mine, world)
         summary[name] = summarize(allr, list(ks)) if rank == 0 else None
     if world > 1:
@@ -198,7 +200,8 @@ def main(args: Args) -> dict:
     benchmarks = {benchmark_name(s): data.load_problems(s, limit=args.limit, seed=args.seed) for s in args.data}
     out = Path(args.out)
     config = dict(model=args.model, n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  max_new_tokens=args.max_new_tokens, thinking=args.thinking, system=args.system, seed=args.seed)
+                  max_new_tokens=args.max_new_tokens, thinking=args.thinking, system=args.system, seed=args.seed,
+                  lenient=args.lenient)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if (out / "config.json").exists() and json.loads((out / "config.json").read_text()) != config:
@@ -221,7 +224,7 @@ def main(args: Args) -> dict:
         mine = rollout.shard(pending[start:start + step], rank, world)
         params = rollout.SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                         max_new_tokens=args.max_new_tokens, seed=args.seed + 1000003 * i + rank)
-        records = score_problems(backend, [p for _, p in mine], params, chat, progress=rank == 0) if mine else []
+        records = score_problems(backend, [p for _, p in mine], params, chat, rank == 0, args.lenient) if mine else []
         for (name, _), r in zip(mine, records):
             r["benchmark"] = name
         gathered = rollout.gather_to_rank0(records, world)

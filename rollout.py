@@ -99,6 +99,8 @@ class Args:
     """float32 | bfloat16 | auto (bf16 on GPU, fp32 on CPU)"""
     seed: int = 0
     """sampling seed (each rank adds its rank)"""
+    lenient: bool = False
+    """grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)"""
     out: str = "runs/table1"
     """output directory: samples.jsonl and table.md"""
 
@@ -542,7 +544,7 @@ def summarize(records: list[dict]) -> dict:
 
 
 def run_setting(backend, problems: list[dict], contexts: dict, setting: str, params: SamplingParams,
-                chat: dict) -> list[dict]:
+                chat: dict, lenient: bool = False) -> list[dict]:
     """Generate and grade one setting. contexts maps problem id -> user prompt text."""
     todo = [p for p in problems if p["id"] in contexts]
     prompts = [chat_prompt(backend.tokenizer, contexts[p["id"]], **chat) for p in todo]
@@ -551,7 +553,8 @@ def run_setting(backend, problems: list[dict], contexts: dict, setting: str, par
     for s in samples:
         p = todo[s.prompt_index]
         records.append(dict(setting=setting, id=p["id"], answer=p["answer"], context=contexts[p["id"]],
-                            response=s.text, score=data.grade(s.text, p["answer"]), length=len(s.response_ids),
+                            response=s.text, score=data.grade(s.text, p["answer"], lenient=lenient),
+                            length=len(s.response_ids),
                             epistemic=epistemic.epistemic_count(s.text), finish_reason=s.finish_reason))
     return records
 
@@ -573,7 +576,7 @@ def table1(args: Args) -> dict:
     if "unguided" in chosen or (need_s and args.solution_source == "rollout"):
         print0("setting (1) unguided")
         records["unguided"] = run_setting(backend, problems, {p["id"]: unguided_prompt(p["question"]) for p in problems},
-                                          "unguided", params, chat)
+                                          "unguided", params, chat, args.lenient)
     solution = {}
     if args.solution_source == "rollout" and need_s:
         for r in records["unguided"]:  # s = the first correct unguided rollout
@@ -584,12 +587,12 @@ def table1(args: Args) -> dict:
     if "solution" in chosen or "regenerated" in chosen:
         print0("setting (2) solution-guided, c = s")
         records["solution"] = run_setting(backend, problems, {i: reprompt(q["question"], solution[i]) for q in problems
-                                                             for i in [q["id"]] if i in solution}, "solution", params, chat)
+                                                             for i in [q["id"]] if i in solution}, "solution", params, chat, args.lenient)
     if "solution-no-think" in chosen:
         print0("setting (3) solution-guided, c = s\\think")
         records["solution-no-think"] = run_setting(
             backend, problems, {q["id"]: reprompt(q["question"], strip_think(solution[q["id"]])) for q in problems
-                                if q["id"] in solution}, "solution-no-think", params, chat)
+                                if q["id"] in solution}, "solution-no-think", params, chat, args.lenient)
     if "regenerated" in chosen:
         y_r = {}
         for r in records["solution"]:  # y_r ~ pi(.|x, s): the first correct response under (2)
@@ -598,12 +601,12 @@ def table1(args: Args) -> dict:
         print0("setting (4) regeneration-conditioned, c = y_r")
         records["regenerated"] = run_setting(backend, problems, {q["id"]: reprompt(q["question"], y_r[q["id"]])
                                                                  for q in problems if q["id"] in y_r}, "regenerated",
-                                             params, chat)
+                                             params, chat, args.lenient)
     if "uncertainty" in chosen:
         print0("App. C: solution-guided with the uncertainty-encouraging prompt")
         records["uncertainty"] = run_setting(
             backend, problems, {q["id"]: reprompt(q["question"], solution[q["id"]], template="uncertainty")
-                                for q in problems if q["id"] in solution}, "uncertainty", params, chat)
+                                for q in problems if q["id"] in solution}, "uncertainty", params, chat, args.lenient)
     flat = gather_to_rank0([r for s in chosen for r in records.get(s, [])], world)
     if rank != 0:
         return {}

@@ -744,3 +744,169 @@ def test_evaluate_cli_embedded_model(tmp_path):
               "--max-new-tokens", "8", "--out", str(tmp_path))
     assert re.search(r"\| synthetic:split=ood,n=2 \| 2\s+\|", out)
     assert json.loads((tmp_path / "summary.json").read_text())["synthetic:split=ood,n=2"]["samples"] == 4
+
+
+# ============================================================================================
+# sft.py
+# ============================================================================================
+import sft
+
+
+def _sft_file(path, n=6):
+    rows = [{"question": f"What is {i} + {i}?", "response": f"{i} + {i} = {2 * i}. The answer is \\boxed{{{2 * i}}}."}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_rows_bad_input(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"question": "q", "response": "r"}) + "\n" + json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl: row 1: missing field 'response'"):
+        sft.read_sft_rows(p)
+    p.write_text(json.dumps({"question": "q", "response": "  "}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl: row 0: empty 'response'"):
+        sft.read_sft_rows(p)
+    p = subprocess.run([sys.executable, "sft.py", "train", "--data", str(_sft_file(tmp_path / "d.jsonl")),
+                        "--out", str(tmp_path / "none"), "--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode != 0 and "--resume: no complete checkpoint" in p.stderr
+
+
+def test_lr_schedule_and_data_order():
+    assert [sft.lr_at(s, 1e-5, 10) for s in (0, 4, 9, 10, 50)] == pytest.approx([1e-6, 5e-6, 1e-5, 1e-5, 1e-5])
+    order = [i for s in range(3) for i in sft.rows_for_step(5, s, 5, seed=0)]
+    assert sorted(order[:5]) == sorted(order[5:10]) == list(range(5))  # each epoch is a permutation
+    assert order == [i for s in range(3) for i in sft.rows_for_step(5, s, 5, seed=0)]
+    assert sft.rows_for_step(5, 1, 5, seed=0) != sft.rows_for_step(5, 1, 5, seed=1)
+
+
+def test_sft_loss_masks_the_prompt(tiny):
+    model, tok = tiny
+    rows = [{"question": "What is 1 + 1?", "response": "2"}, {"question": "Say hi", "response": "hi there, friend"}]
+    enc = [sft.tokenize_sft(tok, r, 512, {}) for r in rows]
+    for r, (ids, mask) in zip(rows, enc):
+        n_resp = len(tok(r["response"], add_special_tokens=False)["input_ids"]) + 1  # + EOS
+        assert sum(mask) == n_resp and mask[-n_resp:] == [1] * n_resp and ids[-1] == tok.eos_token_id
+    nll, count = sft.token_nll(model, [e[0] for e in enc], [e[1] for e in enc], tok.pad_token_id, "cpu")
+    # independently: one unpadded sequence at a time, summing log-probs of the response tokens
+    ref, ref_count = 0.0, 0
+    for ids, mask in enc:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        for t in range(1, len(ids)):
+            if mask[t]:
+                ref -= lp[t - 1, ids[t]].item()
+                ref_count += 1
+    assert count == ref_count and nll.item() == pytest.approx(ref, rel=1e-5)
+
+
+def _train(tiny_model_dir, data_path, out, *extra, torchrun=False):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun
+           else [sys.executable]) + ["sft.py", "train", "--model", tiny_model_dir, "--data", str(data_path),
+                                     "--out", str(out), "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3",
+                                     "--warmup", "2", *extra]
+    run(*cmd, env={"OMP_NUM_THREADS": "1"})
+    return [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
+
+
+def test_sft_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
+    d = _sft_file(tmp_path / "d.jsonl")
+    straight = _train(tiny_model_dir, d, tmp_path / "a", "--steps", "6", "--save-every", "3")
+    _train(tiny_model_dir, d, tmp_path / "b", "--steps", "3", "--save-every", "3")
+    (tmp_path / "b" / "metrics.jsonl").write_text(  # a row the killed run logged after its last checkpoint
+        (tmp_path / "b" / "metrics.jsonl").read_text() + json.dumps({"step": 4, "loss": 9.9}) + "\n")
+    resumed = _train(tiny_model_dir, d, tmp_path / "b", "--steps", "6", "--save-every", "3", "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
+    from safetensors.torch import load_file
+    wa, wb = load_file(tmp_path / "a" / "step_6" / "model.safetensors"), load_file(tmp_path / "b" / "step_6" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sft_two_processes_match_one(tiny_model_dir, tmp_path):
+    d = _sft_file(tmp_path / "d.jsonl")
+    one = _train(tiny_model_dir, d, tmp_path / "one", "--steps", "2", "--save-every", "2")
+    two = _train(tiny_model_dir, d, tmp_path / "two", "--steps", "2", "--save-every", "2", torchrun=True)
+    assert one[0]["tokens"] == two[0]["tokens"]
+    assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-5 and abs(one[1]["loss"] - two[1]["loss"]) < 1e-5
+    from transformers import AutoModelForCausalLM
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "step_2")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "step_2")
+    assert max((x - y).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values())) < 1e-5
+
+
+def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monkeypatch):
+    model, tok = rollout.load_model(tiny_model_dir)
+    opt = sft.make_optimizer(model, 1e-3)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    first = sft.save_checkpoint(tmp_path, 1, model, tok, opt, {"note": "ok"})
+    import safetensors.torch
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="checkpoint step 2 not written"):
+        sft.save_checkpoint(tmp_path, 2, model, tok, opt, {})
+    assert sft.latest_checkpoint(tmp_path) == first and not (tmp_path / "step_2").exists()
+    assert not list(tmp_path.glob(".step_*"))
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(first)  # still loads as it is
+    state = sft.load_checkpoint(first, model, sft.make_optimizer(model, 1e-3))
+    assert state["step"] == 1 and state["note"] == "ok"
+
+
+def test_sft_killed_mid_run_resumes_from_last_complete(tiny_model_dir, tmp_path):
+    d = _sft_file(tmp_path / "d.jsonl")
+    cmd = [sys.executable, "sft.py", "train", "--model", tiny_model_dir, "--data", str(d), "--out", str(tmp_path / "k"),
+           "--batch-size", "4", "--micro-batch", "2", "--steps", "400", "--save-every", "1"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "k").glob("step_*"))) < 3:
+        time.sleep(0.05)
+    p.kill()  # at an arbitrary moment, quite possibly mid-save
+    p.wait()
+    last = sft.latest_checkpoint(tmp_path / "k")
+    assert last is not None
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(last)
+    step = int(last.name[5:])
+    metrics = _train(tiny_model_dir, d, tmp_path / "k", "--steps", str(step + 2), "--save-every", "1", "--resume")
+    assert [r["step"] for r in metrics] == list(range(1, step + 3))
+
+
+def test_sft_embedded_model_trains_and_checkpoint_generates(tmp_path):
+    d = _sft_file(tmp_path / "d.jsonl", n=4)
+    run(sys.executable, "sft.py", "train", "--data", str(d), "--out", str(tmp_path / "e"), "--steps", "3",
+        "--batch-size", "4", "--micro-batch", "4", "--warmup", "1", "--lr", "1e-5", "--save-every", "3")
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "e" / "metrics.jsonl")]
+    assert losses[0] > losses[1] > losses[2]  # the same 4 rows every step: the loss must fall
+    model, tok = rollout.load_model(str(tmp_path / "e" / "step_3"))
+    s = rollout.generate_hf(model, tok, [rollout.chat_prompt(tok, "What is 1 + 1?")],
+                            rollout.SamplingParams(max_new_tokens=8), progress=False)
+    assert len(s[0].response_ids) >= 1 and s[0].text.strip()
+
+
+def test_sft_torchrun_embedded_model(tmp_path):
+    d = _sft_file(tmp_path / "d.jsonl", n=4)
+    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sft.py", "train",
+        "--data", str(d), "--out", str(tmp_path / "e"), "--steps", "2", "--batch-size", "4", "--micro-batch", "2",
+        "--warmup", "1", "--save-every", "2", env={"OMP_NUM_THREADS": "1"})
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "e" / "metrics.jsonl")]
+    assert losses[1] < losses[0]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "e" / "step_2")
+
+
+def test_sft_build_keeps_only_correct(tmp_path):
+    out = tmp_path / "d_ug.jsonl"
+    run(sys.executable, "sft.py", "build", "--setting", "unguided", "--data", "synthetic:types=add,n=6",
+        "--n-samples", "8", "--lenient", "--max-new-tokens", "48", "--out", str(out))
+    rows = [json.loads(l) for l in open(out)]
+    assert rows, "the embedded model gets some single-digit sums right under lenient grading"
+    for r in rows:
+        assert data.grade(r["response"], r["answer"], lenient=True) == 1.0
+        assert r["setting"] == "unguided" and r["epistemic"] == epistemic.epistemic_count(r["response"])
+        assert r["context"] == rollout.unguided_prompt(r["question"])
+    sft.read_sft_rows(out)  # and it is valid SFT input
