@@ -47,10 +47,8 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -559,6 +557,31 @@ def run_setting(backend, problems: list[dict], contexts: dict, setting: str, par
     return records
 
 
+SETTING_NAMES = {"unguided": "(1) Unguided", "solution": "(2) Solution-Guided (c = s)",
+                 "solution-no-think": "(3) Solution-Guided (c = s\\think)", "regenerated": "(4) Regeneration-Conditioned",
+                 "uncertainty": "App. C: Solution-Guided (w/ encouraged uncertainty)"}
+
+
+def context_for(setting: str, question: str, s: str | None) -> str:
+    """The user turn of each setting; s is the solution (y_r for "regenerated"), unused when unguided."""
+    if setting == "unguided":
+        return unguided_prompt(question)
+    if setting == "solution-no-think":
+        return reprompt(question, strip_think(s))
+    if setting == "uncertainty":
+        return reprompt(question, s, template="uncertainty")
+    return reprompt(question, s)  # "solution" (c = s) and "regenerated" (c = y_r)
+
+
+def first_correct(records: list[dict]) -> dict[str, str]:
+    """problem id -> its first correct response: s (from unguided rollouts) or y_r (from solution-guided ones)."""
+    out = {}
+    for r in records:
+        if r["score"] == 1.0:
+            out.setdefault(r["id"], r["response"])
+    return out
+
+
 def table1(args: Args) -> dict:
     rank, _, world, device = init_distributed()
     chosen = list(SETTINGS) if args.setting == "all" else [args.setting]
@@ -572,41 +595,28 @@ def table1(args: Args) -> dict:
                             max_new_tokens=args.max_new_tokens, seed=args.seed + rank)
     chat = dict(system=args.system, thinking=args.thinking)
     records = {}
-    need_s = any(s != "unguided" for s in chosen)
+
+    def run(setting: str, given: dict):
+        print0(SETTING_NAMES[setting])
+        contexts = {p["id"]: context_for(setting, p["question"], given.get(p["id"])) for p in problems
+                    if setting == "unguided" or p["id"] in given}
+        records[setting] = run_setting(backend, problems, contexts, setting, params, chat, args.lenient)
+
+    need_s = chosen != ["unguided"]
     if "unguided" in chosen or (need_s and args.solution_source == "rollout"):
-        print0("setting (1) unguided")
-        records["unguided"] = run_setting(backend, problems, {p["id"]: unguided_prompt(p["question"]) for p in problems},
-                                          "unguided", params, chat, args.lenient)
-    solution = {}
-    if args.solution_source == "rollout" and need_s:
-        for r in records["unguided"]:  # s = the first correct unguided rollout
-            if r["score"] == 1.0:
-                solution.setdefault(r["id"], r["response"])
-    elif need_s:
+        run("unguided", {})
+    if args.solution_source == "rollout":
+        solution = first_correct(records.get("unguided", []))
+    else:
         solution = {p["id"]: p["solution"] for p in problems if p.get("solution")}
     if "solution" in chosen or "regenerated" in chosen:
-        print0("setting (2) solution-guided, c = s")
-        records["solution"] = run_setting(backend, problems, {i: reprompt(q["question"], solution[i]) for q in problems
-                                                             for i in [q["id"]] if i in solution}, "solution", params, chat, args.lenient)
+        run("solution", solution)
     if "solution-no-think" in chosen:
-        print0("setting (3) solution-guided, c = s\\think")
-        records["solution-no-think"] = run_setting(
-            backend, problems, {q["id"]: reprompt(q["question"], strip_think(solution[q["id"]])) for q in problems
-                                if q["id"] in solution}, "solution-no-think", params, chat, args.lenient)
+        run("solution-no-think", solution)
     if "regenerated" in chosen:
-        y_r = {}
-        for r in records["solution"]:  # y_r ~ pi(.|x, s): the first correct response under (2)
-            if r["score"] == 1.0:
-                y_r.setdefault(r["id"], r["response"])
-        print0("setting (4) regeneration-conditioned, c = y_r")
-        records["regenerated"] = run_setting(backend, problems, {q["id"]: reprompt(q["question"], y_r[q["id"]])
-                                                                 for q in problems if q["id"] in y_r}, "regenerated",
-                                             params, chat, args.lenient)
+        run("regenerated", first_correct(records["solution"]))  # y_r ~ pi(.|x, s), a correct one
     if "uncertainty" in chosen:
-        print0("App. C: solution-guided with the uncertainty-encouraging prompt")
-        records["uncertainty"] = run_setting(
-            backend, problems, {q["id"]: reprompt(q["question"], solution[q["id"]], template="uncertainty")
-                                for q in problems if q["id"] in solution}, "uncertainty", params, chat, args.lenient)
+        run("uncertainty", solution)
     flat = gather_to_rank0([r for s in chosen for r in records.get(s, [])], world)
     if rank != 0:
         return {}
@@ -617,11 +627,8 @@ def table1(args: Args) -> dict:
             f.write(json.dumps(r) + "\n")
     n_problems = len(data.load_problems(args.data, limit=args.limit, seed=args.seed))
     rows = {s: summarize([r for r in flat if r["setting"] == s]) for s in chosen}
-    names = {"unguided": "(1) Unguided", "solution": "(2) Solution-Guided (c = s)",
-             "solution-no-think": "(3) Solution-Guided (c = s\\think)", "regenerated": "(4) Regeneration-Conditioned",
-             "uncertainty": "App. C: Solution-Guided (w/ encouraged uncertainty)"}
     table = epistemic.format_table(
-        [(names[s], f"{rows[s]['samples'] // max(args.n_samples, 1)}/{n_problems}", f"{rows[s]['score']:.2f}",
+        [(SETTING_NAMES[s], f"{rows[s]['samples'] // max(args.n_samples, 1)}/{n_problems}", f"{rows[s]['score']:.2f}",
           f"{rows[s]['length']:.1f}", f"{rows[s]['epistemic']:.2f}") for s in chosen],
         ("setting", "problems", "Avg. Score", "Avg. Length", "Epistemic Token Count"))
     (out / "table.md").write_text(table + "\n")

@@ -55,7 +55,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-import epistemic
 import rollout
 from rollout import init_distributed, print0  # noqa: F401  (re-exported: grpo.py and sdpo.py use them from here)
 
@@ -381,11 +380,9 @@ def build(args: BuildArgs):
         if args.solution_source == "dataset":
             solution = {p["id"]: p["solution"] for p in problems if p.get("solution")}
         else:
-            solution = {}
-            for r in records:
-                if r["score"] == 1.0:
-                    solution.setdefault(r["id"], r["response"])
-        contexts = {p["id"]: rollout.reprompt(p["question"], solution[p["id"]]) for p in problems if p["id"] in solution}
+            solution = rollout.first_correct(records)
+        contexts = {p["id"]: rollout.context_for("solution", p["question"], solution[p["id"]]) for p in problems
+                    if p["id"] in solution}
         records = rollout.run_setting(backend, problems, contexts, "solution", params, chat, lenient=args.lenient)
     question = {p["id"]: p["question"] for p in problems}
     kept = [dict(id=r["id"], question=question[r["id"]], answer=r["answer"], response=r["response"],

@@ -272,7 +272,7 @@ def test_shared_benchmark_files(name):
 
 def _solve_independently(p):
     """Recompute a synthetic problem's answer from its question text alone."""
-    q, nums = p["question"], [int(x) for x in re.findall(r"\d+", p["question"])]
+    nums = [int(x) for x in re.findall(r"\d+", p["question"])]
     t = p["type"]
     if t in ("add", "word"):
         return nums[0] + nums[1]
@@ -910,3 +910,16 @@ def test_sft_build_keeps_only_correct(tmp_path):
         assert r["setting"] == "unguided" and r["epistemic"] == epistemic.epistemic_count(r["response"])
         assert r["context"] == rollout.unguided_prompt(r["question"])
     sft.read_sft_rows(out)  # and it is valid SFT input
+
+
+def test_periodic_evaluate_function(tiny):
+    model, tok = tiny
+    backend = rollout.Backend("hf", tok, model=model, batch_size=8)
+    params = rollout.SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=3)
+    benches = {"a": data.load_problems("synthetic:types=add,n=3"), "b": data.load_problems("synthetic:split=ood,n=2")}
+    summary = evaluate.evaluate(backend, benches, params, ks=(1, 2))
+    assert set(summary) == {"a", "b"}
+    for name, problems in benches.items():
+        records = evaluate.score_problems(backend, problems, params, {}, progress=False)  # same seed, same samples
+        assert summary[name] == evaluate.summarize(records, [1, 2])
+        assert summary[name]["samples"] == 2 * len(problems) and summary[name]["length"] <= 6
