@@ -923,3 +923,147 @@ def test_periodic_evaluate_function(tiny):
         records = evaluate.score_problems(backend, problems, params, {}, progress=False)  # same seed, same samples
         assert summary[name] == evaluate.summarize(records, [1, 2])
         assert summary[name]["samples"] == 2 * len(problems) and summary[name]["length"] <= 6
+
+
+# ============================================================================================
+# grpo.py
+# ============================================================================================
+import grpo
+
+
+def test_group_advantages_by_hand():
+    a = grpo.group_advantages([1, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0], 4)
+    assert a.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, 0.25, 0.25, 0.25, -0.75])
+    s = grpo.group_advantages([1, 0, 0, 1], 4, norm_std=True)  # unbiased std of {1,0,0,1} = sqrt(1/3)
+    x = 0.5 / (math.sqrt(1 / 3) + 1e-6)
+    assert s.tolist() == pytest.approx([x, -x, -x, x])
+    assert grpo.group_advantages([1, 1, 1, 1], 4, norm_std=True).tolist() == [0, 0, 0, 0]  # degenerate group
+
+
+def test_policy_loss_every_branch_by_hand():
+    ratio = torch.tensor([[1.5, 0.5, 0.5, 4.0, 1.1, 7.0]])
+    old = torch.zeros(1, 6)
+    logp = torch.log(ratio)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    loss, m = grpo.policy_loss(logp, old, adv, mask)
+    # +A ratio 1.5 -> clip high: -1.28 | +A ratio 0.5 -> unclipped: -0.5 | -A ratio 0.5 -> clip low: 0.8
+    # -A ratio 4 -> dual clip: 3.0 | -A ratio 1.1 -> 1.1 | masked token ignored
+    assert loss.item() == pytest.approx((-1.28 - 0.5 + 0.8 + 3.0 + 1.1) / 5, abs=1e-6)
+    assert m["clip_frac_high"] == pytest.approx(1 / 5) and m["clip_frac_low"] == pytest.approx(1 / 5)
+    assert m["clip_frac_dual"] == pytest.approx(1 / 5)
+    w = torch.tensor([[2.0, 1.0, 1.0, 0.5, 1.0, 1.0]])  # rollout IS weights multiply each token's term
+    loss_w, _ = grpo.policy_loss(logp, old, adv, mask, is_weight=w, token_count=10)
+    assert loss_w.item() == pytest.approx((-2.56 - 0.5 + 0.8 + 1.5 + 1.1) / 10, abs=1e-6)
+    lossb, _ = grpo.policy_loss(logp, old, adv[:, 0] * 0 + 1, mask)  # (B,) advantages broadcast over tokens
+    assert lossb.item() == pytest.approx((-1.28 - 0.5 - 0.5 - 1.28 - 1.1) / 5, abs=1e-6)
+
+
+def test_policy_gradient_matches_analytic():
+    torch.manual_seed(0)
+    theta = torch.randn(5, requires_grad=True)  # a one-step softmax policy over 5 tokens
+    y = torch.tensor([0, 3, 3, 1, 4, 2])
+    A = torch.tensor([0.7, -0.2, -0.2, 0.5, -0.9, 0.1])
+    logp = torch.log_softmax(theta, -1)[y][None]  # (1, 6)
+    loss, _ = grpo.policy_loss(logp, logp.detach(), A[None], torch.ones(1, 6))  # on-policy: ratio 1, no clipping
+    loss.backward()
+    p = torch.softmax(theta.detach(), -1)
+    analytic = -sum(A[t] * (torch.nn.functional.one_hot(y[t], 5) - p) for t in range(6)) / 6
+    assert torch.allclose(theta.grad, analytic, atol=1e-6)
+    # a clipped token (A > 0, ratio past 1 + 0.28) contributes no gradient
+    theta.grad = None
+    lp = torch.log_softmax(theta, -1)[y][None]
+    old = lp.detach().clone()
+    old[0, 0] -= 1.0  # ratio e > 1.28 on token 0
+    grpo.policy_loss(lp, old, A[None], torch.ones(1, 6))[0].backward()
+    analytic = -sum(A[t] * (torch.nn.functional.one_hot(y[t], 5) - p) for t in range(1, 6)) / 6
+    assert torch.allclose(theta.grad, analytic, atol=1e-6)
+
+
+def test_k3_kl_by_hand():
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0])
+    assert grpo.k3_kl(lp, ref).tolist() == pytest.approx([math.exp(-0.5) + 0.5 - 1, 0.0])
+
+
+def test_trainer_logprobs_match_rollout_logprobs(tiny):
+    model, tok = tiny
+    prompts = [rollout.chat_prompt(tok, q) for q in ("a", "longer prompt here")]
+    samples = rollout.generate_hf(model, tok, prompts, rollout.SamplingParams(n=2, temperature=0.8, max_new_tokens=12),
+                                  progress=False)
+    logp, mask, ent = grpo.token_logprobs(model, [(s.prompt_ids, s.response_ids) for s in samples], tok.pad_token_id,
+                                          0.8, "cpu", with_entropy=True)
+    for i, s in enumerate(samples):
+        n = len(s.response_ids)
+        assert mask[i].sum() == n and torch.allclose(logp[i, :n], torch.tensor(s.logprobs), atol=1e-4)
+    assert (ent[mask.bool()] > 0).all()
+
+
+def _rows(tok, n, reward_fn, adv=None):
+    rows = []
+    for i in range(n):
+        p = tok(rollout.chat_prompt(tok, f"q{i}"), add_special_tokens=False)["input_ids"]
+        r = [100 + i, 200, 300][: 1 + i % 3]
+        rows.append(dict(prompt_ids=p, response_ids=r, rollout_logprobs=[-5.0] * len(r), reward=reward_fn(i)))
+    a = grpo.group_advantages([r["reward"] for r in rows], 4) if adv is None else adv
+    for r, x in zip(rows, a.tolist() if hasattr(a, "tolist") else a):
+        r["advantage"] = x
+    return rows
+
+
+def test_train_on_rollouts_edge_cases(tiny_model_dir):
+    model, tok = rollout.load_model(tiny_model_dir)
+    args = grpo.Args(rollouts=4, micro_batch=3, lr=1e-3, warmup=1)
+    opt = sft.make_optimizer(model, 1e-3)
+    # degenerate groups (all right / all wrong): zero advantage, zero loss and gradient
+    m = grpo.train_on_rollouts(model, opt, _rows(tok, 8, lambda i: float(i < 4)), args, 1, "cpu", tok.pad_token_id)
+    assert m["loss"] == 0.0 and m["grad_norm"] == 0.0
+    # an empty response and a NaN advantage: the update is skipped and the weights are kept
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = _rows(tok, 4, lambda i: float(i % 2))
+    rows[0]["response_ids"], rows[0]["rollout_logprobs"] = [], []
+    rows[1]["advantage"] = float("nan")
+    m = grpo.train_on_rollouts(model, opt, rows, args, 1, "cpu", tok.pad_token_id)
+    assert m["nonfinite_updates"] == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # a normal step with an empty response among the rows moves the weights
+    rows = _rows(tok, 4, lambda i: float(i % 2))
+    rows[2]["response_ids"], rows[2]["rollout_logprobs"] = [], []
+    m = grpo.train_on_rollouts(model, opt, rows, args, 1, "cpu", tok.pad_token_id)
+    assert m["nonfinite_updates"] == 0 and m["grad_norm"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # off-policy path (two epochs): pi_old is taken before the first update
+    m = grpo.train_on_rollouts(model, opt, _rows(tok, 4, lambda i: float(i % 2)),
+                               grpo.Args(rollouts=4, micro_batch=2, ppo_epochs=2), 1, "cpu", tok.pad_token_id)
+    assert m["grad_norm"] > 0
+
+
+GRPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "12",
+              "--eval-n", "2", "--eval-max-new-tokens", "8", "--save-every", "2", "--lenient"]
+
+
+def test_grpo_one_and_two_processes_and_resume(tiny_model_dir, tmp_path):
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        run(*launcher, "grpo.py", "--model", tiny_model_dir, *GRPO_FLAGS, "--out", str(tmp_path / name),
+            env={"OMP_NUM_THREADS": "1"})
+        rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+        assert [r["step"] for r in rows] == [1, 2]
+        for key in ("score", "length", "epistemic", "clip_frac_high", "clip_frac_low", "clip_frac_dual", "entropy",
+                    "grad_norm", "rollout_tok_s", "train_tok_s", "t_generate", "t_train"):
+            assert key in rows[0]
+        assert any(k.startswith("eval/") for k in rows[-1])
+        from transformers import AutoModelForCausalLM
+        AutoModelForCausalLM.from_pretrained(tmp_path / name / "step_2")
+    run(sys.executable, "grpo.py", "--model", tiny_model_dir, *GRPO_FLAGS[2:], "--steps", "3",
+        "--out", str(tmp_path / "one"), "--resume")
+    rows = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and (tmp_path / "one" / "step_3").is_dir()
+
+
+def test_grpo_embedded_model_one_step(tmp_path):
+    out = run(sys.executable, "grpo.py", "--steps", "1", "--prompts-per-step", "2", "--rollouts", "4",
+              "--max-new-tokens", "24", "--eval-n", "1", "--eval-max-new-tokens", "8", "--lenient",
+              "--eval-data", "synthetic:split=ood,n=2", "--out", str(tmp_path))
+    row = json.loads(open(tmp_path / "metrics.jsonl").read())
+    assert 0.0 <= row["score"] <= 1.0 and 0 < row["length"] <= 24 and math.isfinite(row["loss"])
+    assert "done:" in out

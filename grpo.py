@@ -1,0 +1,410 @@
+"""grpo.py -- GRPO, the RLVR baseline of Sec. 5, with the paper's hyperparameters (App. D, Tables 8-9).
+
+Each step: sample --prompts-per-step problems, --rollouts n responses each, grade them (App. D
+reward), turn rewards into group advantages, and minimise the clipped surrogate:
+    A_i = r_i - mean(r_group)                                  (no std division, as the paper's code)
+    ratio_t = exp(clamp(log pi(y_t) - log pi_old(y_t), -20, 20))
+    l_t = max(-A ratio_t, -A clip(ratio_t, 1 - 0.2, 1 + 0.28))  (clip low / clip high)
+    l_t = min(l_t, -A * 3.0)   when A < 0                       (dual clip, c = 3)
+    w_t = min(exp(log pi_old(y_t) - log pi_rollout(y_t)), 2)    (rollout importance-sampling correction)
+    loss = sum_t w_t l_t / (number of response tokens)          (token mean over the global batch)
+with no KL term by default (Table 9: lambda = 0); --kl-coef adds the k3 estimator against the
+initial policy. Functions: `group_advantages`, `policy_loss`, `token_logprobs`, `k3_kl`.
+
+Departures, and why:
+  1. When the step is on-policy (--ppo-epochs 1 and one mini-batch), pi_old is the current policy
+     detached: the separate no-grad forward verl makes would give the same numbers.
+  2. The token mean runs over the whole mini-batch on every rank (each response token weighs the
+     same); verl averages per micro-batch and rescales, which differs when lengths differ.
+  3. With --backend hf under torchrun, each rank generates with a plain (unsharded) replica of the
+     policy, refreshed from the FSDP shards after every step (`sync_replica`): FSDP2 forwards are
+     collectives and ranks decode different lengths. With one process the policy generates itself.
+  4. CPU-scale defaults (4 prompts x 8 rollouts, 128 new tokens) instead of Table 8's 256 x 8 and
+     20480; the paper's values are in each flag's help and in the README's GPU recipe.
+
+Run it:
+    python grpo.py --lenient                                        # embedded model, easy synthetic problems
+    torchrun --nproc_per_node 2 grpo.py --lenient --steps 2
+    python grpo.py --lenient --steps 20 --resume                    # continue the run in --out
+    # the paper (Sec. 5.1), 8 GPUs per node:
+    torchrun --nproc_per_node 8 grpo.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
+        --data dapo-math-17k.parquet --prompts-per-step 256 --rollouts 8 --mini-batch 64 --lr 1e-6 \\
+        --max-new-tokens 20480 --temperature 1.0 --grad-ckpt --micro-batch 1 --steps 100 \\
+        --eval-data aime24.parquet amc23.parquet --eval-every 10 --eval-n 16 --out runs/grpo-r1
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import epistemic
+import evaluate
+import rollout
+import sft
+
+
+@dataclass
+class Args:
+    model: str = rollout.EMBEDDED
+    """initial policy: Hugging Face id or directory, or 'smollm2-135m'"""
+    data: str = "synthetic:difficulty=1,types=add+sub+mul+div,n=256"
+    """training problems (the paper: DAPO-Math-17k)"""
+    eval_data: list[str] = field(default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"])
+    """held-out benchmarks for --eval-every (the paper: AIME24, AMC23)"""
+    out: str = "runs/grpo"
+    """output directory: metrics.jsonl, step_N/ checkpoints"""
+    steps: int = 10
+    """training steps"""
+    prompts_per_step: int = 4
+    """problems per step, over all ranks (Table 8 question batch: 256)"""
+    rollouts: int = 8
+    """responses per problem, the group size (Table 8: 8)"""
+    mini_batch: int = 0
+    """problems per optimizer update; 0 = all of the step's (Table 8: 64 or 128)"""
+    ppo_epochs: int = 1
+    """passes over the step's rollouts (verl default: 1)"""
+    micro_batch: int = 8
+    """sequences per forward/backward on one rank (memory knob)"""
+    lr: float = 1e-6
+    """learning rate (Table 9: 1e-6)"""
+    warmup: int = 10
+    """linear warmup steps (Table 8: 10)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (Table 8: 0.01)"""
+    grad_clip: float = 1.0
+    """gradient clip norm (Table 8: 1.0)"""
+    clip_low: float = 0.2
+    """PPO clip epsilon-low (verl: 0.2)"""
+    clip_high: float = 0.28
+    """PPO clip epsilon-high (Table 9: 0.28)"""
+    clip_c: float = 3.0
+    """dual-clip constant for negative advantages (verl: 3.0)"""
+    rollout_is_clip: float = 2.0
+    """cap of the rollout importance-sampling weight (Table 9: 2)"""
+    kl_coef: float = 0.0
+    """k3 KL penalty against the initial policy (Table 9: 0.0)"""
+    norm_adv_std: bool = False
+    """divide advantages by the group's std (the paper's code does not)"""
+    temperature: float = 1.0
+    """rollout temperature (Table 8: 1.0)"""
+    max_new_tokens: int = 128
+    """response budget (Table 8: 20480)"""
+    max_prompt_len: int = 2048
+    """prompts longer than this are refused (Table 8: 2048)"""
+    lenient: bool = False
+    """grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)"""
+    eval_every: int = 0
+    """evaluate on --eval-data every this many steps (0 = only at the end)"""
+    eval_n: int = 4
+    """samples per eval problem (the paper: 16)"""
+    eval_max_new_tokens: int = 128
+    """eval response budget (Table 11: 38912)"""
+    save_every: int = 10
+    """checkpoint every this many steps (and at the end)"""
+    resume: bool = False
+    """continue from the latest complete checkpoint in --out"""
+    backend: str = "hf"
+    """rollouts: hf (transformers, CPU/GPU) or vllm (GPU, weights pushed every step)"""
+    gen_batch_size: int = 64
+    """hf backend: sequences decoded together"""
+    vllm_gpu_memory: float = 0.5
+    """vllm: share of total GPU memory for the engine"""
+    grad_ckpt: bool = False
+    """gradient checkpointing (memory knob)"""
+    thinking: str = "auto"
+    """Qwen3-style chat templates: on | off | auto"""
+    system: str | None = None
+    """system prompt; None = the template's default"""
+    seed: int = 0
+    """seed for problem order and sampling"""
+
+
+# --------------------------------------------------------------------------------------------
+# The math
+# --------------------------------------------------------------------------------------------
+def group_advantages(rewards, group_size: int, norm_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = r_i - mean of its group (consecutive blocks of `group_size`); / (std + eps) when norm_std.
+
+    std is the unbiased sample std, as verl's compute_grpo_outcome_advantage. (N,) -> (N,)"""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (G, n)
+    a = r - r.mean(dim=1, keepdim=True)
+    if norm_std:
+        a = a / (r.std(dim=1, keepdim=True) + eps)
+    return a.view(-1)
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.28,
+                clip_c: float = 3.0, is_weight=None, token_count=None):
+    """The clipped surrogate with dual clip, aggregated as a token mean over `mask`.
+
+    logp, old_logp, mask: (B, T); advantages: (B,) or (B, T); is_weight: (B, T) detached rollout IS
+    weights or None; token_count: the denominator (default mask.sum(), pass the global count to
+    average over several micro-batches or ranks). Returns (loss, metrics)."""
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))  # (B, T)
+    loss1 = -adv * ratio
+    loss2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped = torch.maximum(loss1, loss2)
+    loss3 = -adv * clip_c
+    dual = torch.minimum(clipped, loss3)
+    per_token = torch.where(adv < 0, dual, clipped)  # (B, T)
+    if is_weight is not None:
+        per_token = per_token * is_weight
+    mask = mask.float()
+    n = mask.sum() if token_count is None else token_count
+    loss = (per_token * mask).sum() / max(float(n), 1.0)
+    with torch.no_grad():
+        m = lambda x: float((x.float() * mask).sum() / mask.sum().clamp(min=1))
+        metrics = dict(clip_frac_high=m((adv > 0) & (ratio > 1 + clip_high)),
+                       clip_frac_low=m((adv < 0) & (ratio < 1 - clip_low)),
+                       clip_frac_dual=m((adv < 0) & (clipped > loss3)),
+                       ratio_mean=m(ratio))
+    return loss, metrics
+
+
+def k3_kl(logp, ref_logp) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1, clamped as verl."""
+    d = torch.clamp(ref_logp - logp, -20.0, 20.0)
+    return torch.clamp(torch.exp(d) - d - 1.0, -10.0, 10.0)
+
+
+def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, temperature: float, device,
+                   with_entropy: bool = False):
+    """log pi(y_t | x, y_<t) under log_softmax(logits / T) for the response tokens of each (prompt, response).
+
+    Returns logp (B, R), mask (B, R), entropy (B, R) or None, with R the longest response; right padding."""
+    width = max(len(p) + len(r) for p, r in seqs)
+    R = max(max(len(r) for _, r in seqs), 1)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(seqs):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r, device=device)
+        attn[i, :len(p) + len(r)] = 1
+    logits = model(input_ids=ids, attention_mask=attn).logits  # (B, W, V)
+    # gather each row's response window: the logits at positions len(p)-1 .. len(p)+len(r)-2
+    idx = torch.stack([torch.clamp(torch.arange(R, device=device) + len(p) - 1, max=width - 1) for p, _ in seqs])
+    z = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature  # (B, R, V)
+    targets = torch.stack([torch.tensor((r + [pad_id] * R)[:R], device=device) for _, r in seqs])  # (B, R)
+    lse = torch.logsumexp(z, dim=-1)  # (B, R)
+    logp = z.gather(-1, targets[..., None]).squeeze(-1) - lse
+    mask = torch.stack([torch.arange(R, device=device) < len(r) for _, r in seqs]).float()
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
+    return logp, mask, entropy
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sync_replica(replica, model) -> None:
+    """Copy the trainer's (possibly FSDP-sharded) weights into a plain generation replica. Collective."""
+    params = dict(replica.named_parameters())
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.data  # all-gather of the shards
+        params[name].copy_(full)
+
+
+def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: int, device, pad_id: int,
+                      ref_model=None) -> dict:
+    """Policy-gradient updates on one step's rollouts; returns metrics. batch rows carry prompt_ids,
+    response_ids, rollout_logprobs and advantage. Every rank holds the same number of rows."""
+    per_update = len(batch) if args.mini_batch <= 0 else max(1, args.mini_batch * args.rollouts // world)
+    on_policy = args.ppo_epochs == 1 and per_update >= len(batch)
+    if not on_policy:  # pi_old: the policy before this step's updates
+        with torch.no_grad():
+            for k in range(0, len(batch), args.micro_batch):
+                micro = batch[k:k + args.micro_batch]
+                old, mask, _ = token_logprobs(model, [(b["prompt_ids"], b["response_ids"]) for b in micro], pad_id,
+                                              args.temperature, device)
+                for b, o, m in zip(micro, old, mask):
+                    b["old_logp"] = o[:int(m.sum())]
+    totals = dict(loss=0.0, entropy=0.0, tokens=0.0, clip_frac_high=0.0, clip_frac_low=0.0, clip_frac_dual=0.0,
+                  kl=0.0, grad_norm=0.0, updates=0, nonfinite=0)
+    for _ in range(args.ppo_epochs):
+        for u in range(0, len(batch), per_update):
+            update = batch[u:u + per_update]
+            tokens = sft.all_reduce_sum(sum(len(b["response_ids"]) for b in update))
+            bad = False
+            for k in range(0, len(update), args.micro_batch):
+                micro = update[k:k + args.micro_batch]
+                seqs = [(b["prompt_ids"], b["response_ids"]) for b in micro]
+                logp, mask, entropy = token_logprobs(model, seqs, pad_id, args.temperature, device, with_entropy=True)
+                R = logp.shape[1]
+                pad = lambda xs: torch.stack([torch.nn.functional.pad(torch.as_tensor(x, dtype=torch.float32),
+                                                                      (0, R - len(x))) for x in xs]).to(device)
+                old = logp.detach() if on_policy else pad([b["old_logp"] for b in micro])
+                rollout_lp = pad([b["rollout_logprobs"] for b in micro])
+                is_w = torch.clamp(torch.exp(old - rollout_lp), max=args.rollout_is_clip) * mask  # (B, R) detached
+                adv = torch.tensor([b["advantage"] for b in micro], device=device)
+                # FSDP2 averages gradients over ranks: world * (local sum / global tokens) = the global token mean
+                loss, m = policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high, args.clip_c, is_w,
+                                      token_count=tokens / world)
+                if ref_model is not None and args.kl_coef > 0:
+                    with torch.no_grad():
+                        ref, _, _ = token_logprobs(ref_model, seqs, pad_id, args.temperature, device)
+                    kl = (k3_kl(logp, ref) * mask).sum() / max(tokens / world, 1.0)
+                    loss = loss + args.kl_coef * kl
+                    totals["kl"] += float(kl.detach()) / world
+                if not torch.isfinite(loss):
+                    bad = True
+                    continue
+                loss.backward()
+                n_local = float(mask.sum())
+                totals["loss"] += float(loss.detach()) / world
+                totals["entropy"] += float((entropy * mask).sum())
+                totals["tokens"] += n_local
+                for key in ("clip_frac_high", "clip_frac_low", "clip_frac_dual"):
+                    totals[key] += m[key] * n_local
+            grad_norm = sft.clip_grads(model, args.grad_clip)
+            bad = sft.all_reduce_sum(float(bad or not math.isfinite(grad_norm))) > 0
+            if bad:  # skip the update, keep the weights, log it
+                optimizer.zero_grad(set_to_none=True)
+                totals["nonfinite"] += 1
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals["grad_norm"] += grad_norm
+            totals["updates"] += 1
+    tokens = max(sft.all_reduce_sum(totals["tokens"]), 1.0)
+    out = dict(loss=sft.all_reduce_sum(totals["loss"]) / max(args.ppo_epochs * math.ceil(len(batch) / per_update), 1),
+               entropy=sft.all_reduce_sum(totals["entropy"]) / tokens, kl=sft.all_reduce_sum(totals["kl"]),
+               grad_norm=totals["grad_norm"] / max(totals["updates"], 1), nonfinite_updates=totals["nonfinite"])
+    for key in ("clip_frac_high", "clip_frac_low", "clip_frac_dual"):
+        out[key] = sft.all_reduce_sum(totals[key]) / tokens
+    return out
+
+
+def score_rollouts(samples, problems: list[dict], lenient: bool) -> list[dict]:
+    """One row per sample: ids, log-probs, reward (App. D grader), length, E(y), truncation."""
+    rows = []
+    for s in samples:
+        p = problems[s.prompt_index]
+        rows.append(dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, rollout_logprobs=s.logprobs,
+                         reward=data.grade(s.text, p["answer"], lenient=lenient), length=len(s.response_ids),
+                         epistemic=epistemic.epistemic_count(s.text), truncated=s.finish_reason == "length",
+                         text=s.text))
+    return rows
+
+
+def setup(args: Args, loss_name: str):
+    """Everything both trainers need: ranks, problems, policy (sharded), optimizer, generation backend, resume."""
+    rank, _, world, device = sft.init_distributed()
+    if args.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the world size {world}")
+    problems = data.load_problems(args.data, seed=args.seed)
+    benchmarks = {evaluate.benchmark_name(s): data.load_problems(s, seed=args.seed) for s in args.eval_data}
+    ckpt = sft.resume_point(args.out, args.resume)
+    start_from = str(ckpt) if ckpt else args.model
+    model, tok = rollout.load_model(start_from, "float32", device)
+    replica = None
+    if args.backend == "hf" and world > 1:
+        replica, _ = rollout.load_model(start_from, "auto", device)
+    gen_model = replica if replica is not None else model
+    backend = rollout.Backend("hf", tok, model=gen_model, batch_size=args.gen_batch_size)
+    if args.backend == "vllm":
+        backend = rollout.Backend("vllm", tok, model=model, llm=rollout.make_vllm(
+            rollout.resolve_model_path(start_from), gpu_memory_utilization=args.vllm_gpu_memory,
+            max_model_len=args.max_prompt_len + max(args.max_new_tokens, args.eval_max_new_tokens), seed=args.seed + rank))
+    elif args.backend != "hf":
+        raise ValueError(f"--backend {args.backend!r}: hf or vllm")
+    model = sft.shard_model(model, device, args.grad_ckpt, mixed_precision=device.type == "cuda")
+    optimizer = sft.make_optimizer(model, args.lr, args.weight_decay)
+    start = sft.load_checkpoint(ckpt, model, optimizer)["step"] if ckpt else 0
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        sft.append_metrics(out / "metrics.jsonl", {}, resumed_from=start)
+        if ckpt:
+            print(f"resumed from {ckpt} (step {start})")
+    return rank, world, device, problems, benchmarks, model, tok, backend, optimizer, start, out
+
+
+def run(args: Args, loss_name: str = "grpo", make_rows=None, train_step=None):
+    """The RL loop; sdpo.py passes its own `train_step` (the self-distillation loss) and keeps the rest."""
+    rank, world, device, problems, benchmarks, model, tok, backend, optimizer, start, out = setup(args, loss_name)
+    ref_model = None
+    if args.kl_coef > 0:
+        ref_model, _ = rollout.load_model(args.model, "auto", device)
+    chat = dict(system=args.system, thinking=args.thinking)
+    train_step = train_step or (lambda rows, step_problems: train_on_rollouts(
+        model, optimizer, rows, args, world, device, tok.pad_token_id, ref_model))
+    eval_params = rollout.SamplingParams(n=args.eval_n, temperature=0.6, top_p=0.95, top_k=20,
+                                         max_new_tokens=args.eval_max_new_tokens, seed=args.seed)
+    bar = tqdm(range(start, args.steps), desc=loss_name, disable=rank != 0, initial=start, total=args.steps)
+    for step in bar:
+        t0 = time.time()
+        picked = sft.rows_for_step(len(problems), step, args.prompts_per_step, args.seed)
+        mine = [problems[i] for i in rollout.shard(picked, rank, world)]
+        prompts = [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat) for p in mine]
+        too_long = [len(tok(p, add_special_tokens=False)["input_ids"]) > args.max_prompt_len for p in prompts]
+        if any(too_long):
+            raise ValueError(f"a prompt of step {step} is longer than --max-prompt-len {args.max_prompt_len}")
+        for group in optimizer.param_groups:
+            group["lr"] = sft.lr_at(step, args.lr, args.warmup)
+        params = rollout.SamplingParams(n=args.rollouts, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                        seed=args.seed * 1_000_003 + step * 1009 + rank)
+        samples = rollout.generate(backend, prompts, params, progress=False)
+        t_gen = time.time()
+        rows = score_rollouts(samples, mine, args.lenient)
+        adv = group_advantages([r["reward"] for r in rows], args.rollouts, args.norm_adv_std)
+        for r, a in zip(rows, adv.tolist()):
+            r["advantage"] = a
+        t_score = time.time()
+        train_metrics = train_step(rows, mine)
+        t_train = time.time()
+        if backend.kind == "vllm":
+            rollout.push_weights_to_vllm(backend.llm, model)
+        elif backend.model is not model:
+            sync_replica(backend.model, model)
+        n = sft.all_reduce_sum(len(rows))
+        groups = torch.tensor([r["reward"] for r in rows]).view(-1, args.rollouts)
+        gen_tokens = sft.all_reduce_sum(sum(r["length"] for r in rows))
+        metrics = dict(step=step + 1, lr=optimizer.param_groups[0]["lr"],
+                       score=sft.all_reduce_sum(sum(r["reward"] for r in rows)) / n,
+                       length=gen_tokens / n,
+                       epistemic=sft.all_reduce_sum(sum(r["epistemic"] for r in rows)) / n,
+                       truncated=sft.all_reduce_sum(sum(r["truncated"] for r in rows)) / n,
+                       degenerate_groups=sft.all_reduce_sum(float((groups.max(1).values == groups.min(1).values).sum()))
+                       / (n / args.rollouts),
+                       **train_metrics,
+                       rollout_tok_s=gen_tokens / max(t_gen - t0, 1e-9) / world,
+                       train_tok_s=gen_tokens / max(t_train - t_score, 1e-9) / world,
+                       t_generate=t_gen - t0, t_score=t_score - t_gen, t_train=t_train - t_score)
+        if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            ev = evaluate.evaluate(backend, benchmarks, eval_params, ks=(1,), chat=chat, lenient=args.lenient)
+            for name, s in ev.items():
+                metrics.update({f"eval/{name}/{k}": v for k, v in s.items() if k in ("acc", "length", "epistemic")})
+        metrics["t_step"] = time.time() - t0
+        if rank == 0:
+            sft.append_metrics(out / "metrics.jsonl", metrics)
+            bar.set_postfix(score=f"{metrics['score']:.3f}", len=f"{metrics['length']:.0f}",
+                            E=f"{metrics['epistemic']:.2f}", loss=f"{metrics['loss']:.4f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            sft.save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args), loss=loss_name))
+    rollout.print0(f"done: {sft.latest_checkpoint(out)}")
+
+
+def main(argv=None):
+    import sys
+    try:
+        run(data.parse_args(Args, argv))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
