@@ -622,7 +622,9 @@ def parse_args(cls, argv=None, positional=()):
     """Turn a dataclass's fields into kebab-case flags; the docstring under each field is its help."""
     import dataclasses
     import inspect
-    helps = dict(re.findall(r"^    (\w+):[^\n]*\n    \"\"\"(.*?)\"\"\"", inspect.getsource(cls), re.M | re.S))
+    helps = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's docs win
+        helps.update(re.findall(r"^    (\w+):[^\n]*\n    \"\"\"(.*?)\"\"\"", inspect.getsource(klass), re.M | re.S))
     doc = sys.modules[cls.__module__].__doc__ or ""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0], epilog="\n".join(doc.split("\n")[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

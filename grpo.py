@@ -34,7 +34,6 @@ Run it:
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -176,11 +175,9 @@ def k3_kl(logp, ref_logp) -> torch.Tensor:
     return torch.clamp(torch.exp(d) - d - 1.0, -10.0, 10.0)
 
 
-def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, temperature: float, device,
-                   with_entropy: bool = False):
-    """log pi(y_t | x, y_<t) under log_softmax(logits / T) for the response tokens of each (prompt, response).
-
-    Returns logp (B, R), mask (B, R), entropy (B, R) or None, with R the longest response; right padding."""
+def pad_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device):
+    """Right-padded (prompt + response) batch. Returns input_ids, attention_mask (B, W); window (B, R), the
+    positions whose outputs predict each response token (len(p)-1 ...); targets and mask (B, R)."""
     width = max(len(p) + len(r) for p, r in seqs)
     R = max(max(len(r) for _, r in seqs), 1)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
@@ -188,14 +185,26 @@ def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, 
     for i, (p, r) in enumerate(seqs):
         ids[i, :len(p) + len(r)] = torch.tensor(p + r, device=device)
         attn[i, :len(p) + len(r)] = 1
-    logits = model(input_ids=ids, attention_mask=attn).logits  # (B, W, V)
-    # gather each row's response window: the logits at positions len(p)-1 .. len(p)+len(r)-2
-    idx = torch.stack([torch.clamp(torch.arange(R, device=device) + len(p) - 1, max=width - 1) for p, _ in seqs])
-    z = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature  # (B, R, V)
-    targets = torch.stack([torch.tensor((r + [pad_id] * R)[:R], device=device) for _, r in seqs])  # (B, R)
+    window = torch.stack([torch.clamp(torch.arange(R, device=device) + len(p) - 1, max=width - 1) for p, _ in seqs])
+    targets = torch.stack([torch.tensor((r + [pad_id] * R)[:R], device=device) for _, r in seqs])
+    mask = torch.stack([torch.arange(R, device=device) < len(r) for _, r in seqs]).float()
+    return ids, attn, window, targets, mask
+
+
+def gather_window(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """(B, W, D) at positions window (B, R) -> (B, R, D)."""
+    return x.gather(1, window[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, temperature: float, device,
+                   with_entropy: bool = False):
+    """log pi(y_t | x, y_<t) under log_softmax(logits / T) for the response tokens of each (prompt, response).
+
+    Returns logp (B, R), mask (B, R), entropy (B, R) or None, with R the longest response."""
+    ids, attn, window, targets, mask = pad_batch(seqs, pad_id, device)
+    z = gather_window(model(input_ids=ids, attention_mask=attn).logits, window).float() / temperature  # (B, R, V)
     lse = torch.logsumexp(z, dim=-1)  # (B, R)
     logp = z.gather(-1, targets[..., None]).squeeze(-1) - lse
-    mask = torch.stack([torch.arange(R, device=device) < len(r) for _, r in seqs]).float()
     entropy = None
     if with_entropy:
         with torch.no_grad():
@@ -297,7 +306,26 @@ def score_rollouts(samples, problems: list[dict], lenient: bool) -> list[dict]:
     return rows
 
 
-def setup(args: Args, loss_name: str):
+@dataclass
+class Run:
+    """What a training loop holds, built by `setup`; sdpo.py's train step reads it."""
+    args: Args
+    rank: int
+    world: int
+    device: torch.device
+    problems: list
+    benchmarks: dict
+    model: object
+    tokenizer: object
+    backend: rollout.Backend
+    optimizer: object
+    start: int
+    out: Path
+    resumed_from: Path | None = None  # the checkpoint this run continues, if any
+    checkpoint_extra: object = None  # () -> {name: {key: tensor}} saved inside each checkpoint
+
+
+def setup(args: Args) -> Run:
     """Everything both trainers need: ranks, problems, policy (sharded), optimizer, generation backend, resume."""
     rank, _, world, device = sft.init_distributed()
     if args.prompts_per_step % world:
@@ -310,8 +338,7 @@ def setup(args: Args, loss_name: str):
     replica = None
     if args.backend == "hf" and world > 1:
         replica, _ = rollout.load_model(start_from, "auto", device)
-    gen_model = replica if replica is not None else model
-    backend = rollout.Backend("hf", tok, model=gen_model, batch_size=args.gen_batch_size)
+    backend = rollout.Backend("hf", tok, model=replica if replica is not None else model, batch_size=args.gen_batch_size)
     if args.backend == "vllm":
         backend = rollout.Backend("vllm", tok, model=model, llm=rollout.make_vllm(
             rollout.resolve_model_path(start_from), gpu_memory_utilization=args.vllm_gpu_memory,
@@ -327,28 +354,31 @@ def setup(args: Args, loss_name: str):
         sft.append_metrics(out / "metrics.jsonl", {}, resumed_from=start)
         if ckpt:
             print(f"resumed from {ckpt} (step {start})")
-    return rank, world, device, problems, benchmarks, model, tok, backend, optimizer, start, out
+    return Run(args, rank, world, device, problems, benchmarks, model, tok, backend, optimizer, start, out, ckpt)
 
 
-def run(args: Args, loss_name: str = "grpo", make_rows=None, train_step=None):
-    """The RL loop; sdpo.py passes its own `train_step` (the self-distillation loss) and keeps the rest."""
-    rank, world, device, problems, benchmarks, model, tok, backend, optimizer, start, out = setup(args, loss_name)
-    ref_model = None
-    if args.kl_coef > 0:
-        ref_model, _ = rollout.load_model(args.model, "auto", device)
+def grpo_train_step(run: Run):
+    """GRPO's update: `train_on_rollouts`, with a frozen reference policy when --kl-coef > 0."""
+    ref_model = rollout.load_model(run.args.model, "auto", run.device)[0] if run.args.kl_coef > 0 else None
+    return lambda rows, step_problems: train_on_rollouts(run.model, run.optimizer, rows, run.args, run.world,
+                                                         run.device, run.tokenizer.pad_token_id, ref_model)
+
+
+def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_step):
+    """The RL loop. sdpo.py passes its own `make_train_step` (the self-distillation loss) and keeps the rest."""
+    r = setup(args)
+    rank, world, model, tok, backend, optimizer, out = r.rank, r.world, r.model, r.tokenizer, r.backend, r.optimizer, r.out
+    train_step = make_train_step(r)
     chat = dict(system=args.system, thinking=args.thinking)
-    train_step = train_step or (lambda rows, step_problems: train_on_rollouts(
-        model, optimizer, rows, args, world, device, tok.pad_token_id, ref_model))
     eval_params = rollout.SamplingParams(n=args.eval_n, temperature=0.6, top_p=0.95, top_k=20,
                                          max_new_tokens=args.eval_max_new_tokens, seed=args.seed)
-    bar = tqdm(range(start, args.steps), desc=loss_name, disable=rank != 0, initial=start, total=args.steps)
+    bar = tqdm(range(r.start, args.steps), desc=loss_name, disable=rank != 0, initial=r.start, total=args.steps)
     for step in bar:
         t0 = time.time()
-        picked = sft.rows_for_step(len(problems), step, args.prompts_per_step, args.seed)
-        mine = [problems[i] for i in rollout.shard(picked, rank, world)]
+        picked = sft.rows_for_step(len(r.problems), step, args.prompts_per_step, args.seed)
+        mine = [r.problems[i] for i in rollout.shard(picked, rank, world)]
         prompts = [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat) for p in mine]
-        too_long = [len(tok(p, add_special_tokens=False)["input_ids"]) > args.max_prompt_len for p in prompts]
-        if any(too_long):
+        if any(len(tok(p, add_special_tokens=False)["input_ids"]) > args.max_prompt_len for p in prompts):
             raise ValueError(f"a prompt of step {step} is longer than --max-prompt-len {args.max_prompt_len}")
         for group in optimizer.param_groups:
             group["lr"] = sft.lr_at(step, args.lr, args.warmup)
@@ -357,9 +387,9 @@ def run(args: Args, loss_name: str = "grpo", make_rows=None, train_step=None):
         samples = rollout.generate(backend, prompts, params, progress=False)
         t_gen = time.time()
         rows = score_rollouts(samples, mine, args.lenient)
-        adv = group_advantages([r["reward"] for r in rows], args.rollouts, args.norm_adv_std)
-        for r, a in zip(rows, adv.tolist()):
-            r["advantage"] = a
+        adv = group_advantages([x["reward"] for x in rows], args.rollouts, args.norm_adv_std)
+        for x, a in zip(rows, adv.tolist()):
+            x["advantage"] = a
         t_score = time.time()
         train_metrics = train_step(rows, mine)
         t_train = time.time()
@@ -368,13 +398,13 @@ def run(args: Args, loss_name: str = "grpo", make_rows=None, train_step=None):
         elif backend.model is not model:
             sync_replica(backend.model, model)
         n = sft.all_reduce_sum(len(rows))
-        groups = torch.tensor([r["reward"] for r in rows]).view(-1, args.rollouts)
-        gen_tokens = sft.all_reduce_sum(sum(r["length"] for r in rows))
+        groups = torch.tensor([x["reward"] for x in rows]).view(-1, args.rollouts)
+        gen_tokens = sft.all_reduce_sum(sum(x["length"] for x in rows))
         metrics = dict(step=step + 1, lr=optimizer.param_groups[0]["lr"],
-                       score=sft.all_reduce_sum(sum(r["reward"] for r in rows)) / n,
+                       score=sft.all_reduce_sum(sum(x["reward"] for x in rows)) / n,
                        length=gen_tokens / n,
-                       epistemic=sft.all_reduce_sum(sum(r["epistemic"] for r in rows)) / n,
-                       truncated=sft.all_reduce_sum(sum(r["truncated"] for r in rows)) / n,
+                       epistemic=sft.all_reduce_sum(sum(x["epistemic"] for x in rows)) / n,
+                       truncated=sft.all_reduce_sum(sum(x["truncated"] for x in rows)) / n,
                        degenerate_groups=sft.all_reduce_sum(float((groups.max(1).values == groups.min(1).values).sum()))
                        / (n / args.rollouts),
                        **train_metrics,
@@ -382,7 +412,7 @@ def run(args: Args, loss_name: str = "grpo", make_rows=None, train_step=None):
                        train_tok_s=gen_tokens / max(t_train - t_score, 1e-9) / world,
                        t_generate=t_gen - t0, t_score=t_score - t_gen, t_train=t_train - t_score)
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            ev = evaluate.evaluate(backend, benchmarks, eval_params, ks=(1,), chat=chat, lenient=args.lenient)
+            ev = evaluate.evaluate(backend, r.benchmarks, eval_params, ks=(1,), chat=chat, lenient=args.lenient)
             for name, s in ev.items():
                 metrics.update({f"eval/{name}/{k}": v for k, v in s.items() if k in ("acc", "length", "epistemic")})
         metrics["t_step"] = time.time() - t0
@@ -391,14 +421,15 @@ def run(args: Args, loss_name: str = "grpo", make_rows=None, train_step=None):
             bar.set_postfix(score=f"{metrics['score']:.3f}", len=f"{metrics['length']:.0f}",
                             E=f"{metrics['epistemic']:.2f}", loss=f"{metrics['loss']:.4f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            sft.save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args), loss=loss_name))
+            sft.save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args), loss=loss_name),
+                                extra_tensors=r.checkpoint_extra() if r.checkpoint_extra else None)
     rollout.print0(f"done: {sft.latest_checkpoint(out)}")
 
 
 def main(argv=None):
     import sys
     try:
-        run(data.parse_args(Args, argv))
+        run_loop(data.parse_args(Args, argv))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     finally:

@@ -198,8 +198,9 @@ def _write_json(path: Path, obj):
         os.fsync(f.fileno())
 
 
-def save_checkpoint(out, step: int, model, tokenizer, optimizer, state: dict) -> Path:
-    """Write OUT/step_N atomically: a HF directory + optimizer.pt + rng_state_R.pt + trainer_state.json.
+def save_checkpoint(out, step: int, model, tokenizer, optimizer, state: dict, extra_tensors: dict | None = None) -> Path:
+    """Write OUT/step_N atomically: a HF directory + optimizer.pt + rng_state_R.pt + trainer_state.json
+    (+ one NAME.safetensors per entry of extra_tensors, {NAME: {key: tensor}}, written by rank 0).
 
     Collective (every rank calls it). Everything goes to OUT/.step_N.tmp first; the rename to
     OUT/step_N is the last act, so a kill or an OSError (disk full) leaves earlier checkpoints whole."""
@@ -225,6 +226,8 @@ def save_checkpoint(out, step: int, model, tokenizer, optimizer, state: dict) ->
             save_file({k: v.detach().contiguous() for k, v in model_sd.items()}, tmp / "model.safetensors",
                       metadata={"format": "pt"})
             torch.save(optim_sd, tmp / "optimizer.pt")
+            for name, tensors in (extra_tensors or {}).items():
+                save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
         except OSError as e:
             error = e
     if world > 1:

@@ -1067,3 +1067,151 @@ def test_grpo_embedded_model_one_step(tmp_path):
     row = json.loads(open(tmp_path / "metrics.jsonl").read())
     assert 0.0 <= row["score"] <= 1.0 and 0 < row["length"] <= 24 and math.isfinite(row["loss"])
     assert "done:" in out
+
+
+# ============================================================================================
+# sdpo.py
+# ============================================================================================
+import sdpo
+
+
+def _brute_divergence(s_logits, t_logits, topk, alpha, add_tail, temperature=1.0):
+    """Eq. 1 for one position, with plain floats over a tiny vocabulary."""
+    def softmax(z):
+        m = max(z)
+        e = [math.exp((x - m) / 1.0) for x in z]
+        return [x / sum(e) for x in e]
+    ps, pt = softmax([x / temperature for x in s_logits]), softmax([x / temperature for x in t_logits])
+    if topk:
+        idx = sorted(range(len(ps)), key=lambda i: -ps[i])[:topk]
+        ps_k, pt_k = [ps[i] for i in idx], [pt[i] for i in idx]
+        if add_tail:
+            ps, pt = ps_k + [1 - sum(ps_k)], pt_k + [1 - sum(pt_k)]
+        else:
+            ps, pt = [x / sum(ps_k) for x in ps_k], [x / sum(pt_k) for x in pt_k]
+    kl = lambda p, q: sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+    if alpha == 0:
+        return kl(pt, ps)
+    if alpha == 1:
+        return kl(ps, pt)
+    m = [(1 - alpha) * a + alpha * b for a, b in zip(ps, pt)]
+    return (1 - alpha) * kl(ps, m) + alpha * kl(pt, m)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.3])
+@pytest.mark.parametrize("topk,add_tail", [(None, True), (3, True), (3, False), (1, True)])
+def test_self_distillation_loss_brute_force(alpha, topk, add_tail):
+    torch.manual_seed(1)
+    s, t = torch.randn(4, 7, dtype=torch.float64) * 2, torch.randn(4, 7, dtype=torch.float64) * 2
+    got = sdpo.self_distillation_loss(s, t, topk=topk, alpha=alpha, add_tail=add_tail, temperature=0.7)
+    assert got.shape == (4,)
+    for i in range(4):
+        want = _brute_divergence(s[i].tolist(), t[i].tolist(), topk, alpha, add_tail, temperature=0.7)
+        assert got[i].item() == pytest.approx(want, abs=1e-6)
+    assert torch.allclose(sdpo.self_distillation_loss(s, s, topk, alpha, add_tail), torch.zeros(4, dtype=s.dtype),
+                          atol=1e-7)  # identical distributions: zero
+
+
+@pytest.mark.parametrize("alpha,topk", [(0.5, 3), (0.0, None), (1.0, 3)])
+def test_self_distillation_gradient_step_lowers_loss(alpha, topk):
+    torch.manual_seed(2)
+    s = torch.randn(5, 9, requires_grad=True)
+    t = torch.randn(5, 9)
+    loss = sdpo.self_distillation_loss(s, t, topk=topk, alpha=alpha).mean()
+    loss.backward()
+    assert t.grad is None  # stopgrad on the teacher
+    with torch.no_grad():
+        after = sdpo.self_distillation_loss(s - 0.1 * s.grad, t, topk=topk, alpha=alpha).mean()
+    assert after < loss
+
+
+def test_chunked_distillation_equals_unchunked():
+    torch.manual_seed(3)
+    N, H, V = 37, 8, 50
+    hs = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(N, H, dtype=torch.float64)
+    ws = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(V, H, dtype=torch.float64)
+    y = torch.randint(0, V, (N,))
+    res = sdpo.chunked_distillation(hs, ht, y, ws, wt, topk=5, alpha=0.5, temperature=0.9, chunk=8)
+    res[:, 0].sum().backward()
+    g_h, g_w = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+    full = sdpo.self_distillation_loss(hs @ ws.T, ht @ wt.T, topk=5, alpha=0.5, temperature=0.9)
+    full.sum().backward()
+    assert torch.allclose(res[:, 0], full, atol=1e-10)
+    assert torch.allclose(g_h, hs.grad, atol=1e-10) and torch.allclose(g_w, ws.grad, atol=1e-10)
+    logp = torch.log_softmax((hs @ ws.T) / 0.9, -1).gather(-1, y[:, None]).squeeze(-1)
+    assert torch.allclose(res[:, 1], logp, atol=1e-10)
+    # the logits path (several ranks) gives the same numbers as the hidden-state path (one rank)
+    via_logits = sdpo.chunked_distillation(hs @ ws.T, ht @ wt.T, y, None, None, topk=5, alpha=0.5, temperature=0.9, chunk=8)
+    assert torch.allclose(via_logits, res, atol=1e-10)
+    # float32 at a realistic size: within 1e-5 of the straightforward computation
+    hs32, ht32, w32 = torch.randn(300, 16), torch.randn(300, 16), torch.randn(1000, 16)
+    y32 = torch.randint(0, 1000, (300,))
+    a = sdpo.chunked_distillation(hs32, ht32, y32, w32, w32, topk=100, chunk=64)[:, 0]
+    b = sdpo.self_distillation_loss(hs32 @ w32.T, ht32 @ w32.T, topk=100)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_teacher_contexts_sibling_rules():
+    rows = [dict(reward=r, text=f"resp{i}") for i, r in enumerate([0, 1, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0])]
+    problems = [{"solution": "S0"}, {"solution": None}, {"solution": "S2"}]
+    c = sdpo.teacher_contexts(rows, problems, 4, "sibling")
+    # group 0: successes 1 and 3 -> the first OTHER success; group 1: none -> masked; group 2: only sample 8
+    assert c[:4] == ["resp1", "resp3", "resp1", "resp1"]
+    assert c[4:8] == [None] * 4
+    assert c[8:] == [None, "resp8", "resp8", "resp8"]  # the sample itself is excluded
+    assert sdpo.teacher_contexts(rows, problems, 4, "dataset") == ["S0"] * 4 + [None] * 4 + ["S2"] * 4
+    rows[1]["text"] = "Okay, hmm.</think>\n\nSo \\boxed{1}."
+    assert sdpo.teacher_contexts(rows, problems, 4, "sibling-no-think")[0] == "So \\boxed{1}."
+
+
+def test_sdpo_reprompt_strings_and_strip_think():
+    base = "Q\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert sdpo.teacher_prompt("Q", "A") == base + "\nCorrect solution:\n\nA\n\nCorrectly solve the original question."
+    assert sdpo.teacher_prompt("Q", "A", template="uncertainty").endswith(
+        "include as much uncertainty or ambiguity in the explanation.")
+    assert sdpo.strip_think("<think>\nx\n</think>\n\nans") == "ans"  # Qwen3
+    assert sdpo.strip_think("x wait y</think>ans") == "ans"  # R1-Distill
+
+
+def test_ema_direction():
+    t, s = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    t0, s0 = t.weight.detach().clone(), s.weight.detach().clone()
+    sdpo.ema_update(t, s, 0.05)
+    assert torch.allclose(t.weight, 0.95 * t0 + 0.05 * s0)  # the teacher keeps 1 - rate of itself
+    assert torch.equal(s.weight, s0)
+
+
+SDPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "12",
+              "--eval-n", "2", "--eval-max-new-tokens", "8", "--save-every", "2", "--teacher-context", "dataset",
+              "--data", "synthetic:types=add,n=8"]
+
+
+def test_sdpo_one_and_two_processes_and_resume(tiny_model_dir, tmp_path):
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        run(*launcher, "sdpo.py", "--model", tiny_model_dir, *SDPO_FLAGS, "--out", str(tmp_path / name),
+            env={"OMP_NUM_THREADS": "1"})
+        rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+        assert [r["step"] for r in rows] == [1, 2]
+        for key in ("loss", "masked_frac", "kl", "kl_epistemic", "teacher_context_len", "score", "length", "epistemic"):
+            assert key in rows[0]
+        assert rows[0]["masked_frac"] == 0.0 and rows[0]["loss"] > 0 and rows[0]["teacher_context_len"] > 0
+        from transformers import AutoModelForCausalLM
+        AutoModelForCausalLM.from_pretrained(tmp_path / name / "step_2")
+    run(sys.executable, "sdpo.py", "--model", tiny_model_dir, *SDPO_FLAGS, "--steps", "3", "--teacher-ema", "0.05",
+        "--out", str(tmp_path / "ema"))
+    assert (tmp_path / "ema" / "step_3" / "teacher.safetensors").exists()
+    run(sys.executable, "sdpo.py", "--model", tiny_model_dir, *SDPO_FLAGS, "--steps", "4", "--teacher-ema", "0.05",
+        "--out", str(tmp_path / "ema"), "--resume")
+    assert [json.loads(l)["step"] for l in open(tmp_path / "ema" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_sdpo_embedded_model_sibling_context(tmp_path):
+    run(sys.executable, "sdpo.py", "--steps", "1", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens",
+        "24", "--eval-n", "1", "--eval-max-new-tokens", "8", "--lenient", "--eval-data", "synthetic:split=ood,n=2",
+        "--distill-prefix", "16", "--out", str(tmp_path))
+    row = json.loads(open(tmp_path / "metrics.jsonl").read())
+    assert 0.0 <= row["masked_frac"] <= 1.0 and math.isfinite(row["loss"])

@@ -1,0 +1,378 @@
+"""sdpo.py -- on-policy self-distillation (SDPO), Sec. 5 of arXiv 2603.24472, on grpo.py's loop.
+
+The student samples y ~ pi(.|x); the teacher is the same model conditioned on a richer context c
+(a successful sibling rollout, Sec. 5) and scores the student's own tokens. Eq. 1:
+    L = sum_t D( pi_theta(.|x, y_<t) , stopgrad pi_teacher(.|x, c, y_<t) )
+as the reference code computes it (lasgroup/SDPO, loss_mode: sdpo, which replaces the
+policy-gradient loss outright; App. D Table 10):
+  - logits / T, log-softmax over the full vocabulary, then the student's top-k (k = 100) indices,
+    the teacher gathered at the same indices, plus one "tail" bucket log(1 - sum p_topk) on each
+    side (or both renormalised over the top-k without it)              -> `topk_support`
+  - D by alpha: 0 forward KL(T || S), 1 reverse KL(S || T), otherwise the generalized JSD with
+    M = (1-alpha) S + alpha T: (1-alpha) KL(S || M) + alpha KL(T || M); paper: alpha = 0.5 -> `divergence`
+  - per token weight min(exp(clamp(logp - old_logp, -20, 20)), 2), detached; token mean over the
+    distillation mask                                                    -> `sdpo_train_step`
+  - c (`--teacher-context`): the first successful sibling of the same prompt (reward >= 0.5), the
+    sample itself excluded, none -> no loss (Sec. 5, c = s); the same with <think> removed
+    (c = s\\think); the dataset's reference solution (OPSD); a regenerated correct response (Sec. 3's y_r)
+                                                                         -> `teacher_contexts`
+  - teacher input: the chat template of `teacher_prompt(question, c)` + the student's response ids;
+    App. C's uncertainty-encouraging prompt with --reprompt uncertainty; App. E's OPSD hybrid with
+    --teacher-thinking (teacher template thinking on, student off) and --distill-prefix 1024
+  - teacher = frozen initial policy (--teacher-ema 0.0, the paper) or an EMA of the student,
+    teacher <- (1 - rate) teacher + rate student once per update (0.05, Fig. 6) -> `ema_update`
+  - App. B.6 metrics: the student-teacher KL per token, overall and on epistemic-marker tokens per
+    surface variant (" Wait", "Wait", " wait", ...).
+
+Memory: the loss is computed from hidden states through the LM head in chunks of --chunk positions,
+each chunk recomputed in backward, so the largest live tensor is (chunk, V), not (T, V)
+(`chunked_distillation`). Measured in bench.py.
+
+Departures, and why:
+  1. Under torchrun (FSDP2) the LM head's weight is sharded outside the root module's forward, so the
+     chunked path runs on one process (one GPU, or CPU); with several ranks the loss is computed by
+     the same code from the model's full logits (more memory, same values).
+  2. A teacher prompt longer than --max-reprompt-len is masked rather than truncated (the reference
+     truncates it, which can cut the solution mid-way).
+  3. "regenerated" contexts (not in the reference trainer) draw one response per group under c = s
+     with the current policy and keep it if correct (Sec. 3's y_r).
+  4. Environment feedback is off (math has none beyond right/wrong); `teacher_prompt` takes it.
+  5. GRPO-only flags (--clip-*, --kl-coef, --norm-adv-std) have no effect here.
+
+Run it:
+    python sdpo.py --lenient                                    # embedded model, easy synthetic problems
+    torchrun --nproc_per_node 2 sdpo.py --lenient --steps 2
+    python sdpo.py --lenient --teacher-context sibling-no-think  # c = s\\think
+    python sdpo.py --lenient --teacher-ema 0.05                  # moving teacher (Fig. 6)
+    torchrun --nproc_per_node 8 sdpo.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
+        --data dapo-math-17k.parquet --prompts-per-step 256 --rollouts 8 --mini-batch 64 --lr 1e-5 \\
+        --max-new-tokens 20480 --grad-ckpt --micro-batch 1 --steps 100 \\
+        --eval-data aime24.parquet amc23.parquet --eval-every 10 --eval-n 16 --out runs/sdpo-r1
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+import data
+import epistemic
+import grpo
+import rollout
+import sft
+from rollout import strip_think  # noqa: F401  (public here too: s\think)
+
+
+@dataclass
+class Args(grpo.Args):
+    out: str = "runs/sdpo"
+    """output directory: metrics.jsonl, step_N/ checkpoints"""
+    lr: float = 1e-5
+    """learning rate (Table 10: 1e-5; App. G: 1e-6)"""
+    alpha: float = 0.5
+    """divergence: 0 forward KL(T||S), 1 reverse KL(S||T), else generalized JSD (Table 10: Jensen-Shannon, 0.5)"""
+    topk: int = 100
+    """distil over the student's top-k tokens, 0 = the full vocabulary (Table 10: 100; App. G: 256)"""
+    add_tail: bool = True
+    """add the tail bucket log(1 - sum p_topk); off = renormalise over the top-k (reference default: on)"""
+    is_clip: float = 2.0
+    """cap of the importance weight exp(logp - old_logp) (reference: 2)"""
+    teacher_context: str = "sibling"
+    """c: sibling (c = s, Sec. 5) | sibling-no-think (c = s\\think) | dataset (OPSD) | regenerated (y_r)"""
+    reprompt: str = "sdpo"
+    """teacher instruction: sdpo ('Correctly solve the original question.') or uncertainty (App. C)"""
+    success_threshold: float = 0.5
+    """reward at which a sibling counts as a success (reference: 0.5)"""
+    teacher_ema: float = 0.0
+    """EMA rate of the teacher; 0 = frozen initial policy (the paper's choice; Fig. 6 ablation: 0.05)"""
+    teacher_thinking: bool = False
+    """OPSD hybrid (App. E): the teacher's template has thinking on while the student's (--thinking) is off"""
+    distill_prefix: int = 0
+    """distil only the first N response tokens (OPSD: 1024); 0 = all"""
+    max_reprompt_len: int = 22528
+    """teacher prompts longer than this many tokens are masked (reference: 22528)"""
+    chunk: int = 256
+    """positions per LM-head chunk of the distillation loss (memory knob)"""
+
+
+# --------------------------------------------------------------------------------------------
+# The math (Eq. 1)
+# --------------------------------------------------------------------------------------------
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits to fp32 for the softmax; fp32 and fp64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def tail_bucket(logp: torch.Tensor) -> torch.Tensor:
+    """Append log(1 - sum exp(logp)) so the top-k pieces are a distribution again. (..., k) -> (..., k+1)"""
+    log_s = torch.logsumexp(logp, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([logp, torch.log(-torch.expm1(log_s))], dim=-1)
+
+
+def topk_support(s: torch.Tensor, t: torch.Tensor, topk: int | None, add_tail: bool = True):
+    """Student and teacher full-vocabulary log-probs (..., V) on the student's top-k (+ tail) support."""
+    if not topk:
+        return s, t
+    idx = s.detach().topk(topk, dim=-1).indices  # the STUDENT's top-k
+    s, t = s.gather(-1, idx), t.gather(-1, idx)
+    if add_tail:
+        return tail_bucket(s), tail_bucket(t)
+    return s - torch.logsumexp(s, -1, keepdim=True), t - torch.logsumexp(t, -1, keepdim=True)
+
+
+def divergence(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-token divergence over the support (last dim) of normalised log-probs s (student), t (teacher)."""
+    kl = lambda p, q: (p.exp() * (p - q)).sum(-1)  # KL(p || q), from log-probs
+    if alpha == 0.0:
+        return kl(t, s)  # forward KL(T || S)
+    if alpha == 1.0:
+        return kl(s, t)  # reverse KL(S || T)
+    a = torch.tensor(alpha, dtype=s.dtype, device=s.device)
+    m = torch.logsumexp(torch.stack([s + torch.log(1 - a), t + torch.log(a)]), dim=0)  # log M, M = (1-a) S + a T
+    return torch.lerp(kl(s, m), kl(t, m), a)  # (1-a) KL(S || M) + a KL(T || M)
+
+
+def self_distillation_loss(student_logits, teacher_logits, topk: int | None = 100, alpha: float = 0.5,
+                           add_tail: bool = True, temperature: float = 1.0) -> torch.Tensor:
+    """Eq. 1 per token from logits (..., V): shape (...). topk=None (or 0) = the full vocabulary.
+    The teacher is detached (stopgrad)."""
+    s = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)
+    t = torch.log_softmax(upcast(teacher_logits.detach()) / temperature, dim=-1)
+    return divergence(*topk_support(s, t, topk, add_tail), alpha)
+
+
+def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_w=None, topk=100, alpha=0.5,
+                         add_tail=True, temperature=1.0, chunk=256) -> torch.Tensor:
+    """Per position (N, 4): [divergence, student log-prob of `targets`, KL(S||T) on the support, student entropy].
+
+    student_x / teacher_x are hidden states (N, H) with LM-head weights *_w (V, H), or logits (N, V) when
+    the weights are None. Chunks of `chunk` positions; each student chunk is recomputed in backward
+    (activation checkpointing), so only (chunk, V) logits are alive at a time."""
+    def piece(sx, tx, y):
+        z = sx @ student_w.T if student_w is not None else sx  # (c, V)
+        s = torch.log_softmax(upcast(z) / temperature, dim=-1)
+        with torch.no_grad():
+            tz = tx @ teacher_w.T if teacher_w is not None else tx
+            t = torch.log_softmax(upcast(tz) / temperature, dim=-1)
+        s_sup, t_sup = topk_support(s, t, topk, add_tail)
+        loss = divergence(s_sup, t_sup, alpha)
+        with torch.no_grad():
+            kl = divergence(s_sup.detach(), t_sup, 1.0)
+            entropy = -(s.exp() * s).sum(-1)
+        logp = s.gather(-1, y[:, None]).squeeze(-1)
+        return torch.stack([loss, logp, kl, entropy], dim=-1)
+    outs = []
+    for c in range(0, student_x.shape[0], chunk):
+        args = (student_x[c:c + chunk], teacher_x[c:c + chunk].detach(), targets[c:c + chunk])
+        outs.append(checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() else piece(*args))
+    return torch.cat(outs) if outs else student_x.new_zeros(0, 4)
+
+
+def teacher_prompt(question: str, solution: str | None, feedback: str | None = None, template: str = "sdpo") -> str:
+    """The teacher's user turn: the question's prompt + the solution (+ feedback) + the instruction."""
+    return rollout.reprompt(question, solution, feedback, template)
+
+
+def teacher_contexts(rows: list[dict], problems: list[dict], group_size: int, mode: str = "sibling",
+                     threshold: float = 0.5) -> list[str | None]:
+    """c for each rollout (rows in groups of `group_size`, one group per problem); None = no loss.
+
+    sibling: the first OTHER rollout of the same group with reward >= threshold; sibling-no-think: the
+    same through strip_think; dataset: the problem's reference solution."""
+    out = []
+    for i, row in enumerate(rows):
+        g = i // group_size
+        if mode == "dataset":
+            out.append(problems[g].get("solution"))
+            continue
+        siblings = [rows[j]["text"] for j in range(g * group_size, (g + 1) * group_size)
+                    if j != i and rows[j]["reward"] >= threshold]
+        s = siblings[0] if siblings else None
+        out.append(strip_think(s) if s is not None and mode == "sibling-no-think" else s)
+    return out
+
+
+@torch.no_grad()
+def ema_update(teacher, student, rate: float) -> None:
+    """teacher <- (1 - rate) * teacher + rate * student. Collective under FSDP2 (full_tensor per parameter)."""
+    params = dict(teacher.named_parameters())
+    for name, p in student.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.data
+        params[name].lerp_(full.to(params[name].dtype), rate)
+
+
+# --------------------------------------------------------------------------------------------
+# The train step, plugged into grpo.py's loop
+# --------------------------------------------------------------------------------------------
+def regenerated_contexts(run, rows, problems, args) -> list[str | None]:
+    """Sec. 3's y_r: per group with a success s, one response under c = s; kept as c if it is correct."""
+    firsts = {}
+    for i, r in enumerate(rows):
+        if r["reward"] >= args.success_threshold:
+            firsts.setdefault(i // args.rollouts, r["text"])
+    groups = sorted(firsts)
+    chat = dict(system=args.system, thinking=args.thinking)
+    prompts = [rollout.chat_prompt(run.tokenizer, teacher_prompt(problems[g]["question"], firsts[g]), **chat) for g in groups]
+    params = rollout.SamplingParams(n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                    seed=args.seed + 7919 * len(rows) + run.rank)
+    y_r = {}
+    for s in (rollout.generate(run.backend, prompts, params, progress=False) if prompts else []):
+        g = groups[s.prompt_index]
+        if data.grade(s.text, problems[g]["answer"], lenient=args.lenient) >= args.success_threshold:
+            y_r[g] = s.text
+    return [y_r.get(i // args.rollouts) for i in range(len(rows))]
+
+
+def marker_variant(tokenizer, cache: dict, token_id: int) -> str | None:
+    """The surface form (" Wait", "Wait", " wait", ...) if this token is an epistemic marker, else None."""
+    if token_id not in cache:
+        text = tokenizer.decode([token_id])
+        cache[token_id] = text if text.strip().lower() in epistemic.MARKERS else None
+    return cache[token_id]
+
+
+def sdpo_train_step(run: grpo.Run):
+    """Build the teacher, then return the per-step update that grpo.run_loop calls with the step's rollouts."""
+    args, tok, device, world = run.args, run.tokenizer, run.device, run.world
+    modes = ("sibling", "sibling-no-think", "dataset", "regenerated")
+    if args.teacher_context not in modes or args.reprompt not in ("sdpo", "uncertainty"):
+        raise ValueError(f"--teacher-context must be one of {modes}; --reprompt sdpo or uncertainty")
+    teacher_path = rollout.resolve_model_path(args.model)
+    teacher, _ = rollout.load_model(teacher_path, "auto", device)  # the initial policy
+    saved = run.resumed_from / "teacher.safetensors" if run.resumed_from else None
+    if args.teacher_ema > 0 and saved is not None and saved.exists():
+        from safetensors.torch import load_file
+        teacher.load_state_dict(load_file(saved), strict=False)  # the EMA teacher as it was at the checkpoint
+    teacher.requires_grad_(False)
+    if args.teacher_ema > 0:  # saved with each checkpoint; a tied lm_head is the embedding (re-tied on load)
+        tied = getattr(teacher.config, "tie_word_embeddings", False)
+        run.checkpoint_extra = lambda: {"teacher": {k: v for k, v in teacher.state_dict().items()
+                                                    if not (tied and k == "lm_head.weight")}}
+    chunked = world == 1  # see departure 1
+    variants, pad = {}, tok.pad_token_id
+    teacher_chat = dict(system=args.system, thinking="on" if args.teacher_thinking else args.thinking)
+
+    def outputs(model, seqs):
+        """Response-window hidden states and LM-head weight (chunked), or logits and None."""
+        ids, attn, window, targets, mask = grpo.pad_batch(seqs, pad, device)
+        if chunked:
+            h = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+            return grpo.gather_window(h, window), model.get_output_embeddings().weight, targets, mask
+        return grpo.gather_window(model(input_ids=ids, attention_mask=attn).logits, window), None, targets, mask
+
+    def step(rows, problems):
+        if args.teacher_context == "regenerated":
+            contexts = regenerated_contexts(run, rows, problems, args)
+        else:
+            contexts = teacher_contexts(rows, problems, args.rollouts, args.teacher_context, args.success_threshold)
+        for i, (r, c) in enumerate(zip(rows, contexts)):
+            r["teacher_prompt_ids"] = None
+            if c is not None:
+                text = rollout.chat_prompt(tok, teacher_prompt(problems[i // args.rollouts]["question"], c,
+                                                               template=args.reprompt), **teacher_chat)
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                r["teacher_prompt_ids"] = ids if len(ids) <= args.max_reprompt_len else None
+        has_c = [r["teacher_prompt_ids"] is not None for r in rows]
+        per_update = len(rows) if args.mini_batch <= 0 else max(1, args.mini_batch * args.rollouts // world)
+        on_policy = args.ppo_epochs == 1 and per_update >= len(rows)
+        if not on_policy:
+            with torch.no_grad():
+                for k in range(0, len(rows), args.micro_batch):
+                    micro = rows[k:k + args.micro_batch]
+                    old, m, _ = grpo.token_logprobs(run.model, [(b["prompt_ids"], b["response_ids"]) for b in micro],
+                                                    pad, args.temperature, device)
+                    for b, o, mm in zip(micro, old, m):
+                        b["old_logp"] = o[:int(mm.sum())].tolist()
+        tot = dict(loss=0.0, tokens=0.0, kl=0.0, entropy=0.0, kl_epi=0.0, n_epi=0.0, grad_norm=0.0, updates=0, bad=0)
+        kl_by_variant = {}
+        for _ in range(args.ppo_epochs):
+            for u in range(0, len(rows), per_update):
+                update = rows[u:u + per_update]
+                limit = lambda r: min(len(r["response_ids"]), args.distill_prefix or len(r["response_ids"]))
+                tokens = sft.all_reduce_sum(sum(limit(r) for r in update if r["teacher_prompt_ids"] is not None))
+                bad = False
+                for k in range(0, len(update), args.micro_batch):
+                    micro = [r for r in update[k:k + args.micro_batch] if r["teacher_prompt_ids"] is not None]
+                    if not micro or not any(r["response_ids"] for r in micro):
+                        continue
+                    sx, sw, targets, mask = outputs(run.model, [(r["prompt_ids"], r["response_ids"]) for r in micro])
+                    with torch.no_grad():
+                        tx, tw, _, _ = outputs(teacher, [(r["teacher_prompt_ids"], r["response_ids"]) for r in micro])
+                    if args.distill_prefix:
+                        mask = mask * (torch.arange(mask.shape[1], device=device) < args.distill_prefix)
+                    sel = mask.bool()  # (B, R): the distilled positions
+                    res = chunked_distillation(sx[sel], tx[sel], targets[sel], sw, tw, args.topk or None, args.alpha,
+                                               args.add_tail, args.temperature, args.chunk)  # (N, 4)
+                    div, logp = res[:, 0], res[:, 1]
+                    old = logp.detach() if on_policy else torch.cat(
+                        [torch.tensor(r["old_logp"][:int(m.sum())]) for r, m in zip(micro, mask)]).to(device)
+                    rollout_lp = torch.cat([torch.tensor(r["rollout_logprobs"][:int(m.sum())]) for r, m in zip(micro, mask)]).to(device)
+                    weight = torch.exp(torch.clamp(logp.detach() - old, -20.0, 20.0)).clamp(max=args.is_clip)
+                    weight = weight * torch.clamp(torch.exp(old - rollout_lp), max=args.rollout_is_clip)
+                    # FSDP2 averages gradients over ranks: world * (local sum / global tokens) = the global token mean
+                    loss = (div * weight).sum() / max(tokens / world, 1.0)
+                    if not torch.isfinite(loss):
+                        bad = True
+                        continue
+                    loss.backward()
+                    tot["loss"] += float(loss.detach()) / world
+                    tot["tokens"] += float(sel.sum())
+                    stats = res[:, 2:].detach()  # KL(S||T) and entropy: metrics only
+                    tot["kl"] += float(stats[:, 0].sum())
+                    tot["entropy"] += float(stats[:, 1].sum())
+                    for tid, kl in zip(targets[sel].tolist(), stats[:, 0].tolist()):
+                        v = marker_variant(tok, variants, tid)
+                        if v is not None:
+                            s, n = kl_by_variant.get(v, (0.0, 0))
+                            kl_by_variant[v] = (s + kl, n + 1)
+                            tot["kl_epi"] += kl
+                            tot["n_epi"] += 1
+                grad_norm = sft.clip_grads(run.model, args.grad_clip)
+                if sft.all_reduce_sum(float(bad or not math.isfinite(grad_norm))) > 0:
+                    run.optimizer.zero_grad(set_to_none=True)
+                    tot["bad"] += 1
+                    continue
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                tot["grad_norm"] += grad_norm
+                tot["updates"] += 1
+                if args.teacher_ema > 0:
+                    ema_update(teacher, run.model, args.teacher_ema)
+        n_tok = max(sft.all_reduce_sum(tot["tokens"]), 1.0)
+        metrics = dict(loss=sft.all_reduce_sum(tot["loss"]) / max(args.ppo_epochs * math.ceil(len(rows) / per_update), 1),  # Eq. 1
+                       masked_frac=1.0 - sft.all_reduce_sum(sum(has_c)) / sft.all_reduce_sum(len(rows)),
+                       kl=sft.all_reduce_sum(tot["kl"]) / n_tok, entropy=sft.all_reduce_sum(tot["entropy"]) / n_tok,
+                       kl_epistemic=sft.all_reduce_sum(tot["kl_epi"]) / max(sft.all_reduce_sum(tot["n_epi"]), 1.0),
+                       teacher_context_len=sft.all_reduce_sum(sum(len(r["teacher_prompt_ids"]) for r in rows if
+                                                                  r["teacher_prompt_ids"] is not None))
+                       / max(sft.all_reduce_sum(sum(has_c)), 1.0),
+                       grad_norm=tot["grad_norm"] / max(tot["updates"], 1), nonfinite_updates=tot["bad"])
+        if world > 1:  # every rank's per-variant sums, merged
+            parts = [None] * world
+            dist.all_gather_object(parts, kl_by_variant)  # collective
+            merged = {}
+            for part in parts:
+                for v, (s, n) in part.items():
+                    merged[v] = (merged.get(v, (0.0, 0))[0] + s, merged.get(v, (0.0, 0))[1] + n)
+            kl_by_variant = merged
+        metrics.update({f"kl/{v!r}": s / n for v, (s, n) in sorted(kl_by_variant.items())})
+        return metrics
+    return step
+
+
+def main(argv=None):
+    try:
+        grpo.run_loop(data.parse_args(Args, argv), "sdpo", sdpo_train_step)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
