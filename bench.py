@@ -3,6 +3,7 @@
     python bench.py grade              # grading throughput on 1,000 mixed responses
     python bench.py generate           # hf backend vs plain model.generate (tokens/s), batch 16, 128 new tokens
     python bench.py generate64         # the same at batch 64
+    python bench.py sdpo_chunked sdpo_unchunked   # SDPO loss memory at V = 151,936, T = 4096
 
 Each row is measured in a fresh process so rows don't share caches or memory peaks.
 """
@@ -80,11 +81,33 @@ def bench_generate(batch: int = 16, new_tokens: int = 128, reps: int = 2) -> dic
                 threads=torch.get_num_threads())
 
 
+def bench_sdpo_memory(chunk: int | None = 256, T: int = 4096, V: int = 151_936, H: int = 64, k: int = 100) -> dict:
+    """Peak memory of one SDPO loss micro-step (forward + backward) over T positions with Qwen's vocabulary,
+    from hidden states through a tied LM head: chunked (`sdpo.chunked_distillation`) or on full logits."""
+    import torch
+    import sdpo
+    torch.manual_seed(0)
+    w = (torch.randn(V, H) * 0.02).requires_grad_()
+    hs, ht = torch.randn(T, H, requires_grad=True), torch.randn(T, H)
+    y = torch.randint(0, V, (T,))
+    base = peak_rss_gb()
+    t = time.perf_counter()
+    if chunk:
+        loss = sdpo.chunked_distillation(hs, ht, y, w, w.detach(), topk=k, chunk=chunk)[:, 0].mean()
+    else:
+        loss = sdpo.self_distillation_loss(hs @ w.T, (ht @ w.T).detach(), topk=k).mean()
+    loss.backward()
+    return dict(row=f"sdpo loss T={T} V={V} k={k} {'chunk=' + str(chunk) if chunk else 'unchunked'}",
+                seconds=round(time.perf_counter() - t, 2), peak_above_baseline_gb=round(peak_rss_gb() - base, 2),
+                loss=round(float(loss), 6))
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
-ROWS = {"grade": bench_grade, "generate": bench_generate, "generate64": lambda: bench_generate(batch=64)}
+ROWS = {"grade": bench_grade, "generate": bench_generate, "generate64": lambda: bench_generate(batch=64),
+        "sdpo_chunked": bench_sdpo_memory, "sdpo_unchunked": lambda: bench_sdpo_memory(chunk=None)}
 
 
 def main():
