@@ -224,20 +224,41 @@ def sync_replica(replica, model) -> None:
         params[name].copy_(full)
 
 
+def update_plan(n_rows: int, args: Args, world: int) -> tuple[int, bool]:
+    """(rows per optimizer update on this rank, on-policy?) for --mini-batch and --ppo-epochs."""
+    per_update = n_rows if args.mini_batch <= 0 else max(1, args.mini_batch * args.rollouts // world)
+    return per_update, args.ppo_epochs == 1 and per_update >= n_rows
+
+
+@torch.no_grad()
+def attach_old_logprobs(model, rows: list[dict], args: Args, pad_id: int, device) -> None:
+    """pi_old for off-policy updates: each row's response log-probs before this step's first update."""
+    for k in range(0, len(rows), args.micro_batch):
+        micro = rows[k:k + args.micro_batch]
+        old, mask, _ = token_logprobs(model, [(b["prompt_ids"], b["response_ids"]) for b in micro], pad_id,
+                                      args.temperature, device)
+        for b, o, m in zip(micro, old, mask):
+            b["old_logp"] = o[:int(m.sum())].tolist()
+
+
+def apply_update(model, optimizer, grad_clip: float, bad: bool) -> float | None:
+    """Clip and step, or, when any rank saw a non-finite loss or gradient, skip the update and keep the
+    weights. Returns the gradient norm, None when skipped."""
+    grad_norm = sft.clip_grads(model, grad_clip)
+    skip = sft.all_reduce_sum(float(bad or not math.isfinite(grad_norm))) > 0
+    if not skip:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return None if skip else grad_norm
+
+
 def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: int, device, pad_id: int,
                       ref_model=None) -> dict:
     """Policy-gradient updates on one step's rollouts; returns metrics. batch rows carry prompt_ids,
     response_ids, rollout_logprobs and advantage. Every rank holds the same number of rows."""
-    per_update = len(batch) if args.mini_batch <= 0 else max(1, args.mini_batch * args.rollouts // world)
-    on_policy = args.ppo_epochs == 1 and per_update >= len(batch)
-    if not on_policy:  # pi_old: the policy before this step's updates
-        with torch.no_grad():
-            for k in range(0, len(batch), args.micro_batch):
-                micro = batch[k:k + args.micro_batch]
-                old, mask, _ = token_logprobs(model, [(b["prompt_ids"], b["response_ids"]) for b in micro], pad_id,
-                                              args.temperature, device)
-                for b, o, m in zip(micro, old, mask):
-                    b["old_logp"] = o[:int(m.sum())]
+    per_update, on_policy = update_plan(len(batch), args, world)
+    if not on_policy:
+        attach_old_logprobs(model, batch, args, pad_id, device)
     totals = dict(loss=0.0, entropy=0.0, tokens=0.0, clip_frac_high=0.0, clip_frac_low=0.0, clip_frac_dual=0.0,
                   kl=0.0, grad_norm=0.0, updates=0, nonfinite=0)
     for _ in range(args.ppo_epochs):
@@ -275,14 +296,10 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                 totals["tokens"] += n_local
                 for key in ("clip_frac_high", "clip_frac_low", "clip_frac_dual"):
                     totals[key] += m[key] * n_local
-            grad_norm = sft.clip_grads(model, args.grad_clip)
-            bad = sft.all_reduce_sum(float(bad or not math.isfinite(grad_norm))) > 0
-            if bad:  # skip the update, keep the weights, log it
-                optimizer.zero_grad(set_to_none=True)
+            grad_norm = apply_update(model, optimizer, args.grad_clip, bad)
+            if grad_norm is None:  # skipped: logged as a non-finite update
                 totals["nonfinite"] += 1
                 continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             totals["grad_norm"] += grad_norm
             totals["updates"] += 1
     tokens = max(sft.all_reduce_sum(totals["tokens"]), 1.0)

@@ -277,16 +277,9 @@ def sdpo_train_step(run: grpo.Run):
                 ids = tok(text, add_special_tokens=False)["input_ids"]
                 r["teacher_prompt_ids"] = ids if len(ids) <= args.max_reprompt_len else None
         has_c = [r["teacher_prompt_ids"] is not None for r in rows]
-        per_update = len(rows) if args.mini_batch <= 0 else max(1, args.mini_batch * args.rollouts // world)
-        on_policy = args.ppo_epochs == 1 and per_update >= len(rows)
+        per_update, on_policy = grpo.update_plan(len(rows), args, world)
         if not on_policy:
-            with torch.no_grad():
-                for k in range(0, len(rows), args.micro_batch):
-                    micro = rows[k:k + args.micro_batch]
-                    old, m, _ = grpo.token_logprobs(run.model, [(b["prompt_ids"], b["response_ids"]) for b in micro],
-                                                    pad, args.temperature, device)
-                    for b, o, mm in zip(micro, old, m):
-                        b["old_logp"] = o[:int(mm.sum())].tolist()
+            grpo.attach_old_logprobs(run.model, rows, args, pad, device)
         tot = dict(loss=0.0, tokens=0.0, kl=0.0, entropy=0.0, kl_epi=0.0, n_epi=0.0, grad_norm=0.0, updates=0, bad=0)
         kl_by_variant = {}
         for _ in range(args.ppo_epochs):
@@ -331,13 +324,10 @@ def sdpo_train_step(run: grpo.Run):
                             kl_by_variant[v] = (s + kl, n + 1)
                             tot["kl_epi"] += kl
                             tot["n_epi"] += 1
-                grad_norm = sft.clip_grads(run.model, args.grad_clip)
-                if sft.all_reduce_sum(float(bad or not math.isfinite(grad_norm))) > 0:
-                    run.optimizer.zero_grad(set_to_none=True)
+                grad_norm = grpo.apply_update(run.model, run.optimizer, args.grad_clip, bad)
+                if grad_norm is None:  # skipped: logged as a non-finite update
                     tot["bad"] += 1
                     continue
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
                 tot["grad_norm"] += grad_norm
                 tot["updates"] += 1
                 if args.teacher_ema > 0:

@@ -1202,7 +1202,7 @@ def test_sdpo_one_and_two_processes_and_resume(tiny_model_dir, tmp_path):
         from transformers import AutoModelForCausalLM
         AutoModelForCausalLM.from_pretrained(tmp_path / name / "step_2")
     run(sys.executable, "sdpo.py", "--model", tiny_model_dir, *SDPO_FLAGS, "--steps", "3", "--teacher-ema", "0.05",
-        "--out", str(tmp_path / "ema"))
+        "--mini-batch", "1", "--out", str(tmp_path / "ema"))  # two updates a step: the off-policy path
     assert (tmp_path / "ema" / "step_3" / "teacher.safetensors").exists()
     run(sys.executable, "sdpo.py", "--model", tiny_model_dir, *SDPO_FLAGS, "--steps", "4", "--teacher-ema", "0.05",
         "--out", str(tmp_path / "ema"), "--resume")
