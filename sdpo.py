@@ -227,12 +227,15 @@ def regenerated_contexts(run, rows, problems, args) -> list[str | None]:
     return [y_r.get(i // args.rollouts) for i in range(len(rows))]
 
 
-def marker_variant(tokenizer, cache: dict, token_id: int) -> str | None:
-    """The surface form (" Wait", "Wait", " wait", ...) if this token is an epistemic marker, else None."""
-    if token_id not in cache:
+def marker_tokens(tokenizer) -> dict[int, str]:
+    """token id -> surface form (" Wait", "Wait", " wait", ...) for every vocabulary entry that is one of
+    the 10 epistemic markers on its own (App. B.6, Table 6). One pass over the vocabulary."""
+    out = {}
+    for token_id in range(len(tokenizer)):
         text = tokenizer.decode([token_id])
-        cache[token_id] = text if text.strip().lower() in epistemic.MARKERS else None
-    return cache[token_id]
+        if text.strip().lower() in epistemic.MARKERS:
+            out[token_id] = text
+    return out
 
 
 def sdpo_train_step(run: grpo.Run):
@@ -253,7 +256,8 @@ def sdpo_train_step(run: grpo.Run):
         run.checkpoint_extra = lambda: {"teacher": {k: v for k, v in teacher.state_dict().items()
                                                     if not (tied and k == "lm_head.weight")}}
     chunked = world == 1  # see departure 1
-    variants, pad = {}, tok.pad_token_id
+    variants, pad = marker_tokens(tok), tok.pad_token_id
+    variant_ids = torch.tensor(sorted(variants), dtype=torch.long, device=device)
     teacher_chat = dict(system=args.system, thinking="on" if args.teacher_thinking else args.thinking)
 
     def outputs(model, seqs):
@@ -317,13 +321,12 @@ def sdpo_train_step(run: grpo.Run):
                     stats = res[:, 2:].detach()  # KL(S||T) and entropy: metrics only
                     tot["kl"] += float(stats[:, 0].sum())
                     tot["entropy"] += float(stats[:, 1].sum())
-                    for tid, kl in zip(targets[sel].tolist(), stats[:, 0].tolist()):
-                        v = marker_variant(tok, variants, tid)
-                        if v is not None:
-                            s, n = kl_by_variant.get(v, (0.0, 0))
-                            kl_by_variant[v] = (s + kl, n + 1)
-                            tot["kl_epi"] += kl
-                            tot["n_epi"] += 1
+                    at_marker = torch.isin(targets[sel], variant_ids)  # the student's token is a marker
+                    for tid, kl in zip(targets[sel][at_marker].tolist(), stats[at_marker, 0].tolist()):
+                        s, n = kl_by_variant.get(variants[tid], (0.0, 0))
+                        kl_by_variant[variants[tid]] = (s + kl, n + 1)
+                        tot["kl_epi"] += kl
+                        tot["n_epi"] += 1
                 grad_norm = grpo.apply_update(run.model, run.optimizer, args.grad_clip, bad)
                 if grad_norm is None:  # skipped: logged as a non-finite update
                     tot["bad"] += 1

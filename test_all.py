@@ -1215,3 +1215,13 @@ def test_sdpo_embedded_model_sibling_context(tmp_path):
         "--distill-prefix", "16", "--out", str(tmp_path))
     row = json.loads(open(tmp_path / "metrics.jsonl").read())
     assert 0.0 <= row["masked_frac"] <= 1.0 and math.isfinite(row["loss"])
+
+
+def test_marker_tokens_surface_variants(embedded_tokenizer):
+    table = sdpo.marker_tokens(embedded_tokenizer)
+    forms = set(table.values())
+    assert {"Wait", " wait", " Wait", " maybe", " check"} <= forms  # single tokens in SmolLM2's vocabulary
+    for tid, text in table.items():
+        assert embedded_tokenizer.decode([tid]) == text and text.strip().lower() in epistemic.MARKERS
+    wait_id = embedded_tokenizer(" Wait", add_special_tokens=False)["input_ids"]
+    assert len(wait_id) == 1 and table[wait_id[0]] == " Wait"
