@@ -286,9 +286,7 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                     kl = (k3_kl(logp, ref) * mask).sum() / max(tokens / world, 1.0)
                     loss = loss + args.kl_coef * kl
                     totals["kl"] += float(kl.detach()) / world
-                if not torch.isfinite(loss):
-                    bad = True
-                    continue
+                bad = bad or not torch.isfinite(loss)  # backward still runs (FSDP2 collectives); the update is skipped
                 loss.backward()
                 n_local = float(mask.sum())
                 totals["loss"] += float(loss.detach()) / world

@@ -293,28 +293,32 @@ def sdpo_train_step(run: grpo.Run):
                 tokens = sft.all_reduce_sum(sum(limit(r) for r in update if r["teacher_prompt_ids"] is not None))
                 bad = False
                 for k in range(0, len(update), args.micro_batch):
-                    micro = [r for r in update[k:k + args.micro_batch] if r["teacher_prompt_ids"] is not None]
-                    if not micro or not any(r["response_ids"] for r in micro):
-                        continue
+                    # every rank runs the same forwards and backwards (FSDP2 collectives): rows without a
+                    # context stay in the batch with a zero mask, their own prompt standing in for the teacher's
+                    micro = update[k:k + args.micro_batch]
                     sx, sw, targets, mask = outputs(run.model, [(r["prompt_ids"], r["response_ids"]) for r in micro])
                     with torch.no_grad():
-                        tx, tw, _, _ = outputs(teacher, [(r["teacher_prompt_ids"], r["response_ids"]) for r in micro])
+                        tx, tw, _, _ = outputs(teacher, [(r["teacher_prompt_ids"] or r["prompt_ids"], r["response_ids"])
+                                                         for r in micro])
+                    mask = mask * torch.tensor([float(r["teacher_prompt_ids"] is not None) for r in micro],
+                                               device=device)[:, None]
                     if args.distill_prefix:
                         mask = mask * (torch.arange(mask.shape[1], device=device) < args.distill_prefix)
                     sel = mask.bool()  # (B, R): the distilled positions
                     res = chunked_distillation(sx[sel], tx[sel], targets[sel], sw, tw, args.topk or None, args.alpha,
                                                args.add_tail, args.temperature, args.chunk)  # (N, 4)
                     div, logp = res[:, 0], res[:, 1]
+                    n_row = sel.sum(1).tolist()
                     old = logp.detach() if on_policy else torch.cat(
-                        [torch.tensor(r["old_logp"][:int(m.sum())]) for r, m in zip(micro, mask)]).to(device)
-                    rollout_lp = torch.cat([torch.tensor(r["rollout_logprobs"][:int(m.sum())]) for r, m in zip(micro, mask)]).to(device)
+                        [torch.tensor(r["old_logp"][:n], dtype=logp.dtype) for r, n in zip(micro, n_row)]).to(device)
+                    rollout_lp = torch.cat([torch.tensor(r["rollout_logprobs"][:n], dtype=logp.dtype)
+                                            for r, n in zip(micro, n_row)]).to(device)
                     weight = torch.exp(torch.clamp(logp.detach() - old, -20.0, 20.0)).clamp(max=args.is_clip)
                     weight = weight * torch.clamp(torch.exp(old - rollout_lp), max=args.rollout_is_clip)
-                    # FSDP2 averages gradients over ranks: world * (local sum / global tokens) = the global token mean
-                    loss = (div * weight).sum() / max(tokens / world, 1.0)
-                    if not torch.isfinite(loss):
-                        bad = True
-                        continue
+                    # FSDP2 averages gradients over ranks: world * (local sum / global tokens) = the global token mean;
+                    # the zero-weight term keeps a backward through the model when nothing here is distilled
+                    loss = (div * weight).sum() / max(tokens / world, 1.0) + 0.0 * sx.sum()
+                    bad = bad or not torch.isfinite(loss)  # the update is then skipped on every rank
                     loss.backward()
                     tot["loss"] += float(loss.detach()) / world
                     tot["tokens"] += float(sel.sum())

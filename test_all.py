@@ -1225,3 +1225,17 @@ def test_marker_tokens_surface_variants(embedded_tokenizer):
         assert embedded_tokenizer.decode([tid]) == text and text.strip().lower() in epistemic.MARKERS
     wait_id = embedded_tokenizer(" Wait", add_special_tokens=False)["input_ids"]
     assert len(wait_id) == 1 and table[wait_id[0]] == " Wait"
+
+
+def test_sdpo_torchrun_ranks_with_different_masking(tiny_model_dir, tmp_path):
+    """One rank's rollouts have a teacher context and the other's don't: both must run the same collectives."""
+    probs = tmp_path / "p.jsonl"
+    probs.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2", "solution": "1 + 1 = 2."}) + "\n" +
+                     json.dumps({"question": "What is 2 + 2?", "answer": "4"}) + "\n")
+    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sdpo.py",
+        "--model", tiny_model_dir, "--data", str(probs), "--teacher-context", "dataset", "--steps", "1",
+        "--prompts-per-step", "2", "--rollouts", "2", "--max-new-tokens", "8", "--micro-batch", "1",
+        "--eval-data", str(probs), "--eval-n", "1", "--eval-max-new-tokens", "4", "--out", str(tmp_path / "o"),
+        env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    row = json.loads(open(tmp_path / "o" / "metrics.jsonl").read())
+    assert row["masked_frac"] == 0.5 and math.isfinite(row["loss"])
