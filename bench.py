@@ -99,7 +99,7 @@ def bench_sdpo_memory(chunk: int | None = 256, T: int = 4096, V: int = 151_936, 
     loss.backward()
     return dict(row=f"sdpo loss T={T} V={V} k={k} {'chunk=' + str(chunk) if chunk else 'unchunked'}",
                 seconds=round(time.perf_counter() - t, 2), peak_above_baseline_gb=round(peak_rss_gb() - base, 2),
-                loss=round(float(loss), 6))
+                loss=round(float(loss.detach()), 6))
 
 
 def peak_rss_gb() -> float:
