@@ -9,6 +9,7 @@ Implements, for arXiv 2603.24472:
     Delta_m(w) = mu_m(w) - mu_base(w) over the base model's vocabulary, markers vs the rest
     (Fig. 12) -> `word_frequency_shift`
   - splitting a response into its <think> part and its answer -> `split_think`
+  - the tokens at which a marker begins, for sdpo.py's --protect-epistemic -> `marker_start_positions`
 
 Departures from the released analysis code (beanie00/self-distillation-analysis,
 eval/check_epistemic_tokens.py), and why:
@@ -27,6 +28,7 @@ Each jsonl row holds a response under "response" (or a list under "responses" /
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import re
 from collections import Counter
@@ -47,6 +49,24 @@ def count_markers(text: str, whole_words: bool = False) -> dict[str, int]:
 def epistemic_count(text: str, whole_words: bool = False) -> int:
     """E(y): the total count of the 10 markers in y (Sec. 3)."""
     return sum(count_markers(text, whole_words).values())
+
+
+def marker_start_positions(pieces: list[str], whole_words: bool = False) -> list[int]:
+    """Indices of the pieces (a response's tokens, each decoded) in which an occurrence of a marker
+    begins, counted as `count_markers` counts (substrings by default, so "Checking" begins at its first
+    token too). A marker split over tokens, "W" + "ait", is found at "W"."""
+    starts, pos = [], 0
+    for piece in pieces:
+        starts.append(pos)
+        pos += len(piece)
+    text = "".join(pieces).lower()
+    pattern = r"\b(?:%s)\b" if whole_words else "(?:%s)"
+    out = []
+    for m in re.finditer(pattern % "|".join(MARKERS), text):
+        i = bisect.bisect_right(starts, m.start()) - 1  # the last piece starting at or before it: never empty
+        if not out or out[-1] != i:
+            out.append(i)
+    return out
 
 
 def split_think(text: str) -> tuple[str, str]:

@@ -24,6 +24,13 @@ policy-gradient loss outright; App. D Table 10):
   - App. B.6 metrics: the student-teacher KL per token, overall and on epistemic-marker tokens per
     surface variant (" Wait", "Wait", " wait", ...).
 
+Beyond the paper (remedies for the suppressed epistemic verbalization; measured in the README), one flag each:
+  --protect-epistemic  no loss at the tokens where the student's response begins an epistemic marker
+                       (the positions App. B.6 finds the teacher disagrees with most) -> `distill_positions`
+  --pg-coef L          + L * grpo.py's clipped policy loss on the same rollouts (a GRPO/SDPO hybrid)
+  --entropy-weight     each token's loss times the teacher's entropy / log V, so a confident teacher
+                       weighs less where it would overwrite an uncertain student      -> `sdpo_loss`
+
 Memory: the loss is computed from hidden states through the LM head in chunks of --chunk positions,
 each chunk recomputed in backward, so the largest live tensor is (chunk, V), not (T, V)
 (`chunked_distillation`). Measured in bench.py.
@@ -97,6 +104,13 @@ class Args(grpo.Args):
     """teacher prompts longer than this many tokens are masked (reference: 22528)"""
     chunk: int = 256
     """positions per LM-head chunk of the distillation loss (memory knob)"""
+    # beyond the paper: remedies for the suppression of epistemic verbalization (README, "Remedies")
+    protect_epistemic: bool = False
+    """remedy: no distillation loss at the response tokens where an epistemic marker begins (off in the paper)"""
+    pg_coef: float = 0.0
+    """remedy: add grpo.py's policy loss (clipped surrogate, same advantages), weighted by this (0 in the paper)"""
+    entropy_weight: bool = False
+    """remedy: weight each token's distillation loss by the teacher's entropy / log V (off in the paper)"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +161,8 @@ def self_distillation_loss(student_logits, teacher_logits, topk: int | None = 10
 
 def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_w=None, topk=100, alpha=0.5,
                          add_tail=True, temperature=1.0, chunk=256) -> torch.Tensor:
-    """Per position (N, 4): [divergence, student log-prob of `targets`, KL(S||T) on the support, student entropy].
+    """Per position (N, 5): [divergence, student log-prob of `targets`, KL(S||T) on the support, student entropy,
+    teacher entropy / log V] (all but the first two detached).
 
     student_x / teacher_x are hidden states (N, H) with LM-head weights *_w (V, H), or logits (N, V) when
     the weights are None. Chunks of `chunk` positions; each student chunk is recomputed in backward
@@ -163,13 +178,49 @@ def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_
         with torch.no_grad():
             kl = divergence(s_sup.detach(), t_sup, 1.0)
             entropy = -(s.exp() * s).sum(-1)
+            teacher_entropy = -(t.exp() * t).sum(-1) / math.log(t.shape[-1])  # normalised: in [0, 1]
         logp = s.gather(-1, y[:, None]).squeeze(-1)
-        return torch.stack([loss, logp, kl, entropy], dim=-1)
+        return torch.stack([loss, logp, kl, entropy, teacher_entropy], dim=-1)
     outs = []
     for c in range(0, student_x.shape[0], chunk):
         args = (student_x[c:c + chunk], teacher_x[c:c + chunk].detach(), targets[c:c + chunk])
         outs.append(checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() else piece(*args))
-    return torch.cat(outs) if outs else student_x.new_zeros(0, 4)
+    return torch.cat(outs) if outs else student_x.new_zeros(0, 5)
+
+
+def sdpo_loss(div, logp, old_logp, rollout_logp, distill, n_distill: float, is_clip: float = 2.0,
+              rollout_is_clip: float = 2.0, teacher_entropy=None, pg_coef: float = 0.0, advantages=None,
+              n_tokens: float | None = None, clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float = 3.0):
+    """The SDPO objective on one micro-batch's response positions, all inputs (N,). Returns (loss, metrics).
+
+    w_t    = min(exp(clamp(logp - old_logp, -20, 20)), is_clip) * min(exp(old_logp - rollout_logp), rollout_is_clip)
+    L      = sum_t distill_t w_t e_t D_t / n_distill                         (Eq. 1 as the reference computes it)
+    e_t    = teacher_entropy_t (H_T / log V) with --entropy-weight, else 1           (remedy 3)
+    L     += pg_coef * grpo.policy_loss over all N positions / n_tokens             (remedy 2)
+    distill_t is 0 for rows without a teacher context, beyond --distill-prefix, and at protected
+    positions (remedy 1). n_distill / n_tokens are the (global) token counts the means divide by."""
+    rollout_w = torch.clamp(torch.exp(old_logp - rollout_logp), max=rollout_is_clip)  # (N,) detached
+    w = torch.exp(torch.clamp(logp.detach() - old_logp, -20.0, 20.0)).clamp(max=is_clip) * rollout_w
+    if teacher_entropy is not None:
+        w = w * teacher_entropy
+    distill_loss = (div * w * distill).sum() / max(float(n_distill), 1.0)  # Eq. 1
+    metrics = dict(distill_loss=float(distill_loss.detach()))
+    if not pg_coef:
+        return distill_loss, metrics
+    pg, _ = grpo.policy_loss(logp[None], old_logp[None], advantages[None], torch.ones_like(logp)[None], clip_low,
+                             clip_high, clip_c, rollout_w[None], token_count=n_tokens)
+    metrics["pg_loss"] = float(pg.detach())
+    return distill_loss + pg_coef * pg, metrics
+
+
+def distill_positions(n_response: int, has_context: bool, prefix: int = 0, protected=()) -> list[bool]:
+    """Which of a response's positions are distilled: none without a teacher context, the first `prefix`
+    (0 = all), and not the `protected` ones (--protect-epistemic)."""
+    keep = [has_context and (not prefix or t < prefix) for t in range(n_response)]
+    for t in protected:
+        if t < n_response:
+            keep[t] = False
+    return keep
 
 
 def teacher_prompt(question: str, solution: str | None, feedback: str | None = None, template: str = "sdpo") -> str:
@@ -259,6 +310,8 @@ def sdpo_train_step(run: grpo.Run):
     variants, pad = marker_tokens(tok), tok.pad_token_id
     variant_ids = torch.tensor(sorted(variants), dtype=torch.long, device=device)
     teacher_chat = dict(system=args.system, thinking="on" if args.teacher_thinking else args.thinking)
+    pieces = {}
+    piece = lambda t: pieces.setdefault(t, tok.decode([t]))  # token id -> its text, for --protect-epistemic
 
     def outputs(model, seqs):
         """Response-window hidden states and LM-head weight (chunked), or logits and None."""
@@ -281,16 +334,26 @@ def sdpo_train_step(run: grpo.Run):
                 ids = tok(text, add_special_tokens=False)["input_ids"]
                 r["teacher_prompt_ids"] = ids if len(ids) <= args.max_reprompt_len else None
         has_c = [r["teacher_prompt_ids"] is not None for r in rows]
+        n_protected = 0
+        for r in rows:
+            protected = ()
+            if args.protect_epistemic and r["teacher_prompt_ids"] is not None:  # remedy 1
+                protected = epistemic.marker_start_positions([piece(t) for t in r["response_ids"]])
+            r["distill"] = distill_positions(len(r["response_ids"]), r["teacher_prompt_ids"] is not None,
+                                             args.distill_prefix, protected)
+            n_protected += sum(1 for t in protected if t < len(r["distill"]) and
+                               (not args.distill_prefix or t < args.distill_prefix))
         per_update, on_policy = grpo.update_plan(len(rows), args, world)
         if not on_policy:
             grpo.attach_old_logprobs(run.model, rows, args, pad, device)
-        tot = dict(loss=0.0, tokens=0.0, kl=0.0, entropy=0.0, kl_epi=0.0, n_epi=0.0, grad_norm=0.0, updates=0, bad=0)
+        tot = dict(loss=0.0, tokens=0.0, kl=0.0, entropy=0.0, kl_epi=0.0, n_epi=0.0, grad_norm=0.0, updates=0, bad=0,
+                   distill_loss=0.0, pg_loss=0.0, entropy_w=0.0)
         kl_by_variant = {}
         for _ in range(args.ppo_epochs):
             for u in range(0, len(rows), per_update):
                 update = rows[u:u + per_update]
-                limit = lambda r: min(len(r["response_ids"]), args.distill_prefix or len(r["response_ids"]))
-                tokens = sft.all_reduce_sum(sum(limit(r) for r in update if r["teacher_prompt_ids"] is not None))
+                n_distill = sft.all_reduce_sum(sum(sum(r["distill"]) for r in update))
+                n_tokens = sft.all_reduce_sum(sum(len(r["response_ids"]) for r in update))
                 bad = False
                 for k in range(0, len(update), args.micro_batch):
                     # every rank runs the same forwards and backwards (FSDP2 collectives): rows without a
@@ -300,33 +363,35 @@ def sdpo_train_step(run: grpo.Run):
                     with torch.no_grad():
                         tx, tw, _, _ = outputs(teacher, [(r["teacher_prompt_ids"] or r["prompt_ids"], r["response_ids"])
                                                          for r in micro])
-                    mask = mask * torch.tensor([float(r["teacher_prompt_ids"] is not None) for r in micro],
-                                               device=device)[:, None]
-                    if args.distill_prefix:
-                        mask = mask * (torch.arange(mask.shape[1], device=device) < args.distill_prefix)
-                    sel = mask.bool()  # (B, R): the distilled positions
+                    sel = mask.bool()  # (B, R): every response position (the policy loss of --pg-coef needs them all)
                     res = chunked_distillation(sx[sel], tx[sel], targets[sel], sw, tw, args.topk or None, args.alpha,
-                                               args.add_tail, args.temperature, args.chunk)  # (N, 4)
-                    div, logp = res[:, 0], res[:, 1]
-                    n_row = sel.sum(1).tolist()
-                    old = logp.detach() if on_policy else torch.cat(
-                        [torch.tensor(r["old_logp"][:n], dtype=logp.dtype) for r, n in zip(micro, n_row)]).to(device)
-                    rollout_lp = torch.cat([torch.tensor(r["rollout_logprobs"][:n], dtype=logp.dtype)
-                                            for r, n in zip(micro, n_row)]).to(device)
-                    weight = torch.exp(torch.clamp(logp.detach() - old, -20.0, 20.0)).clamp(max=args.is_clip)
-                    weight = weight * torch.clamp(torch.exp(old - rollout_lp), max=args.rollout_is_clip)
+                                               args.add_tail, args.temperature, args.chunk)  # (N, 5)
+                    flat = lambda key: torch.cat([torch.as_tensor(r[key], dtype=res.dtype) for r in micro]).to(device)
+                    distill = flat("distill")  # (N,) the distilled positions, in the order of sel
+                    old = res[:, 1].detach() if on_policy else flat("old_logp")
+                    adv = torch.cat([torch.full((len(r["response_ids"]),), r["advantage"], dtype=res.dtype)
+                                     for r in micro]).to(device)
                     # FSDP2 averages gradients over ranks: world * (local sum / global tokens) = the global token mean;
-                    # the zero-weight term keeps a backward through the model when nothing here is distilled
-                    loss = (div * weight).sum() / max(tokens / world, 1.0) + 0.0 * sx.sum()
+                    # the zero-weight term keeps a backward through the model when a micro-batch has no tokens
+                    loss, parts = sdpo_loss(res[:, 0], res[:, 1], old, flat("rollout_logprobs"), distill,
+                                            n_distill / world, args.is_clip, args.rollout_is_clip,
+                                            res[:, 4] if args.entropy_weight else None, args.pg_coef, adv,
+                                            n_tokens / world, args.clip_low, args.clip_high, args.clip_c)
+                    loss = loss + 0.0 * sx.sum()
                     bad = bad or not torch.isfinite(loss)  # the update is then skipped on every rank
                     loss.backward()
                     tot["loss"] += float(loss.detach()) / world
-                    tot["tokens"] += float(sel.sum())
-                    stats = res[:, 2:].detach()  # KL(S||T) and entropy: metrics only
+                    tot["distill_loss"] += parts["distill_loss"] / world
+                    tot["pg_loss"] += parts.get("pg_loss", 0.0) / world
+                    d = distill.bool()
+                    tot["tokens"] += float(d.sum())
+                    stats = res[d, 2:].detach()  # KL(S||T), entropies: metrics only, on the distilled positions
                     tot["kl"] += float(stats[:, 0].sum())
                     tot["entropy"] += float(stats[:, 1].sum())
-                    at_marker = torch.isin(targets[sel], variant_ids)  # the student's token is a marker
-                    for tid, kl in zip(targets[sel][at_marker].tolist(), stats[at_marker, 0].tolist()):
+                    tot["entropy_w"] += float(stats[:, 2].sum())
+                    y = targets[sel][d]
+                    at_marker = torch.isin(y, variant_ids)  # the student's token is a marker
+                    for tid, kl in zip(y[at_marker].tolist(), stats[at_marker, 0].tolist()):
                         s, n = kl_by_variant.get(variants[tid], (0.0, 0))
                         kl_by_variant[variants[tid]] = (s + kl, n + 1)
                         tot["kl_epi"] += kl
@@ -340,7 +405,13 @@ def sdpo_train_step(run: grpo.Run):
                 if args.teacher_ema > 0:
                     ema_update(teacher, run.model, args.teacher_ema)
         n_tok = max(sft.all_reduce_sum(tot["tokens"]), 1.0)
-        metrics = dict(loss=sft.all_reduce_sum(tot["loss"]) / max(args.ppo_epochs * math.ceil(len(rows) / per_update), 1),  # Eq. 1
+        n_updates = max(args.ppo_epochs * math.ceil(len(rows) / per_update), 1)
+        metrics = dict(loss=sft.all_reduce_sum(tot["loss"]) / n_updates,  # Eq. 1 (+ --pg-coef's term)
+                       distill_loss=sft.all_reduce_sum(tot["distill_loss"]) / n_updates,
+                       pg_loss=sft.all_reduce_sum(tot["pg_loss"]) / n_updates,
+                       protected_frac=sft.all_reduce_sum(n_protected) / max(sft.all_reduce_sum(
+                           sum(sum(r["distill"]) for r in rows)) + sft.all_reduce_sum(n_protected), 1.0),
+                       teacher_entropy=sft.all_reduce_sum(tot["entropy_w"]) / n_tok,
                        masked_frac=1.0 - sft.all_reduce_sum(sum(has_c)) / sft.all_reduce_sum(len(rows)),
                        kl=sft.all_reduce_sum(tot["kl"]) / n_tok, entropy=sft.all_reduce_sum(tot["entropy"]) / n_tok,
                        kl_epistemic=sft.all_reduce_sum(tot["kl_epi"]) / max(sft.all_reduce_sum(tot["n_epi"]), 1.0),

@@ -1146,6 +1146,10 @@ def test_chunked_distillation_equals_unchunked():
     # the logits path (several ranks) gives the same numbers as the hidden-state path (one rank)
     via_logits = sdpo.chunked_distillation(hs @ ws.T, ht @ wt.T, y, None, None, topk=5, alpha=0.5, temperature=0.9, chunk=8)
     assert torch.allclose(via_logits, res, atol=1e-10)
+    t = torch.log_softmax((ht @ wt.T) / 0.9, -1)  # the teacher's entropy / log V, brute force
+    assert torch.allclose(res[:, 4], -(t.exp() * t).sum(-1) / math.log(V), atol=1e-10)
+    flat = sdpo.chunked_distillation(hs, torch.zeros(N, H, dtype=torch.float64), y, ws, wt, topk=5, chunk=8)
+    assert torch.allclose(flat[:, 4], torch.ones(N, dtype=torch.float64))  # a uniform teacher weighs 1
     # float32 at a realistic size: within 1e-5 of the straightforward computation
     hs32, ht32, w32 = torch.randn(300, 16), torch.randn(300, 16), torch.randn(1000, 16)
     y32 = torch.randint(0, 1000, (300,))
@@ -1184,6 +1188,44 @@ def test_ema_direction():
     assert torch.equal(s.weight, s0)
 
 
+def test_marker_start_positions_by_hand():
+    pieces = ["Ok", " W", "ait", ",", "", " hm", "m", " checking", " no", " maybe"]
+    assert epistemic.marker_start_positions(pieces) == [1, 5, 7, 9]  # "W"+"ait" at " W"; "checking" counts
+    assert epistemic.marker_start_positions(pieces, whole_words=True) == [1, 5, 9]  # not "checking"
+    assert epistemic.marker_start_positions(["So", " 3"]) == []
+
+
+def test_distill_positions_by_hand():
+    assert sdpo.distill_positions(5, True) == [True] * 5
+    assert sdpo.distill_positions(5, False, protected=[1]) == [False] * 5  # no context: nothing distilled
+    assert sdpo.distill_positions(5, True, prefix=3) == [True, True, True, False, False]
+    assert sdpo.distill_positions(5, True, prefix=3, protected=[0, 4, 9]) == [False, True, True, False, False]
+
+
+def test_sdpo_loss_remedies_by_hand():
+    div = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    logp = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64, requires_grad=True)
+    old, rollout_lp = logp.detach().clone(), logp.detach().clone()  # on-policy: every weight is 1
+    distill = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)  # position 1 protected / masked
+    loss, _ = sdpo.sdpo_loss(div, logp, old, rollout_lp, distill, n_distill=2)
+    assert abs(loss.item() - (0.5 + 2.0) / 2) < 1e-12
+    # --entropy-weight: weights 0.5, 1, 0.25 -> (0.5 * 0.5 + 0.25 * 2.0) / 2
+    loss, _ = sdpo.sdpo_loss(div, logp, old, rollout_lp, distill, 2, teacher_entropy=torch.tensor([0.5, 1.0, 0.25]))
+    assert abs(loss.item() - 0.375) < 1e-12
+    # the importance weight min(exp(logp - old), 2) and the rollout correction min(exp(old - rollout), 2)
+    loss, _ = sdpo.sdpo_loss(div, logp, old - 0.1, rollout_lp, distill, 2)
+    w0 = math.exp(0.1) * math.exp(-0.1)
+    assert abs(loss.item() - w0 * 2.5 / 2) < 1e-12
+    # --pg-coef 0.5 with advantages 1, 1, -1 over n_tokens 3: ratio 1 -> per-token -A, d/dlogp = -A / 3
+    adv = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    loss, parts = sdpo.sdpo_loss(div, logp, old, rollout_lp, distill, 2, pg_coef=0.5, advantages=adv, n_tokens=3)
+    assert abs(parts["pg_loss"] - (-1 - 1 + 1) / 3) < 1e-12
+    assert abs(loss.item() - (1.25 + 0.5 * (-1 / 3))) < 1e-12
+    loss.backward()
+    assert torch.allclose(div.grad, torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))  # distill / n_distill
+    assert torch.allclose(logp.grad, 0.5 * -adv / 3)  # only the policy term reaches logp (weights detached)
+
+
 SDPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "12",
               "--eval-n", "2", "--eval-max-new-tokens", "8", "--save-every", "2", "--teacher-context", "dataset",
               "--data", "synthetic:types=add,n=8"]
@@ -1202,7 +1244,11 @@ def test_sdpo_one_and_two_processes_and_resume(tiny_model_dir, tmp_path):
         from transformers import AutoModelForCausalLM
         AutoModelForCausalLM.from_pretrained(tmp_path / name / "step_2")
     run(sys.executable, "sdpo.py", "--model", tiny_model_dir, *SDPO_FLAGS, "--steps", "3", "--teacher-ema", "0.05",
-        "--mini-batch", "1", "--out", str(tmp_path / "ema"))  # two updates a step: the off-policy path
+        "--mini-batch", "1", "--protect-epistemic", "--pg-coef", "0.5", "--entropy-weight",
+        "--out", str(tmp_path / "ema"))  # two updates a step: the off-policy path, with the three remedies
+    row = json.loads(open(tmp_path / "ema" / "metrics.jsonl").readlines()[1])
+    assert 0 < row["teacher_entropy"] <= 1 and 0 <= row["protected_frac"] <= 1
+    assert math.isfinite(row["pg_loss"]) and row["loss"] == pytest.approx(row["distill_loss"] + 0.5 * row["pg_loss"])
     assert (tmp_path / "ema" / "step_3" / "teacher.safetensors").exists()
     run(sys.executable, "sdpo.py", "--model", tiny_model_dir, *SDPO_FLAGS, "--steps", "4", "--teacher-ema", "0.05",
         "--out", str(tmp_path / "ema"), "--resume")
