@@ -11,6 +11,8 @@ Implements, for arXiv 2603.24472:
         Qwen3-8B (non-thinking)      38912  0.7  0.8   20   --thinking off
         OLMo-3-7B-Instruct           38912  0.6  0.95  20
   - `evaluate(...)`, the function the trainers call every --eval-every steps.
+  - `python evaluate.py report runs/cpu --out report`: the README's CPU reproduction as REPORT.md with
+    PNG plots (matplotlib, an optional extra) -> `report`
 
 Departures from the released evaluation code, and why:
   1. The released eval passes top_k=20 on its command line but never hands it to the sampler;
@@ -246,8 +248,166 @@ def main(args: Args) -> dict:
     return summary
 
 
+
+# --------------------------------------------------------------------------------------------
+# The reproduction report (README, "Reproduction on CPU")
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ReportArgs:
+    runs: str = "runs/cpu"
+    """the directory of the README's reproduction block: base/, table1/, sft/, NAME/seedK/ training runs"""
+    out: str = "report"
+    """where REPORT.md and the PNG plots go"""
+    groups: list[str] = field(default_factory=lambda: [
+        "GRPO vs SDPO (Fig. 3-5)=grpo,sdpo,sdpo_nothink", "Fixed vs EMA teacher (Fig. 6)=sdpo,sdpo_ema",
+        "Task coverage |D| (Fig. 7/8)=grpo_d1,grpo,sdpo_d1,sdpo",
+        "Remedies (beyond the paper)=grpo,sdpo,sdpo_protect,sdpo_pg,sdpo_entw"])
+    """comparisons, each 'title=run,run,...'; runs that are absent are left out"""
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The per-step rows of a metrics.jsonl, one per step (a resumed run's repeated steps: the last wins)."""
+    rows = {}
+    for i, line in enumerate(open(path, encoding="utf-8")):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: row {i}: not valid JSON ({e})") from None
+        if "step" in row:
+            rows[row["step"]] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def mean_spread(xs: list[float], fmt: str = ".3f") -> str:
+    """'m' for one value, 'm +- sd' (sample std) over seeds, '-' for none."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{m:{fmt}}"
+    return f"{m:{fmt}} +- {math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)):{fmt}}"
+
+
+def final_eval(rows: list[dict], key: str) -> float | None:
+    """eval/<benchmark>/<key> of the last evaluated step (the first benchmark)."""
+    for row in reversed(rows):
+        for k, v in row.items():
+            if k.startswith("eval/") and k.endswith("/" + key):
+                return v
+    return None
+
+
+def plot_group(title: str, runs: dict, base: dict | None, path: Path) -> bool:
+    """Score, length, E(y) over steps (mean over seeds, min-max band) and the final OOD accuracy. False
+    when matplotlib is missing (an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    for name, seeds in runs.items():
+        for ax, key in zip(axes[:3], ("score", "length", "epistemic")):
+            steps = sorted({r["step"] for rows in seeds.values() for r in rows})
+            ys = [[r[key] for rows in seeds.values() for r in rows if r["step"] == t] for t in steps]
+            ax.plot(steps, [sum(y) / len(y) for y in ys], marker="o", label=name)
+            if len(seeds) > 1:
+                ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
+            ax.set_xlabel("step")
+            ax.set_title({"score": "training score", "length": "response length (tokens)",
+                          "epistemic": "epistemic count E(y)"}[key])
+    names = list(runs)
+    accs = [[final_eval(rows, "acc") for rows in runs[n].values()] for n in names]
+    accs = [[a for a in acc if a is not None] for acc in accs]
+    axes[3].bar(names, [sum(a) / len(a) if a else 0 for a in accs], color=[f"C{i}" for i in range(len(names))])
+    for i, a in enumerate(accs):
+        axes[3].scatter([i] * len(a), a, color="k", s=10, zorder=3)
+    if base:
+        axes[3].axhline(base["acc"], color="gray", linestyle="--", label="base model")
+        axes[3].legend(fontsize=8)
+    axes[3].set_title("OOD accuracy (held-out types)")
+    axes[3].tick_params(axis="x", rotation=30)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def report(args: ReportArgs) -> str:
+    """REPORT.md (+ PNGs) from the reproduction's outputs. Returns the markdown."""
+    root, out = Path(args.runs), Path(args.out)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory (run the README's reproduction block first)")
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# CPU-scale reproduction report\n\nFrom `{root}` (the README's reproduction block).\n"]
+    base = None
+    if (root / "base" / "summary.json").exists():
+        base = next(iter(json.loads((root / "base" / "summary.json").read_text()).values()))
+        md.append("## The base model on the held-out OOD types\n\n" + epistemic.format_table(
+            [("base", f"{base['acc']:.3f}", f"{base['length']:.1f}", f"{base['epistemic']:.2f}")],
+            ("model", "OOD acc", "length", "E(y)")) + "\n")
+    if (root / "table1" / "table.md").exists():
+        md.append("## Table 1: conditioning settings\n\n" + (root / "table1" / "table.md").read_text())
+    sft_rows = []
+    for setting, name in (("unguided", "D_ug"), ("solution", "D_sg")):
+        d, ev = root / "sft" / f"d_{setting}.jsonl", root / "sft" / setting / "eval" / "summary.json"
+        if not (d.exists() and ev.exists()):
+            continue
+        rows = [json.loads(line) for line in open(d, encoding="utf-8") if line.strip()]
+        s = next(iter(json.loads(ev.read_text()).values()))
+        mean = lambda key: sum(r[key] for r in rows) / max(len(rows), 1)
+        sft_rows.append((f"SFT on {name}", len(rows), f"{mean('length'):.1f}", f"{mean('epistemic'):.2f}",
+                         f"{s['acc']:.3f}", f"{s['length']:.1f}", f"{s['epistemic']:.2f}"))
+    if sft_rows:
+        md.append("## Table 2: SFT on D_ug vs D_sg\n\n" + epistemic.format_table(
+            sft_rows, ("model", "train rows", "train length", "train E(y)", "OOD acc", "OOD length", "OOD E(y)")) + "\n")
+    runs = {}
+    for path in sorted(root.glob("*/seed*/metrics.jsonl")):
+        rows = read_metrics(path)
+        if rows and "score" in rows[0]:
+            runs.setdefault(path.parent.parent.name, {})[path.parent.name] = rows
+    if runs:
+        table = []
+        for name, seeds in runs.items():
+            col = lambda f, fmt=".3f": mean_spread([f(rows) for rows in seeds.values()], fmt)
+            table.append((name, len(seeds), col(lambda r: r[0]["score"]), col(lambda r: r[-1]["score"]),
+                          col(lambda r: r[0]["length"], ".1f"), col(lambda r: r[-1]["length"], ".1f"),
+                          col(lambda r: r[0]["epistemic"], ".2f"), col(lambda r: r[-1]["epistemic"], ".2f"),
+                          col(lambda r: final_eval(r, "acc")), col(lambda r: final_eval(r, "length"), ".1f"),
+                          col(lambda r: final_eval(r, "epistemic"), ".2f")))
+        md.append("## Training runs (first step -> last step; OOD after the last step)\n\n" + epistemic.format_table(
+            table, ("run", "seeds", "score 1st", "score last", "length 1st", "length last", "E(y) 1st", "E(y) last",
+                    "OOD acc", "OOD length", "OOD E(y)")) + "\n")
+        md.append("Values are means over seeds, +- the sample standard deviation when there are several.\n")
+    for spec in args.groups:
+        title, _, names = spec.partition("=")
+        group = {n: runs[n] for n in names.split(",") if n in runs}
+        if not group:
+            continue
+        png = "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:40] + ".png"
+        md.append(f"## {title}\n")
+        if plot_group(title, group, base, out / png):
+            md.append(f"![{title}]({png})\n")
+    if runs:
+        per_step = [(n, k, r["step"], f"{r['score']:.3f}", f"{r['length']:.1f}", f"{r['epistemic']:.2f}")
+                    for n, seeds in runs.items() for k, rows in seeds.items() for r in rows]
+        md.append("## Per step\n\n" + epistemic.format_table(per_step, ("run", "seed", "step", "score", "length",
+                                                                           "E(y)")) + "\n")
+    text = "\n".join(md)
+    (out / "REPORT.md").write_text(text)
+    print(f"wrote {out / 'REPORT.md'}")
+    return text
+
+
 if __name__ == "__main__":
     try:
-        main(data.parse_args(Args))
+        if sys.argv[1:2] == ["report"]:
+            report(data.parse_args(ReportArgs, sys.argv[2:], positional=("runs",)))
+        else:
+            main(data.parse_args(Args))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

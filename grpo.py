@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
@@ -196,19 +197,65 @@ def gather_window(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return x.gather(1, window[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, temperature: float, device,
-                   with_entropy: bool = False):
-    """log pi(y_t | x, y_<t) under log_softmax(logits / T) for the response tokens of each (prompt, response).
+def plain_lm_head(model) -> bool:
+    """True when logits = final hidden state @ W.T exactly: a bias-free nn.Linear head with no soft-capping or
+    logit scaling (Llama, Qwen2/3, OLMo, SmolLM). Other heads take the full-logits path."""
+    head, cfg = model.get_output_embeddings(), model.config
+    return (type(head) is torch.nn.Linear and head.bias is None and not getattr(cfg, "final_logit_softcapping", None)
+            and getattr(cfg, "logit_scale", None) in (None, 1.0))
 
-    Returns logp (B, R), mask (B, R), entropy (B, R) or None, with R the longest response."""
+
+def response_states(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, device):
+    """One forward of the (prompt + response) rows. Returns x (B, R, H), the final hidden state at each
+    position that predicts a response token, with the LM head's weight W (V, H) -- or, for a head that is not
+    `plain_lm_head`, x = the logits (B, R, V) and W = None -- then targets and mask (B, R).
+
+    Why: the LM head then runs on response positions only, chunk by chunk (`chunked_logprobs`,
+    sdpo.chunked_distillation), never on (B, W, V) logits; logits_to_keep=1 makes the model's own head
+    compute one position. FSDP2: fully_shard leaves the root module's parameters unsharded after its
+    forward (the default for the root), so W read after the forward is the full weight, and the gradient
+    that reaches it is reduce-scattered with the root's other gradients when backward ends."""
     ids, attn, window, targets, mask = pad_batch(seqs, pad_id, device)
-    z = gather_window(model(input_ids=ids, attention_mask=attn).logits, window).float() / temperature  # (B, R, V)
-    lse = torch.logsumexp(z, dim=-1)  # (B, R)
-    logp = z.gather(-1, targets[..., None]).squeeze(-1) - lse
-    entropy = None
-    if with_entropy:
+    if not plain_lm_head(model):
+        return gather_window(model(input_ids=ids, attention_mask=attn).logits, window), None, targets, mask
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1)
+    return gather_window(out.hidden_states[-1], window), model.get_output_embeddings().weight, targets, mask
+
+
+def chunked_logprobs(x: torch.Tensor, targets: torch.Tensor, w=None, temperature: float = 1.0,
+                     chunk: int = 256) -> torch.Tensor:
+    """(N, 2): log pi(target) and the entropy (detached) of softmax(x @ w.T / T), or of x / T when w is None.
+
+    Why chunks: the log-prob of one token needs only its logit and the logsumexp; chunks of `chunk`
+    positions, each recomputed in backward, keep (chunk, V) logits alive instead of (N, V)."""
+    def piece(xc, yc):
+        z = (xc @ w.T if w is not None else xc).float() / temperature  # (c, V)
+        lse = torch.logsumexp(z, dim=-1)
+        logp = z.gather(-1, yc[:, None]).squeeze(-1) - lse
         with torch.no_grad():
             entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
+        return torch.stack([logp, entropy], dim=-1)
+    outs = []
+    for c in range(0, x.shape[0], chunk):
+        args = (x[c:c + chunk], targets[c:c + chunk])
+        outs.append(checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() else piece(*args))
+    return torch.cat(outs) if outs else x.new_zeros(0, 2, dtype=torch.float32)
+
+
+def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, temperature: float, device,
+                   with_entropy: bool = False, chunk: int = 256):
+    """log pi(y_t | x, y_<t) under log_softmax(logits / T) for the response tokens of each (prompt, response).
+
+    Returns logp (B, R), mask (B, R), entropy (B, R) or None, with R the longest response; padding is 0."""
+    x, w, targets, mask = response_states(model, seqs, pad_id, device)
+    sel = mask.bool()
+    res = chunked_logprobs(x[sel], targets[sel], w, temperature, chunk)  # (N, 2): only real response tokens
+    logp = torch.zeros(mask.shape, dtype=res.dtype, device=device)
+    logp[sel] = res[:, 0]
+    entropy = None
+    if with_entropy:
+        entropy = torch.zeros_like(logp)
+        entropy[sel] = res[:, 1].detach()
     return logp, mask, entropy
 
 
@@ -257,8 +304,10 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
     """Policy-gradient updates on one step's rollouts; returns metrics. batch rows carry prompt_ids,
     response_ids, rollout_logprobs and advantage. Every rank holds the same number of rows."""
     per_update, on_policy = update_plan(len(batch), args, world)
-    if not on_policy:
+    t0 = time.time()
+    if not on_policy:  # on-policy, pi_old is the current policy detached: no separate forward (departure 1)
         attach_old_logprobs(model, batch, args, pad_id, device)
+    t_old = time.time() - t0
     totals = dict(loss=0.0, entropy=0.0, tokens=0.0, clip_frac_high=0.0, clip_frac_low=0.0, clip_frac_dual=0.0,
                   kl=0.0, grad_norm=0.0, updates=0, nonfinite=0)
     for _ in range(args.ppo_epochs):
@@ -303,7 +352,8 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
     tokens = max(sft.all_reduce_sum(totals["tokens"]), 1.0)
     out = dict(loss=sft.all_reduce_sum(totals["loss"]) / max(args.ppo_epochs * math.ceil(len(batch) / per_update), 1),
                entropy=sft.all_reduce_sum(totals["entropy"]) / tokens, kl=sft.all_reduce_sum(totals["kl"]),
-               grad_norm=totals["grad_norm"] / max(totals["updates"], 1), nonfinite_updates=totals["nonfinite"])
+               grad_norm=totals["grad_norm"] / max(totals["updates"], 1), nonfinite_updates=totals["nonfinite"],
+               t_old_logprobs=t_old)
     for key in ("clip_frac_high", "clip_frac_low", "clip_frac_dual"):
         out[key] = sft.all_reduce_sum(totals[key]) / tokens
     return out
@@ -415,6 +465,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         n = sft.all_reduce_sum(len(rows))
         groups = torch.tensor([x["reward"] for x in rows]).view(-1, args.rollouts)
         gen_tokens = sft.all_reduce_sum(sum(x["length"] for x in rows))
+        seq_tokens = sft.all_reduce_sum(sum(len(x["prompt_ids"]) + x["length"] for x in rows))  # for bench.py's FLOPs
         metrics = dict(step=step + 1, lr=optimizer.param_groups[0]["lr"],
                        score=sft.all_reduce_sum(sum(x["reward"] for x in rows)) / n,
                        length=gen_tokens / n,
@@ -425,7 +476,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
                        **train_metrics,
                        rollout_tok_s=gen_tokens / max(t_gen - t0, 1e-9) / world,
                        train_tok_s=gen_tokens / max(t_train - t_score, 1e-9) / world,
-                       t_generate=t_gen - t0, t_score=t_score - t_gen, t_train=t_train - t_score)
+                       seq_tokens=seq_tokens, t_generate=t_gen - t0, t_score=t_score - t_gen, t_train=t_train - t_score)
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             ev = evaluate.evaluate(backend, r.benchmarks, eval_params, ks=(1,), chat=chat, lenient=args.lenient)
             for name, s in ev.items():

@@ -33,12 +33,12 @@ Beyond the paper (remedies for the suppressed epistemic verbalization; measured 
 
 Memory: the loss is computed from hidden states through the LM head in chunks of --chunk positions,
 each chunk recomputed in backward, so the largest live tensor is (chunk, V), not (T, V)
-(`chunked_distillation`). Measured in bench.py.
+(`chunked_distillation`), on one process and under torchrun (FSDP2) alike (`grpo.response_states`).
+Measured in bench.py.
 
 Departures, and why:
-  1. Under torchrun (FSDP2) the LM head's weight is sharded outside the root module's forward, so the
-     chunked path runs on one process (one GPU, or CPU); with several ranks the loss is computed by
-     the same code from the model's full logits (more memory, same values).
+  1. A model whose LM head is not a plain bias-free Linear (soft-capped or scaled logits) takes the
+     same loss from its full logits (`grpo.plain_lm_head`): same values, (T, V) memory.
   2. A teacher prompt longer than --max-reprompt-len is masked rather than truncated (the reference
      truncates it, which can cut the solution mid-way).
   3. "regenerated" contexts (not in the reference trainer) draw one response per group under c = s
@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -306,20 +307,12 @@ def sdpo_train_step(run: grpo.Run):
         tied = getattr(teacher.config, "tie_word_embeddings", False)
         run.checkpoint_extra = lambda: {"teacher": {k: v for k, v in teacher.state_dict().items()
                                                     if not (tied and k == "lm_head.weight")}}
-    chunked = world == 1  # see departure 1
     variants, pad = marker_tokens(tok), tok.pad_token_id
     variant_ids = torch.tensor(sorted(variants), dtype=torch.long, device=device)
     teacher_chat = dict(system=args.system, thinking="on" if args.teacher_thinking else args.thinking)
     pieces = {}
     piece = lambda t: pieces.setdefault(t, tok.decode([t]))  # token id -> its text, for --protect-epistemic
 
-    def outputs(model, seqs):
-        """Response-window hidden states and LM-head weight (chunked), or logits and None."""
-        ids, attn, window, targets, mask = grpo.pad_batch(seqs, pad, device)
-        if chunked:
-            h = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
-            return grpo.gather_window(h, window), model.get_output_embeddings().weight, targets, mask
-        return grpo.gather_window(model(input_ids=ids, attention_mask=attn).logits, window), None, targets, mask
 
     def step(rows, problems):
         if args.teacher_context == "regenerated":
@@ -347,7 +340,7 @@ def sdpo_train_step(run: grpo.Run):
         if not on_policy:
             grpo.attach_old_logprobs(run.model, rows, args, pad, device)
         tot = dict(loss=0.0, tokens=0.0, kl=0.0, entropy=0.0, kl_epi=0.0, n_epi=0.0, grad_norm=0.0, updates=0, bad=0,
-                   distill_loss=0.0, pg_loss=0.0, entropy_w=0.0)
+                   distill_loss=0.0, pg_loss=0.0, entropy_w=0.0, t_teacher=0.0)
         kl_by_variant = {}
         for _ in range(args.ppo_epochs):
             for u in range(0, len(rows), per_update):
@@ -359,10 +352,13 @@ def sdpo_train_step(run: grpo.Run):
                     # every rank runs the same forwards and backwards (FSDP2 collectives): rows without a
                     # context stay in the batch with a zero mask, their own prompt standing in for the teacher's
                     micro = update[k:k + args.micro_batch]
-                    sx, sw, targets, mask = outputs(run.model, [(r["prompt_ids"], r["response_ids"]) for r in micro])
+                    sx, sw, targets, mask = grpo.response_states(run.model, [(r["prompt_ids"], r["response_ids"])
+                                                                             for r in micro], pad, device)
+                    t0 = time.time()
                     with torch.no_grad():
-                        tx, tw, _, _ = outputs(teacher, [(r["teacher_prompt_ids"] or r["prompt_ids"], r["response_ids"])
-                                                         for r in micro])
+                        tx, tw, _, _ = grpo.response_states(teacher, [(r["teacher_prompt_ids"] or r["prompt_ids"],
+                                                                      r["response_ids"]) for r in micro], pad, device)
+                    tot["t_teacher"] += time.time() - t0
                     sel = mask.bool()  # (B, R): every response position (the policy loss of --pg-coef needs them all)
                     res = chunked_distillation(sx[sel], tx[sel], targets[sel], sw, tw, args.topk or None, args.alpha,
                                                args.add_tail, args.temperature, args.chunk)  # (N, 5)
@@ -418,7 +414,10 @@ def sdpo_train_step(run: grpo.Run):
                        teacher_context_len=sft.all_reduce_sum(sum(len(r["teacher_prompt_ids"]) for r in rows if
                                                                   r["teacher_prompt_ids"] is not None))
                        / max(sft.all_reduce_sum(sum(has_c)), 1.0),
-                       grad_norm=tot["grad_norm"] / max(tot["updates"], 1), nonfinite_updates=tot["bad"])
+                       grad_norm=tot["grad_norm"] / max(tot["updates"], 1), nonfinite_updates=tot["bad"],
+                       teacher_tokens=sft.all_reduce_sum(sum(len(r["teacher_prompt_ids"] or r["prompt_ids"]) +
+                                                             len(r["response_ids"]) for r in rows)) * args.ppo_epochs,
+                       t_teacher=tot["t_teacher"])
         if world > 1:  # every rank's per-variant sums, merged
             parts = [None] * world
             dist.all_gather_object(parts, kl_by_variant)  # collective

@@ -1188,6 +1188,112 @@ def test_ema_direction():
     assert torch.equal(s.weight, s0)
 
 
+def straightforward_logprobs(model, seqs, pad_id, temperature):
+    """The textbook computation: full logits over every position, log_softmax over the vocabulary."""
+    out = []
+    for p, r in seqs:
+        z = model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1] / temperature
+        out.append(torch.log_softmax(z, -1).gather(-1, torch.tensor(r)[:, None]).squeeze(-1))
+    return out
+
+
+def test_token_logprobs_equal_straightforward(tiny_model_dir):
+    """The hidden-state, response-only, chunked log-probs equal the full-logits log_softmax (values, grads)."""
+    model, _ = rollout.load_model(tiny_model_dir, "float32", "cpu")
+    torch.manual_seed(0)
+    seqs = [([5, 6, 7], [8, 9, 10, 11]), ([5, 6, 7, 12, 13], [14]), ([3], [4, 5])]
+    assert grpo.plain_lm_head(model)
+    logp, mask, ent = grpo.token_logprobs(model, seqs, 0, 0.7, "cpu", with_entropy=True, chunk=3)
+    (logp * mask).sum().backward()
+    g = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = straightforward_logprobs(model, seqs, 0, 0.7)
+    sum(x.sum() for x in ref).backward()
+    for i, x in enumerate(ref):
+        assert torch.allclose(logp[i, :len(x)], x, atol=1e-5) and mask[i].sum() == len(x)
+        assert torch.all(logp[i, len(x):] == 0)
+        z = model(input_ids=torch.tensor([seqs[i][0] + seqs[i][1]])).logits[0, len(seqs[i][0]) - 1:-1] / 0.7
+        h = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+        assert torch.allclose(ent[i, :len(x)], h, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(g[n], p.grad, atol=1e-5), n
+    # the logits path (heads that are not a plain Linear) gives the same numbers
+    z = torch.randn(6, 50)
+    y = torch.randint(0, 50, (6,))
+    res = grpo.chunked_logprobs(z, y, None, 0.7, chunk=4)
+    assert torch.allclose(res[:, 0], torch.log_softmax(z / 0.7, -1)[torch.arange(6), y], atol=1e-6)
+
+
+FSDP_GRADS = """
+import json, sys, torch, torch.distributed as dist
+import grpo, rollout, sdpo, sft
+rank, _, world, device = sft.init_distributed()
+seqs = [([5, 6, 7], [8, 9, 10, 11]), ([5, 6, 7, 12, 13], [14, 15]), ([3], [4, 5]), ([9, 9], [7, 7, 7])]
+tseqs = [([1, 2] + p, r) for p, r in seqs]  # the teacher sees a longer prompt
+
+def loss_of(model, teacher, rows, trows, n_tokens):
+    x, w, y, mask = grpo.response_states(model, rows, 0, device)
+    tx, tw, _, _ = grpo.response_states(teacher, trows, 0, device)
+    sel = mask.bool()
+    res = sdpo.chunked_distillation(x[sel], tx[sel], y[sel], w, tw, topk=7, chunk=3)
+    logp, m, _ = grpo.token_logprobs(model, rows, 0, 1.0, device, chunk=2)
+    return (res[:, 0].sum() + 0.3 * (logp * m).sum()) / n_tokens
+
+teacher, _ = rollout.load_model(sys.argv[1], "float32", device)
+n_tokens = sum(len(r) for _, r in seqs)
+if rank == 0:  # one process, the whole batch, no FSDP
+    ref, _ = rollout.load_model(sys.argv[1], "float32", device)
+    loss_of(ref, teacher, seqs, tseqs, n_tokens).backward()
+    want = {n: p.grad for n, p in ref.named_parameters()}
+model, _ = rollout.load_model(sys.argv[1], "float32", device)
+model = sft.shard_model(model, device, False, mixed_precision=False)
+mine = list(range(rank, len(seqs), world))
+# FSDP2 averages over ranks: world * local sum / global tokens = the global token mean
+(world * loss_of(model, teacher, [seqs[i] for i in mine], [tseqs[i] for i in mine], n_tokens)).backward()
+grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+if rank == 0:
+    diff = max(float((grads[n] - want[n]).abs().max()) for n in want)
+    scale = max(float(g.abs().max()) for g in want.values())
+    json.dump(dict(diff=diff, scale=scale, names=len(grads)), open(sys.argv[2], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_chunked_losses_gradients_equal_one_process(tiny_model_dir, tmp_path):
+    """Under torchrun (FSDP2) the chunked SDPO and GRPO losses read the root's unsharded LM-head weight after
+    its forward: the gradients must equal one process's, tied embedding included."""
+    script = tmp_path / "fsdp_grads.py"
+    script.write_text(FSDP_GRADS)
+    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+        tiny_model_dir, str(tmp_path / "out.json"), env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=300)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["scale"] > 1e-3 and out["diff"] < 1e-5 * max(1.0, out["scale"]), out
+
+
+def test_report_from_fake_runs(tmp_path):
+    root = tmp_path / "runs"
+    for name, seed, scores in (("grpo", 0, [0.1, 0.3]), ("sdpo", 0, [0.2, 0.4]), ("sdpo", 1, [0.2, 0.6])):
+        d = root / name / f"seed{seed}"
+        d.mkdir(parents=True)
+        rows = [{"resumed_from": 0}] + [dict(step=i + 1, score=x, length=100 - 10 * i, epistemic=0.5) for i, x in
+                                        enumerate(scores)]
+        rows[-1]["eval/ood/acc"] = scores[-1] / 2
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[1]]))  # a resumed step
+    (root / "base").mkdir()
+    (root / "base" / "summary.json").write_text(json.dumps({"ood": dict(acc=0.125, length=90.0, epistemic=0.25)}))
+    md = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope"]))
+    assert md == (tmp_path / "rep" / "REPORT.md").read_text()
+    line = next(l for l in md.splitlines() if l.startswith("| sdpo "))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # two seeds: last scores 0.4, 0.6 -> 0.5 +- 0.141; OOD acc 0.2, 0.3 -> 0.25 +- 0.071
+    assert cells[:4] == ["sdpo", "2", "0.200 +- 0.000", "0.500 +- 0.141"] and cells[8] == "0.250 +- 0.071"
+    assert "| base  | 0.125" in md and md.count("| grpo ") == 3  # summary row + 2 per-step rows (the repeat dropped)
+    if importlib.util.find_spec("matplotlib"):
+        assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        evaluate.report(evaluate.ReportArgs(runs=str(tmp_path / "missing")))
+
+
 def test_marker_start_positions_by_hand():
     pieces = ["Ok", " W", "ait", ",", "", " hm", "m", " checking", " no", " maybe"]
     assert epistemic.marker_start_positions(pieces) == [1, 5, 7, 9]  # "W"+"ait" at " W"; "checking" counts
