@@ -4,6 +4,8 @@
     python bench.py generate           # hf backend vs plain model.generate (tokens/s), batch 16, 128 new tokens
     python bench.py generate64         # the same at batch 64
     python bench.py sdpo_chunked sdpo_unchunked   # SDPO loss memory at V = 151,936, T = 4096
+    python bench.py grpo_step sdpo_step generate  # issue #9's RL step: phases, step time, peak RSS, MFU
+    python bench.py trl_grpo_step trl_sdpo_step   # TRL's trainers on the same config (pip install trl)
 
 Each row is measured in a fresh process so rows don't share caches or memory peaks.
 """
@@ -102,12 +104,118 @@ def bench_sdpo_memory(chunk: int | None = 256, T: int = 4096, V: int = 151_936, 
                 loss=round(float(loss.detach()), 6))
 
 
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 GFLOP/s of an n x n matmul on this machine (the MFU denominator), best of `reps`."""
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+RL_CONFIG = dict(prompts_per_step=4, rollouts=4, max_new_tokens=128, lr=1e-6, kl_coef=0.0, clip_high=0.28, warmup=0,
+                 data="synthetic:difficulty=1,types=add,n=64", eval_data=[], save_every=0, lenient=True)
+
+
+def n_parameters(model_dir) -> int:
+    """Parameters of a Hugging Face directory, from the safetensors headers (a tied LM head is stored once)."""
+    import math
+    from pathlib import Path
+    from safetensors import safe_open
+    total = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return total
+
+
+def bench_rl_step(trainer: str = "grpo", steps: int = 2) -> dict:
+    """One RL step of grpo.py or sdpo.py on issue #9's config (TRL's measured one): 4 prompts x 4 rollouts of
+    at most 128 tokens, single-digit addition, LR 1e-6, no KL, clip-high 0.28, fp32 on CPU. `steps` steps run;
+    the last one (warm) is reported. MFU = model FLOPs / (step time x the matmul peak measured here), with
+    2 P FLOPs per token forward and 6 P forward + backward (P = parameters, the tied LM head counted once;
+    attention's T^2 term left out: ~3% at these lengths)."""
+    import tempfile
+    import grpo
+    import rollout
+    import sdpo
+    peak = matmul_peak_gflops()
+    with tempfile.TemporaryDirectory() as out:
+        if trainer == "grpo":
+            args = grpo.Args(**RL_CONFIG, steps=steps, out=out)
+            grpo.run_loop(args, "grpo", grpo.grpo_train_step)
+        else:
+            args = sdpo.Args(**RL_CONFIG, steps=steps, out=out)
+            grpo.run_loop(args, "sdpo", sdpo.sdpo_train_step)
+        rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"step"' in line]
+    m = rows[-1]
+    P = n_parameters(rollout.embedded_model_dir())
+    n = RL_CONFIG["prompts_per_step"] * RL_CONFIG["rollouts"]
+    gen_flops = 2 * P * m["seq_tokens"]  # prefill + decode, every sample
+    train_flops = 6 * P * m["seq_tokens"] + 2 * P * m.get("teacher_tokens", 0)
+    t_teacher = m.get("t_teacher", 0.0)
+    return dict(row=f"{trainer} step (4x4, 128 tokens)", step=m["step"], rollouts=n, response_tokens=round(m["length"] * n),
+                rollout_tok_s=round(m["rollout_tok_s"], 1), t_generate=round(m["t_generate"], 2),
+                t_score=round(m["t_score"], 2), t_old_logprobs=round(m.get("t_old_logprobs", 0.0), 2),
+                t_teacher=round(t_teacher, 2), t_train=round(m["t_train"] - t_teacher, 2), t_step=round(m["t_step"], 2),
+                matmul_peak_gflops=round(peak, 1), mfu=round((gen_flops + train_flops) / (m["t_step"] * peak * 1e9), 3),
+                mfu_train=round(train_flops / (m["t_train"] * peak * 1e9), 3))
+
+
+def bench_trl_step(trainer: str = "grpo", steps: int = 2) -> dict:
+    """TRL's GRPOTrainer / experimental SDPOTrainer on the same config, when `trl` is installed (a bench-only
+    extra). Written to TRL 1.x's documented GRPOConfig fields; time per step from the trainer's logs."""
+    try:
+        import trl  # noqa: F401
+        from datasets import Dataset
+    except ImportError:
+        return dict(row=f"trl {trainer}", skipped="trl is not installed (pip install trl): a bench-only extra")
+    import tempfile
+    import data
+    import rollout
+    path = rollout.embedded_model_dir()
+    problems = data.load_problems(RL_CONFIG["data"])
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": data.format_prompt(p["question"])}],
+                             "answer": p["answer"]} for p in problems])
+
+    def reward(completions, answer, **_):
+        return [data.grade(c[-1]["content"] if isinstance(c, list) else c, a, lenient=True)
+                for c, a in zip(completions, answer)]
+    common = dict(per_device_train_batch_size=16, num_generations=4, max_completion_length=128, learning_rate=1e-6,
+                  beta=0.0, epsilon_high=0.28, max_steps=steps, use_cpu=True, report_to=[], logging_steps=1,
+                  save_strategy="no", bf16=False, lr_scheduler_type="constant", seed=0)
+    with tempfile.TemporaryDirectory() as out:
+        if trainer == "grpo":
+            from trl import GRPOConfig, GRPOTrainer
+            t = GRPOTrainer(model=path, reward_funcs=reward, args=GRPOConfig(output_dir=out, **common), train_dataset=ds)
+        else:
+            from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
+            t = SDPOTrainer(model=path, reward_funcs=reward, args=SDPOConfig(output_dir=out, **common), train_dataset=ds)
+        times = []
+        t0 = time.perf_counter()
+        from transformers import TrainerCallback
+
+        class Timer(TrainerCallback):
+            def on_step_end(self, *a, **k):
+                times.append(time.perf_counter())
+        t.add_callback(Timer())
+        t.train()
+    steps_s = [b - a for a, b in zip([t0] + times[:-1], times)]
+    return dict(row=f"trl {trainer} step (4x4, 128 tokens)", t_step=round(steps_s[-1], 2), t_first=round(steps_s[0], 2))
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 ROWS = {"grade": bench_grade, "generate": bench_generate, "generate64": lambda: bench_generate(batch=64),
-        "sdpo_chunked": bench_sdpo_memory, "sdpo_unchunked": lambda: bench_sdpo_memory(chunk=None)}
+        "sdpo_chunked": bench_sdpo_memory, "sdpo_unchunked": lambda: bench_sdpo_memory(chunk=None),
+        "grpo_step": bench_rl_step, "sdpo_step": lambda: bench_rl_step("sdpo"),
+        "trl_grpo_step": bench_trl_step, "trl_sdpo_step": lambda: bench_trl_step("sdpo")}
 
 
 def main():

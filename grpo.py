@@ -57,6 +57,8 @@ class Args:
     """initial policy: Hugging Face id or directory, or 'smollm2-135m'"""
     data: str = "synthetic:difficulty=1,types=add+sub+mul+div,n=256"
     """training problems (the paper: DAPO-Math-17k)"""
+    coverage: int = 0
+    """train on this many distinct problems of --data, drawn by --seed (Sec. 6.2's |D|); 0 = all"""
     eval_data: list[str] = field(default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"])
     """held-out benchmarks for --eval-every (the paper: AIME24, AMC23)"""
     out: str = "runs/grpo"
@@ -108,7 +110,7 @@ class Args:
     eval_max_new_tokens: int = 128
     """eval response budget (Table 11: 38912)"""
     save_every: int = 10
-    """checkpoint every this many steps (and at the end)"""
+    """checkpoint every this many steps (and at the end); 0 = never (benchmarks)"""
     resume: bool = False
     """continue from the latest complete checkpoint in --out"""
     backend: str = "hf"
@@ -396,6 +398,8 @@ def setup(args: Args) -> Run:
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the world size {world}")
     problems = data.load_problems(args.data, seed=args.seed)
+    if args.coverage:
+        problems = data.coverage_subset(problems, args.coverage, seed=args.seed)
     benchmarks = {evaluate.benchmark_name(s): data.load_problems(s, seed=args.seed) for s in args.eval_data}
     ckpt = sft.resume_point(args.out, args.resume)
     start_from = str(ckpt) if ckpt else args.model
@@ -486,7 +490,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
             sft.append_metrics(out / "metrics.jsonl", metrics)
             bar.set_postfix(score=f"{metrics['score']:.3f}", len=f"{metrics['length']:.0f}",
                             E=f"{metrics['epistemic']:.2f}", loss=f"{metrics['loss']:.4f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             sft.save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args), loss=loss_name),
                                 extra_tensors=r.checkpoint_extra() if r.checkpoint_extra else None)
     rollout.print0(f"done: {sft.latest_checkpoint(out)}")

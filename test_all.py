@@ -1060,6 +1060,16 @@ def test_grpo_one_and_two_processes_and_resume(tiny_model_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and (tmp_path / "one" / "step_3").is_dir()
 
 
+def test_grpo_coverage_and_no_checkpoints(tiny_model_dir, tmp_path):
+    p = subprocess.run([sys.executable, "grpo.py", "--model", tiny_model_dir, "--data", "synthetic:types=add,n=8",
+                        "--coverage", "99", "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode != 0 and "coverage subset of 99 asked from 8 distinct problems" in p.stderr
+    run(sys.executable, "grpo.py", "--model", tiny_model_dir, *GRPO_FLAGS, "--steps", "1", "--coverage", "1",
+        "--save-every", "0", "--out", str(tmp_path / "y"), env={"OMP_NUM_THREADS": "1"})
+    assert [json.loads(l).get("step") for l in open(tmp_path / "y" / "metrics.jsonl")] == [1]
+    assert not list((tmp_path / "y").glob("step_*"))  # --save-every 0: no checkpoint at all
+
+
 def test_grpo_embedded_model_one_step(tmp_path):
     out = run(sys.executable, "grpo.py", "--steps", "1", "--prompts-per-step", "2", "--rollouts", "4",
               "--max-new-tokens", "24", "--eval-n", "1", "--eval-max-new-tokens", "8", "--lenient",
