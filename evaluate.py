@@ -375,12 +375,13 @@ def report(args: ReportArgs) -> str:
         for name, seeds in runs.items():
             col = lambda f, fmt=".3f": mean_spread([f(rows) for rows in seeds.values()], fmt)
             table.append((name, len(seeds), col(lambda r: r[0]["score"]), col(lambda r: r[-1]["score"]),
+                          col(lambda r: sum(x["score"] for x in r) / len(r)),
                           col(lambda r: r[0]["length"], ".1f"), col(lambda r: r[-1]["length"], ".1f"),
                           col(lambda r: r[0]["epistemic"], ".2f"), col(lambda r: r[-1]["epistemic"], ".2f"),
                           col(lambda r: final_eval(r, "acc")), col(lambda r: final_eval(r, "length"), ".1f"),
                           col(lambda r: final_eval(r, "epistemic"), ".2f")))
         md.append("## Training runs (first step -> last step; OOD after the last step)\n\n" + epistemic.format_table(
-            table, ("run", "seeds", "score 1st", "score last", "length 1st", "length last", "E(y) 1st", "E(y) last",
+            table, ("run", "seeds", "score 1st", "score last", "score mean", "length 1st", "length last", "E(y) 1st", "E(y) last",
                     "OOD acc", "OOD length", "OOD E(y)")) + "\n")
         md.append("Values are means over seeds, +- the sample standard deviation when there are several.\n")
     for spec in args.groups:

@@ -1296,7 +1296,8 @@ def test_report_from_fake_runs(tmp_path):
     line = next(l for l in md.splitlines() if l.startswith("| sdpo "))
     cells = [c.strip() for c in line.strip("|").split("|")]
     # two seeds: last scores 0.4, 0.6 -> 0.5 +- 0.141; OOD acc 0.2, 0.3 -> 0.25 +- 0.071
-    assert cells[:4] == ["sdpo", "2", "0.200 +- 0.000", "0.500 +- 0.141"] and cells[8] == "0.250 +- 0.071"
+    assert cells[:4] == ["sdpo", "2", "0.200 +- 0.000", "0.500 +- 0.141"] and cells[9] == "0.250 +- 0.071"
+    assert cells[4] == "0.350 +- 0.071"  # mean score over steps: 0.3 and 0.4
     assert "| base  | 0.125" in md and md.count("| grpo ") == 3  # summary row + 2 per-step rows (the repeat dropped)
     if importlib.util.find_spec("matplotlib"):
         assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"
