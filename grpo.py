@@ -254,6 +254,8 @@ def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, 
     res = chunked_logprobs(x[sel], targets[sel], w, temperature, chunk)  # (N, 2): only real response tokens
     logp = torch.zeros(mask.shape, dtype=res.dtype, device=device)
     logp[sel] = res[:, 0]
+    if not sel.any() and torch.is_grad_enabled():  # no response tokens: keep a backward through the model (FSDP2)
+        logp = logp + 0.0 * x.sum()
     entropy = None
     if with_entropy:
         entropy = torch.zeros_like(logp)

@@ -1227,6 +1227,10 @@ def test_token_logprobs_equal_straightforward(tiny_model_dir):
         assert torch.allclose(ent[i, :len(x)], h, atol=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(g[n], p.grad, atol=1e-5), n
+    model.zero_grad(set_to_none=True)
+    lp, m, _ = grpo.token_logprobs(model, [([5, 6], [])], 0, 1.0, "cpu")  # no response token at all
+    (lp * m).sum().backward()  # still a backward through the model (every FSDP2 rank must run one)
+    assert m.sum() == 0 and model.get_output_embeddings().weight.grad is not None
     # the logits path (heads that are not a plain Linear) gives the same numbers
     z = torch.randn(6, 50)
     y = torch.randint(0, 50, (6,))
