@@ -237,11 +237,19 @@ def chunked_logprobs(x: torch.Tensor, targets: torch.Tensor, w=None, temperature
         with torch.no_grad():
             entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
         return torch.stack([logp, entropy], dim=-1)
+    return checkpointed_chunks(piece, (x, targets), chunk, width=2)
+
+
+def checkpointed_chunks(piece, tensors: tuple, chunk: int, width: int) -> torch.Tensor:
+    """torch.cat of piece(*rows c:c+chunk of each tensor) over the rows; with gradients on, each chunk is
+    recomputed in backward (activation checkpointing), so one chunk's intermediates are alive at a time.
+    No rows: a (0, width) tensor."""
     outs = []
-    for c in range(0, x.shape[0], chunk):
-        args = (x[c:c + chunk], targets[c:c + chunk])
+    for c in range(0, tensors[0].shape[0], chunk):
+        args = [t[c:c + chunk] for t in tensors]
         outs.append(checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() else piece(*args))
-    return torch.cat(outs) if outs else x.new_zeros(0, 2, dtype=torch.float32)
+    return torch.cat(outs) if outs else tensors[0].new_zeros(0, width, dtype=torch.promote_types(tensors[0].dtype,
+                                                                                                   torch.float32))
 
 
 def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, temperature: float, device,

@@ -65,7 +65,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
 import data
 import epistemic
@@ -182,11 +181,7 @@ def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_
             teacher_entropy = -(t.exp() * t).sum(-1) / math.log(t.shape[-1])  # normalised: in [0, 1]
         logp = s.gather(-1, y[:, None]).squeeze(-1)
         return torch.stack([loss, logp, kl, entropy, teacher_entropy], dim=-1)
-    outs = []
-    for c in range(0, student_x.shape[0], chunk):
-        args = (student_x[c:c + chunk], teacher_x[c:c + chunk].detach(), targets[c:c + chunk])
-        outs.append(checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() else piece(*args))
-    return torch.cat(outs) if outs else student_x.new_zeros(0, 5)
+    return grpo.checkpointed_chunks(piece, (student_x, teacher_x.detach(), targets), chunk, width=5)
 
 
 def sdpo_loss(div, logp, old_logp, rollout_logp, distill, n_distill: float, is_clip: float = 2.0,
