@@ -300,6 +300,15 @@ def attach_old_logprobs(model, rows: list[dict], args: Args, pad_id: int, device
             b["old_logp"] = o[:int(m.sum())].tolist()
 
 
+def by_length(rows: list[dict]) -> list[dict]:
+    """One update's rows, longest first, so that each micro-batch pads to rows of about its own length.
+
+    Why: a micro-batch pads every row to its longest, and rollouts run from 20 to 128 tokens here (~25% of a
+    random batch's positions are padding). The loss is a sum over tokens divided by the update's token count,
+    so the order changes float rounding only; longest first also meets the memory peak at once."""
+    return sorted(rows, key=lambda r: len(r["prompt_ids"]) + len(r["response_ids"]), reverse=True)
+
+
 def apply_update(model, optimizer, grad_clip: float, bad: bool) -> float | None:
     """Clip and step, or, when any rank saw a non-finite loss or gradient, skip the update and keep the
     weights. Returns the gradient norm, None when skipped."""
@@ -324,7 +333,7 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                   kl=0.0, grad_norm=0.0, updates=0, nonfinite=0)
     for _ in range(args.ppo_epochs):
         for u in range(0, len(batch), per_update):
-            update = batch[u:u + per_update]
+            update = by_length(batch[u:u + per_update])
             tokens = sft.all_reduce_sum(sum(len(b["response_ids"]) for b in update))
             bad = False
             for k in range(0, len(update), args.micro_batch):

@@ -339,7 +339,7 @@ def sdpo_train_step(run: grpo.Run):
         kl_by_variant = {}
         for _ in range(args.ppo_epochs):
             for u in range(0, len(rows), per_update):
-                update = rows[u:u + per_update]
+                update = grpo.by_length(rows[u:u + per_update])
                 n_distill = sft.all_reduce_sum(sum(sum(r["distill"]) for r in update))
                 n_tokens = sft.all_reduce_sum(sum(len(r["response_ids"]) for r in update))
                 bad = False

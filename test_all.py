@@ -534,6 +534,24 @@ def test_sample_tokens_matches_distribution():
     assert counts[1] == 0 and torch.allclose(counts, probs, atol=0.015)
 
 
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.5, 0.9, 0), (0.8, 1.0, 3), (0.8, 0.7, 3), (0.0, 1.0, 0)])
+def test_sample_next_matches_full_vocabulary_definition(temperature, top_p, top_k):
+    # sample_next works on the top-k candidates; sampling_logprobs on the whole vocabulary. Same distribution:
+    # 40,000 draws over a 6-token vocabulary match exp(sampling_logprobs), and each draw's log-prob is its entry.
+    logits = torch.tensor([[1.5, -0.5, 2.0, 0.3, -2.0, 1.0]]).expand(40000, 6)
+    ref = rollout.sampling_logprobs(logits[:1], temperature, top_p, top_k)[0]
+    tok, lp = rollout.sample_next(logits, temperature, top_p, top_k, torch.Generator().manual_seed(0))
+    assert torch.allclose(lp, ref[tok], atol=1e-6)
+    freq = torch.bincount(tok, minlength=6).float() / len(tok)
+    if temperature <= 0:  # greedy: the argmax, with its plain log-softmax
+        assert (tok == 2).all()
+        return
+    assert torch.allclose(freq, ref.exp(), atol=0.01)
+    assert (freq[torch.isinf(ref)] == 0).all()  # a filtered token is never drawn
+    if top_k:
+        assert int(torch.isfinite(ref).sum()) <= top_k
+
+
 def _forward_logprobs(model, sample, params):
     ids = torch.tensor([sample.prompt_ids + sample.response_ids])
     with torch.no_grad():
@@ -1035,6 +1053,21 @@ def test_train_on_rollouts_edge_cases(tiny_model_dir):
     m = grpo.train_on_rollouts(model, opt, _rows(tok, 4, lambda i: float(i % 2)),
                                grpo.Args(rollouts=4, micro_batch=2, ppo_epochs=2), 1, "cpu", tok.pad_token_id)
     assert m["grad_norm"] > 0
+
+
+def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir):
+    # by_length reorders an update's rows; the gradient of micro-batches of 3 (sorted) equals one batch of 8
+    model, tok = rollout.load_model(tiny_model_dir)
+    rows = _rows(tok, 8, lambda i: float(i % 2))
+    assert [len(r["response_ids"]) for r in grpo.by_length(rows)] == [3, 3, 2, 2, 2, 1, 1, 1]
+
+    def grad(micro):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights, grad_norm is read
+        m = grpo.train_on_rollouts(model, opt, [dict(r) for r in rows], grpo.Args(rollouts=4, micro_batch=micro,
+                                   grad_clip=1e9), 1, "cpu", tok.pad_token_id)
+        return m["grad_norm"], m["loss"]
+    (g1, l1), (g8, l8) = grad(3), grad(8)
+    assert g1 > 0 and abs(g1 - g8) < 1e-5 * g8 and abs(l1 - l8) < 1e-6
 
 
 GRPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "12",
