@@ -452,6 +452,27 @@ def grpo_train_step(run: Run):
                                                          run.device, run.tokenizer.pad_token_id, ref_model)
 
 
+def peak_memory_gb(device) -> float | None:
+    """This process's peak memory since the previous call, in GB; each call starts a new window.
+
+    CUDA: the caching allocator's peak (torch.cuda.max_memory_allocated, then reset_peak_memory_stats).
+    CPU on Linux: the peak resident set, VmHWM in /proc/self/status, reset by writing 5 to
+    /proc/self/clear_refs (Linux >= 4.0), which also resets getrusage's ru_maxrss (the same counter).
+    Why per step: a process's lifetime peak also holds load-time copies. None where neither is available."""
+    if torch.device(device).type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 1e9
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 / 1e9 for line in f if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak
+    except (OSError, StopIteration):
+        return None
+
+
 def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_step):
     """The RL loop. sdpo.py passes its own `make_train_step` (the self-distillation loss) and keeps the rest."""
     r = setup(args)
@@ -463,6 +484,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
     bar = tqdm(range(r.start, args.steps), desc=loss_name, disable=rank != 0, initial=r.start, total=args.steps)
     for step in bar:
         t0 = time.time()
+        peak_memory_gb(r.device)  # a new window: this step's peak only
         picked = sft.rows_for_step(len(r.problems), step, args.prompts_per_step, args.seed)
         mine = [r.problems[i] for i in rollout.shard(picked, rank, world)]
         prompts = [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat) for p in mine]
@@ -505,6 +527,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
             for name, s in ev.items():
                 metrics.update({f"eval/{name}/{k}": v for k, v in s.items() if k in ("acc", "length", "epistemic")})
         metrics["t_step"] = time.time() - t0
+        metrics["peak_mem_gb"] = peak_memory_gb(r.device)  # this rank's peak over the step (eval included)
         if rank == 0:
             sft.append_metrics(out / "metrics.jsonl", metrics)
             bar.set_postfix(score=f"{metrics['score']:.3f}", len=f"{metrics['length']:.0f}",

@@ -1055,6 +1055,16 @@ def test_train_on_rollouts_edge_cases(tiny_model_dir):
     assert m["grad_norm"] > 0
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_peak_memory_windows():
+    grpo.peak_memory_gb("cpu")  # a new window
+    x = torch.ones(100_000_000)  # 400 MB, touched
+    del x
+    big = grpo.peak_memory_gb("cpu")
+    small = grpo.peak_memory_gb("cpu")  # the 400 MB are freed: this window's peak is the resident set now
+    assert big - small > 0.35
+
+
 def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir):
     # by_length reorders an update's rows; the gradient of micro-batches of 3 (sorted) equals one batch of 8
     model, tok = rollout.load_model(tiny_model_dir)
@@ -1084,6 +1094,8 @@ def test_grpo_one_and_two_processes_and_resume(tiny_model_dir, tmp_path):
         for key in ("score", "length", "epistemic", "clip_frac_high", "clip_frac_low", "clip_frac_dual", "entropy",
                     "grad_norm", "rollout_tok_s", "train_tok_s", "t_generate", "t_train"):
             assert key in rows[0]
+        assert 0.1 < rows[0]["peak_mem_gb"] < 8  # this step's peak resident set (Linux), not the process's
+
         assert any(k.startswith("eval/") for k in rows[-1])
         from transformers import AutoModelForCausalLM
         AutoModelForCausalLM.from_pretrained(tmp_path / name / "step_2")
