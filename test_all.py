@@ -4,6 +4,7 @@ Unit tests pin the math against values computed independently (by hand, by brute
 second formula); smoke tests run the scripts as a user would. Tests that read the paper's
 benchmark files skip, saying why, when ../shared/data is absent (a fresh clone has none).
 """
+import copy
 import importlib.util
 import json
 import math
@@ -177,11 +178,11 @@ def _write_parquet(path, rows):
 def test_dapo_rewrite_and_dedup(tmp_path):
     questions = ["What is $1+1$?", "Find $x$ if $2x=6$."]
     rows = []
-    for copy in range(3):  # the raw DAPO parquet holds many copies of each prompt
+    for rep in range(3):  # the raw DAPO parquet holds many copies of each prompt
         for i, q in enumerate(questions):
             rows.append(dict(data_source="math_dapo", prompt=[dict(role="user", content=DAPO_TEXT.format(q=q))],
                              ability="MATH", reward_model=dict(ground_truth=str(2 + i), style="rule"),
-                             extra_info=dict(index=f"id{i}-{copy}")))
+                             extra_info=dict(index=f"id{i}-{rep}")))
     path = tmp_path / "dapo-math-17k.parquet"
     _write_parquet(path, rows)
     problems = data.load_problems(str(path))
@@ -504,7 +505,6 @@ def test_chat_templates(embedded_tokenizer):
         "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n")
     assert rollout.chat_prompt(tok, user, system="SYS") == (  # OLMo-3 style: our system prompt replaces the default
         "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n")
-    import copy
     qwen = copy.copy(tok)
     qwen.chat_template = QWEN3_LIKE
     assert rollout.chat_prompt(qwen, user, thinking="on") == "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n"
@@ -1065,19 +1065,23 @@ def test_peak_memory_windows():
     assert big - small > 0.35
 
 
-def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir):
-    # by_length reorders an update's rows; the gradient of micro-batches of 3 (sorted) equals one batch of 8
+def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir, monkeypatch):
+    # by_length reorders an update's rows; sorted micro-batches of 3 give the update of one unsorted batch of 8
     model, tok = rollout.load_model(tiny_model_dir)
     rows = _rows(tok, 8, lambda i: float(i % 2))
     assert [len(r["response_ids"]) for r in grpo.by_length(rows)] == [3, 3, 2, 2, 2, 1, 1, 1]
+    w0 = torch.cat([p.detach().flatten() for p in model.parameters()])
 
-    def grad(micro):
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights, grad_norm is read
-        m = grpo.train_on_rollouts(model, opt, [dict(r) for r in rows], grpo.Args(rollouts=4, micro_batch=micro,
-                                   grad_clip=1e9), 1, "cpu", tok.pad_token_id)
-        return m["grad_norm"], m["loss"]
-    (g1, l1), (g8, l8) = grad(3), grad(8)
-    assert g1 > 0 and abs(g1 - g8) < 1e-5 * g8 and abs(l1 - l8) < 1e-6
+    def update(micro):  # one SGD step (lr 1) on a copy: the weight change is the clipped gradient
+        m = copy.deepcopy(model)
+        out = grpo.train_on_rollouts(m, torch.optim.SGD(m.parameters(), lr=1.0), [dict(r) for r in rows],
+                                     grpo.Args(rollouts=4, micro_batch=micro), 1, "cpu", tok.pad_token_id)
+        return torch.cat([p.detach().flatten() for p in m.parameters()]) - w0, out["loss"]
+    d3, l3 = update(3)
+    monkeypatch.setattr(grpo, "by_length", lambda rows: rows)  # the straightforward order
+    d8, l8 = update(8)
+    scale = float(d8.abs().max())
+    assert scale > 0 and float((d3 - d8).abs().max()) < 1e-5 * scale and abs(l3 - l8) < 1e-6
 
 
 GRPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "12",
@@ -1095,7 +1099,6 @@ def test_grpo_one_and_two_processes_and_resume(tiny_model_dir, tmp_path):
                     "grad_norm", "rollout_tok_s", "train_tok_s", "t_generate", "t_train"):
             assert key in rows[0]
         assert 0.1 < rows[0]["peak_mem_gb"] < 8  # this step's peak resident set (Linux), not the process's
-
         assert any(k.startswith("eval/") for k in rows[-1])
         from transformers import AutoModelForCausalLM
         AutoModelForCausalLM.from_pretrained(tmp_path / name / "step_2")
