@@ -180,7 +180,7 @@ def bench_trl_step(trainer: str = "grpo", steps: int = 2) -> dict:
     import tempfile
     import data
     import rollout
-    path = rollout.embedded_model_dir()
+    path = str(rollout.embedded_model_dir())  # TRL takes a str id or a model, not a Path
     problems = data.load_problems(RL_CONFIG["data"])
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": data.format_prompt(p["question"])}],
                              "answer": p["answer"]} for p in problems])

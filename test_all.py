@@ -818,6 +818,27 @@ def test_sft_loss_masks_the_prompt(tiny):
     assert count == ref_count and nll.item() == pytest.approx(ref, rel=1e-5)
 
 
+
+def test_fused_adamw_matches_the_textbook_update():
+    """sft.make_optimizer (fused AdamW) against AdamW written out by hand, over 3 steps with weight decay."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = sft.make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    assert opt.defaults["fused"]
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(3)]
+    for g in grads:
+        for p, gi in zip(model.parameters(), g):
+            p.grad = gi.clone()
+        opt.step()
+    for i, w in enumerate(start):  # decoupled weight decay, bias-corrected moments (Loshchilov & Hutter)
+        m, v = torch.zeros_like(w), torch.zeros_like(w)
+        for t, g in enumerate(grads, start=1):
+            w = w * (1 - 1e-2 * 0.1)
+            m, v = 0.9 * m + 0.1 * g[i], 0.999 * v + 0.001 * g[i] ** 2
+            w = w - 1e-2 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+        assert torch.allclose(list(model.parameters())[i], w, atol=1e-6), i
+
 def _train(tiny_model_dir, data_path, out, *extra, torchrun=False):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun
            else [sys.executable]) + ["sft.py", "train", "--model", tiny_model_dir, "--data", str(data_path),
