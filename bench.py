@@ -5,6 +5,7 @@
     python bench.py generate64         # the same at batch 64
     python bench.py sdpo_chunked sdpo_unchunked   # SDPO loss memory at V = 151,936, T = 4096
     python bench.py grpo_step sdpo_step generate  # issue #9's RL step: phases, step time, peak RSS, MFU
+    python bench.py grpo_step_ckpt sdpo_step_ckpt # the same with gradient checkpointing (TRL's default)
     python bench.py trl_grpo_step trl_sdpo_step   # TRL's trainers on the same config (pip install trl)
 
 Each row is measured in a fresh process so rows don't share caches or memory peaks.
@@ -133,12 +134,13 @@ def n_parameters(model_dir) -> int:
     return total
 
 
-def bench_rl_step(trainer: str = "grpo", steps: int = 2) -> dict:
+def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     """One RL step of grpo.py or sdpo.py on issue #9's config (TRL's measured one): 4 prompts x 4 rollouts of
     at most 128 tokens, single-digit addition, LR 1e-6, no KL, clip-high 0.28, fp32 on CPU. `steps` steps run;
     the last one (warm) is reported. MFU = model FLOPs / (step time x the matmul peak measured here), with
     2 P FLOPs per token forward and 6 P forward + backward (P = parameters, the tied LM head counted once;
-    attention's T^2 term left out: ~3% at these lengths)."""
+    attention's T^2 term left out: ~3% at these lengths). `overrides`: Args fields on top of RL_CONFIG
+    (the *_ckpt rows: grad_ckpt=True, as TRL runs by default)."""
     import tempfile
     import grpo
     import rollout
@@ -146,10 +148,10 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2) -> dict:
     peak = matmul_peak_gflops()
     with tempfile.TemporaryDirectory() as out:
         if trainer == "grpo":
-            args = grpo.Args(**RL_CONFIG, steps=steps, out=out)
+            args = grpo.Args(**{**RL_CONFIG, **overrides}, steps=steps, out=out)
             grpo.run_loop(args, "grpo", grpo.grpo_train_step)
         else:
-            args = sdpo.Args(**RL_CONFIG, steps=steps, out=out)
+            args = sdpo.Args(**{**RL_CONFIG, **overrides}, steps=steps, out=out)
             grpo.run_loop(args, "sdpo", sdpo.sdpo_train_step)
         rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"step"' in line]
     m = rows[-1]
@@ -158,7 +160,8 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2) -> dict:
     gen_flops = 2 * P * m["seq_tokens"]  # prefill + decode, every sample
     train_flops = 6 * P * m["seq_tokens"] + 2 * P * m.get("teacher_tokens", 0)
     t_teacher = m.get("t_teacher", 0.0)
-    return dict(row=f"{trainer} step (4x4, 128 tokens)", step=m["step"], rollouts=n, response_tokens=round(m["length"] * n),
+    tag = "".join(f" {k}={v}" for k, v in overrides.items())
+    return dict(row=f"{trainer} step (4x4, 128 tokens){tag}", step=m["step"], rollouts=n, response_tokens=round(m["length"] * n),
                 rollout_tok_s=round(m["rollout_tok_s"], 1), t_generate=round(m["t_generate"], 2),
                 t_score=round(m["t_score"], 2), t_old_logprobs=round(m.get("t_old_logprobs", 0.0), 2),
                 t_teacher=round(t_teacher, 2), t_train=round(m["t_train"] - t_teacher, 2), t_step=round(m["t_step"], 2),
@@ -198,17 +201,30 @@ def bench_trl_step(trainer: str = "grpo", steps: int = 2) -> dict:
         else:
             from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
             t = SDPOTrainer(model=path, reward_funcs=reward, args=SDPOConfig(output_dir=out, **common), train_dataset=ds)
-        times = []
-        t0 = time.perf_counter()
+        import torch
         from transformers import TrainerCallback
+        import grpo
+        times, peaks, lengths = [], [], []
+        t0 = time.perf_counter()
 
-        class Timer(TrainerCallback):
+        class Timer(TrainerCallback):  # the same per-step memory window as our rows (grpo.peak_memory_gb)
+            def on_step_begin(self, *a, **k):
+                grpo.peak_memory_gb(torch.device("cpu"))
+
             def on_step_end(self, *a, **k):
                 times.append(time.perf_counter())
+                peaks.append(grpo.peak_memory_gb(torch.device("cpu")))
+
+            def on_log(self, args, state, control, logs=None, **k):
+                if logs and "completions/mean_length" in logs:
+                    lengths.append(float(logs["completions/mean_length"]))
         t.add_callback(Timer())
         t.train()
     steps_s = [b - a for a, b in zip([t0] + times[:-1], times)]
-    return dict(row=f"trl {trainer} step (4x4, 128 tokens)", t_step=round(steps_s[-1], 2), t_first=round(steps_s[0], 2))
+    # TRL's GRPOConfig turns gradient checkpointing on by default (SDPOConfig inherits it); left as TRL ships it
+    return dict(row=f"trl {trainer} step (4x4, 128 tokens)", t_step=round(steps_s[-1], 2), t_first=round(steps_s[0], 2),
+                response_tokens=round(lengths[-1] * 16) if lengths else None,
+                peak_rss_gb=round(max(p or 0.0 for p in peaks), 2), gradient_checkpointing=t.args.gradient_checkpointing)
 
 
 def peak_rss_gb() -> float:
@@ -219,6 +235,7 @@ def peak_rss_gb() -> float:
 ROWS = {"grade": bench_grade, "generate": bench_generate, "generate64": lambda: bench_generate(batch=64),
         "sdpo_chunked": bench_sdpo_memory, "sdpo_unchunked": lambda: bench_sdpo_memory(chunk=None),
         "grpo_step": bench_rl_step, "sdpo_step": lambda: bench_rl_step("sdpo"),
+        "grpo_step_ckpt": lambda: bench_rl_step(grad_ckpt=True), "sdpo_step_ckpt": lambda: bench_rl_step("sdpo", grad_ckpt=True),
         "trl_grpo_step": bench_trl_step, "trl_sdpo_step": lambda: bench_trl_step("sdpo")}
 
 

@@ -350,6 +350,20 @@ def skinny_linear(model, max_rows: int = 32):
             del mod.forward  # back to the class's forward
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() inside, the previous mode restored on exit.
+
+    Why: a trainer's model is in training mode, and with gradient checkpointing on (--grad-ckpt)
+    transformers then turns the KV cache off (use_cache=False), which decoding needs."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def preallocate_kv(cache, room: int = 256) -> None:
     """Make a prefilled DynamicCache append in place into buffers that double when full.
 
@@ -404,7 +418,7 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
     gen = torch.Generator(device=device).manual_seed(params.seed)
     out: list[Sample] = []
     bar = tqdm(total=len(jobs), desc="generate", disable=not progress, leave=False)
-    with skinny_linear(model):
+    with skinny_linear(model), eval_mode(model):
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             width = max(len(ids) for _, ids in batch)

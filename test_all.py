@@ -1105,6 +1105,30 @@ def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir, monkeypat
     assert scale > 0 and float((d3 - d8).abs().max()) < 1e-5 * scale and abs(l3 - l8) < 1e-6
 
 
+def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
+    # --grad-ckpt (sft.shard_model) recomputes activations in backward: the same update, and the same rollouts
+    # with the KV cache on (generate_hf decodes in eval mode; transformers drops the cache in training mode under
+    # checkpointing) -- and the model goes back to training mode
+    model, tok = rollout.load_model(tiny_model_dir)
+    ckpt = sft.shard_model(copy.deepcopy(model), torch.device("cpu"), grad_ckpt=True)
+    assert ckpt.is_gradient_checkpointing and not model.is_gradient_checkpointing
+    prompts = [rollout.chat_prompt(tok, f"q{i}") for i in range(3)]
+    params = rollout.SamplingParams(n=2, max_new_tokens=6, seed=0)
+    for m in (model, ckpt):
+        m.train()
+    a, b = (rollout.generate_hf(m, tok, prompts, params, progress=False) for m in (model, ckpt))
+    assert [s.response_ids for s in a] == [s.response_ids for s in b] and ckpt.training
+    rows = _rows(tok, 8, lambda i: float(i % 2))
+    w0 = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def update(m):  # one SGD step (lr 1): the weight change is the clipped gradient
+        out = grpo.train_on_rollouts(m, torch.optim.SGD(m.parameters(), lr=1.0), [dict(r) for r in rows],
+                                     grpo.Args(rollouts=4, micro_batch=4), 1, "cpu", tok.pad_token_id)
+        return torch.cat([p.detach().flatten() for p in m.parameters()]) - w0, out["loss"]
+    (d0, l0), (d1, l1) = update(model), update(ckpt)
+    scale = float(d0.abs().max())
+    assert scale > 0 and float((d1 - d0).abs().max()) < 1e-5 * scale and abs(l1 - l0) < 1e-6
+
 GRPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "12",
               "--eval-n", "2", "--eval-max-new-tokens", "8", "--save-every", "2", "--lenient"]
 
