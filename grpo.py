@@ -231,7 +231,8 @@ def chunked_logprobs(x: torch.Tensor, targets: torch.Tensor, w=None, temperature
     Why chunks: the log-prob of one token needs only its logit and the logsumexp; chunks of `chunk`
     positions, each recomputed in backward, keep (chunk, V) logits alive instead of (N, V)."""
     def piece(xc, yc):
-        z = (xc @ w.T if w is not None else xc).float() / temperature  # (c, V)
+        z = (xc @ w.T if w is not None else xc).float()  # (c, V)
+        z = z if temperature == 1.0 else z / temperature  # skip a (c, V) division at T = 1
         lse = torch.logsumexp(z, dim=-1)
         logp = z.gather(-1, yc[:, None]).squeeze(-1) - lse
         with torch.no_grad():

@@ -1259,6 +1259,22 @@ def test_chunked_distillation_equals_unchunked():
     a = sdpo.chunked_distillation(hs32, ht32, y32, w32, w32, topk=100, chunk=64)[:, 0]
     b = sdpo.self_distillation_loss(hs32 @ w32.T, ht32 @ w32.T, topk=100)
     assert torch.allclose(a, b, atol=1e-5)
+    # every support and temperature: values, metrics and both gradients (the backward reuses the forward's teacher)
+    for topk, add_tail, temp in ((5, True, 1.0), (5, False, 1.3), (None, True, 1.0), (None, True, 0.7)):
+        hs.grad = ws.grad = None
+        res = sdpo.chunked_distillation(hs, ht, y, ws, wt, topk=topk, alpha=0.3, add_tail=add_tail, temperature=temp,
+                                        chunk=8)
+        (res[:, 0] * torch.arange(N) + res[:, 1]).sum().backward()
+        g_h, g_w = hs.grad.clone(), ws.grad.clone()
+        hs.grad = ws.grad = None
+        s, tl = hs @ ws.T, ht @ wt.T
+        full = sdpo.self_distillation_loss(s, tl, topk=topk, alpha=0.3, add_tail=add_tail, temperature=temp)
+        logp = torch.log_softmax(s / temp, -1)
+        (full * torch.arange(N) + logp.gather(-1, y[:, None]).squeeze(-1)).sum().backward()
+        kl = sdpo.self_distillation_loss(s, tl, topk=topk, alpha=1.0, add_tail=add_tail, temperature=temp)
+        assert torch.allclose(res[:, 0], full, atol=1e-10) and torch.allclose(res[:, 2], kl, atol=1e-10)
+        assert torch.allclose(res[:, 3], -(logp.exp() * logp).sum(-1), atol=1e-10)
+        assert torch.allclose(g_h, hs.grad, atol=1e-10) and torch.allclose(g_w, ws.grad, atol=1e-10), (topk, add_tail)
 
 
 def test_teacher_contexts_sibling_rules():
