@@ -169,37 +169,39 @@ def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_
 
     student_x / teacher_x are hidden states (N, H) with LM-head weights *_w (V, H), or logits (N, V) when
     the weights are None. Chunks of `chunk` positions; each student chunk is recomputed in backward
-    (activation checkpointing), so only (chunk, V) logits are alive at a time.
+    (grpo.ChunkedHead), so only (chunk, V) logits are alive at a time.
 
-    Why `once`: the backward's recomputation needs only the student's side. The teacher's log-probs on the
-    support (chunk, k+1), the student's top-k indices and the metrics are kept from the forward, keyed by the
-    chunk's first row, instead of recomputing the teacher's LM head, its log_softmax, the top-k and the
-    entropies (~1.6 s of an 8 s loss at 1,721 positions, V = 49,152). With topk=0 the teacher's full
-    log-probs would be (chunk, V) each, so that path recomputes them."""
+    Why `support`: the backward needs only the student's side. The student's top-k indices and the teacher's
+    log-probs on them (chunk, k+1) are kept from the forward, instead of recomputing the teacher's LM head,
+    its log_softmax, the top-k and the entropies. With topk=0 the teacher's full log-probs would be (chunk, V)
+    each, so that path recomputes them."""
     scale = (lambda z: z) if temperature == 1.0 else (lambda z: z / temperature)  # skip a (chunk, V) division
-    once = {}  # chunk's first row -> (student top-k indices, teacher on the support, metrics), from the forward
+    support = {}  # chunk start -> (the student's top-k indices, the teacher's log-probs on them), from the forward
 
-    def piece(sx, tx, y, rows):
-        z = sx @ student_w.T if student_w is not None else sx  # (c, V)
+    def teacher_logp(tx):  # (c, V), no gradient (stopgrad)
+        with torch.no_grad():
+            return torch.log_softmax(scale(upcast(tx @ teacher_w.T if teacher_w is not None else tx)), dim=-1)
+
+    def piece(z, start, tx, y):
         s = torch.log_softmax(scale(upcast(z)), dim=-1)
-        key = int(rows[0])
-        if key in once:  # the backward's recomputation
-            idx, t_sup, stats = once[key]
-        else:
-            with torch.no_grad():
-                tz = tx @ teacher_w.T if teacher_w is not None else tx
-                t = torch.log_softmax(scale(upcast(tz)), dim=-1)
-                idx = s.topk(topk, dim=-1).indices if topk else None  # the STUDENT's top-k
-                s_sup, t_sup = (on_support(s, idx, add_tail), on_support(t, idx, add_tail)) if topk else (s, t)
-                stats = torch.stack([divergence(s_sup, t_sup, 1.0), -(s.exp() * s).sum(-1),
-                                     -(t.exp() * t).sum(-1) / math.log(t.shape[-1])], dim=-1)  # teacher's: in [0, 1]
-            if topk:
-                once[key] = (idx, t_sup, stats)
-        loss = divergence(on_support(s, idx, add_tail) if topk else s, t_sup, alpha)
         logp = s.gather(-1, y[:, None]).squeeze(-1)
-        return torch.cat([torch.stack([loss, logp], dim=-1), stats], dim=-1)
-    rows = torch.arange(student_x.shape[0], device=student_x.device)
-    return grpo.checkpointed_chunks(piece, (student_x, teacher_x.detach(), targets, rows), chunk, width=5)
+        if torch.is_grad_enabled():  # ChunkedHead's backward: the divergence and the log-prob have gradients
+            if topk:
+                idx, t_sup = support[start]
+                loss = divergence(on_support(s, idx, add_tail), t_sup, alpha)
+            else:
+                loss = divergence(s, teacher_logp(tx), alpha)
+            return torch.cat([torch.stack([loss, logp], dim=-1), s.new_zeros(len(s), 3)], dim=-1)
+        t = teacher_logp(tx)
+        if topk:
+            idx = s.topk(topk, dim=-1).indices  # the STUDENT's top-k
+            s_sup, t_sup = on_support(s, idx, add_tail), on_support(t, idx, add_tail)
+            support[start] = (idx, t_sup)
+        else:
+            s_sup, t_sup = s, t
+        return torch.stack([divergence(s_sup, t_sup, alpha), logp, divergence(s_sup, t_sup, 1.0), -(s.exp() * s).sum(-1),
+                            -(t.exp() * t).sum(-1) / math.log(t.shape[-1])], dim=-1)  # the teacher's: in [0, 1]
+    return grpo.ChunkedHead.apply(student_x, student_w, piece, chunk, 5, teacher_x.detach(), targets)
 
 
 def sdpo_loss(div, logp, old_logp, rollout_logp, distill, n_distill: float, is_clip: float = 2.0,
