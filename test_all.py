@@ -1316,22 +1316,23 @@ def straightforward_logprobs(model, seqs, pad_id, temperature):
     return out
 
 
-def test_token_logprobs_equal_straightforward(tiny_model_dir):
+@pytest.mark.parametrize("temp", [0.7, 1.0])
+def test_token_logprobs_equal_straightforward(tiny_model_dir, temp):
     """The hidden-state, response-only, chunked log-probs equal the full-logits log_softmax (values, grads)."""
     model, _ = rollout.load_model(tiny_model_dir, "float32", "cpu")
     torch.manual_seed(0)
     seqs = [([5, 6, 7], [8, 9, 10, 11]), ([5, 6, 7, 12, 13], [14]), ([3], [4, 5])]
     assert grpo.plain_lm_head(model)
-    logp, mask, ent = grpo.token_logprobs(model, seqs, 0, 0.7, "cpu", with_entropy=True, chunk=3)
+    logp, mask, ent = grpo.token_logprobs(model, seqs, 0, temp, "cpu", with_entropy=True, chunk=3)
     (logp * mask).sum().backward()
     g = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    ref = straightforward_logprobs(model, seqs, 0, 0.7)
+    ref = straightforward_logprobs(model, seqs, 0, temp)
     sum(x.sum() for x in ref).backward()
     for i, x in enumerate(ref):
         assert torch.allclose(logp[i, :len(x)], x, atol=1e-5) and mask[i].sum() == len(x)
         assert torch.all(logp[i, len(x):] == 0)
-        z = model(input_ids=torch.tensor([seqs[i][0] + seqs[i][1]])).logits[0, len(seqs[i][0]) - 1:-1] / 0.7
+        z = model(input_ids=torch.tensor([seqs[i][0] + seqs[i][1]])).logits[0, len(seqs[i][0]) - 1:-1] / temp
         h = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
         assert torch.allclose(ent[i, :len(x)], h, atol=1e-5)
     for n, p in model.named_parameters():
