@@ -818,7 +818,6 @@ def test_sft_loss_masks_the_prompt(tiny):
     assert count == ref_count and nll.item() == pytest.approx(ref, rel=1e-5)
 
 
-
 def test_fused_adamw_matches_the_textbook_update():
     """sft.make_optimizer (fused AdamW) against AdamW written out by hand, over 3 steps with weight decay."""
     torch.manual_seed(0)
@@ -838,6 +837,7 @@ def test_fused_adamw_matches_the_textbook_update():
             m, v = 0.9 * m + 0.1 * g[i], 0.999 * v + 0.001 * g[i] ** 2
             w = w - 1e-2 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
         assert torch.allclose(list(model.parameters())[i], w, atol=1e-6), i
+
 
 def _train(tiny_model_dir, data_path, out, *extra, torchrun=False):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun
@@ -1128,6 +1128,7 @@ def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
     (d0, l0), (d1, l1) = update(model), update(ckpt)
     scale = float(d0.abs().max())
     assert scale > 0 and float((d1 - d0).abs().max()) < 1e-5 * scale and abs(l1 - l0) < 1e-6
+
 
 GRPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "12",
               "--eval-n", "2", "--eval-max-new-tokens", "8", "--save-every", "2", "--lenient"]
