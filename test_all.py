@@ -604,6 +604,31 @@ def test_hf_backend_stops_at_eos_and_drops_finished_rows(tiny):
         assert torch.allclose(torch.tensor(s.logprobs), ref, atol=1e-4)
 
 
+def test_decoding_attention_gets_contiguous_queries(tiny, monkeypatch):
+    """skinny_linear's (W @ x.T).T is a transposed view; handed on as is, the query's last dimension has
+    stride `rows` and CPU sdpa silently takes its math kernel (which copies the grouped KV cache per head)
+    instead of flash. Every decoding call must see stride 1, and the linears must still equal nn.Linear."""
+    model, tok = tiny
+    strides = []
+    stock = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        strides.append((q.stride(-1), k.stride(-1), v.stride(-1)))
+        return stock(q, k, v, *a, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    prompts = [rollout.chat_prompt(tok, q) for q in ("What is 2 + 3?", "Hi")]
+    rollout.generate_hf(model, tok, prompts, rollout.SamplingParams(n=2, max_new_tokens=6, seed=0), progress=False)
+    assert len(strides) >= 6 * model.config.num_hidden_layers  # the prefill and at least 5 decoding steps
+    assert all(s == (1, 1, 1) for s in strides), strides[:3]
+    x = torch.randn(4, 1, model.config.hidden_size)
+    lin = model.model.layers[0].self_attn.q_proj
+    ref = torch.nn.functional.linear(x, lin.weight)
+    with rollout.skinny_linear(model):
+        y = lin(x)
+    assert y.is_contiguous() and y.shape == ref.shape
+    assert torch.allclose(y, ref, atol=1e-6)
+
+
 def _forward_logprobs_biased(model, s, bias):
     ids = torch.tensor([s.prompt_ids + s.response_ids])
     with torch.no_grad():
