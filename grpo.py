@@ -228,36 +228,62 @@ def chunked_logprobs(x: torch.Tensor, targets: torch.Tensor, w=None, temperature
     """(N, 2): log pi(target) and the entropy (detached) of softmax(x @ w.T / T), or of x / T when w is None.
 
     Why chunks: the log-prob of one token needs only its logit and the logsumexp; chunks of `chunk`
-    positions, each recomputed in backward (`ChunkedHead`), keep (chunk, V) logits alive instead of (N, V)."""
-    def piece(z, start, y):
-        z = z.float()
+    positions, each recomputed in backward (`ChunkedHead`), keep (chunk, V) logits alive instead of (N, V).
+    Why `vjp`: the gradient is written out, d log pi(y) / dz = (onehot(y) - softmax(z / T)) / T, from the
+    forward's logsumexp (one float per position): one exp pass over the recomputed logits, in place, where
+    autograd would redo the logsumexp and then run its backward and the gather's (3 more (chunk, V) passes
+    and 2 fresh (chunk, V) buffers)."""
+    lse_of = {}  # chunk start -> the logsumexp of the chunk's z / T, from the forward
+
+    def piece(z, start, y):  # forward only (no gradient)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 -> fp32; fp32, fp64 stay
         z = z if temperature == 1.0 else z / temperature  # skip a (c, V) division at T = 1
-        lse = torch.logsumexp(z, dim=-1)
-        logp = z.gather(-1, y[:, None]).squeeze(-1) - lse
-        if torch.is_grad_enabled():  # ChunkedHead's backward: the log-prob is all that has a gradient
-            return torch.stack([logp, torch.zeros_like(logp)], dim=-1)
-        entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
-        return torch.stack([logp, entropy], dim=-1)
-    return ChunkedHead.apply(x, w, piece, chunk, 2, targets)
+        lse, entropy = softmax_stats(z)
+        lse_of[start] = lse
+        return torch.stack([z.gather(-1, y[:, None]).squeeze(-1) - lse, entropy], dim=-1)
+
+    def vjp(z, start, grad, y):  # the entropy is detached: only grad[:, 0] reaches z
+        g = grad[:, :1].to(torch.promote_types(z.dtype, torch.float32))
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # fp32/fp64: z itself, ChunkedHead lets us overwrite it
+        if temperature != 1.0:
+            z.div_(temperature)
+        dz = z.sub_(lse_of[start][:, None]).exp_().mul_(-g)  # -g softmax(z / T)
+        dz.scatter_add_(-1, y[:, None], g)
+        return dz if temperature == 1.0 else dz.div_(temperature)
+    return ChunkedHead.apply(x, w, piece, vjp, chunk, 2, targets)
+
+
+def softmax_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp, entropy) of softmax(z) over the last dim, (c, V) -> (c,), (c,), with one exp pass:
+    e = exp(z - max), lse = max + log sum e, H = lse - sum(e z) / sum e. (torch.logsumexp and then
+    torch.softmax for the entropy run the exp twice.)"""
+    m = z.amax(-1, keepdim=True)
+    e = torch.exp(z - m)
+    total = e.sum(-1)
+    lse = m.squeeze(-1) + total.log()
+    return lse, lse - e.mul_(z).sum(-1) / total
 
 
 class ChunkedHead(torch.autograd.Function):
     """out = torch.cat over row chunks c:c+chunk of piece(x_c @ w.T, c, *rows c:c+chunk of args), (N, width);
-    x_c itself when w is None (x are logits). piece runs with gradients off in the forward (every output) and
-    on in the backward, where only the outputs with a gradient matter: it may compute its statistics in the
-    forward only (torch.is_grad_enabled() tells the two apart) and keep what its backward needs, by `c`.
+    x_c itself when w is None (x are logits). piece runs with gradients off, in the forward only; it may keep
+    what its backward needs by `c` (a logsumexp, a top-k support).
 
-    The backward recomputes each chunk's logits (activation checkpointing) and takes piece's gradient with
-    torch.autograd.grad. Why not torch.utils.checkpoint per chunk: each chunk's backward then makes a fresh
-    (V, H) weight gradient (113 MB for SmolLM2) and adds it into W.grad; here the chunks accumulate into one
-    buffer (addmm_), and piece's statistics are not recomputed. At 1,721 positions, H = 576, V = 49,152
-    (bench-style A/B, interleaved, best of 4): `chunked_logprobs` forward + backward 4.4 s against 5.35 s with
-    torch.utils.checkpoint, `sdpo.chunked_distillation` 5.9 s against 6.9 s. The weight gradient accumulates
-    in at least fp32 and is returned in W's dtype."""
+    The backward recomputes each chunk's logits z (activation checkpointing) and gets dL/dz from
+    vjp(z, c, grad_c, *args_c), which may overwrite z (a fresh tensor). With vjp=None, piece is run again with
+    gradients on and differentiated by torch.autograd.grad (there it may skip its statistics:
+    torch.is_grad_enabled() tells the two calls apart).
+
+    Why not torch.utils.checkpoint per chunk: each chunk's backward then makes a fresh (V, H) weight gradient
+    (113 MB for SmolLM2) and adds it into W.grad; here the chunks accumulate into one buffer (addmm_), and
+    piece's statistics are not recomputed. At 1,721 positions, H = 576, V = 49,152 (bench-style A/B,
+    interleaved, best of 4): `chunked_logprobs` forward + backward 4.4 s against 5.35 s with
+    torch.utils.checkpoint, `sdpo.chunked_distillation` 5.9 s against 6.9 s (both before their vjp). The weight
+    gradient accumulates in at least fp32 and is returned in W's dtype."""
 
     @staticmethod
-    def forward(ctx, x, w, piece, chunk, width, *args):
-        ctx.piece, ctx.chunk = piece, chunk
+    def forward(ctx, x, w, piece, vjp, chunk, width, *args):
+        ctx.piece, ctx.vjp, ctx.chunk = piece, vjp, chunk
         ctx.save_for_backward(x, w, *args)
         outs = [piece(x[c:c + chunk] @ w.T if w is not None else x[c:c + chunk], c, *[a[c:c + chunk] for a in args])
                 for c in range(0, x.shape[0], chunk)]
@@ -270,11 +296,14 @@ class ChunkedHead(torch.autograd.Function):
         acc = None if w is None else torch.promote_types(w.dtype, torch.float32)  # bf16 -> fp32; fp32, fp64 stay
         dw = torch.zeros(w.shape, dtype=acc, device=w.device) if w is not None and ctx.needs_input_grad[1] else None
         for c in range(0, x.shape[0], ctx.chunk):
-            xc = x[c:c + ctx.chunk]
-            z = (xc @ w.T if w is not None else xc).detach().requires_grad_()
-            with torch.enable_grad():
-                out = ctx.piece(z, c, *[a[c:c + ctx.chunk] for a in args])
-            (dz,) = torch.autograd.grad(out, z, grad[c:c + ctx.chunk].to(out.dtype))
+            xc, gc, ac = x[c:c + ctx.chunk], grad[c:c + ctx.chunk], [a[c:c + ctx.chunk] for a in args]
+            if ctx.vjp is not None:
+                dz = ctx.vjp(xc @ w.T if w is not None else xc.clone(), c, gc, *ac)
+            else:
+                z = (xc @ w.T if w is not None else xc).detach().requires_grad_()
+                with torch.enable_grad():
+                    out = ctx.piece(z, c, *ac)
+                (dz,) = torch.autograd.grad(out, z, gc.to(out.dtype))
             if w is None:
                 dx[c:c + ctx.chunk] = dz
                 continue
@@ -282,7 +311,7 @@ class ChunkedHead(torch.autograd.Function):
             dx[c:c + ctx.chunk] = dz @ w
             if dw is not None:
                 dw.addmm_(dz.T.to(acc), xc.to(acc))
-        return dx, None if dw is None else dw.to(w.dtype), None, None, None, *[None] * len(args)
+        return dx, None if dw is None else dw.to(w.dtype), None, None, None, None, *[None] * len(args)
 
 
 def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, temperature: float, device,

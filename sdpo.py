@@ -201,7 +201,7 @@ def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_
             s_sup, t_sup = s, t
         return torch.stack([divergence(s_sup, t_sup, alpha), logp, divergence(s_sup, t_sup, 1.0), -(s.exp() * s).sum(-1),
                             -(t.exp() * t).sum(-1) / math.log(t.shape[-1])], dim=-1)  # the teacher's: in [0, 1]
-    return grpo.ChunkedHead.apply(student_x, student_w, piece, chunk, 5, teacher_x.detach(), targets)
+    return grpo.ChunkedHead.apply(student_x, student_w, piece, None, chunk, 5, teacher_x.detach(), targets)
 
 
 def sdpo_loss(div, logp, old_logp, rollout_logp, distill, n_distill: float, is_clip: float = 2.0,

@@ -1374,6 +1374,33 @@ def test_token_logprobs_equal_straightforward(tiny_model_dir, temp):
     assert torch.allclose(res[:, 0], torch.log_softmax(z / 0.7, -1)[torch.arange(6), y], atol=1e-6)
 
 
+@pytest.mark.parametrize("temp", [0.7, 1.0, 1.3])
+def test_chunked_logprobs_vjp_equals_autograd(temp):
+    """ChunkedHead's written-out gradient (grpo.chunked_logprobs' vjp) against autograd through the full
+    log_softmax, in fp64, from hidden states through W and from logits; the entropy column is detached."""
+    torch.manual_seed(1)
+    N, H, V = 11, 6, 40
+    x = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    g = torch.randn(N, dtype=torch.float64)  # an upstream gradient on each log-prob
+    lse, ent = grpo.softmax_stats((x @ w.T).detach() / temp)
+    p = torch.softmax((x @ w.T).detach() / temp, -1)
+    assert torch.allclose(lse, torch.logsumexp((x @ w.T).detach() / temp, -1), atol=1e-12)
+    assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-12)
+    ref = torch.log_softmax(x @ w.T / temp, -1)[torch.arange(N), y]
+    dx_ref, dw_ref = torch.autograd.grad((ref * g).sum(), (x, w))
+    res = grpo.chunked_logprobs(x, y, w, temp, chunk=4)
+    assert torch.allclose(res[:, 0], ref, atol=1e-12) and torch.allclose(res[:, 1], ent, atol=1e-12)
+    dx, dw = torch.autograd.grad((res[:, 0] * g).sum() + 5.0 * res[:, 1].sum(), (x, w))  # the entropy: no gradient
+    assert torch.allclose(dx, dx_ref, atol=1e-12) and torch.allclose(dw, dw_ref, atol=1e-12)
+    z = (x @ w.T).detach().requires_grad_()  # from logits (w None): z itself is the user's, left as it was
+    before = z.detach().clone()
+    (dz,) = torch.autograd.grad((grpo.chunked_logprobs(z, y, None, temp, chunk=4)[:, 0] * g).sum(), z)
+    (dz_ref,) = torch.autograd.grad((torch.log_softmax(z / temp, -1)[torch.arange(N), y] * g).sum(), z)
+    assert torch.allclose(dz, dz_ref, atol=1e-12) and torch.equal(z.detach(), before)
+
+
 FSDP_GRADS = """
 import json, sys, torch, torch.distributed as dist
 import grpo, rollout, sdpo, sft
