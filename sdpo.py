@@ -137,8 +137,12 @@ def topk_support(s: torch.Tensor, t: torch.Tensor, topk: int | None, add_tail: b
 
 def on_support(logp: torch.Tensor, idx: torch.Tensor, add_tail: bool = True) -> torch.Tensor:
     """Log-probs (..., V) gathered at the support idx (..., k): with the tail bucket, or renormalised."""
-    logp = logp.gather(-1, idx)
-    return tail_bucket(logp) if add_tail else logp - torch.logsumexp(logp, -1, keepdim=True)
+    return finish_support(logp.gather(-1, idx), add_tail)
+
+
+def finish_support(logp_k: torch.Tensor, add_tail: bool = True) -> torch.Tensor:
+    """Log-probs already gathered on a support (..., k) made a distribution: + the tail bucket, or renormalised."""
+    return tail_bucket(logp_k) if add_tail else logp_k - torch.logsumexp(logp_k, -1, keepdim=True)
 
 
 def divergence(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -171,37 +175,56 @@ def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_
     the weights are None. Chunks of `chunk` positions; each student chunk is recomputed in backward
     (grpo.ChunkedHead), so only (chunk, V) logits are alive at a time.
 
-    Why `support`: the backward needs only the student's side. The student's top-k indices and the teacher's
-    log-probs on them (chunk, k+1) are kept from the forward, instead of recomputing the teacher's LM head,
-    its log_softmax, the top-k and the entropies. With topk=0 the teacher's full log-probs would be (chunk, V)
-    each, so that path recomputes them."""
+    Why `support` and `vjp`: the backward needs only the student's side. The student's top-k indices, the
+    teacher's log-probs on them (chunk, k+1) and the student's logsumexp (chunk,) are kept from the forward,
+    instead of recomputing the teacher's LM head, the log_softmaxes, the top-k and the entropies. With top-k,
+    the loss reads the student's log-probs s = z - logsumexp(z) at k + 1 entries per position, so the gradient
+    is written out: autograd over those (chunk, k+1) values, then dL/dz = scatter(dL/ds) - softmax(z) *
+    sum(dL/ds) (one exp pass, in place). With topk=0 the teacher's full log-probs would be (chunk, V) each,
+    so that path recomputes them and lets autograd differentiate the full log_softmax."""
     scale = (lambda z: z) if temperature == 1.0 else (lambda z: z / temperature)  # skip a (chunk, V) division
-    support = {}  # chunk start -> (the student's top-k indices, the teacher's log-probs on them), from the forward
+    support = {}  # chunk start -> (student's top-k indices, teacher's log-probs on them, student's logsumexp)
 
-    def teacher_logp(tx):  # (c, V), no gradient (stopgrad)
+    def teacher_logits(tx):  # (c, V) z_T / T, no gradient (stopgrad)
         with torch.no_grad():
-            return torch.log_softmax(scale(upcast(tx @ teacher_w.T if teacher_w is not None else tx)), dim=-1)
+            return scale(upcast(tx @ teacher_w.T if teacher_w is not None else tx))
 
     def piece(z, start, tx, y):
-        s = torch.log_softmax(scale(upcast(z)), dim=-1)
-        logp = s.gather(-1, y[:, None]).squeeze(-1)
-        if torch.is_grad_enabled():  # ChunkedHead's backward: the divergence and the log-prob have gradients
-            if topk:
-                idx, t_sup = support[start]
-                loss = divergence(on_support(s, idx, add_tail), t_sup, alpha)
-            else:
-                loss = divergence(s, teacher_logp(tx), alpha)
-            return torch.cat([torch.stack([loss, logp], dim=-1), s.new_zeros(len(s), 3)], dim=-1)
-        t = teacher_logp(tx)
+        z = scale(upcast(z))
+        if torch.is_grad_enabled():  # ChunkedHead's backward, topk=0 only: autograd through the full log_softmax
+            s = torch.log_softmax(z, dim=-1)
+            loss = divergence(s, torch.log_softmax(teacher_logits(tx), dim=-1), alpha)
+            return torch.cat([torch.stack([loss, s.gather(-1, y[:, None]).squeeze(-1)], dim=-1), s.new_zeros(len(s), 3)],
+                             dim=-1)
+        zt = teacher_logits(tx)
+        lse, entropy = grpo.softmax_stats(z)
+        lse_t, entropy_t = grpo.softmax_stats(zt)
         if topk:
-            idx = s.topk(topk, dim=-1).indices  # the STUDENT's top-k
-            s_sup, t_sup = on_support(s, idx, add_tail), on_support(t, idx, add_tail)
-            support[start] = (idx, t_sup)
+            idx = z.topk(topk, dim=-1).indices  # the STUDENT's top-k (z and its log-probs have the same order)
+            s_sup = finish_support(z.gather(-1, idx) - lse[:, None], add_tail)
+            t_sup = finish_support(zt.gather(-1, idx) - lse_t[:, None], add_tail)
+            support[start] = (idx, t_sup, lse)
         else:
-            s_sup, t_sup = s, t
-        return torch.stack([divergence(s_sup, t_sup, alpha), logp, divergence(s_sup, t_sup, 1.0), -(s.exp() * s).sum(-1),
-                            -(t.exp() * t).sum(-1) / math.log(t.shape[-1])], dim=-1)  # the teacher's: in [0, 1]
-    return grpo.ChunkedHead.apply(student_x, student_w, piece, None, chunk, 5, teacher_x.detach(), targets)
+            s_sup, t_sup = z - lse[:, None], zt - lse_t[:, None]
+        logp = z.gather(-1, y[:, None]).squeeze(-1) - lse
+        return torch.stack([divergence(s_sup, t_sup, alpha), logp, divergence(s_sup, t_sup, 1.0), entropy,
+                            entropy_t / math.log(zt.shape[-1])], dim=-1)  # the teacher's entropy: in [0, 1]
+
+    def vjp(z, start, grad, tx, y):  # top-k only; z is ChunkedHead's fresh (c, V) logits, overwritten here
+        idx, t_sup, lse = support[start]
+        z = upcast(z)
+        if temperature != 1.0:
+            z.div_(temperature)
+        s_k = (z.gather(-1, idx) - lse[:, None]).requires_grad_()  # the student's log-probs the loss reads
+        s_y = (z.gather(-1, y[:, None]).squeeze(-1) - lse).requires_grad_()
+        with torch.enable_grad():
+            out = torch.stack([divergence(finish_support(s_k, add_tail), t_sup, alpha), s_y], dim=-1)
+            g_k, g_y = torch.autograd.grad(out, (s_k, s_y), grad[:, :2].to(out.dtype))
+        dz = z.sub_(lse[:, None]).exp_().mul_(-(g_k.sum(-1) + g_y)[:, None])  # -softmax(z) sum(dL/ds)
+        dz.scatter_add_(-1, idx, g_k).scatter_add_(-1, y[:, None], g_y[:, None])
+        return dz if temperature == 1.0 else dz.div_(temperature)
+    return grpo.ChunkedHead.apply(student_x, student_w, piece, vjp if topk else None, chunk, 5, teacher_x.detach(),
+                                  targets)
 
 
 def sdpo_loss(div, logp, old_logp, rollout_logp, distill, n_distill: float, is_clip: float = 2.0,
