@@ -236,21 +236,33 @@ def chunked_logprobs(x: torch.Tensor, targets: torch.Tensor, w=None, temperature
     lse_of = {}  # chunk start -> the logsumexp of the chunk's z / T, from the forward
 
     def piece(z, start, y):  # forward only (no gradient)
-        z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 -> fp32; fp32, fp64 stay
+        z = upcast(z)
         z = z if temperature == 1.0 else z / temperature  # skip a (c, V) division at T = 1
         lse, entropy = softmax_stats(z)
         lse_of[start] = lse
         return torch.stack([z.gather(-1, y[:, None]).squeeze(-1) - lse, entropy], dim=-1)
 
     def vjp(z, start, grad, y):  # the entropy is detached: only grad[:, 0] reaches z
-        g = grad[:, :1].to(torch.promote_types(z.dtype, torch.float32))
-        z = z.to(torch.promote_types(z.dtype, torch.float32))  # fp32/fp64: z itself, ChunkedHead lets us overwrite it
-        if temperature != 1.0:
-            z.div_(temperature)
-        dz = z.sub_(lse_of[start][:, None]).exp_().mul_(-g)  # -g softmax(z / T)
-        dz.scatter_add_(-1, y[:, None], g)
-        return dz if temperature == 1.0 else dz.div_(temperature)
+        return log_softmax_vjp(z, lse_of[start], temperature, y[:, None], grad[:, :1])
     return ChunkedHead.apply(x, w, piece, vjp, chunk, 2, targets)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits to fp32 for the softmax; fp32 and fp64 stay as they are (the same tensor)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def log_softmax_vjp(z, lse, temperature: float, idx, g) -> torch.Tensor:
+    """dL/dz for a loss that reads s = log_softmax(z / T) only at idx (c, m), with dL/ds there = g (c, m):
+    (scatter(g) - softmax(z / T) * sum(g)) / T, from the forward's logsumexp of z / T, lse (c,).
+    One exp pass; z (c, V) is overwritten (ChunkedHead hands its vjp fresh logits)."""
+    z = upcast(z)
+    g = g.to(z.dtype)
+    if temperature != 1.0:
+        z.div_(temperature)
+    dz = z.sub_(lse[:, None]).exp_().mul_(-g.sum(-1, keepdim=True))  # -softmax(z / T) sum(g)
+    dz.scatter_add_(-1, idx, g)
+    return dz if temperature == 1.0 else dz.div_(temperature)
 
 
 def softmax_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,11 +116,6 @@ class Args(grpo.Args):
 # --------------------------------------------------------------------------------------------
 # The math (Eq. 1)
 # --------------------------------------------------------------------------------------------
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 logits to fp32 for the softmax; fp32 and fp64 stay as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 def tail_bucket(logp: torch.Tensor) -> torch.Tensor:
     """Append log(1 - sum exp(logp)) so the top-k pieces are a distribution again. (..., k) -> (..., k+1)"""
     log_s = torch.logsumexp(logp, dim=-1, keepdim=True).clamp(max=-1e-7)
@@ -161,8 +156,8 @@ def self_distillation_loss(student_logits, teacher_logits, topk: int | None = 10
                            add_tail: bool = True, temperature: float = 1.0) -> torch.Tensor:
     """Eq. 1 per token from logits (..., V): shape (...). topk=None (or 0) = the full vocabulary.
     The teacher is detached (stopgrad)."""
-    s = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)
-    t = torch.log_softmax(upcast(teacher_logits.detach()) / temperature, dim=-1)
+    s = torch.log_softmax(grpo.upcast(student_logits) / temperature, dim=-1)
+    t = torch.log_softmax(grpo.upcast(teacher_logits.detach()) / temperature, dim=-1)
     return divergence(*topk_support(s, t, topk, add_tail), alpha)
 
 
@@ -187,10 +182,10 @@ def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_
 
     def teacher_logits(tx):  # (c, V) z_T / T, no gradient (stopgrad)
         with torch.no_grad():
-            return scale(upcast(tx @ teacher_w.T if teacher_w is not None else tx))
+            return scale(grpo.upcast(tx @ teacher_w.T if teacher_w is not None else tx))
 
     def piece(z, start, tx, y):
-        z = scale(upcast(z))
+        z = scale(grpo.upcast(z))
         if torch.is_grad_enabled():  # ChunkedHead's backward, topk=0 only: autograd through the full log_softmax
             s = torch.log_softmax(z, dim=-1)
             loss = divergence(s, torch.log_softmax(teacher_logits(tx), dim=-1), alpha)
@@ -212,17 +207,12 @@ def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_
 
     def vjp(z, start, grad, tx, y):  # top-k only; z is ChunkedHead's fresh (c, V) logits, overwritten here
         idx, t_sup, lse = support[start]
-        z = upcast(z)
-        if temperature != 1.0:
-            z.div_(temperature)
-        s_k = (z.gather(-1, idx) - lse[:, None]).requires_grad_()  # the student's log-probs the loss reads
-        s_y = (z.gather(-1, y[:, None]).squeeze(-1) - lse).requires_grad_()
+        both = torch.cat([idx, y[:, None]], dim=-1)  # the entries of s the loss reads: the top-k, then the target
+        s = (scale(grpo.upcast(z.gather(-1, both))) - lse[:, None]).requires_grad_()  # (c, k+1)
         with torch.enable_grad():
-            out = torch.stack([divergence(finish_support(s_k, add_tail), t_sup, alpha), s_y], dim=-1)
-            g_k, g_y = torch.autograd.grad(out, (s_k, s_y), grad[:, :2].to(out.dtype))
-        dz = z.sub_(lse[:, None]).exp_().mul_(-(g_k.sum(-1) + g_y)[:, None])  # -softmax(z) sum(dL/ds)
-        dz.scatter_add_(-1, idx, g_k).scatter_add_(-1, y[:, None], g_y[:, None])
-        return dz if temperature == 1.0 else dz.div_(temperature)
+            out = torch.stack([divergence(finish_support(s[:, :-1], add_tail), t_sup, alpha), s[:, -1]], dim=-1)
+            (g,) = torch.autograd.grad(out, s, grad[:, :2].to(out.dtype))
+        return grpo.log_softmax_vjp(z, lse, temperature, both, g)
     return grpo.ChunkedHead.apply(student_x, student_w, piece, vjp if topk else None, chunk, 5, teacher_x.detach(),
                                   targets)
 
