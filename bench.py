@@ -6,6 +6,7 @@
     python bench.py sdpo_chunked sdpo_unchunked   # SDPO loss memory at V = 151,936, T = 4096
     python bench.py grpo_step sdpo_step generate  # issue #9's RL step: phases, step time, peak RSS, MFU
     python bench.py grpo_step_ckpt sdpo_step_ckpt # the same with gradient checkpointing (TRL's default)
+    python bench.py grpo_step_unpacked sdpo_step_unpacked  # one padded row per rollout (--pack-tokens 0)
     python bench.py trl_grpo_step trl_sdpo_step   # TRL's trainers on the same config (pip install trl)
 
 Each row is measured in a fresh process so rows don't share caches or memory peaks.
@@ -138,8 +139,10 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     """One RL step of grpo.py or sdpo.py on issue #9's config (TRL's measured one): 4 prompts x 4 rollouts of
     at most 128 tokens, single-digit addition, LR 1e-6, no KL, clip-high 0.28, fp32 on CPU. `steps` steps run;
     the last one (warm) is reported. MFU = model FLOPs / (step time x the matmul peak measured here), with
-    2 P FLOPs per token forward and 6 P forward + backward (P = parameters, the tied LM head counted once;
-    attention's T^2 term left out: ~3% at these lengths). `overrides`: Args fields on top of RL_CONFIG
+    2 P FLOPs per token forward (every sample's prompt and response in generation, the teacher's) and 6 P
+    forward + backward per trained token (every response, each distinct prompt once: work that packed rows
+    skip is not counted as useful), P = parameters, the tied LM head counted once; attention's T^2 term left
+    out (~3% at these lengths). `overrides`: Args fields on top of RL_CONFIG
     (the *_ckpt rows: grad_ckpt=True, as TRL runs by default)."""
     import tempfile
     import grpo
@@ -158,7 +161,7 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     P = n_parameters(rollout.embedded_model_dir())
     n = RL_CONFIG["prompts_per_step"] * RL_CONFIG["rollouts"]
     gen_flops = 2 * P * m["seq_tokens"]  # prefill + decode, every sample
-    train_flops = 6 * P * m["seq_tokens"] + 2 * P * m.get("teacher_tokens", 0)
+    train_flops = 6 * P * m["train_tokens"] + 2 * P * m.get("teacher_tokens", 0)
     t_teacher = m.get("t_teacher", 0.0)
     tag = "".join(f" {k}={v}" for k, v in overrides.items())
     return dict(row=f"{trainer} step (4x4, 128 tokens){tag}", step=m["step"], rollouts=n, response_tokens=round(m["length"] * n),
@@ -236,6 +239,8 @@ ROWS = {"grade": bench_grade, "generate": bench_generate, "generate64": lambda: 
         "sdpo_chunked": bench_sdpo_memory, "sdpo_unchunked": lambda: bench_sdpo_memory(chunk=None),
         "grpo_step": bench_rl_step, "sdpo_step": lambda: bench_rl_step("sdpo"),
         "grpo_step_ckpt": lambda: bench_rl_step(grad_ckpt=True), "sdpo_step_ckpt": lambda: bench_rl_step("sdpo", grad_ckpt=True),
+        "grpo_step_unpacked": lambda: bench_rl_step(pack_tokens=0),
+        "sdpo_step_unpacked": lambda: bench_rl_step("sdpo", pack_tokens=0),
         "trl_grpo_step": bench_trl_step, "trl_sdpo_step": lambda: bench_trl_step("sdpo")}
 
 

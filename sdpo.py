@@ -372,7 +372,8 @@ def sdpo_train_step(run: grpo.Run):
         kl_by_variant = {}
         for _ in range(args.ppo_epochs):
             for u in range(0, len(rows), per_update):
-                update = grpo.by_length(rows[u:u + per_update])
+                update = grpo.by_length(rows[u:u + per_update],
+                                        by_prompt=grpo.packing_limit(run.model, args.pack_tokens) > 0)
                 n_distill = sft.all_reduce_sum(sum(sum(r["distill"]) for r in update))
                 n_tokens = sft.all_reduce_sum(sum(len(r["response_ids"]) for r in update))
                 bad = False
@@ -381,11 +382,13 @@ def sdpo_train_step(run: grpo.Run):
                     # context stay in the batch with a zero mask, their own prompt standing in for the teacher's
                     micro = update[k:k + args.micro_batch]
                     sx, sw, targets, mask = grpo.response_states(run.model, [(r["prompt_ids"], r["response_ids"])
-                                                                             for r in micro], pad, device)
+                                                                             for r in micro], pad, device,
+                                                                 args.pack_tokens)
                     t0 = time.time()
                     with torch.no_grad():
                         tx, tw, _, _ = grpo.response_states(teacher, [(r["teacher_prompt_ids"] or r["prompt_ids"],
-                                                                      r["response_ids"]) for r in micro], pad, device)
+                                                                      r["response_ids"]) for r in micro], pad, device,
+                                                            args.pack_tokens)
                     tot["t_teacher"] += time.time() - t0
                     sel = mask.bool()  # (B, R): every response position (the policy loss of --pg-coef needs them all)
                     res = chunked_distillation(sx[sel], tx[sel], targets[sel], sw, tw, args.topk or None, args.alpha,

@@ -1112,22 +1112,106 @@ def test_peak_memory_windows():
 
 
 def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir, monkeypatch):
-    # by_length reorders an update's rows; sorted micro-batches of 3 give the update of one unsorted batch of 8
+    # by_length reorders an update's rows; sorted micro-batches of 3 give the update of one unsorted batch of 8,
+    # and so do packed micro-batches (pack_tokens: a prompt's rollouts share one copy of it in a row)
     model, tok = rollout.load_model(tiny_model_dir)
     rows = _rows(tok, 8, lambda i: float(i % 2))
     assert [len(r["response_ids"]) for r in grpo.by_length(rows)] == [3, 3, 2, 2, 2, 1, 1, 1]
+    for i, r in enumerate(rows):  # two groups of 4 rollouts: rows 0-3 ask q0, rows 4-7 ask q4
+        r["prompt_ids"] = rows[i - i % 4]["prompt_ids"]
     w0 = torch.cat([p.detach().flatten() for p in model.parameters()])
 
-    def update(micro):  # one SGD step (lr 1) on a copy: the weight change is the clipped gradient
+    def update(micro, pack):  # one SGD step (lr 1) on a copy: the weight change is the clipped gradient
         m = copy.deepcopy(model)
         out = grpo.train_on_rollouts(m, torch.optim.SGD(m.parameters(), lr=1.0), [dict(r) for r in rows],
-                                     grpo.Args(rollouts=4, micro_batch=micro), 1, "cpu", tok.pad_token_id)
+                                     grpo.Args(rollouts=4, micro_batch=micro, pack_tokens=pack), 1, "cpu",
+                                     tok.pad_token_id)
         return torch.cat([p.detach().flatten() for p in m.parameters()]) - w0, out["loss"]
-    d3, l3 = update(3)
-    monkeypatch.setattr(grpo, "by_length", lambda rows: rows)  # the straightforward order
-    d8, l8 = update(8)
+    d3, l3 = update(3, 0)
+    d3p, l3p = update(3, 2048)  # micro-batches split the groups: rows of 3, then 1 + 2, then 2 rollouts
+    monkeypatch.setattr(grpo, "by_length", lambda rows, **_: rows)  # the straightforward order
+    d8, l8 = update(8, 0)
     scale = float(d8.abs().max())
-    assert scale > 0 and float((d3 - d8).abs().max()) < 1e-5 * scale and abs(l3 - l8) < 1e-6
+    for d, loss in ((d3, l3), (d3p, l3p)):
+        assert scale > 0 and float((d - d8).abs().max()) < 1e-5 * scale and abs(loss - l8) < 1e-6
+
+
+def test_by_prompt_order_keeps_groups_together():
+    rows = [dict(prompt_ids=p, response_ids=[0] * n) for p, n in
+            [([1], 2), ([2, 2], 1), ([1], 5), ([3], 3), ([2, 2], 4), ([3], 3), ([1], 1)]]
+    order = [(tuple(r["prompt_ids"]), len(r["response_ids"])) for r in grpo.by_length(rows, by_prompt=True)]
+    # groups by their longest row (1: 6 tokens, 2: 6, 3: 4; ties by first appearance), longest first within
+    assert order == [((1,), 5), ((1,), 2), ((1,), 1), ((2, 2), 4), ((2, 2), 1), ((3,), 3), ((3,), 3)]
+    assert [len(r["response_ids"]) for r in grpo.by_length(rows)] == [5, 4, 3, 3, 2, 1, 1]
+
+
+def test_pack_batch_layout_by_hand():
+    seqs = [([1, 2], [3, 4]), ([1, 2], [5]), ([7], [8, 9, 10])]
+    ids, pos, attn, window, targets, mask = grpo.pack_batch(seqs, 0, "cpu", limit=5)
+    assert ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0]]
+    assert pos.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 0]]  # response 2 restarts after the prompt
+    # flat index (row * 5 + column) of the output predicting each response token; past a response: anything valid
+    assert window[0].tolist() == [1, 2, 3] and window[1, :1].tolist() == [1] and window[2].tolist() == [5, 6, 7]
+    assert targets.tolist() == [[3, 4, 0], [5, 0, 0], [8, 9, 10]]
+    assert mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
+    sees = lambda g: [[k for k in range(5) if attn[g, 0, q, k]] for q in range(5)]
+    assert attn.shape == (2, 1, 5, 5) and attn.dtype == torch.bool
+    assert sees(0) == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 4]]  # token 5 sees the prompt and itself
+    assert sees(1) == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 4]]  # padding sees the prompt: no empty row
+    # a limit the second response does not fit in (2 + 2 + 1 > 4), and no limit: one padded row per sequence
+    for limit in (4, 0):
+        ids, pos, attn, window, _, _ = grpo.pack_batch(seqs, 0, "cpu", limit=limit)
+        assert ids.tolist() == [[1, 2, 3, 4], [1, 2, 5, 0], [7, 8, 9, 10]]
+        assert attn.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]] and pos[2].tolist() == [0, 1, 2, 3]
+        assert window[:, 0].tolist() == [1, 5, 8] and window[0, 1] == 2 and window[2, 2] == 10
+
+
+@pytest.mark.parametrize("dtype,tol,grad_tol", [(torch.float64, 1e-10, 1e-6), (torch.float32, 1e-5, 1e-5)])
+def test_packed_rows_equal_padded_rows(tiny_model_dir, dtype, tol, grad_tol):
+    """Packed rows (prompt once, its responses after it, block mask) give each response token the log-prob,
+    entropy and gradient of its own padded row; hidden states too (the SDPO teacher's path). Gradients are
+    compared relative to their largest entry, and in fp64 only to 1e-6: transformers' RMSNorm computes in fp32
+    whatever the dtype, so the fp64 rounding of the different summation orders (the prompt's keys now collect
+    the gradient of several responses in one attention backward) is rounded again there."""
+    model, _ = rollout.load_model(tiny_model_dir, "float32", "cpu")
+    model.to(dtype)
+    assert grpo.packing_limit(model, 64) == 64
+    p, q = [5, 6, 7, 8], [9, 10]
+    seqs = [(p, [11, 12, 13]), (q, [14]), (p, [15, 16, 17, 18, 19]), (p, []), (q, [20, 21]), (p, [22])]
+    coef = torch.randn(len(seqs), 5, dtype=dtype)
+    got = {}
+    for pack in (0, 64, 9):  # 9: p's rows split (4 + 3 + 0 + 1 tokens, then 4 + 5)
+        model.zero_grad(set_to_none=True)
+        logp, mask, ent = grpo.token_logprobs(model, seqs, 0, 0.8, "cpu", with_entropy=True, chunk=4, pack=pack)
+        (logp * mask * coef).sum().backward()
+        with torch.no_grad():
+            x, _, _, m = grpo.response_states(model, seqs, 0, "cpu", pack)
+        got[pack] = logp.detach(), ent, x * m[..., None], {n: w.grad.clone() for n, w in model.named_parameters()}
+    ref = got[0]
+    for pack in (64, 9):
+        for a, b in zip(got[pack][:3], ref[:3]):
+            assert torch.allclose(a, b, atol=tol, rtol=0)
+        for n, g in ref[3].items():
+            assert float((got[pack][3][n] - g).abs().max()) <= grad_tol * float(g.abs().max()), (n, pack)
+    assert ref[0].abs().sum() > 0 and ref[3]["model.embed_tokens.weight"].abs().sum() > 0
+    seen = []
+    real = grpo.pack_batch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grpo, "pack_batch", lambda *a, **k: seen.append(real(*a, **k)[0].shape) or real(*a, **k))
+        grpo.response_states(model, seqs, 0, "cpu", 64)
+    assert seen == [(2, 13)]  # p and 3 + 5 + 0 + 1 tokens, q and 1 + 2: 26 positions, where padding had 6 x 9
+
+
+def test_packing_limit_by_attention():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    model = LlamaForCausalLM(cfg)
+    model.config._attn_implementation = "sdpa"
+    assert grpo.packing_limit(model, 2048) == 2048 and grpo.packing_limit(model, 0) == 0
+    model.config.sliding_window = 512  # a row never outgrows the window
+    assert grpo.packing_limit(model, 2048) == 512
+    model.config._attn_implementation = "eager"  # adds the mask to the scores: not a boolean block mask
+    assert grpo.packing_limit(model, 2048) == 0
 
 
 def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
@@ -1405,12 +1489,12 @@ FSDP_GRADS = """
 import json, sys, torch, torch.distributed as dist
 import grpo, rollout, sdpo, sft
 rank, _, world, device = sft.init_distributed()
-seqs = [([5, 6, 7], [8, 9, 10, 11]), ([5, 6, 7, 12, 13], [14, 15]), ([3], [4, 5]), ([9, 9], [7, 7, 7])]
+seqs = [([5, 6, 7], [8, 9, 10, 11]), ([5, 6, 7, 12, 13], [14, 15]), ([5, 6, 7], [4, 5]), ([9, 9], [7, 7, 7])]
 tseqs = [([1, 2] + p, r) for p, r in seqs]  # the teacher sees a longer prompt
 
-def loss_of(model, teacher, rows, trows, n_tokens):
-    x, w, y, mask = grpo.response_states(model, rows, 0, device)
-    tx, tw, _, _ = grpo.response_states(teacher, trows, 0, device)
+def loss_of(model, teacher, rows, trows, n_tokens):  # rows 0 and 2 share a prompt: packed into one row (rank 0)
+    x, w, y, mask = grpo.response_states(model, rows, 0, device, pack=64)
+    tx, tw, _, _ = grpo.response_states(teacher, trows, 0, device, pack=64)
     sel = mask.bool()
     res = sdpo.chunked_distillation(x[sel], tx[sel], y[sel], w, tw, topk=7, chunk=3)
     logp, m, _ = grpo.token_logprobs(model, rows, 0, 1.0, device, chunk=2)
@@ -1438,7 +1522,7 @@ dist.destroy_process_group()
 
 def test_fsdp2_chunked_losses_gradients_equal_one_process(tiny_model_dir, tmp_path):
     """Under torchrun (FSDP2) the chunked SDPO and GRPO losses read the root's unsharded LM-head weight after
-    its forward: the gradients must equal one process's, tied embedding included."""
+    its forward: the gradients must equal one process's, tied embedding included (packed rows on both sides)."""
     script = tmp_path / "fsdp_grads.py"
     script.write_text(FSDP_GRADS)
     run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
