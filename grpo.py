@@ -21,6 +21,8 @@ Departures, and why:
      collectives and ranks decode different lengths. With one process the policy generates itself.
   4. CPU-scale defaults (4 prompts x 8 rollouts, 128 new tokens) instead of Table 8's 256 x 8 and
      20480; the paper's values are in each flag's help and in the README's GPU recipe.
+  5. Training forwards pack a prompt's rollouts after one copy of it (--pack-tokens, `pack_batch`):
+     the same log-probs and gradients as one padded row per rollout, up to float rounding.
 
 Run it:
     python grpo.py --lenient                                        # embedded model, easy synthetic problems
