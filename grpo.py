@@ -195,7 +195,8 @@ def pack_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device, lim
     (test_packed_rows_equal_padded_rows). A micro-batch with no shared prompt gets the limit = 0 layout.
 
     Why: GRPO's n rollouts of a prompt carry n copies of it, and a micro-batch pads every row to its longest.
-    In bench.py's step (prompts of ~56 tokens, 4 rollouts of 20-128) the packed rows hold ~30% fewer positions.
+    In bench.py's step (16 rollouts of 56-token prompts, micro-batches of 8) the two steps' updates ran over
+    1,984 and 2,014 positions packed, against 2,944 padded (-32%; 1,909 and 1,945 without any padding).
     Why a limit: the mask is dense, so attention in a row costs W^2, and a long row's mask W^2 bytes."""
     rows, newest = [], {}  # rows: [prompt, length, members]; newest: prompt -> its latest row
     for i, (p, r) in enumerate(seqs):
@@ -658,7 +659,8 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
                        **train_metrics,
                        rollout_tok_s=gen_tokens / max(t_gen - t0, 1e-9) / world,
                        train_tok_s=gen_tokens / max(t_train - t_score, 1e-9) / world,
-                       seq_tokens=seq_tokens, train_tokens=train_tokens, t_generate=t_gen - t0, t_score=t_score - t_gen, t_train=t_train - t_score)
+                       seq_tokens=seq_tokens, train_tokens=train_tokens, t_generate=t_gen - t0, t_score=t_score - t_gen,
+                       t_train=t_train - t_score)
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             ev = evaluate.evaluate(backend, r.benchmarks, eval_params, ks=(1,), chat=chat, lenient=args.lenient)
             for name, s in ev.items():
