@@ -237,7 +237,7 @@ def packing_limit(model, limit: int) -> int:
     """The row limit that `pack_batch` may use for this model: 0 (no packing) unless its attention is
     torch's sdpa, which takes a boolean block mask as it is (eager attention adds the mask to the scores;
     flash-attention kernels take no mask); within a sliding window, so that the window never cuts a row.
-    Assumes transformers hands a 4D mask to the attention unchanged (masking_utils does in 5.x; checked by
+    Assumes transformers hands a 4D mask to the attention unchanged (masking_utils does, in 5.23 here; checked by
     test_packed_rows_equal_padded_rows against one padded row per sequence)."""
     cfg = model.config
     if limit <= 0 or getattr(cfg, "_attn_implementation", None) != "sdpa":
