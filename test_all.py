@@ -604,11 +604,16 @@ def test_hf_backend_stops_at_eos_and_drops_finished_rows(tiny):
         assert torch.allclose(torch.tensor(s.logprobs), ref, atol=1e-4)
 
 
-def test_decoding_attention_gets_contiguous_queries(tiny, monkeypatch):
+@pytest.mark.parametrize("lean", [True, False])
+def test_decoding_attention_gets_contiguous_queries(tiny, monkeypatch, lean):
     """skinny_linear's (W @ x.T).T is a transposed view; handed on as is, the query's last dimension has
     stride `rows` and CPU sdpa silently takes its math kernel (which copies the grouped KV cache per head)
-    instead of flash. Every decoding call must see stride 1, and the linears must still equal nn.Linear."""
+    instead of flash. Every decoding call must see stride 1 (LeanDecoder's and the model's own forward),
+    and the linears must still equal nn.Linear."""
     model, tok = tiny
+    assert rollout.lean_decoding(model)
+    if not lean:
+        monkeypatch.setattr(rollout, "lean_decoding", lambda m: False)
     strides = []
     stock = torch.nn.functional.scaled_dot_product_attention
 
@@ -627,6 +632,76 @@ def test_decoding_attention_gets_contiguous_queries(tiny, monkeypatch):
         y = lin(x)
     assert y.is_contiguous() and y.shape == ref.shape
     assert torch.allclose(y, ref, atol=1e-6)
+
+
+def _tiny_decoder(kind: str):
+    """Tiny random Llama-style models of each family LeanDecoder writes out (fp32, sdpa)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(3)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
+    if kind == "llama":  # Llama 3 rope scaling and an attention bias: both handled by the model's own modules
+        cfg = LlamaConfig(**common, attention_bias=True, rope_parameters=dict(
+            rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16))
+        return LlamaForCausalLM(cfg).eval()
+    if kind == "qwen2":  # q/k/v biases, untied head
+        return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False)).eval()
+    return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16)).eval()  # q/k RMSNorms, head_dim != H / heads
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_lean_decoder_equals_model_forward(kind):
+    """LeanDecoder's logits, step by step from a left-padded prefill (rows leaving, buffers doubling), against
+    a plain unpadded forward of each row's whole sequence."""
+    model = _tiny_decoder(kind)
+    for name, p in model.named_parameters():  # random biases and norm weights, so that a dropped term shows
+        if p.dim() == 1:
+            torch.nn.init.normal_(p, 1.0 if "norm" in name else 0.0, 0.3)
+    assert rollout.lean_decoding(model)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    W = max(map(len, prompts))
+    ids = torch.tensor([[0] * (W - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (W - len(p)) + [1] * len(p) for p in prompts])
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    seqs, rows, pos = [list(p) for p in prompts], torch.arange(3), position[:, -1]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        res = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+        lean = rollout.LeanDecoder(model, res.past_key_values, mask, room=2)  # room 2: the buffers double twice
+        for t in range(6):
+            if t == 3:  # the middle row finishes
+                keep = torch.tensor([0, 2])
+                lean.select(keep)
+                rows, pos = rows[keep], pos[keep]
+            nxt = torch.randint(1, 64, (len(rows),), generator=gen)
+            pos = pos + 1
+            got = lean.step(nxt, pos)
+            for i, r in enumerate(rows.tolist()):
+                seqs[r].append(int(nxt[i]))
+                want = model(input_ids=torch.tensor([seqs[r]])).logits[0, -1]
+                assert torch.allclose(got[i], want, atol=1e-5, rtol=0), (kind, t, r, float((got[i] - want).abs().max()))
+    assert lean.seen.shape[1] >= W + 6 and len(seqs[1]) == 2 + 3
+
+
+def test_generate_hf_same_with_lean_decoding(tiny, monkeypatch):
+    """Greedy rollouts are the same tokens, with log-probs within 1e-5, through LeanDecoder and through the
+    model's own forward; LeanDecoder is what ran."""
+    model, tok = tiny
+    prompts = [rollout.chat_prompt(tok, data.format_prompt(q)) for q in ("What is 2 + 3?", "Hi", "Solve x + 1 = 2.")]
+    params = rollout.SamplingParams(n=2, temperature=0.0, max_new_tokens=12, seed=0)
+    steps = []
+    real = rollout.LeanDecoder.step
+    monkeypatch.setattr(rollout.LeanDecoder, "step", lambda self, *a: steps.append(1) or real(self, *a))
+    lean = rollout.generate_hf(model, tok, prompts, params, batch_size=4, progress=False)
+    n_lean = len(steps)
+    assert n_lean >= 11
+    monkeypatch.setattr(rollout, "lean_decoding", lambda m: False)
+    plain = rollout.generate_hf(model, tok, prompts, params, batch_size=4, progress=False)
+    assert len(steps) == n_lean  # the model's own forward decoded this time
+    for a, b in zip(lean, plain):
+        assert a.response_ids == b.response_ids and a.finish_reason == b.finish_reason
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
 
 
 def _forward_logprobs_biased(model, s, bias):
