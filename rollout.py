@@ -529,8 +529,10 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
             res = model(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
             cache, logits = res.past_key_values, res.logits[:, -1]
             room = min(params.max_new_tokens, 256)
-            lean = LeanDecoder(model, cache, mask, room) if use_lean else None
-            if lean is None:
+            if use_lean:  # the prefill's keys and values are copied into LeanDecoder's buffers
+                lean, cache = LeanDecoder(model, cache, mask, room), None
+            else:
+                lean = None
                 preallocate_kv(cache, room)
             active = torch.arange(len(batch), device=device)  # rows still decoding, as indices into `batch`
             tokens = [[] for _ in batch]
@@ -549,7 +551,10 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
                 if keep.numel() == 0 or step == params.max_new_tokens - 1:
                     break
                 if keep.numel() < active.numel():  # drop finished rows from the batch and the cache
-                    lean.select(keep) if lean is not None else cache.batch_select_indices(keep)
+                    if lean is not None:
+                        lean.select(keep)
+                    else:
+                        cache.batch_select_indices(keep)
                     active, nxt, mask, pos = active[keep], nxt[keep], mask[keep], pos[keep]
                 pos = pos + 1
                 if lean is not None:
