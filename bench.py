@@ -7,6 +7,7 @@
     python bench.py grpo_step sdpo_step generate  # issue #9's RL step: phases, step time, peak RSS, MFU
     python bench.py grpo_step_ckpt sdpo_step_ckpt # the same with gradient checkpointing (TRL's default)
     python bench.py grpo_step_unpacked sdpo_step_unpacked  # one padded row per rollout (--pack-tokens 0)
+    python bench.py grpo_step_mb8 sdpo_step_mb8     # micro-batches of 8 sequences (the old default; now 4)
     python bench.py trl_grpo_step trl_sdpo_step   # TRL's trainers on the same config (pip install trl)
 
 Each row is measured in a fresh process so rows don't share caches or memory peaks.
@@ -241,6 +242,7 @@ ROWS = {"grade": bench_grade, "generate": bench_generate, "generate64": lambda: 
         "grpo_step_ckpt": lambda: bench_rl_step(grad_ckpt=True), "sdpo_step_ckpt": lambda: bench_rl_step("sdpo", grad_ckpt=True),
         "grpo_step_unpacked": lambda: bench_rl_step(pack_tokens=0),
         "sdpo_step_unpacked": lambda: bench_rl_step("sdpo", pack_tokens=0),
+        "grpo_step_mb8": lambda: bench_rl_step(micro_batch=8), "sdpo_step_mb8": lambda: bench_rl_step("sdpo", micro_batch=8),
         "trl_grpo_step": bench_trl_step, "trl_sdpo_step": lambda: bench_trl_step("sdpo")}
 
 
