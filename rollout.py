@@ -108,7 +108,10 @@ class Args:
 # Distributed: one function, works under `python` (world 1) and `torchrun`
 # --------------------------------------------------------------------------------------------
 def init_distributed() -> tuple[int, int, int, torch.device]:
-    """(rank, local_rank, world_size, device). nccl on GPU, gloo on CPU; no-op when WORLD_SIZE is unset."""
+    """(rank, local_rank, world_size, device); no-op when WORLD_SIZE is unset. On GPU, nccl for CUDA tensors
+    (FSDP2) and gloo for CPU ones: the trainers' scalar all-reduces (sft.all_reduce_sum) and object collectives
+    are CPU tensors, which nccl alone refuses ("No backend type associated with device type cpu"). The
+    per-device backend string is torch.distributed.init_process_group's documented form. CPU: gloo."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -116,7 +119,8 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
     return rank, local_rank, world, device
 
 
