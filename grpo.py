@@ -78,6 +78,10 @@ class Args:
     """sequences per forward/backward on one rank (memory knob). 4: with packed rows a micro-batch of 4 is one
     row of ~500 positions here, already large enough for the matmuls; bench.py's steps peaked ~1.0 GB (GRPO)
     and ~1.2 GB (SDPO) lower than with 8, at the same speed within the machine's noise"""
+    skip_zero_rows: bool = True
+    """leave out of the training forward and backward the rows whose loss terms are all zero (GRPO: zero advantage
+    and no KL; SDPO: no distilled position and no --pg-coef term): their gradient is exactly zero
+    (grpo.rows_with_gradient). GRPO's logged entropy then covers the rows trained on"""
     pack_tokens: int = 2048
     """training forwards: a prompt's rollouts share one copy of it in a row of at most this many tokens, under a
     block attention mask (grpo.pack_batch); 0 = one padded row per rollout"""
@@ -446,9 +450,40 @@ def by_length(rows: list[dict], by_prompt: bool = False) -> list[dict]:
     return sorted(rows, key=lambda r: (-longest[prompt(r)], first[prompt(r)], -size(r)))
 
 
+def rows_with_gradient(update: list[dict], has_gradient, micro_batch: int) -> list[dict]:
+    """The rows of one update that can reach the gradient (`has_gradient(row)`), in the update's order, plus as
+    few of the others as give every rank the same number of micro-batches (FSDP2's forwards and backwards are
+    collectives); those fillers are the last, shortest ones.
+
+    Why: a row whose every loss term is multiplied by zero -- GRPO's zero advantage (a group all right or all
+    wrong, without KL), SDPO's row without a teacher context -- adds exactly zero to the gradient but costs a
+    forward and backward (and SDPO's teacher forward). Early in training most groups are all wrong, late most
+    are all right. Its tokens still count in the token means' denominators, so the loss and the gradient are
+    those of the whole update up to float rounding; `apply_update` steps AdamW on a zero gradient when no row
+    is left on any rank."""
+    keep = [bool(has_gradient(r)) for r in update]
+    n_micro = int(sft.all_reduce_max(math.ceil(sum(keep) / micro_batch)))
+    fill = max(0, (n_micro - 1) * micro_batch + 1 - sum(keep)) if n_micro else 0
+    for i in reversed(range(len(update))):
+        if fill and not keep[i]:
+            keep[i], fill = True, fill - 1
+    return [r for r, k in zip(update, keep) if k]
+
+
+def trained_positions(rows: list[dict]) -> int:
+    """Positions of a training forward over `rows`: each response, and each distinct prompt once (packed rows
+    share it; bench.py's MFU counts these)."""
+    return sum(len(p) for p in {tuple(r["prompt_ids"]) for r in rows}) + sum(len(r["response_ids"]) for r in rows)
+
+
 def apply_update(model, optimizer, grad_clip: float, bad: bool) -> float | None:
     """Clip and step, or, when any rank saw a non-finite loss or gradient, skip the update and keep the
-    weights. Returns the gradient norm, None when skipped."""
+    weights. Returns the gradient norm, None when skipped. A parameter with no gradient (no row was trained:
+    `rows_with_gradient`) gets a zero one, so that AdamW still decays and moves on its momentum as it would on
+    the zero gradient of a full forward and backward."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     grad_norm = sft.clip_grads(model, grad_clip)
     skip = sft.all_reduce_sum(float(bad or not math.isfinite(grad_norm))) > 0
     if not skip:
@@ -466,12 +501,18 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
     if not on_policy:  # on-policy, pi_old is the current policy detached: no separate forward (departure 1)
         attach_old_logprobs(model, batch, args, pad_id, device)
     t_old = time.time() - t0
-    totals = dict(loss=0.0, entropy=0.0, tokens=0.0, clip_frac_high=0.0, clip_frac_low=0.0, clip_frac_dual=0.0,
-                  kl=0.0, grad_norm=0.0, updates=0, nonfinite=0)
+    totals = dict(loss=0.0, entropy=0.0, tokens=0.0, entropy_tokens=0.0, clip_frac_high=0.0, clip_frac_low=0.0,
+                  clip_frac_dual=0.0, kl=0.0, grad_norm=0.0, updates=0, nonfinite=0, rows=0, positions=0)
+    with_kl = ref_model is not None and args.kl_coef > 0
     for _ in range(args.ppo_epochs):
         for u in range(0, len(batch), per_update):
             update = by_length(batch[u:u + per_update], by_prompt=packing_limit(model, args.pack_tokens) > 0)
             tokens = sft.all_reduce_sum(sum(len(b["response_ids"]) for b in update))
+            totals["tokens"] += sum(len(b["response_ids"]) for b in update)  # every row's: the clip fractions' denominator
+            if args.skip_zero_rows:
+                update = rows_with_gradient(update, lambda b: with_kl or b["advantage"] != 0, args.micro_batch)
+            totals["rows"] += len(update)
+            totals["positions"] += trained_positions(update)
             bad = False
             for k in range(0, len(update), args.micro_batch):
                 micro = update[k:k + args.micro_batch]
@@ -488,7 +529,7 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                 # FSDP2 averages gradients over ranks: world * (local sum / global tokens) = the global token mean
                 loss, m = policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high, args.clip_c, is_w,
                                       token_count=tokens / world)
-                if ref_model is not None and args.kl_coef > 0:
+                if with_kl:
                     with torch.no_grad():
                         ref, _, _ = token_logprobs(ref_model, seqs, pad_id, args.temperature, device,
                                                    pack=args.pack_tokens)
@@ -500,7 +541,7 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                 n_local = float(mask.sum())
                 totals["loss"] += float(loss.detach()) / world
                 totals["entropy"] += float((entropy * mask).sum())
-                totals["tokens"] += n_local
+                totals["entropy_tokens"] += n_local
                 for key in ("clip_frac_high", "clip_frac_low", "clip_frac_dual"):
                     totals[key] += m[key] * n_local
             grad_norm = apply_update(model, optimizer, args.grad_clip, bad)
@@ -510,10 +551,13 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
             totals["grad_norm"] += grad_norm
             totals["updates"] += 1
     tokens = max(sft.all_reduce_sum(totals["tokens"]), 1.0)
+    entropy_tokens = sft.all_reduce_sum(totals["entropy_tokens"])
     out = dict(loss=sft.all_reduce_sum(totals["loss"]) / max(args.ppo_epochs * math.ceil(len(batch) / per_update), 1),
-               entropy=sft.all_reduce_sum(totals["entropy"]) / tokens, kl=sft.all_reduce_sum(totals["kl"]),
+               entropy=sft.all_reduce_sum(totals["entropy"]) / entropy_tokens if entropy_tokens else None,
+               kl=sft.all_reduce_sum(totals["kl"]),
                grad_norm=totals["grad_norm"] / max(totals["updates"], 1), nonfinite_updates=totals["nonfinite"],
-               t_old_logprobs=t_old)
+               trained_frac=sft.all_reduce_sum(totals["rows"]) / max(sft.all_reduce_sum(len(batch)) * args.ppo_epochs, 1),
+               train_tokens=sft.all_reduce_sum(totals["positions"]), t_old_logprobs=t_old)
     for key in ("clip_frac_high", "clip_frac_low", "clip_frac_dual"):
         out[key] = sft.all_reduce_sum(totals[key]) / tokens
     return out
@@ -613,7 +657,8 @@ def peak_memory_gb(device) -> float | None:
 
 
 def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_step):
-    """The RL loop. sdpo.py passes its own `make_train_step` (the self-distillation loss) and keeps the rest."""
+    """The RL loop. sdpo.py passes its own `make_train_step` (the self-distillation loss) and keeps the rest.
+    A train step returns its metrics, among them train_tokens: the positions its training forwards ran."""
     r = setup(args)
     rank, world, model, tok, backend, optimizer, out = r.rank, r.world, r.model, r.tokenizer, r.backend, r.optimizer, r.out
     train_step = make_train_step(r)
@@ -650,9 +695,6 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         groups = torch.tensor([x["reward"] for x in rows]).view(-1, args.rollouts)
         gen_tokens = sft.all_reduce_sum(sum(x["length"] for x in rows))
         seq_tokens = sft.all_reduce_sum(sum(len(x["prompt_ids"]) + x["length"] for x in rows))  # for bench.py's FLOPs
-        # the positions training needs: every response, and each distinct prompt once (packed rows share it)
-        train_tokens = sft.all_reduce_sum(sum(len(p) for p in {tuple(x["prompt_ids"]) for x in rows}) +
-                                          sum(x["length"] for x in rows)) * args.ppo_epochs
         metrics = dict(step=step + 1, lr=optimizer.param_groups[0]["lr"],
                        score=sft.all_reduce_sum(sum(x["reward"] for x in rows)) / n,
                        length=gen_tokens / n,
@@ -663,7 +705,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
                        **train_metrics,
                        rollout_tok_s=gen_tokens / max(t_gen - t0, 1e-9) / world,
                        train_tok_s=gen_tokens / max(t_train - t_score, 1e-9) / world,
-                       seq_tokens=seq_tokens, train_tokens=train_tokens, t_generate=t_gen - t0, t_score=t_score - t_gen,
+                       seq_tokens=seq_tokens, t_generate=t_gen - t0, t_score=t_score - t_gen,
                        t_train=t_train - t_score)
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             ev = evaluate.evaluate(backend, r.benchmarks, eval_params, ks=(1,), chat=chat, lenient=args.lenient)

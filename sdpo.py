@@ -368,7 +368,7 @@ def sdpo_train_step(run: grpo.Run):
         if not on_policy:
             grpo.attach_old_logprobs(run.model, rows, args, pad, device)
         tot = dict(loss=0.0, tokens=0.0, kl=0.0, entropy=0.0, kl_epi=0.0, n_epi=0.0, grad_norm=0.0, updates=0, bad=0,
-                   distill_loss=0.0, pg_loss=0.0, entropy_w=0.0, t_teacher=0.0)
+                   distill_loss=0.0, pg_loss=0.0, entropy_w=0.0, t_teacher=0.0, rows=0, positions=0, teacher_positions=0)
         kl_by_variant = {}
         for _ in range(args.ppo_epochs):
             for u in range(0, len(rows), per_update):
@@ -376,6 +376,13 @@ def sdpo_train_step(run: grpo.Run):
                                         by_prompt=grpo.packing_limit(run.model, args.pack_tokens) > 0)
                 n_distill = sft.all_reduce_sum(sum(sum(r["distill"]) for r in update))
                 n_tokens = sft.all_reduce_sum(sum(len(r["response_ids"]) for r in update))
+                if args.skip_zero_rows:  # rows without a distilled position (and no --pg-coef term): zero gradient
+                    update = grpo.rows_with_gradient(update, lambda r: any(r["distill"]) or
+                                                     (args.pg_coef and r["advantage"] != 0), args.micro_batch)
+                tot["rows"] += len(update)
+                tot["positions"] += grpo.trained_positions(update)
+                tot["teacher_positions"] += sum(len(r["teacher_prompt_ids"] or r["prompt_ids"]) + len(r["response_ids"])
+                                                for r in update)
                 bad = False
                 for k in range(0, len(update), args.micro_batch):
                     # every rank runs the same forwards and backwards (FSDP2 collectives): rows without a
@@ -446,8 +453,9 @@ def sdpo_train_step(run: grpo.Run):
                                                                   r["teacher_prompt_ids"] is not None))
                        / max(sft.all_reduce_sum(sum(has_c)), 1.0),
                        grad_norm=tot["grad_norm"] / max(tot["updates"], 1), nonfinite_updates=tot["bad"],
-                       teacher_tokens=sft.all_reduce_sum(sum(len(r["teacher_prompt_ids"] or r["prompt_ids"]) +
-                                                             len(r["response_ids"]) for r in rows)) * args.ppo_epochs,
+                       teacher_tokens=sft.all_reduce_sum(tot["teacher_positions"]),
+                       train_tokens=sft.all_reduce_sum(tot["positions"]),
+                       trained_frac=sft.all_reduce_sum(tot["rows"]) / max(sft.all_reduce_sum(len(rows)) * args.ppo_epochs, 1),
                        t_teacher=tot["t_teacher"])
         if world > 1:  # every rank's per-variant sums, merged
             parts = [None] * world

@@ -1211,6 +1211,76 @@ def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir, monkeypat
         assert scale > 0 and float((d - d8).abs().max()) < 1e-5 * scale and abs(loss - l8) < 1e-6
 
 
+def test_rows_with_gradient_fills_to_the_largest_rank_by_hand(monkeypatch):
+    rows = [dict(i=i) for i in range(8)]
+    live = lambda r: r["i"] in (1, 4)
+    assert [r["i"] for r in grpo.rows_with_gradient(rows, live, 3)] == [1, 4]  # one process: no filler
+    # another rank needs 2 micro-batches of 3: 4 rows here, the 2 fillers from the end (the shortest); 3: 7 rows
+    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 2))
+    assert [r["i"] for r in grpo.rows_with_gradient(rows, live, 3)] == [1, 4, 6, 7]
+    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 3))
+    assert [r["i"] for r in grpo.rows_with_gradient(rows, live, 3)] == [1, 2, 3, 4, 5, 6, 7]
+    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 1))  # nothing live here, one micro-batch elsewhere
+    assert [r["i"] for r in grpo.rows_with_gradient(rows, lambda r: False, 3)] == [7]
+    monkeypatch.setattr(sft, "all_reduce_max", lambda x: x)
+    assert grpo.rows_with_gradient(rows, lambda r: False, 3) == []
+
+
+def test_skipping_zero_advantage_rows_changes_nothing(tiny_model_dir):
+    # group 0 is mixed, group 1 all right (zero advantage): leaving group 1 out of the forward and backward gives
+    # the same gradient, loss and clip fractions; the entropy is group 0's; the positions are group 0's
+    model, tok = rollout.load_model(tiny_model_dir)
+    rows = _rows(tok, 8, lambda i: float(i % 2) if i < 4 else 1.0)
+    for i, r in enumerate(rows):
+        r["prompt_ids"] = rows[i - i % 4]["prompt_ids"]
+    assert [r["advantage"] == 0 for r in rows] == [False] * 4 + [True] * 4
+
+    class Grab(torch.optim.SGD):  # keeps the clipped gradient the update steps on
+        def step(self, closure=None):
+            self.grad = torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]])
+
+    def update(batch, skip, pack):
+        m = copy.deepcopy(model)
+        opt = Grab(m.parameters(), lr=1.0)
+        out = grpo.train_on_rollouts(m, opt, [dict(r) for r in batch],
+                                     grpo.Args(rollouts=4, micro_batch=3, pack_tokens=pack, skip_zero_rows=skip),
+                                     1, "cpu", tok.pad_token_id)
+        return opt.grad, out
+    for pack in (0, 2048):
+        d_all, all_ = update(rows, False, pack)
+        d_skip, skip = update(rows, True, pack)
+        _, group0 = update(rows[:4], False, pack)
+        scale = float(d_all.abs().max())
+        assert scale > 0 and float((d_skip - d_all).abs().max()) < 1e-5 * scale
+        assert abs(skip["loss"] - all_["loss"]) < 1e-7 and skip["clip_frac_high"] == all_["clip_frac_high"]
+        assert all_["trained_frac"] == 1.0 and skip["trained_frac"] == 0.5
+        assert skip["entropy"] == pytest.approx(group0["entropy"], rel=1e-6) and skip["entropy"] != all_["entropy"]
+        assert skip["train_tokens"] == len(rows[0]["prompt_ids"]) + 1 + 2 + 3 + 1
+        assert all_["train_tokens"] == len(rows[0]["prompt_ids"]) + len(rows[4]["prompt_ids"]) + 7 + 2 + 3 + 1 + 2
+
+
+def test_all_rows_skipped_adamw_still_steps(tiny_model_dir):
+    # after an update with momentum, a batch of degenerate groups (zero gradient): skipped, AdamW still decays the
+    # weights and moves them on its momentum, exactly as on the zero gradient of the full forward and backward
+    model, tok = rollout.load_model(tiny_model_dir)
+    opt = sft.make_optimizer(model, 1e-3)
+    grpo.train_on_rollouts(model, opt, _rows(tok, 8, lambda i: float(i % 2)), grpo.Args(rollouts=4, micro_batch=3),
+                           1, "cpu", tok.pad_token_id)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    after = {}
+    for skip in (False, True):
+        m = copy.deepcopy(model)
+        o = sft.make_optimizer(m, 1e-3)
+        o.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict would share the moment tensors
+        out = grpo.train_on_rollouts(m, o, _rows(tok, 8, lambda i: float(i < 4)),
+                                     grpo.Args(rollouts=4, micro_batch=3, skip_zero_rows=skip), 1, "cpu",
+                                     tok.pad_token_id)
+        assert out["loss"] == 0.0 and out["grad_norm"] == 0.0
+        after[skip] = torch.cat([p.detach().flatten() for p in m.parameters()])
+        assert out["trained_frac"] == (0.0 if skip else 1.0) and (out["entropy"] is None) == skip
+    assert float((after[True] - before).abs().max()) > 1e-5 and torch.equal(after[True], after[False])
+
+
 def test_by_prompt_order_keeps_groups_together():
     rows = [dict(prompt_ids=p, response_ids=[0] * n) for p, n in
             [([1], 2), ([2, 2], 1), ([1], 5), ([3], 3), ([2, 2], 4), ([3], 3), ([1], 1)]]
@@ -1716,15 +1786,51 @@ def test_marker_tokens_surface_variants(embedded_tokenizer):
     assert len(wait_id) == 1 and table[wait_id[0]] == " Wait"
 
 
-def test_sdpo_torchrun_ranks_with_different_masking(tiny_model_dir, tmp_path):
-    """One rank's rollouts have a teacher context and the other's don't: both must run the same collectives."""
+def _masking_problems(tmp_path) -> str:
+    """Two problems, only the first with a solution: with --teacher-context dataset, the second's rows have
+    no teacher context (nothing distilled, zero gradient)."""
     probs = tmp_path / "p.jsonl"
     probs.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2", "solution": "1 + 1 = 2."}) + "\n" +
                      json.dumps({"question": "What is 2 + 2?", "answer": "4"}) + "\n")
-    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sdpo.py",
-        "--model", tiny_model_dir, "--data", str(probs), "--teacher-context", "dataset", "--steps", "1",
-        "--prompts-per-step", "2", "--rollouts", "2", "--max-new-tokens", "8", "--micro-batch", "1",
-        "--eval-data", str(probs), "--eval-n", "1", "--eval-max-new-tokens", "4", "--out", str(tmp_path / "o"),
-        env={"OMP_NUM_THREADS": "1"}, timeout=300)
-    row = json.loads(open(tmp_path / "o" / "metrics.jsonl").read())
-    assert row["masked_frac"] == 0.5 and math.isfinite(row["loss"])
+    return str(probs)
+
+
+def _sdpo_masking_run(launcher, model_dir, probs, out, *extra) -> tuple[dict, dict]:
+    """One SDPO step of 2 problems x 2 rollouts at LR 1e-3: its metrics row and its step_1 weights."""
+    from safetensors.torch import load_file
+    run(*launcher, "sdpo.py", "--model", model_dir, "--data", probs, "--teacher-context", "dataset", "--steps", "1",
+        "--prompts-per-step", "2", "--rollouts", "2", "--max-new-tokens", "8", "--micro-batch", "1", "--lr", "1e-3",
+        "--warmup", "1", "--eval-data", probs, "--eval-n", "1", "--eval-max-new-tokens", "4", "--out", str(out),
+        *extra, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    return json.loads(open(out / "metrics.jsonl").read()), load_file(out / "step_1" / "model.safetensors")
+
+
+def _same_update(a: dict, b: dict, init: dict):
+    moved = max(float((a[k] - init[k]).abs().max()) for k in init)
+    assert moved > 1e-4 and max(float((a[k] - b[k]).abs().max()) for k in init) < 1e-7
+
+
+def test_sdpo_skipping_rows_without_context_changes_nothing(tiny_model_dir, tmp_path):
+    """The second problem's rows (no context) are left out of the student's and the teacher's forwards: the
+    update, the loss and the KL are those of the full forward and backward."""
+    from safetensors.torch import load_file
+    probs = _masking_problems(tmp_path)
+    skip, w_skip = _sdpo_masking_run([sys.executable], tiny_model_dir, probs, tmp_path / "skip")
+    full, w_full = _sdpo_masking_run([sys.executable], tiny_model_dir, probs, tmp_path / "full", "--no-skip-zero-rows")
+    assert skip["masked_frac"] == full["masked_frac"] == 0.5
+    assert skip["trained_frac"] == 0.5 and full["trained_frac"] == 1.0
+    assert skip["teacher_tokens"] < full["teacher_tokens"] and skip["train_tokens"] < full["train_tokens"]
+    assert skip["loss"] == pytest.approx(full["loss"], rel=1e-6) and skip["kl"] == pytest.approx(full["kl"], rel=1e-6)
+    _same_update(w_skip, w_full, load_file(Path(tiny_model_dir) / "model.safetensors"))
+
+
+def test_sdpo_torchrun_ranks_with_different_masking(tiny_model_dir, tmp_path):
+    """One rank's rollouts have a teacher context and the other's don't: both must run the same collectives
+    (the second rank trains its rows as fillers, `grpo.rows_with_gradient`), and give the full update."""
+    from safetensors.torch import load_file
+    probs = _masking_problems(tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    row, w_skip = _sdpo_masking_run(torchrun, tiny_model_dir, probs, tmp_path / "o")
+    assert row["masked_frac"] == 0.5 and math.isfinite(row["loss"]) and row["trained_frac"] == 1.0
+    _, w_full = _sdpo_masking_run(torchrun, tiny_model_dir, probs, tmp_path / "full", "--no-skip-zero-rows")
+    _same_update(w_skip, w_full, load_file(Path(tiny_model_dir) / "model.safetensors"))
