@@ -8,6 +8,7 @@
     python bench.py grpo_step_ckpt sdpo_step_ckpt # the same with gradient checkpointing (TRL's default)
     python bench.py grpo_step_unpacked sdpo_step_unpacked  # one padded row per rollout (--pack-tokens 0)
     python bench.py grpo_step_mb8 sdpo_step_mb8     # micro-batches of 8 sequences (the old default; now 4)
+    python bench.py grpo_step_all_rows sdpo_step_all_rows  # zero-gradient rows trained too (--no-skip-zero-rows)
     python bench.py trl_grpo_step trl_sdpo_step   # TRL's trainers on the same config (pip install trl)
 
 Each row is measured in a fresh process so rows don't share caches or memory peaks.
@@ -141,10 +142,14 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     at most 128 tokens, single-digit addition, LR 1e-6, no KL, clip-high 0.28, fp32 on CPU. `steps` steps run;
     the last one (warm) is reported. MFU = model FLOPs / (step time x the matmul peak measured here), with
     2 P FLOPs per token forward (every sample's prompt and response in generation, the teacher's) and 6 P
-    forward + backward per trained token (every response, each distinct prompt once: work that packed rows
-    skip is not counted as useful), P = parameters, the tied LM head counted once; attention's T^2 term left
+    forward + backward per trained token (the responses of the rows trained on, each distinct prompt once: work
+    that packed rows or grpo.rows_with_gradient skip is not counted as useful), P = parameters, the tied LM head counted once; attention's T^2 term left
     out (~3% at these lengths). `overrides`: Args fields on top of RL_CONFIG
-    (the *_ckpt rows: grad_ckpt=True, as TRL runs by default)."""
+    (the *_ckpt rows: grad_ckpt=True, as TRL runs by default).
+
+    Where a group's rollouts all score alike (GRPO) or a row has no teacher context (SDPO), the row's
+    gradient is zero and it is not trained (--skip-zero-rows): a step's time depends on its scores, so the
+    row also gives score, trained_frac (the share of rows trained) and every step's time, t_steps."""
     import tempfile
     import grpo
     import rollout
@@ -166,6 +171,7 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     t_teacher = m.get("t_teacher", 0.0)
     tag = "".join(f" {k}={v}" for k, v in overrides.items())
     return dict(row=f"{trainer} step (4x4, 128 tokens){tag}", step=m["step"], rollouts=n, response_tokens=round(m["length"] * n),
+                score=m["score"], trained_frac=m["trained_frac"], t_steps=[round(r["t_step"], 2) for r in rows],
                 rollout_tok_s=round(m["rollout_tok_s"], 1), t_generate=round(m["t_generate"], 2),
                 t_score=round(m["t_score"], 2), t_old_logprobs=round(m.get("t_old_logprobs", 0.0), 2),
                 t_teacher=round(t_teacher, 2), t_train=round(m["t_train"] - t_teacher, 2), t_step=round(m["t_step"], 2),
@@ -243,6 +249,8 @@ ROWS = {"grade": bench_grade, "generate": bench_generate, "generate64": lambda: 
         "grpo_step_unpacked": lambda: bench_rl_step(pack_tokens=0),
         "sdpo_step_unpacked": lambda: bench_rl_step("sdpo", pack_tokens=0),
         "grpo_step_mb8": lambda: bench_rl_step(micro_batch=8), "sdpo_step_mb8": lambda: bench_rl_step("sdpo", micro_batch=8),
+        "grpo_step_all_rows": lambda: bench_rl_step(skip_zero_rows=False),
+        "sdpo_step_all_rows": lambda: bench_rl_step("sdpo", skip_zero_rows=False),
         "trl_grpo_step": bench_trl_step, "trl_sdpo_step": lambda: bench_trl_step("sdpo")}
 
 

@@ -704,7 +704,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
                        / (n / args.rollouts),
                        **train_metrics,
                        rollout_tok_s=gen_tokens / max(t_gen - t0, 1e-9) / world,
-                       train_tok_s=gen_tokens / max(t_train - t_score, 1e-9) / world,
+                       train_tok_s=train_metrics["train_tokens"] / max(t_train - t_score, 1e-9) / world,  # positions
                        seq_tokens=seq_tokens, t_generate=t_gen - t0, t_score=t_score - t_gen,
                        t_train=t_train - t_score)
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
