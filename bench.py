@@ -143,8 +143,8 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     the last one (warm) is reported. MFU = model FLOPs / (step time x the matmul peak measured here), with
     2 P FLOPs per token forward (every sample's prompt and response in generation, the teacher's) and 6 P
     forward + backward per trained token (the responses of the rows trained on, each distinct prompt once: work
-    that packed rows or grpo.rows_with_gradient skip is not counted as useful), P = parameters, the tied LM head counted once; attention's T^2 term left
-    out (~3% at these lengths). `overrides`: Args fields on top of RL_CONFIG
+    that packed rows or grpo.rows_with_gradient skip is not counted as useful), P = parameters, the tied LM head
+    counted once; attention's T^2 term left out (~3% at these lengths). `overrides`: Args fields on top of RL_CONFIG
     (the *_ckpt rows: grad_ckpt=True, as TRL runs by default).
 
     Where a group's rollouts all score alike (GRPO) or a row has no teacher context (SDPO), the row's

@@ -508,7 +508,7 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
         for u in range(0, len(batch), per_update):
             update = by_length(batch[u:u + per_update], by_prompt=packing_limit(model, args.pack_tokens) > 0)
             tokens = sft.all_reduce_sum(sum(len(b["response_ids"]) for b in update))
-            totals["tokens"] += sum(len(b["response_ids"]) for b in update)  # every row's: the clip fractions' denominator
+            totals["tokens"] += sum(len(b["response_ids"]) for b in update)  # all rows': the clip fractions' denominator
             if args.skip_zero_rows:
                 update = rows_with_gradient(update, lambda b: with_kl or b["advantage"] != 0, args.micro_batch)
             totals["rows"] += len(update)
@@ -556,7 +556,8 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                entropy=sft.all_reduce_sum(totals["entropy"]) / entropy_tokens if entropy_tokens else None,
                kl=sft.all_reduce_sum(totals["kl"]),
                grad_norm=totals["grad_norm"] / max(totals["updates"], 1), nonfinite_updates=totals["nonfinite"],
-               trained_frac=sft.all_reduce_sum(totals["rows"]) / max(sft.all_reduce_sum(len(batch)) * args.ppo_epochs, 1),
+               trained_frac=sft.all_reduce_sum(totals["rows"]) / max(sft.all_reduce_sum(len(batch)) * args.ppo_epochs,
+                                                                     1),
                train_tokens=sft.all_reduce_sum(totals["positions"]), t_old_logprobs=t_old)
     for key in ("clip_frac_high", "clip_frac_low", "clip_frac_dual"):
         out[key] = sft.all_reduce_sum(totals[key]) / tokens

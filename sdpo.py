@@ -368,7 +368,8 @@ def sdpo_train_step(run: grpo.Run):
         if not on_policy:
             grpo.attach_old_logprobs(run.model, rows, args, pad, device)
         tot = dict(loss=0.0, tokens=0.0, kl=0.0, entropy=0.0, kl_epi=0.0, n_epi=0.0, grad_norm=0.0, updates=0, bad=0,
-                   distill_loss=0.0, pg_loss=0.0, entropy_w=0.0, t_teacher=0.0, rows=0, positions=0, teacher_positions=0)
+                   distill_loss=0.0, pg_loss=0.0, entropy_w=0.0, t_teacher=0.0, rows=0, positions=0,
+                   teacher_positions=0)
         kl_by_variant = {}
         for _ in range(args.ppo_epochs):
             for u in range(0, len(rows), per_update):
@@ -386,7 +387,8 @@ def sdpo_train_step(run: grpo.Run):
                 bad = False
                 for k in range(0, len(update), args.micro_batch):
                     # every rank runs the same forwards and backwards (FSDP2 collectives): rows without a
-                    # context stay in the batch with a zero mask, their own prompt standing in for the teacher's
+                    # context that stay in the batch (rows_with_gradient's fillers; every row with
+                    # --no-skip-zero-rows) have a zero mask, their own prompt standing in for the teacher's
                     micro = update[k:k + args.micro_batch]
                     sx, sw, targets, mask = grpo.response_states(run.model, [(r["prompt_ids"], r["response_ids"])
                                                                              for r in micro], pad, device,
@@ -455,7 +457,8 @@ def sdpo_train_step(run: grpo.Run):
                        grad_norm=tot["grad_norm"] / max(tot["updates"], 1), nonfinite_updates=tot["bad"],
                        teacher_tokens=sft.all_reduce_sum(tot["teacher_positions"]),
                        train_tokens=sft.all_reduce_sum(tot["positions"]),
-                       trained_frac=sft.all_reduce_sum(tot["rows"]) / max(sft.all_reduce_sum(len(rows)) * args.ppo_epochs, 1),
+                       trained_frac=sft.all_reduce_sum(tot["rows"]) / max(sft.all_reduce_sum(len(rows))
+                                                                          * args.ppo_epochs, 1),
                        t_teacher=tot["t_teacher"])
         if world > 1:  # every rank's per-variant sums, merged
             parts = [None] * world
