@@ -421,10 +421,17 @@ def update_plan(n_rows: int, args: Args, world: int) -> tuple[int, bool]:
 
 
 @torch.no_grad()
-def attach_old_logprobs(model, rows: list[dict], args: Args, pad_id: int, device) -> None:
-    """pi_old for off-policy updates: each row's response log-probs before this step's first update."""
-    for k in range(0, len(rows), args.micro_batch):
-        micro = rows[k:k + args.micro_batch]
+def attach_old_logprobs(model, rows: list[dict], args: Args, pad_id: int, device, has_gradient=None) -> None:
+    """pi_old for off-policy updates: each row's response log-probs before this step's first update.
+    With `has_gradient` (--skip-zero-rows), only the rows that `rows_with_gradient` keeps are run; the others'
+    loss terms are multiplied by zero, so their rollout log-probs stand in (finite: the ratio stays near 1)."""
+    run = rows if has_gradient is None else rows_with_gradient(rows, has_gradient, args.micro_batch)
+    ran = {id(b) for b in run}
+    for b in rows:
+        if id(b) not in ran:
+            b["old_logp"] = list(b["rollout_logprobs"])
+    for k in range(0, len(run), args.micro_batch):
+        micro = run[k:k + args.micro_batch]
         old, mask, _ = token_logprobs(model, [(b["prompt_ids"], b["response_ids"]) for b in micro], pad_id,
                                       args.temperature, device, pack=args.pack_tokens)
         for b, o, m in zip(micro, old, mask):
@@ -497,20 +504,21 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
     """Policy-gradient updates on one step's rollouts; returns metrics. batch rows carry prompt_ids,
     response_ids, rollout_logprobs and advantage. Every rank holds the same number of rows."""
     per_update, on_policy = update_plan(len(batch), args, world)
+    with_kl = ref_model is not None and args.kl_coef > 0
+    has_gradient = (lambda b: with_kl or b["advantage"] != 0) if args.skip_zero_rows else None
     t0 = time.time()
     if not on_policy:  # on-policy, pi_old is the current policy detached: no separate forward (departure 1)
-        attach_old_logprobs(model, batch, args, pad_id, device)
+        attach_old_logprobs(model, batch, args, pad_id, device, has_gradient)
     t_old = time.time() - t0
     totals = dict(loss=0.0, entropy=0.0, tokens=0.0, entropy_tokens=0.0, clip_frac_high=0.0, clip_frac_low=0.0,
                   clip_frac_dual=0.0, kl=0.0, grad_norm=0.0, updates=0, nonfinite=0, rows=0, positions=0)
-    with_kl = ref_model is not None and args.kl_coef > 0
     for _ in range(args.ppo_epochs):
         for u in range(0, len(batch), per_update):
             update = by_length(batch[u:u + per_update], by_prompt=packing_limit(model, args.pack_tokens) > 0)
             tokens = sft.all_reduce_sum(sum(len(b["response_ids"]) for b in update))
             totals["tokens"] += sum(len(b["response_ids"]) for b in update)  # all rows': the clip fractions' denominator
-            if args.skip_zero_rows:
-                update = rows_with_gradient(update, lambda b: with_kl or b["advantage"] != 0, args.micro_batch)
+            if has_gradient is not None:
+                update = rows_with_gradient(update, has_gradient, args.micro_batch)
             totals["rows"] += len(update)
             totals["positions"] += trained_positions(update)
             bad = False

@@ -365,8 +365,11 @@ def sdpo_train_step(run: grpo.Run):
             n_protected += sum(1 for t in protected if t < len(r["distill"]) and
                                (not args.distill_prefix or t < args.distill_prefix))
         per_update, on_policy = grpo.update_plan(len(rows), args, world)
+        has_gradient = None
+        if args.skip_zero_rows:  # rows without a distilled position (and no --pg-coef term): zero gradient
+            has_gradient = lambda r: any(r["distill"]) or (args.pg_coef and r["advantage"] != 0)
         if not on_policy:
-            grpo.attach_old_logprobs(run.model, rows, args, pad, device)
+            grpo.attach_old_logprobs(run.model, rows, args, pad, device, has_gradient)
         tot = dict(loss=0.0, tokens=0.0, kl=0.0, entropy=0.0, kl_epi=0.0, n_epi=0.0, grad_norm=0.0, updates=0, bad=0,
                    distill_loss=0.0, pg_loss=0.0, entropy_w=0.0, t_teacher=0.0, rows=0, positions=0,
                    teacher_positions=0)
@@ -377,9 +380,8 @@ def sdpo_train_step(run: grpo.Run):
                                         by_prompt=grpo.packing_limit(run.model, args.pack_tokens) > 0)
                 n_distill = sft.all_reduce_sum(sum(sum(r["distill"]) for r in update))
                 n_tokens = sft.all_reduce_sum(sum(len(r["response_ids"]) for r in update))
-                if args.skip_zero_rows:  # rows without a distilled position (and no --pg-coef term): zero gradient
-                    update = grpo.rows_with_gradient(update, lambda r: any(r["distill"]) or
-                                                     (args.pg_coef and r["advantage"] != 0), args.micro_batch)
+                if has_gradient is not None:
+                    update = grpo.rows_with_gradient(update, has_gradient, args.micro_batch)
                 tot["rows"] += len(update)
                 tot["positions"] += grpo.trained_positions(update)
                 tot["teacher_positions"] += sum(len(r["teacher_prompt_ids"] or r["prompt_ids"]) + len(r["response_ids"])

@@ -1259,6 +1259,38 @@ def test_skipping_zero_advantage_rows_changes_nothing(tiny_model_dir):
         assert all_["train_tokens"] == len(rows[0]["prompt_ids"]) + len(rows[4]["prompt_ids"]) + 7 + 2 + 3 + 1 + 2
 
 
+def test_skipping_zero_advantage_rows_off_policy(tiny_model_dir):
+    # two epochs (pi_old from a separate forward): the skipped group gets no old-log-prob forward (its rollout
+    # log-probs stand in) and both updates' gradients equal those of the full batch
+    model, tok = rollout.load_model(tiny_model_dir)
+    rows = _rows(tok, 8, lambda i: float(i % 2) if i < 4 else 0.0)
+    calls = []
+
+    class Grab(torch.optim.SGD):  # keeps each clipped gradient, then steps
+        def step(self, closure=None):
+            calls.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
+            super().step()
+
+    def update(skip):
+        m, batch = copy.deepcopy(model), [dict(r) for r in rows]
+        calls.clear()
+        grpo.train_on_rollouts(m, Grab(m.parameters(), lr=1e-2), batch,
+                               grpo.Args(rollouts=4, micro_batch=3, ppo_epochs=2, skip_zero_rows=skip), 1, "cpu",
+                               tok.pad_token_id)
+        return list(calls), batch
+    full, full_rows = update(False)
+    skip, skip_rows = update(True)
+    assert len(full) == len(skip) == 2
+    for g_full, g_skip in zip(full, skip):
+        scale = float(g_full.abs().max())
+        assert scale > 0 and float((g_skip - g_full).abs().max()) < 1e-5 * scale
+    for r_full, r_skip in zip(full_rows, skip_rows):
+        if r_skip["advantage"] != 0:
+            assert r_skip["old_logp"] == pytest.approx(r_full["old_logp"], abs=1e-6)
+        else:
+            assert r_skip["old_logp"] == r_skip["rollout_logprobs"] != pytest.approx(r_full["old_logp"], abs=1e-3)
+
+
 def test_all_rows_skipped_adamw_still_steps(tiny_model_dir):
     # after an update with momentum, a batch of degenerate groups (zero gradient): skipped, AdamW still decays the
     # weights and moves them on its momentum, exactly as on the zero gradient of the full forward and backward
