@@ -1247,11 +1247,11 @@ def test_skipping_zero_advantage_rows_changes_nothing(tiny_model_dir):
                                      1, "cpu", tok.pad_token_id)
         return opt.grad, out
     for pack in (0, 2048):
-        d_all, all_ = update(rows, False, pack)
-        d_skip, skip = update(rows, True, pack)
+        g_all, all_ = update(rows, False, pack)
+        g_skip, skip = update(rows, True, pack)
         _, group0 = update(rows[:4], False, pack)
-        scale = float(d_all.abs().max())
-        assert scale > 0 and float((d_skip - d_all).abs().max()) < 1e-5 * scale
+        scale = float(g_all.abs().max())
+        assert scale > 0 and float((g_skip - g_all).abs().max()) < 1e-5 * scale
         assert abs(skip["loss"] - all_["loss"]) < 1e-7 and skip["clip_frac_high"] == all_["clip_frac_high"]
         assert all_["trained_frac"] == 1.0 and skip["trained_frac"] == 0.5
         assert skip["entropy"] == pytest.approx(group0["entropy"], rel=1e-6) and skip["entropy"] != all_["entropy"]
