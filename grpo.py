@@ -23,6 +23,9 @@ Departures, and why:
      20480; the paper's values are in each flag's help and in the README's GPU recipe.
   5. Training forwards pack a prompt's rollouts after one copy of it (--pack-tokens, `pack_batch`):
      the same log-probs and gradients as one padded row per rollout, up to float rounding.
+  6. Rows of zero advantage (groups all right or all wrong, without KL) are not run through the
+     training forwards (--skip-zero-rows, `rows_with_gradient`): their gradient is exactly zero and
+     their tokens stay in the token mean, so the update is verl's up to float rounding.
 
 Run it:
     python grpo.py --lenient                                        # embedded model, easy synthetic problems
@@ -515,8 +518,9 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
     for _ in range(args.ppo_epochs):
         for u in range(0, len(batch), per_update):
             update = by_length(batch[u:u + per_update], by_prompt=packing_limit(model, args.pack_tokens) > 0)
-            tokens = sft.all_reduce_sum(sum(len(b["response_ids"]) for b in update))
-            totals["tokens"] += sum(len(b["response_ids"]) for b in update)  # all rows': the clip fractions' denominator
+            local_tokens = sum(len(b["response_ids"]) for b in update)  # all rows': the token mean's denominator
+            tokens = sft.all_reduce_sum(local_tokens)
+            totals["tokens"] += local_tokens  # and the clip fractions'
             if has_gradient is not None:
                 update = rows_with_gradient(update, has_gradient, args.micro_batch)
             totals["rows"] += len(update)
@@ -560,12 +564,12 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
             totals["updates"] += 1
     tokens = max(sft.all_reduce_sum(totals["tokens"]), 1.0)
     entropy_tokens = sft.all_reduce_sum(totals["entropy_tokens"])
+    n_rows = sft.all_reduce_sum(len(batch)) * args.ppo_epochs
     out = dict(loss=sft.all_reduce_sum(totals["loss"]) / max(args.ppo_epochs * math.ceil(len(batch) / per_update), 1),
                entropy=sft.all_reduce_sum(totals["entropy"]) / entropy_tokens if entropy_tokens else None,
                kl=sft.all_reduce_sum(totals["kl"]),
                grad_norm=totals["grad_norm"] / max(totals["updates"], 1), nonfinite_updates=totals["nonfinite"],
-               trained_frac=sft.all_reduce_sum(totals["rows"]) / max(sft.all_reduce_sum(len(batch)) * args.ppo_epochs,
-                                                                     1),
+               trained_frac=sft.all_reduce_sum(totals["rows"]) / max(n_rows, 1),
                train_tokens=sft.all_reduce_sum(totals["positions"]), t_old_logprobs=t_old)
     for key in ("clip_frac_high", "clip_frac_low", "clip_frac_dual"):
         out[key] = sft.all_reduce_sum(totals[key]) / tokens

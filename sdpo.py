@@ -45,6 +45,9 @@ Departures, and why:
      with the current policy and keep it if correct (Sec. 3's y_r).
   4. Environment feedback is off (math has none beyond right/wrong); `teacher_prompt` takes it.
   5. GRPO-only flags (--clip-*, --kl-coef, --norm-adv-std) have no effect here.
+  6. Rows without a teacher context (and no --pg-coef term) skip the student's and the teacher's
+     forwards (--skip-zero-rows, `grpo.rows_with_gradient`): their gradient is exactly zero, and the
+     reference's masked rows give the same update up to float rounding.
 
 Run it:
     python sdpo.py --lenient                                    # embedded model, easy synthetic problems
@@ -459,8 +462,8 @@ def sdpo_train_step(run: grpo.Run):
                        grad_norm=tot["grad_norm"] / max(tot["updates"], 1), nonfinite_updates=tot["bad"],
                        teacher_tokens=sft.all_reduce_sum(tot["teacher_positions"]),
                        train_tokens=sft.all_reduce_sum(tot["positions"]),
-                       trained_frac=sft.all_reduce_sum(tot["rows"]) / max(sft.all_reduce_sum(len(rows))
-                                                                          * args.ppo_epochs, 1),
+                       trained_frac=sft.all_reduce_sum(tot["rows"]) / max(sft.all_reduce_sum(len(rows)) *
+                                                                          args.ppo_epochs, 1),
                        t_teacher=tot["t_teacher"])
         if world > 1:  # every rank's per-variant sums, merged
             parts = [None] * world
