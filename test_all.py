@@ -1622,8 +1622,10 @@ def test_token_logprobs_equal_straightforward(tiny_model_dir, temp):
         z = model(input_ids=torch.tensor([seqs[i][0] + seqs[i][1]])).logits[0, len(seqs[i][0]) - 1:-1] / temp
         h = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
         assert torch.allclose(ent[i, :len(x)], h, atol=1e-5)
+    # gradients relative to their largest entry: the tied embedding's reaches ~5 here, where fp32 rounding of the
+    # two summation orders reached 2.7e-5 on an AMD EPYC (5e-6 of the largest entry), above a 1e-5 atol
     for n, p in model.named_parameters():
-        assert torch.allclose(g[n], p.grad, atol=1e-5), n
+        assert float((g[n] - p.grad).abs().max()) <= 1e-5 * float(p.grad.abs().max()), n
     model.zero_grad(set_to_none=True)
     lp, m, _ = grpo.token_logprobs(model, [([5, 6], [])], 0, 1.0, "cpu")  # no response token at all
     (lp * m).sum().backward()  # still a backward through the model (every FSDP2 rank must run one)
