@@ -21,8 +21,9 @@ Departures, and why:
      collectives and ranks decode different lengths. With one process the policy generates itself.
   4. CPU-scale defaults (4 prompts x 8 rollouts, 128 new tokens) instead of Table 8's 256 x 8 and
      20480; the paper's values are in each flag's help and in the README's GPU recipe.
-  5. Training forwards pack a prompt's rollouts after one copy of it (--pack-tokens, `pack_batch`):
-     the same log-probs and gradients as one padded row per rollout, up to float rounding.
+  5. Training forwards pack a prompt's rollouts after one copy of it (--pack-tokens, `pack_batch`), and
+     attend response by response (--segment-attention, `segment_attention`): the same log-probs and
+     gradients as one padded row per rollout, up to float rounding.
   6. Rows of zero advantage (groups all right or all wrong, without KL) are not run through the
      training forwards (--skip-zero-rows, `rows_with_gradient`): their gradient is exactly zero and
      their tokens stay in the token mean, so the update is verl's up to float rounding.
@@ -46,7 +47,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import data
 import epistemic
@@ -88,6 +93,9 @@ class Args:
     pack_tokens: int = 2048
     """training forwards: a prompt's rollouts share one copy of it in a row of at most this many tokens, under a
     block attention mask (grpo.pack_batch); 0 = one padded row per rollout"""
+    segment_attention: bool = True
+    """packed rows attend response by response (grpo.segment_attention) instead of one sdpa call over the whole
+    row's block mask, which computes every masked pair too; the same values up to float rounding"""
     lr: float = 1e-6
     """learning rate (Table 9: 1e-6)"""
     warmup: int = 10
@@ -194,7 +202,8 @@ def k3_kl(logp, ref_logp) -> torch.Tensor:
 def pack_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device, limit: int = 0):
     """The (prompt + response) rows of one forward. Returns input_ids, position_ids (G, W), the attention mask,
     window (B, R): the flat index into the G * W positions of the output that predicts each response token,
-    then targets and mask (B, R).
+    targets and mask (B, R), then segments: per row, (prompt length, [(start, end) of each response]) when rows
+    are packed, for `segment_attention`; None otherwise.
 
     limit = 0: one right-padded row per sequence and a (G, W) padding mask (the model's own causal masking).
     limit > 0: the responses to one prompt follow a single copy of it, [prompt, response 1, response 2, ...],
@@ -232,24 +241,85 @@ def pack_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device, lim
             # token 0 is predicted from the prompt's last position, token t from the response's token t - 1
             window[i] = g * W + torch.where(j == 0, len(p) - 1, (o + j - 1).clamp(max=W - 1))
             o = e
+    segments = None
     if all(len(m) == 1 for *_, m in rows):
         attn = (seg >= 0).long()
     else:  # query q sees key k <= q of the prompt or of its own response (padding sees the prompt: no empty row)
         q = torch.arange(W)
         attn = (((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])) & (q[None, :] <= q[:, None]))[:, None]
+        segments = []
+        for p, _, members in rows:
+            starts = [len(p) + sum(len(seqs[i][1]) for i in members[:k]) for k in range(len(members) + 1)]
+            segments.append((len(p), list(zip(starts[:-1], starts[1:]))))
     targets = torch.tensor([(r + [pad_id] * R)[:R] for _, r in seqs], dtype=torch.long)
     mask = (j[None, :] < torch.tensor([[len(r)] for _, r in seqs])).float()
-    return ids.to(device), pos.to(device), attn.to(device), window.to(device), targets.to(device), mask.to(device)
+    return (ids.to(device), pos.to(device), attn.to(device), window.to(device), targets.to(device), mask.to(device),
+            segments)
+
+
+def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      segments=None, **kwargs):
+    """transformers' sdpa attention, but a packed row (`pack_batch`'s segments) is attended one response at a
+    time: the prompt's queries see the prompt causally, and each response's queries see [prompt, that response]
+    under an (L, p + L) causal mask. Padding gets zeros, which no query reads. query (G, Hq, W, D), key and value
+    (G, Hkv, W, D); returns (G, W, Hq, D) and None, as transformers' attention functions do. Without segments, or
+    with anything sdpa would apply besides the mask (soft-capping, sinks, a position bias), it is transformers'
+    sdpa on the block mask.
+
+    Why: torch's CPU sdpa kernels compute every query-key pair of a row, whatever the mask; the block mask of a
+    56-token prompt and four ~92-token responses (W = 424) leaves a fifth of the row's W^2 pairs unmasked, and
+    attending per response computes a third of them (the prompt's keys once per response). The pieces are
+    split off once (`split`: one concatenation in backward, where slicing would build a full-size gradient per
+    slice) and the grouped KV heads go to sdpa as they are (enable_gqa), not repeated. A sliding window (a
+    `sliding_window` argument) needs nothing: `packing_limit` keeps rows within it. Outputs and gradients equal
+    the block-masked attention's up to float rounding (test_segment_attention_equals_block_mask). On CUDA the
+    same sdpa calls run, with the kernels that take a boolean mask (not run here: no GPU is lent).
+    Registered with transformers as "sdpa_segments" (`use_segment_attention`)."""
+    if segments is None or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    W, gqa = query.shape[2], query.shape[1] != key.shape[1]
+
+    def attend(q, k, v, **kw):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, enable_gqa=gqa, **kw)
+    rows = []
+    for g, (p, responses) in enumerate(segments):
+        sizes = [p] + [e - o for o, e in responses]
+        sizes.append(W - sum(sizes))  # padding
+        qs, ks, vs = (t[g:g + 1].split(sizes, dim=2) for t in (query, key, value))
+        parts = [attend(qs[0], ks[0], vs[0], is_causal=True)]
+        for i, n in enumerate(sizes[1:-1], 1):
+            if n:
+                causal = torch.ones(n, p + n, dtype=torch.bool, device=query.device).tril_(p)  # key j <= p + query
+                k, v = torch.cat([ks[0], ks[i]], 2), torch.cat([vs[0], vs[i]], 2)  # [prompt, response i]
+                parts.append(attend(qs[i], k, v, attn_mask=causal))
+        parts.append(query.new_zeros(1, query.shape[1], sizes[-1], value.shape[-1]))
+        rows.append(torch.cat(parts, 2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+SEGMENT_ATTENTION = "sdpa_segments"
+ALL_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, segment_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, sdpa_mask)  # masks as for sdpa (a 4D one goes as it is)
+
+
+def use_segment_attention(model):
+    """Switch a model on torch's sdpa to `segment_attention`, which is sdpa wherever no packed row's segments
+    are passed (generation, evaluation, unpacked rows): only packed training forwards change. The name is not
+    saved with checkpoints (config.json holds no attention implementation). Returns the model."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.config._attn_implementation = SEGMENT_ATTENTION
+    return model
 
 
 def packing_limit(model, limit: int) -> int:
     """The row limit that `pack_batch` may use for this model: 0 (no packing) unless its attention is
-    torch's sdpa, which takes a boolean block mask as it is (eager attention adds the mask to the scores;
-    flash-attention kernels take no mask); within a sliding window, so that the window never cuts a row.
-    Assumes transformers hands a 4D mask to the attention unchanged (masking_utils does, in 5.23 here; checked by
-    test_packed_rows_equal_padded_rows against one padded row per sequence)."""
+    torch's sdpa (or `segment_attention`), which takes a boolean block mask as it is (eager attention adds the
+    mask to the scores; flash-attention kernels take no mask); within a sliding window, so that the window never
+    cuts a row. Assumes transformers hands a 4D mask to the attention unchanged (masking_utils does, in 5.23
+    here; checked by test_packed_rows_equal_padded_rows against one padded row per sequence)."""
     cfg = model.config
-    if limit <= 0 or getattr(cfg, "_attn_implementation", None) != "sdpa":
+    if limit <= 0 or getattr(cfg, "_attn_implementation", None) not in ("sdpa", SEGMENT_ATTENTION):
         return 0
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     return min(limit, window) if window else limit
@@ -274,11 +344,14 @@ def response_states(model, seqs: list[tuple[list[int], list[int]]], pad_id: int,
     compute one position. FSDP2: fully_shard leaves the root module's parameters unsharded after its
     forward (the default for the root), so W read after the forward is the full weight, and the gradient
     that reaches it is reduce-scattered with the root's other gradients when backward ends."""
-    ids, pos, attn, window, targets, mask = pack_batch(seqs, pad_id, device, packing_limit(model, pack))
+    ids, pos, attn, window, targets, mask, segments = pack_batch(seqs, pad_id, device, packing_limit(model, pack))
     at = lambda h: h.reshape(-1, h.shape[-1])[window]  # (G, W, D) -> (B, R, D)
+    rows = dict(input_ids=ids, attention_mask=attn, position_ids=pos)
+    if segments is not None:  # read by `segment_attention`; sdpa itself ignores them
+        rows["segments"] = segments
     if not plain_lm_head(model):
-        return at(model(input_ids=ids, attention_mask=attn, position_ids=pos).logits), None, targets, mask
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True, logits_to_keep=1)
+        return at(model(**rows).logits), None, targets, mask
+    out = model(**rows, output_hidden_states=True, logits_to_keep=1)
     return at(out.hidden_states[-1]), model.get_output_embeddings().weight, targets, mask
 
 
@@ -629,6 +702,8 @@ def setup(args: Args) -> Run:
             max_model_len=args.max_prompt_len + max(args.max_new_tokens, args.eval_max_new_tokens), seed=args.seed + rank))
     elif args.backend != "hf":
         raise ValueError(f"--backend {args.backend!r}: hf or vllm")
+    if args.segment_attention:
+        use_segment_attention(model)
     model = sft.shard_model(model, device, args.grad_ckpt, mixed_precision=device.type == "cuda")
     optimizer = sft.make_optimizer(model, args.lr, args.weight_decay)
     start = sft.load_checkpoint(ckpt, model, optimizer)["step"] if ckpt else 0
@@ -644,6 +719,8 @@ def setup(args: Args) -> Run:
 def grpo_train_step(run: Run):
     """GRPO's update: `train_on_rollouts`, with a frozen reference policy when --kl-coef > 0."""
     ref_model = rollout.load_model(run.args.model, "auto", run.device)[0] if run.args.kl_coef > 0 else None
+    if ref_model is not None and run.args.segment_attention:
+        use_segment_attention(ref_model)
     return lambda rows, step_problems: train_on_rollouts(run.model, run.optimizer, rows, run.args, run.world,
                                                          run.device, run.tokenizer.pad_token_id, ref_model)
 

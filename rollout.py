@@ -403,6 +403,9 @@ def preallocate_kv(cache, room: int = 256) -> None:
         layer.update, layer.batch_select_indices = update, select
 
 
+SDPA = ("sdpa", "sdpa_segments")  # torch's sdpa; "sdpa_segments" (grpo.segment_attention) is sdpa when decoding
+
+
 def lean_decoding(model) -> bool:
     """True when `LeanDecoder` computes this model's decoding step: a Llama-style decoder on the CPU (llama,
     qwen2, qwen3: RMSNorm, the model's own rotary module, grouped-query attention through torch's sdpa,
@@ -411,7 +414,7 @@ def lean_decoding(model) -> bool:
     biased head in a test), else the model's own forward decodes. So do other models, and every GPU."""
     cfg = model.config
     if not (next(model.parameters()).device.type == "cpu" and cfg.model_type in ("llama", "qwen2", "qwen3")
-            and getattr(cfg, "hidden_act", None) == "silu" and getattr(cfg, "_attn_implementation", None) == "sdpa"
+            and getattr(cfg, "hidden_act", None) == "silu" and getattr(cfg, "_attn_implementation", None) in SDPA
             and not getattr(cfg, "use_sliding_window", False) and not getattr(cfg, "mlp_bias", False)
             and model.get_output_embeddings().bias is None):
         return False

@@ -334,6 +334,8 @@ def sdpo_train_step(run: grpo.Run):
         from safetensors.torch import load_file
         teacher.load_state_dict(load_file(saved), strict=False)  # the EMA teacher as it was at the checkpoint
     teacher.requires_grad_(False)
+    if args.segment_attention:
+        grpo.use_segment_attention(teacher)
     if args.teacher_ema > 0:  # saved with each checkpoint; a tied lm_head is the embedding (re-tied on load)
         tied = getattr(teacher.config, "tie_word_embeddings", False)
         run.checkpoint_extra = lambda: {"teacher": {k: v for k, v in teacher.state_dict().items()

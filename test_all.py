@@ -1324,8 +1324,9 @@ def test_by_prompt_order_keeps_groups_together():
 
 def test_pack_batch_layout_by_hand():
     seqs = [([1, 2], [3, 4]), ([1, 2], [5]), ([7], [8, 9, 10])]
-    ids, pos, attn, window, targets, mask = grpo.pack_batch(seqs, 0, "cpu", limit=5)
+    ids, pos, attn, window, targets, mask, segments = grpo.pack_batch(seqs, 0, "cpu", limit=5)
     assert ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0]]
+    assert segments == [(2, [(2, 4), (4, 5)]), (1, [(1, 4)])]  # (prompt length, [(start, end) of each response])
     assert pos.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 0]]  # response 2 restarts after the prompt
     # flat index (row * 5 + column) of the output predicting each response token; past a response: anything valid
     assert window[0].tolist() == [1, 2, 3] and window[1, :1].tolist() == [1] and window[2].tolist() == [5, 6, 7]
@@ -1337,21 +1338,41 @@ def test_pack_batch_layout_by_hand():
     assert sees(1) == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 4]]  # padding sees the prompt: no empty row
     # a limit the second response does not fit in (2 + 2 + 1 > 4), and no limit: one padded row per sequence
     for limit in (4, 0):
-        ids, pos, attn, window, _, _ = grpo.pack_batch(seqs, 0, "cpu", limit=limit)
-        assert ids.tolist() == [[1, 2, 3, 4], [1, 2, 5, 0], [7, 8, 9, 10]]
+        ids, pos, attn, window, _, _, segments = grpo.pack_batch(seqs, 0, "cpu", limit=limit)
+        assert ids.tolist() == [[1, 2, 3, 4], [1, 2, 5, 0], [7, 8, 9, 10]] and segments is None
         assert attn.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]] and pos[2].tolist() == [0, 1, 2, 3]
         assert window[:, 0].tolist() == [1, 5, 8] and window[0, 1] == 2 and window[2, 2] == 10
 
 
+@pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("dtype,tol,grad_tol", [(torch.float64, 1e-10, 1e-6), (torch.float32, 1e-5, 1e-5)])
-def test_packed_rows_equal_padded_rows(tiny_model_dir, dtype, tol, grad_tol):
+def test_packed_rows_equal_padded_rows(tiny_model_dir, dtype, tol, grad_tol, segments):
     """Packed rows (prompt once, its responses after it, block mask) give each response token the log-prob,
     entropy and gradient of its own padded row; hidden states too (the SDPO teacher's path). Gradients are
     compared relative to their largest entry, and in fp64 only to 1e-6: transformers' RMSNorm computes in fp32
     whatever the dtype, so the fp64 rounding of the different summation orders (the prompt's keys now collect
-    the gradient of several responses in one attention backward) is rounded again there."""
+    the gradient of several responses in one attention backward) is rounded again there. segments=True: the
+    model attends through grpo.segment_attention, response by response (checked to be called with segments)."""
     model, _ = rollout.load_model(tiny_model_dir, "float32", "cpu")
     model.to(dtype)
+    calls = []
+    if segments:
+        grpo.use_segment_attention(model)
+        real_attention = grpo.segment_attention
+        spy = lambda *a, segments=None, **k: calls.append(segments) or real_attention(*a, segments=segments, **k)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        ALL_ATTENTION_FUNCTIONS.register(grpo.SEGMENT_ATTENTION, spy)
+    try:
+        _check_packed_rows_equal_padded_rows(model, dtype, tol, grad_tol)
+    finally:
+        if segments:
+            ALL_ATTENTION_FUNCTIONS.register(grpo.SEGMENT_ATTENTION, real_attention)
+    # 2 layers x forwards: 2 per pack (0, 64, 9) and a last one at 64; unpacked rows (pack 0) pass no segments
+    assert (sum(c is not None for c in calls), sum(c is None for c in calls)) == ((2 * 5, 2 * 2) if segments
+                                                                                  else (0, 0))
+
+
+def _check_packed_rows_equal_padded_rows(model, dtype, tol, grad_tol):
     assert grpo.packing_limit(model, 64) == 64
     p, q = [5, 6, 7, 8], [9, 10]
     seqs = [(p, [11, 12, 13]), (q, [14]), (p, [15, 16, 17, 18, 19]), (p, []), (q, [20, 21]), (p, [22])]
@@ -1379,6 +1400,36 @@ def test_packed_rows_equal_padded_rows(tiny_model_dir, dtype, tol, grad_tol):
     assert seen == [(2, 13)]  # p and 3 + 5 + 0 + 1 tokens, q and 1 + 2: 26 positions, where padding had 6 x 9
 
 
+def test_segment_attention_equals_block_mask():
+    """segment_attention (one sdpa call per response, on [prompt, response]) against one sdpa call over the block
+    mask of pack_batch, written as softmax(q k^T / sqrt(d) + mask) v by hand with repeated KV heads: outputs at
+    every non-padding position and gradients of q, k, v, in fp64. Grouped heads (4 query, 2 KV), a row with
+    padding, an empty response, a row of one response and a prompt of one token."""
+    seqs = [([1, 2, 3], [4, 5]), ([1, 2, 3], []), ([1, 2, 3], [6, 7, 8, 9]), ([1, 2, 3], [10]), ([11], [12, 13]),
+            ([14, 15], [16]), ([14, 15], [17, 18])]
+    ids, _, attn, _, _, _, segments = grpo.pack_batch(seqs, 0, "cpu", limit=64)
+    assert segments == [(3, [(3, 5), (5, 5), (5, 9), (9, 10)]), (1, [(1, 3)]), (2, [(2, 3), (3, 5)])]
+    G, W = ids.shape
+    torch.manual_seed(0)
+    q = torch.randn(G, 4, W, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(G, 2, W, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8 ** 0.5
+    want = (scores.masked_fill(~attn, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    got, _ = grpo.segment_attention(module, q, k, v, attn, scaling=8 ** -0.5, segments=segments)
+    real = ids != 0  # pad id 0: rows of 10, 3 and 5 tokens
+    assert got.shape == want.shape == (G, W, 4, 8) and int((~real).sum()) == 0 + 7 + 5
+    assert torch.allclose(got[real], want[real], atol=1e-12, rtol=0) and not got[~real].any()
+    coef = torch.randn_like(want) * real[:, :, None, None]
+    grads = [torch.autograd.grad((out * coef).sum(), (q, k, v)) for out in (got, want)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0) and b.abs().sum() > 0
+    # without segments (decoding, unpacked rows) it is transformers' sdpa, the mask honoured
+    plain, _ = grpo.segment_attention(module, q, k, v, attn, scaling=8 ** -0.5)
+    assert torch.allclose(plain[real], want[real], atol=1e-12, rtol=0)
+
+
 def test_packing_limit_by_attention():
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
@@ -1387,8 +1438,11 @@ def test_packing_limit_by_attention():
     assert grpo.packing_limit(model, 2048) == 2048 and grpo.packing_limit(model, 0) == 0
     model.config.sliding_window = 512  # a row never outgrows the window
     assert grpo.packing_limit(model, 2048) == 512
+    grpo.use_segment_attention(model)
+    assert model.config._attn_implementation == "sdpa_segments" and grpo.packing_limit(model, 2048) == 512
     model.config._attn_implementation = "eager"  # adds the mask to the scores: not a boolean block mask
     assert grpo.packing_limit(model, 2048) == 0
+    assert grpo.use_segment_attention(model).config._attn_implementation == "eager"  # only sdpa is switched
 
 
 def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
