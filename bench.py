@@ -251,6 +251,8 @@ ROWS = {"grade": bench_grade, "generate": bench_generate, "generate64": lambda: 
         "grpo_step_mb8": lambda: bench_rl_step(micro_batch=8), "sdpo_step_mb8": lambda: bench_rl_step("sdpo", micro_batch=8),
         "grpo_step_all_rows": lambda: bench_rl_step(skip_zero_rows=False),
         "sdpo_step_all_rows": lambda: bench_rl_step("sdpo", skip_zero_rows=False),
+        "grpo_step_all_rows_block_mask": lambda: bench_rl_step(skip_zero_rows=False, segment_attention=False),
+        "sdpo_step_all_rows_block_mask": lambda: bench_rl_step("sdpo", skip_zero_rows=False, segment_attention=False),
         "trl_grpo_step": bench_trl_step, "trl_sdpo_step": lambda: bench_trl_step("sdpo")}
 
 
