@@ -501,13 +501,13 @@ def attach_old_logprobs(model, rows: list[dict], args: Args, pad_id: int, device
     """pi_old for off-policy updates: each row's response log-probs before this step's first update.
     With `has_gradient` (--skip-zero-rows), only the rows that `rows_with_gradient` keeps are run; the others'
     loss terms are multiplied by zero, so their rollout log-probs stand in (finite: the ratio stays near 1)."""
-    run = rows if has_gradient is None else rows_with_gradient(rows, has_gradient, args.micro_batch)
+    packed = packing_limit(model, args.pack_tokens) > 0
+    run = rows if has_gradient is None else rows_with_gradient(rows, has_gradient, args.micro_batch, packed)
     ran = {id(b) for b in run}
     for b in rows:
         if id(b) not in ran:
             b["old_logp"] = list(b["rollout_logprobs"])
-    for k in range(0, len(run), args.micro_batch):
-        micro = run[k:k + args.micro_batch]
+    for micro in micro_batches(run, args.micro_batch, packed, ranks_even=True):
         old, mask, _ = token_logprobs(model, [(b["prompt_ids"], b["response_ids"]) for b in micro], pad_id,
                                       args.temperature, device, pack=args.pack_tokens)
         for b, o, m in zip(micro, old, mask):
@@ -533,10 +533,10 @@ def by_length(rows: list[dict], by_prompt: bool = False) -> list[dict]:
     return sorted(rows, key=lambda r: (-longest[prompt(r)], first[prompt(r)], -size(r)))
 
 
-def rows_with_gradient(update: list[dict], has_gradient, micro_batch: int) -> list[dict]:
+def rows_with_gradient(update: list[dict], has_gradient, micro_batch: int, by_prompt: bool = False) -> list[dict]:
     """The rows of one update that can reach the gradient (`has_gradient(row)`), in the update's order, plus as
-    few of the others as give every rank the same number of micro-batches (FSDP2's forwards and backwards are
-    collectives); those fillers are the last, shortest ones.
+    few of the others as give every rank the same number of micro-batches (`micro_batches`; FSDP2's forwards
+    and backwards are collectives); those fillers are the last, shortest ones.
 
     Why: a row whose every loss term is multiplied by zero -- GRPO's zero advantage (a group all right or all
     wrong, without KL), SDPO's row without a teacher context -- adds exactly zero to the gradient but costs a
@@ -545,12 +545,40 @@ def rows_with_gradient(update: list[dict], has_gradient, micro_batch: int) -> li
     those of the whole update up to float rounding; `apply_update` steps AdamW on a zero gradient when no row
     is left on any rank."""
     keep = [bool(has_gradient(r)) for r in update]
-    n_micro = int(sft.all_reduce_max(math.ceil(sum(keep) / micro_batch)))
-    fill = max(0, (n_micro - 1) * micro_batch + 1 - sum(keep)) if n_micro else 0
-    for i in reversed(range(len(update))):
-        if fill and not keep[i]:
-            keep[i], fill = True, fill - 1
-    return [r for r, k in zip(update, keep) if k]
+    kept = lambda: [r for r, k in zip(update, keep) if k]
+    count = lambda: len(micro_batches(kept(), micro_batch, by_prompt))
+    n_micro = int(sft.all_reduce_max(count()))
+    for i in reversed(range(len(update))):  # a row adds at most one micro-batch
+        if count() >= n_micro:
+            break
+        keep[i] = True
+    return kept()
+
+
+def micro_batches(rows: list[dict], micro_batch: int, by_prompt: bool = False,
+                  ranks_even: bool = False) -> list[list[dict]]:
+    """Consecutive micro-batches of at most `micro_batch` rows. by_prompt (packed rows, in `by_length(by_prompt=
+    True)` order): a micro-batch also ends where the prompt changes, so that it is one packed row. ranks_even
+    (a collective): a rank with fewer micro-batches than another splits its largest ones in two until it has as
+    many (FSDP2's forwards and backwards are collectives; a prompt twice in a step makes one larger group on
+    one rank). A rank short of micro-batches always has one of two rows or more: ranks hold as many rows, and
+    `rows_with_gradient` fills up to the most micro-batches before it runs out of rows.
+
+    Why: `rows_with_gradient` can keep part of a group (SDPO: a group's rollouts differ in whether they have a
+    teacher context), and a micro-batch holding two prompts' rows is two packed rows padded to the longer one.
+    In bench.py's SDPO step (10 of 16 rows kept, from 4 prompts) 3 micro-batches of 4 took nearly the time of
+    all 16 rows, at a higher peak (5.10 GB against 4.77). Whole groups of --rollouts = --micro-batch split
+    as before."""
+    out = []
+    for r in rows:
+        if not out or len(out[-1]) == micro_batch or (by_prompt and r["prompt_ids"] != out[-1][-1]["prompt_ids"]):
+            out.append([])
+        out[-1].append(r)
+    n = int(sft.all_reduce_max(len(out))) if ranks_even else len(out)
+    while len(out) < n:
+        i = max(range(len(out)), key=lambda j: len(out[j]))
+        out[i:i + 1] = [out[i][:(len(out[i]) + 1) // 2], out[i][(len(out[i]) + 1) // 2:]]
+    return out
 
 
 def trained_positions(rows: list[dict]) -> int:
@@ -582,6 +610,7 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
     per_update, on_policy = update_plan(len(batch), args, world)
     with_kl = ref_model is not None and args.kl_coef > 0
     has_gradient = (lambda b: with_kl or b["advantage"] != 0) if args.skip_zero_rows else None
+    packed = packing_limit(model, args.pack_tokens) > 0
     t0 = time.time()
     if not on_policy:  # on-policy, pi_old is the current policy detached: no separate forward (departure 1)
         attach_old_logprobs(model, batch, args, pad_id, device, has_gradient)
@@ -590,17 +619,16 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                   clip_frac_dual=0.0, kl=0.0, grad_norm=0.0, updates=0, nonfinite=0, rows=0, positions=0)
     for _ in range(args.ppo_epochs):
         for u in range(0, len(batch), per_update):
-            update = by_length(batch[u:u + per_update], by_prompt=packing_limit(model, args.pack_tokens) > 0)
+            update = by_length(batch[u:u + per_update], by_prompt=packed)
             local_tokens = sum(len(b["response_ids"]) for b in update)  # all rows': the token mean's denominator
             tokens = sft.all_reduce_sum(local_tokens)
             totals["tokens"] += local_tokens  # and the clip fractions'
             if has_gradient is not None:
-                update = rows_with_gradient(update, has_gradient, args.micro_batch)
+                update = rows_with_gradient(update, has_gradient, args.micro_batch, packed)
             totals["rows"] += len(update)
             totals["positions"] += trained_positions(update)
             bad = False
-            for k in range(0, len(update), args.micro_batch):
-                micro = update[k:k + args.micro_batch]
+            for micro in micro_batches(update, args.micro_batch, packed, ranks_even=True):
                 seqs = [(b["prompt_ids"], b["response_ids"]) for b in micro]
                 logp, mask, entropy = token_logprobs(model, seqs, pad_id, args.temperature, device, with_entropy=True,
                                                      pack=args.pack_tokens)

@@ -370,6 +370,7 @@ def sdpo_train_step(run: grpo.Run):
             n_protected += sum(1 for t in protected if t < len(r["distill"]) and
                                (not args.distill_prefix or t < args.distill_prefix))
         per_update, on_policy = grpo.update_plan(len(rows), args, world)
+        packed = grpo.packing_limit(run.model, args.pack_tokens) > 0
         has_gradient = None
         if args.skip_zero_rows:  # rows without a distilled position (and no --pg-coef term): zero gradient
             has_gradient = lambda r: any(r["distill"]) or (args.pg_coef and r["advantage"] != 0)
@@ -381,22 +382,20 @@ def sdpo_train_step(run: grpo.Run):
         kl_by_variant = {}
         for _ in range(args.ppo_epochs):
             for u in range(0, len(rows), per_update):
-                update = grpo.by_length(rows[u:u + per_update],
-                                        by_prompt=grpo.packing_limit(run.model, args.pack_tokens) > 0)
+                update = grpo.by_length(rows[u:u + per_update], by_prompt=packed)
                 n_distill = sft.all_reduce_sum(sum(sum(r["distill"]) for r in update))
                 n_tokens = sft.all_reduce_sum(sum(len(r["response_ids"]) for r in update))
                 if has_gradient is not None:
-                    update = grpo.rows_with_gradient(update, has_gradient, args.micro_batch)
+                    update = grpo.rows_with_gradient(update, has_gradient, args.micro_batch, packed)
                 tot["rows"] += len(update)
                 tot["positions"] += grpo.trained_positions(update)
                 tot["teacher_positions"] += sum(len(r["teacher_prompt_ids"] or r["prompt_ids"]) + len(r["response_ids"])
                                                 for r in update)
                 bad = False
-                for k in range(0, len(update), args.micro_batch):
+                for micro in grpo.micro_batches(update, args.micro_batch, packed, ranks_even=True):
                     # every rank runs the same forwards and backwards (FSDP2 collectives): rows without a
                     # context that stay in the batch (rows_with_gradient's fillers; every row with
                     # --no-skip-zero-rows) have a zero mask, their own prompt standing in for the teacher's
-                    micro = update[k:k + args.micro_batch]
                     sx, sw, targets, mask = grpo.response_states(run.model, [(r["prompt_ids"], r["response_ids"])
                                                                              for r in micro], pad, device,
                                                                  args.pack_tokens)

@@ -1224,6 +1224,31 @@ def test_rows_with_gradient_fills_to_the_largest_rank_by_hand(monkeypatch):
     assert [r["i"] for r in grpo.rows_with_gradient(rows, lambda r: False, 3)] == [7]
     monkeypatch.setattr(sft, "all_reduce_max", lambda x: x)
     assert grpo.rows_with_gradient(rows, lambda r: False, 3) == []
+    # packed rows: micro-batches end where the prompt changes; rows 1 (prompt a) and 4 (b) are two micro-batches,
+    # and another rank's 3 take one filler from the end (prompt c: its own micro-batch)
+    for r in rows:
+        r["prompt_ids"] = [r["i"] // 3]  # a = 0, 1, 2; b = 3, 4, 5; c = 6, 7
+    assert [r["i"] for r in grpo.rows_with_gradient(rows, live, 3, by_prompt=True)] == [1, 4]
+    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 3))
+    assert [r["i"] for r in grpo.rows_with_gradient(rows, live, 3, by_prompt=True)] == [1, 4, 7]
+    # 4 elsewhere (a prompt twice in a step there): all 8 rows here make 3, and micro_batches(ranks_even) splits
+    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 4))
+    kept = grpo.rows_with_gradient(rows, live, 3, by_prompt=True)
+    assert [r["i"] for r in kept] == list(range(8))
+    assert [[r["i"] for r in mb] for mb in grpo.micro_batches(kept, 3, True, ranks_even=True)] == [
+        [0, 1], [2], [3, 4, 5], [6, 7]]
+
+
+def test_micro_batches_by_hand(monkeypatch):
+    rows = [dict(i=i, prompt_ids=[p]) for i, p in enumerate([0, 0, 0, 0, 0, 1, 1, 2])]
+    ids = lambda mbs: [[r["i"] for r in mb] for mb in mbs]
+    assert ids(grpo.micro_batches(rows, 3)) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert ids(grpo.micro_batches(rows, 3, by_prompt=True)) == [[0, 1, 2], [3, 4], [5, 6], [7]]
+    # another rank has 6 micro-batches: the largest split in two (the first of equal ones), until there are 6
+    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 6))
+    # [0, 1, 2] -> [0, 1], [2]; then [0, 1] -> [0], [1] (the first of the rows of two)
+    assert ids(grpo.micro_batches(rows, 3, by_prompt=True, ranks_even=True)) == [[0], [1], [2], [3, 4], [5, 6], [7]]
+    assert ids(grpo.micro_batches(rows, 3, by_prompt=True)) == [[0, 1, 2], [3, 4], [5, 6], [7]]  # local only
 
 
 def test_skipping_zero_advantage_rows_changes_nothing(tiny_model_dir):
