@@ -1284,6 +1284,36 @@ def test_skipping_zero_advantage_rows_changes_nothing(tiny_model_dir):
         assert all_["train_tokens"] == len(rows[0]["prompt_ids"]) + len(rows[4]["prompt_ids"]) + 7 + 2 + 3 + 1 + 2
 
 
+def test_partly_kept_groups_train_one_packed_row_per_micro_batch(tiny_model_dir, monkeypatch):
+    # two rows of each group have a gradient (SDPO's case: a group's rollouts differ in having a teacher
+    # context): a micro-batch of 4 holds one group's 2 kept rows, one packed row, not both groups' (two rows
+    # padded to the longer); the gradient is the full batch's
+    model, tok = rollout.load_model(tiny_model_dir)
+    rows = _rows(tok, 8, lambda i: 0.0, adv=[0.5, 0.0, -0.5, 0.0, 0.0, 0.3, 0.0, -0.3])
+    for i, r in enumerate(rows):
+        r["prompt_ids"] = rows[i - i % 4]["prompt_ids"]
+    forwards, real = [], grpo.token_logprobs
+    monkeypatch.setattr(grpo, "token_logprobs", lambda m, seqs, *a, **k: forwards.append(
+        sorted({tuple(p) for p, _ in seqs}, key=len)) or real(m, seqs, *a, **k))
+
+    class Grab(torch.optim.SGD):
+        def step(self, closure=None):
+            self.grad = torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]])
+
+    def update(skip):
+        m = copy.deepcopy(model)
+        opt = Grab(m.parameters(), lr=1.0)
+        forwards.clear()
+        grpo.train_on_rollouts(m, opt, [dict(r) for r in rows], grpo.Args(rollouts=4, micro_batch=4,
+                               skip_zero_rows=skip), 1, "cpu", tok.pad_token_id)
+        return opt.grad, list(forwards)
+    g_all, f_all = update(False)
+    g_skip, f_skip = update(True)
+    assert len(f_all) == 2 and all(len(f) == 1 for f in f_all)  # whole groups: one prompt per micro-batch
+    assert len(f_skip) == 2 and all(len(f) == 1 for f in f_skip) and f_skip[0] != f_skip[1]
+    assert float((g_skip - g_all).abs().max()) < 1e-5 * float(g_all.abs().max())
+
+
 def test_skipping_zero_advantage_rows_off_policy(tiny_model_dir):
     # two epochs (pi_old from a separate forward): the skipped group gets no old-log-prob forward (its rollout
     # log-probs stand in) and both updates' gradients equal those of the full batch
