@@ -319,7 +319,7 @@ def packing_limit(model, limit: int) -> int:
     cuts a row. Assumes transformers hands a 4D mask to the attention unchanged (masking_utils does, in 5.23
     here; checked by test_packed_rows_equal_padded_rows against one padded row per sequence)."""
     cfg = model.config
-    if limit <= 0 or getattr(cfg, "_attn_implementation", None) not in ("sdpa", SEGMENT_ATTENTION):
+    if limit <= 0 or getattr(cfg, "_attn_implementation", None) not in rollout.SDPA:
         return 0
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     return min(limit, window) if window else limit

@@ -1495,6 +1495,7 @@ def test_packing_limit_by_attention():
     assert grpo.packing_limit(model, 2048) == 512
     grpo.use_segment_attention(model)
     assert model.config._attn_implementation == "sdpa_segments" and grpo.packing_limit(model, 2048) == 512
+    assert grpo.SEGMENT_ATTENTION in rollout.SDPA  # LeanDecoder decodes a switched model too
     model.config._attn_implementation = "eager"  # adds the mask to the scores: not a boolean block mask
     assert grpo.packing_limit(model, 2048) == 0
     assert grpo.use_segment_attention(model).config._attn_implementation == "eager"  # only sdpa is switched
