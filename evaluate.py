@@ -32,6 +32,7 @@ Run it:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -152,6 +153,7 @@ def evaluate(backend, benchmarks: dict[str, list[dict]], params: rollout.Samplin
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     chat = chat or {}
+    params = dataclasses.replace(params, seed=params.seed + rank)  # each rank its own samples
     summary = {}
     for name, problems in benchmarks.items():
         mine = score_problems(backend, rollout.shard(problems, rank, world), params, chat, progress, lenient)
@@ -218,8 +220,14 @@ def main(args: Args) -> dict:
         done = box[0]
     pending = [(name, p) for name, ps in benchmarks.items() for p in ps if (name, p["id"]) not in done]
     rollout.print0(f"{sum(map(len, benchmarks.values()))} problems, {len(done)} already done, {len(pending)} to go")
-    backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, seed=args.seed + rank)
     chat = dict(system=args.system, thinking=args.thinking)
+    max_len = 0
+    if args.backend == "vllm":  # sized from the longest prompt: vLLM cuts longer requests silently
+        tok = rollout.load_tokenizer(args.model)
+        max_len = rollout.engine_length(tok, [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat)
+                                              for _, p in pending], args.max_new_tokens, args.model)
+    backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, max_model_len=max_len,
+                                   seed=args.seed + rank)
     step = args.chunk * world
     bar = tqdm(total=len(pending), desc="problems", disable=rank != 0)
     for i, start in enumerate(range(0, len(pending), step)):
@@ -412,3 +420,6 @@ if __name__ == "__main__":
             main(data.parse_args(Args))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -19,6 +19,8 @@ Departures, and why:
   3. With --backend hf under torchrun, each rank generates with a plain (unsharded) replica of the
      policy, refreshed from the FSDP shards after every step (`sync_replica`): FSDP2 forwards are
      collectives and ranks decode different lengths. With one process the policy generates itself.
+     With --backend vllm, each rank's engine sleeps while the trainer runs (--vllm-sleep) and wakes with
+     the trainer's weights (`rollout.push_weights_to_vllm`); its length is sized by `engine_length`.
   4. CPU-scale defaults (4 prompts x 8 rollouts, 128 new tokens) instead of Table 8's 256 x 8 and
      20480; the paper's values are in each flag's help and in the README's GPU recipe.
   5. Training forwards pack a prompt's rollouts after one copy of it (--pack-tokens, `pack_batch`), and
@@ -58,6 +60,7 @@ import epistemic
 import evaluate
 import rollout
 import sft
+from sft import plain_lm_head  # noqa: F401  (grpo.plain_lm_head: the head test of response_states)
 
 
 @dataclass
@@ -140,6 +143,13 @@ class Args:
     """hf backend: sequences decoded together"""
     vllm_gpu_memory: float = 0.5
     """vllm: share of total GPU memory for the engine"""
+    vllm_sleep: int = 2
+    """vllm: sleep level of the engine while the trainer runs (2: weights and KV cache freed, 1: weights kept in
+    CPU memory, 0: never asleep)"""
+    chunk: int = 0
+    """positions per chunk of the LM-head losses (memory knob); 0 = 256 on CPU, 1024 on GPU"""
+    keep_checkpoints: int = 2
+    """keep this many newest checkpoints in --out, removing older ones (0 = keep all)"""
     grad_ckpt: bool = False
     """gradient checkpointing (memory knob)"""
     thinking: str = "auto"
@@ -325,14 +335,6 @@ def packing_limit(model, limit: int) -> int:
     return min(limit, window) if window else limit
 
 
-def plain_lm_head(model) -> bool:
-    """True when logits = final hidden state @ W.T exactly: a bias-free nn.Linear head with no soft-capping or
-    logit scaling (Llama, Qwen2/3, OLMo, SmolLM). Other heads take the full-logits path."""
-    head, cfg = model.get_output_embeddings(), model.config
-    return (type(head) is torch.nn.Linear and head.bias is None and not getattr(cfg, "final_logit_softcapping", None)
-            and getattr(cfg, "logit_scale", None) in (None, 1.0))
-
-
 def response_states(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, device, pack: int = 0):
     """One forward of the (prompt + response) rows, laid out by `pack_batch` (rows of at most `pack` tokens
     where `packing_limit` allows; 0 = one padded row per sequence). Returns x (B, R, H), the final hidden state
@@ -350,9 +352,8 @@ def response_states(model, seqs: list[tuple[list[int], list[int]]], pad_id: int,
     if segments is not None:  # read by `segment_attention`; sdpa itself ignores them
         rows["segments"] = segments
     if not plain_lm_head(model):
-        return at(model(**rows).logits), None, targets, mask
-    out = model(**rows, output_hidden_states=True, logits_to_keep=1)
-    return at(out.hidden_states[-1]), model.get_output_embeddings().weight, targets, mask
+        return at(model(**rows, use_cache=False).logits), None, targets, mask
+    return at(sft.last_hidden_state(model, **rows)), model.get_output_embeddings().weight, targets, mask
 
 
 def chunked_logprobs(x: torch.Tensor, targets: torch.Tensor, w=None, temperature: float = 1.0,
@@ -509,9 +510,22 @@ def attach_old_logprobs(model, rows: list[dict], args: Args, pad_id: int, device
             b["old_logp"] = list(b["rollout_logprobs"])
     for micro in micro_batches(run, args.micro_batch, packed, ranks_even=True):
         old, mask, _ = token_logprobs(model, [(b["prompt_ids"], b["response_ids"]) for b in micro], pad_id,
-                                      args.temperature, device, pack=args.pack_tokens)
+                                      args.temperature, device, chunk=sft.chunk_size(args.chunk, device),
+                                      pack=args.pack_tokens)
         for b, o, m in zip(micro, old, mask):
             b["old_logp"] = o[:int(m.sum())].tolist()
+    reshard(model)
+
+
+def reshard(model) -> None:
+    """Free the gathered weights a no-grad forward left behind under FSDP2 (no-op for a plain module).
+
+    Why: fully_shard keeps the root module's parameters unsharded after its forward (reshard_after_forward is
+    False for the root), and only a backward reshards them. After a no-grad forward with no backward behind
+    it (pi_old's, when an update then has no trainable row), `apply_update` would give those unsharded
+    parameters plain zero gradients beside the others' sharded ones, which clip_grad_norm_ cannot mix."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def by_length(rows: list[dict], by_prompt: bool = False) -> list[dict]:
@@ -631,7 +645,7 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
             for micro in micro_batches(update, args.micro_batch, packed, ranks_even=True):
                 seqs = [(b["prompt_ids"], b["response_ids"]) for b in micro]
                 logp, mask, entropy = token_logprobs(model, seqs, pad_id, args.temperature, device, with_entropy=True,
-                                                     pack=args.pack_tokens)
+                                                     chunk=sft.chunk_size(args.chunk, device), pack=args.pack_tokens)
                 R = logp.shape[1]
                 pad = lambda xs: torch.stack([torch.nn.functional.pad(torch.as_tensor(x, dtype=torch.float32),
                                                                       (0, R - len(x))) for x in xs]).to(device)
@@ -645,7 +659,7 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                 if with_kl:
                     with torch.no_grad():
                         ref, _, _ = token_logprobs(ref_model, seqs, pad_id, args.temperature, device,
-                                                   pack=args.pack_tokens)
+                                                   chunk=sft.chunk_size(args.chunk, device), pack=args.pack_tokens)
                     kl = (k3_kl(logp, ref) * mask).sum() / max(tokens / world, 1.0)
                     loss = loss + args.kl_coef * kl
                     totals["kl"] += float(kl.detach()) / world
@@ -725,9 +739,11 @@ def setup(args: Args) -> Run:
         replica, _ = rollout.load_model(start_from, "auto", device)
     backend = rollout.Backend("hf", tok, model=replica if replica is not None else model, batch_size=args.gen_batch_size)
     if args.backend == "vllm":
-        backend = rollout.Backend("vllm", tok, model=model, llm=rollout.make_vllm(
-            rollout.resolve_model_path(start_from), gpu_memory_utilization=args.vllm_gpu_memory,
-            max_model_len=args.max_prompt_len + max(args.max_new_tokens, args.eval_max_new_tokens), seed=args.seed + rank))
+        max_len = engine_length(args, tok, problems, benchmarks)
+        backend = rollout.Backend("vllm", tok, llm=rollout.make_vllm(
+            rollout.resolve_model_path(start_from), max_len, device=device, gpu_memory_utilization=args.vllm_gpu_memory,
+            enable_sleep_mode=args.vllm_sleep > 0, seed=args.seed + rank), max_model_len=max_len,
+            sleep_level=args.vllm_sleep)
     elif args.backend != "hf":
         raise ValueError(f"--backend {args.backend!r}: hf or vllm")
     if args.segment_attention:
@@ -742,6 +758,26 @@ def setup(args: Args) -> Run:
         if ckpt:
             print(f"resumed from {ckpt} (step {start})")
     return Run(args, rank, world, device, problems, benchmarks, model, tok, backend, optimizer, start, out, ckpt)
+
+
+def engine_length(args: Args, tok, problems: list[dict], benchmarks: dict) -> int:
+    """The vLLM engine's max_model_len: the longest training prompt (at most --max-prompt-len) plus
+    --max-new-tokens, and for SDPO's regenerated contexts room for a solution of up to --max-new-tokens inside the
+    prompt; the longest evaluation prompt plus --eval-max-new-tokens. (`rollout.engine_length` refuses totals
+    over the model's context.)"""
+    chat = dict(system=args.system, thinking=args.thinking)
+    prompts = lambda ps: [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat) for p in ps]
+    solution = 0  # SDPO's regenerated contexts: the reprompt's own words and a solution of up to --max-new-tokens
+    if getattr(args, "teacher_context", None) == "regenerated":
+        solution = len(tok(rollout.reprompt("", "x"), add_special_tokens=False)["input_ids"]) + args.max_new_tokens
+    longest = max((len(ids) for ids in tok(prompts(problems), add_special_tokens=False)["input_ids"]), default=0)
+    train, limit = min(longest, args.max_prompt_len) + solution + args.max_new_tokens, rollout.model_context(args.model)
+    if limit is not None and train > limit:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the longest training prompt plus the response "
+                         f"budget is {train} tokens, over the model's context of {limit}")
+    evals = rollout.engine_length(tok, prompts(p for ps in benchmarks.values() for p in ps), args.eval_max_new_tokens,
+                                  args.model, flag="--eval-max-new-tokens")
+    return max(train, evals)
 
 
 def grpo_train_step(run: Run):
@@ -781,8 +817,8 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
     rank, world, model, tok, backend, optimizer, out = r.rank, r.world, r.model, r.tokenizer, r.backend, r.optimizer, r.out
     train_step = make_train_step(r)
     chat = dict(system=args.system, thinking=args.thinking)
-    eval_params = rollout.SamplingParams(n=args.eval_n, temperature=0.6, top_p=0.95, top_k=20,
-                                         max_new_tokens=args.eval_max_new_tokens, seed=args.seed)
+    eval_params = rollout.SamplingParams(n=args.eval_n, temperature=0.6, top_p=0.95, top_k=20,  # a stream of seeds
+                                         max_new_tokens=args.eval_max_new_tokens, seed=args.seed + 500_000_000)  # apart
     bar = tqdm(range(r.start, args.steps), desc=loss_name, disable=rank != 0, initial=r.start, total=args.steps)
     for step in bar:
         t0 = time.time()
@@ -797,6 +833,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         params = rollout.SamplingParams(n=args.rollouts, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                         seed=args.seed * 1_000_003 + step * 1009 + rank)
         samples = rollout.generate(backend, prompts, params, progress=False)
+        rollout.sleep_engine(backend)  # vllm: its memory goes to training until the weights are pushed
         t_gen = time.time()
         rows = score_rollouts(samples, mine, args.lenient)
         adv = group_advantages([x["reward"] for x in rows], args.rollouts, args.norm_adv_std)
@@ -806,7 +843,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         train_metrics = train_step(rows, mine)
         t_train = time.time()
         if backend.kind == "vllm":
-            rollout.push_weights_to_vllm(backend.llm, model)
+            rollout.push_weights_to_vllm(backend, model)  # wakes a sleeping engine
         elif backend.model is not model:
             sync_replica(backend.model, model)
         n = sft.all_reduce_sum(len(rows))
@@ -837,7 +874,8 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
                             E=f"{metrics['epistemic']:.2f}", loss=f"{metrics['loss']:.4f}")
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             sft.save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args), loss=loss_name),
-                                extra_tensors=r.checkpoint_extra() if r.checkpoint_extra else None)
+                                extra_tensors=r.checkpoint_extra() if r.checkpoint_extra else None,
+                                keep=args.keep_checkpoints)
     rollout.print0(f"done: {sft.latest_checkpoint(out)}")
 
 

@@ -12,7 +12,8 @@ Implements, for arXiv 2603.24472:
   - two generation backends behind one call, `generate(backend, prompts, params)`: "hf"
     (transformers, CPU or GPU) and "vllm" (GPU only, imported lazily), each returning per sample
     the prompt ids, response ids, text, finish reason and per-token log-probs under the sampling
-    distribution; and `push_weights_to_vllm`, the weight sync after an RL step
+    distribution; for vllm, `engine_length` (the engine's max_model_len), `request_seed` (one seed per
+    request), `sleep_engine` and `push_weights_to_vllm` (the weight sync after an RL step, which wakes it)
   - the Table 1 analysis CLI: avg score, avg length (tokens), avg epistemic count per setting.
 
 Departures, and why:
@@ -43,11 +44,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,9 +122,33 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=60))
+        dist.init_process_group(process_group_backend(device), timeout=datetime.timedelta(minutes=60))
     return rank, local_rank, world, device
+
+
+def process_group_backend(device) -> str:
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def one_rank_group(device) -> None:
+    """A one-process torch.distributed group, for what needs one with a single process: vLLM's
+    `external_launcher` executor and FSDP2 on one GPU.
+
+    Why: that executor reads RANK and LOCAL_RANK from the environment (vllm/v1/executor/uniproc_executor.py,
+    0.33), so a plain `python ... --backend vllm` fails with a KeyError; and where no group exists it creates
+    the default group itself with the device backend only (vllm/distributed/parallel_state.py), on which the
+    trainers' CPU all-reduces fail. So, as TRL does for colocated vLLM: set the rank variables and create a
+    one-rank `cpu:gloo,cuda:nccl` group first. A no-op when a group exists (torchrun with several ranks)."""
+    if dist.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:  # a free port on this machine, for the one-rank store
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    dist.init_process_group(process_group_backend(device), rank=0, world_size=1,
+                            timeout=datetime.timedelta(minutes=60))
 
 
 def print0(*a, **kw):
@@ -174,21 +201,61 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(embedded_model_dir()) if name_or_path == EMBEDDED else name_or_path
 
 
-def load_model(name_or_path: str = EMBEDDED, dtype: str = "auto", device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a Hugging Face id or directory, or the embedded alias. eval() mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(name_or_path: str = EMBEDDED):
+    """The tokenizer of a Hugging Face id or directory, or of the embedded model; a pad token set."""
+    from transformers import AutoTokenizer
     path = resolve_model_path(name_or_path)
     if (path.startswith((".", "/", "~")) or os.sep in path and not re.fullmatch(r"[\w.-]+/[\w.-]+", path)) \
             and not Path(path).expanduser().exists():
         raise FileNotFoundError(f"model path {path!r} does not exist")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str = EMBEDDED, dtype: str = "auto", device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a Hugging Face id or directory, or the embedded alias. eval() mode."""
+    from transformers import AutoModelForCausalLM
+    tok = load_tokenizer(name_or_path)
     device = torch.device(device)
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=getattr(torch, dtype))
+    return model.to(device).eval(), tok
+
+
+def model_context(name_or_path: str) -> int | None:
+    """The longest sequence the model's config allows (max_position_embeddings or its synonyms), None if unsaid."""
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
+def engine_length(tokenizer, prompts: list[str], max_new_tokens: int, model: str, extra: int = 0,
+                  flag: str = "--max-new-tokens") -> int:
+    """vLLM's max_model_len for an engine that serves `prompts`: the longest one, plus `extra` tokens (room for
+    a solution that is only drawn later), plus the response budget; the same on every rank (max over ranks).
+
+    Why: vLLM ends a request at max_model_len without an error (finish_reason "length",
+    vllm/v1/core/sched/utils.py), so a fixed 32768 cut Table 11's 38,912-token evaluations short. Raises a
+    ValueError naming `flag` where the total exceeds the model's context."""
+    longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([longest], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # collective: one engine length on every rank
+        longest = int(t.item())
+    need = longest + extra + max_new_tokens
+    limit = model_context(model)
+    if limit is not None and need > limit:
+        room = f" + {extra} for a solution" if extra else ""
+        raise ValueError(f"{flag} {max_new_tokens}: the longest prompt ({longest} tokens{room}) plus the response "
+                         f"budget is {need} tokens, over the model's context of {limit}")
+    return need
 
 
 def chat_prompt(tokenizer, user: str, system: str | None = None, thinking: str = "auto") -> str:
@@ -266,6 +333,9 @@ class Backend:
     model: object = None  # hf: the causal LM
     llm: object = None  # vllm: vllm.LLM
     batch_size: int = 64
+    max_model_len: int = 0  # vllm: the engine's length; a longer request is refused, never cut
+    sleep_level: int = 0  # vllm: `sleep` frees the engine's memory at this level between rollouts (0 = never)
+    asleep: bool = False  # vllm: put to sleep and not woken since (`push_weights_to_vllm` wakes it)
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -580,19 +650,29 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
     return out
 
 
-def make_vllm(model_path: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-              max_model_len: int = 32768, enable_sleep_mode: bool = False, seed: int = 0):
+def make_vllm(model_path: str, max_model_len: int, tensor_parallel_size: int = 1,
+              gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = False, seed: int = 0,
+              device="cuda"):
     """A colocated vLLM engine, one per torchrun rank (vLLM 0.33, `external_launcher` executor).
 
-    Assumptions (read from the vLLM 0.33.0 source; not run on this project's CPU machines):
-      - construction is collective: every rank calls this; vLLM reuses the initialised
-        torch.distributed world, TP groups are consecutive ranks, and all ranks of a TP group must
-        call `generate` with identical prompts, params and seed (pass seed = rank // tp);
-      - gpu_memory_utilization is a share of TOTAL GPU memory and must be free at start-up,
-        the trainer's memory included;
-      - logprobs_mode="processed_logprobs" returns log-probs after temperature/top-k/top-p, which
-        is what the trainer's log_softmax(logits / T) compares against (RL runs use top-p 1, top-k 0).
+    Assumptions (read from the vLLM 0.33.0 source; exercised on CPU against the tests' contract fake, never on
+    a GPU here):
+      - the executor reads RANK / LOCAL_RANK and reuses an initialised torch.distributed world; with one
+        process `one_rank_group` makes both first. It sets VLLM_ENABLE_V1_MULTIPROCESSING=0 itself
+        (vllm/config/parallel.py), keeping the engine in this process, which is what lets
+        `push_weights_to_vllm` reach its model;
+      - construction is collective (the KV-cache size is all-reduced); with tensor_parallel_size 1 every rank
+        then generates on its own (vLLM's "external DP"). TP groups are consecutive ranks, and every rank of a
+        TP group must call `generate` with identical prompts and params;
+      - gpu_memory_utilization is a share of TOTAL GPU memory and must be free at start-up, the trainer's
+        memory included;
+      - max_model_len bounds prompt + response: size it with `engine_length` (a request past it is cut silently);
+      - enable_sleep_mode lets the trainers free the engine's memory during training (`sleep_engine`);
+      - logprobs_mode="processed_logprobs" returns log-probs after temperature/top-k/top-p, which is what the
+        trainer's log_softmax(logits / T) compares against (RL runs use top-p 1, top-k 0);
+      - the engine's seed matters little: every request carries its own (`request_seed`).
     """
+    one_rank_group(device)
     from vllm import LLM  # GPU-only extra: imported here, never at module import
     return LLM(model=model_path, tensor_parallel_size=tensor_parallel_size,
                distributed_executor_backend="external_launcher", gpu_memory_utilization=gpu_memory_utilization,
@@ -600,59 +680,95 @@ def make_vllm(model_path: str, tensor_parallel_size: int = 1, gpu_memory_utiliza
                logprobs_mode="processed_logprobs", dtype="bfloat16")
 
 
-def generate_vllm(llm, tokenizer, prompts: list[str], params: SamplingParams) -> list[Sample]:
-    """The same contract as `generate_hf`, through vLLM's offline engine (GPU only)."""
+def request_seed(seed: int, index: int) -> int:
+    """The seed of request `index` of a call made with `seed`: a 62-bit hash of both.
+
+    Why not one seed for the call: vLLM seeds a request's k-th sample with seed + k
+    (vllm/v1/engine/parallel_sampling.py), so with one seed per call every prompt's k-th sample gets the same
+    noise, duplicate prompts (|D| = 1, seen_8x8) draw identical rollouts, and a call seeded s + 1 (the next
+    rank) repeats this one's samples shifted by one. Hashed seeds are far apart, so seed + k never meets
+    another request's."""
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def generate_vllm(backend: Backend, prompts: list[str], params: SamplingParams) -> list[Sample]:
+    """The same contract as `generate_hf`, through vLLM's offline engine (GPU only): one request per prompt,
+    n samples each, every request with its own seed (`request_seed`). A request that does not fit in the
+    engine's max_model_len is refused here: vLLM would end it early without saying so."""
     from vllm import SamplingParams as VSP, TokensPrompt
     if params.max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0 (got {params.max_new_tokens})")
-    sp = VSP(n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else -1,
-             max_tokens=params.max_new_tokens, seed=params.seed, logprobs=0)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], sp, use_tqdm=False)
+    if backend.asleep:
+        raise RuntimeError("the vLLM engine is asleep: push the weights (push_weights_to_vllm) before generating")
+    encoded = [backend.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    too_long = [len(ids) for ids in encoded if len(ids) + params.max_new_tokens > backend.max_model_len]
+    if too_long:
+        raise ValueError(f"a prompt of {max(too_long)} tokens plus {params.max_new_tokens} new tokens exceeds the "
+                         f"engine's max_model_len {backend.max_model_len}")
+    sps = [VSP(n=params.n, temperature=params.temperature, top_p=params.top_p,
+               top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
+               seed=request_seed(params.seed, i), logprobs=0) for i in range(len(prompts))]
+    results = backend.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], sps,
+                                   use_tqdm=False) if prompts else []
     out = []
     for i, (ids, res) in enumerate(zip(encoded, results)):
         for o in res.outputs:
             toks = list(o.token_ids)
             lps = [o.logprobs[t][tok].logprob for t, tok in enumerate(toks)] if o.logprobs else []
-            out.append(Sample(i, ids, toks, tokenizer.decode(toks, skip_special_tokens=True),
+            out.append(Sample(i, ids, toks, backend.tokenizer.decode(toks, skip_special_tokens=True),
                               "stop" if o.finish_reason == "stop" else "length", lps))
     return out
 
 
+def sleep_engine(backend: Backend) -> None:
+    """Free the vLLM engine's GPU memory for training: `LLM.sleep(level)` (0.33 signature `sleep(level, mode)`).
+    Level 1 offloads the weights to CPU memory and drops the KV cache; level 2 drops both, so the next
+    `push_weights_to_vllm` must bring the trainer's weights (it always does). A no-op for hf or level 0."""
+    if backend.kind == "vllm" and backend.sleep_level > 0 and not backend.asleep:
+        backend.llm.sleep(level=backend.sleep_level)
+        backend.asleep = True
+
+
 @torch.no_grad()
-def push_weights_to_vllm(llm, model, sleeping: bool = False) -> None:
-    """Load the trainer's current weights into a colocated vLLM engine after an optimizer step.
+def push_weights_to_vllm(backend: Backend, model, dtype=torch.bfloat16, max_bytes: int = 1 << 30) -> None:
+    """Load the trainer's current weights into a colocated vLLM engine after an optimizer step; wakes it.
 
     Assumes vLLM 0.33 with the `external_launcher` executor (engine in-process) and an FSDP2
     (`fully_shard`) or plain model. Collective: every rank calls it, parameters in the same order.
-      - `sleeping`: the caller put the engine to sleep (`llm.sleep(level=...)`) to free memory for
-        training; its weights are woken first (`wake_up(tags=["weights"])`). 0.33's `sleep` takes only
-        `level`, and level 2 discards weights, so weights are always pushed, never reloaded from disk;
-      - each parameter is gathered with `full_tensor()` (DTensor) and loaded through the public
-        `llm.apply_model(lambda m: m.load_weights(...))` (the private
-        `llm_engine.model_executor.driver_worker...` path broke across releases);
+      - a sleeping engine (`sleep_engine`) first gets its weight memory back (`wake_up(tags=["weights"])`);
+        since level 2 discards the weights, they are always pushed, never reloaded from disk;
+      - each parameter is gathered with `full_tensor()` (DTensor), cast to the engine's dtype (bf16: vLLM's
+        loaders warn on every other dtype, and fp32 copies double the transient memory), and loaded in
+        batches of at most `max_bytes` through the public `llm.apply_model(lambda m: m.load_weights(...))`
+        (the private `llm_engine.model_executor.driver_worker...` path broke across releases);
       - HF names load as they are for dense models (vLLM fuses q/k/v itself); a tied lm_head is skipped;
       - then the prefix cache is reset (it holds KV of the old weights) and the KV cache woken.
     """
-    if sleeping:
-        torch.cuda.empty_cache()
+    llm = backend.llm
+    if backend.asleep:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the trainer's freed blocks go back before vLLM takes its weights' memory
         llm.wake_up(tags=["weights"])
     tied = getattr(model.config, "tie_word_embeddings", False)
-    batch = []
+    batch, size = [], 0
     for name, p in model.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
         if tied and name == "lm_head.weight":
             continue
         full = p.full_tensor() if hasattr(p, "full_tensor") else p.data  # DTensor shard -> full (collective)
-        batch.append((name, full.detach()))
-        if len(batch) >= 64:  # bounded extra memory: load in groups
+        full = full.detach().to(dtype)
+        if batch and size + full.numel() * full.element_size() > max_bytes:
             llm.apply_model(lambda m, b=tuple(batch): m.load_weights(b))
-            batch = []
+            batch, size = [], 0
+        batch.append((name, full))
+        size += full.numel() * full.element_size()
     if batch:
         llm.apply_model(lambda m, b=tuple(batch): m.load_weights(b))
     llm.reset_prefix_cache()
-    if sleeping:
+    if backend.asleep:
         llm.wake_up(tags=["kv_cache"])
+        backend.asleep = False
 
 
 def generate(backend: Backend, prompts: list[str], params: SamplingParams, progress: bool = True) -> list[Sample]:
@@ -660,18 +776,21 @@ def generate(backend: Backend, prompts: list[str], params: SamplingParams, progr
     if backend.kind == "hf":
         return generate_hf(backend.model, backend.tokenizer, prompts, params, backend.batch_size, progress)
     if backend.kind == "vllm":
-        return generate_vllm(backend.llm, backend.tokenizer, prompts, params)
+        return generate_vllm(backend, prompts, params)
     raise ValueError(f"unknown backend {backend.kind!r}; use hf or vllm")
 
 
 def make_backend(kind: str, model_path: str, device, dtype: str = "auto", batch_size: int = 64,
-                 seed: int = 0, **vllm_kwargs) -> Backend:
+                 max_model_len: int = 0, **vllm_kwargs) -> Backend:
+    """hf: the model itself on `device`. vllm: a colocated engine of `max_model_len` (see `engine_length`) and
+    the tokenizer alone (the engine holds the weights; a second copy would take 15 GB of a 7B model's GPU)."""
     if kind not in ("hf", "vllm"):
         raise ValueError(f"--backend {kind!r}: use hf or vllm")
-    model, tok = load_model(model_path, dtype, device)
     if kind == "hf":
+        model, tok = load_model(model_path, dtype, device)
         return Backend("hf", tok, model=model, batch_size=batch_size)
-    return Backend("vllm", tok, model=model, llm=make_vllm(resolve_model_path(model_path), seed=seed, **vllm_kwargs))
+    llm = make_vllm(resolve_model_path(model_path), max_model_len, device=device, **vllm_kwargs)
+    return Backend("vllm", load_tokenizer(model_path), llm=llm, max_model_len=max_model_len)
 
 
 def shard(items: list, rank: int, world: int) -> list:
@@ -730,6 +849,19 @@ def context_for(setting: str, question: str, s: str | None) -> str:
     return reprompt(question, s)  # "solution" (c = s) and "regenerated" (c = y_r)
 
 
+def settings_engine_length(model: str, problems: list[dict], settings: list[str], solution_source: str,
+                           max_new_tokens: int, chat: dict) -> int:
+    """`engine_length` for the settings of Table 1 (and `sft.py build`): every setting's prompt for every
+    problem. Where s is drawn from the model (a rollout, or y_r), it is not known yet: room for one more
+    response of max_new_tokens is added."""
+    tok = load_tokenizer(model)
+    dataset = solution_source == "dataset"
+    prompts = [chat_prompt(tok, context_for(s, p["question"], (p.get("solution") or "x") if dataset else "x"), **chat)
+               for s in settings for p in problems]
+    drawn = any(s != "unguided" for s in settings) and (not dataset or "regenerated" in settings)
+    return engine_length(tok, prompts, max_new_tokens, model, extra=max_new_tokens if drawn else 0)
+
+
 def first_correct(records: list[dict]) -> dict[str, str]:
     """problem id -> its first correct response: s (from unguided rollouts) or y_r (from solution-guided ones)."""
     out = {}
@@ -747,10 +879,13 @@ def table1(args: Args) -> dict:
     if args.solution_source not in ("rollout", "dataset"):
         raise ValueError(f"--solution-source {args.solution_source!r}: rollout or dataset")
     problems = shard(data.load_problems(args.data, limit=args.limit, seed=args.seed), rank, world)
-    backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, seed=args.seed + rank)
+    chat = dict(system=args.system, thinking=args.thinking)
+    max_len = 0 if args.backend != "vllm" else settings_engine_length(
+        args.model, problems, ["unguided", *chosen], args.solution_source, args.max_new_tokens, chat)
+    backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, max_model_len=max_len,
+                           seed=args.seed + rank)
     params = SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed + rank)
-    chat = dict(system=args.system, thinking=args.thinking)
     records = {}
 
     def run(setting: str, given: dict):
@@ -796,4 +931,8 @@ def table1(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    table1(data.parse_args(Args))
+    try:
+        table1(data.parse_args(Args))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -20,7 +20,7 @@ policy-gradient loss outright; App. D Table 10):
     App. C's uncertainty-encouraging prompt with --reprompt uncertainty; App. E's OPSD hybrid with
     --teacher-thinking (teacher template thinking on, student off) and --distill-prefix 1024
   - teacher = frozen initial policy (--teacher-ema 0.0, the paper) or an EMA of the student,
-    teacher <- (1 - rate) teacher + rate student once per update (0.05, Fig. 6) -> `ema_update`
+    teacher <- (1 - rate) teacher + rate student once per step, kept in fp32 (0.05, Fig. 6) -> `ema_update`
   - App. B.6 metrics: the student-teacher KL per token, overall and on epistemic-marker tokens per
     surface variant (" Wait", "Wait", " wait", ...).
 
@@ -105,8 +105,6 @@ class Args(grpo.Args):
     """distil only the first N response tokens (OPSD: 1024); 0 = all"""
     max_reprompt_len: int = 22528
     """teacher prompts longer than this many tokens are masked (reference: 22528)"""
-    chunk: int = 256
-    """positions per LM-head chunk of the distillation loss (memory knob)"""
     # beyond the paper: remedies for the suppression of epistemic verbalization (README, "Remedies")
     protect_epistemic: bool = False
     """remedy: no distillation loss at the response tokens where an epistemic marker begins (off in the paper)"""
@@ -279,13 +277,39 @@ def teacher_contexts(rows: list[dict], problems: list[dict], group_size: int, mo
     return out
 
 
+def ema_state(student, saved: dict | None = None) -> dict:
+    """The EMA teacher's weights in fp32, sharded as the student's are (DTensor shards under FSDP2): the
+    student's own parameters, or `saved` full tensors (a checkpoint's teacher.safetensors) where given.
+
+    Why a separate fp32 copy: the teacher itself runs in bf16 on GPU, and lerp_ at rate 0.05 in bf16 rounds
+    most updates back to the old value (bf16 keeps 8 bits of mantissa; 0.05 of a small difference is below half
+    a unit in the last place), so the teacher would barely move."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    out = {}
+    for name, p in student.named_parameters():
+        if saved is None or name not in saved:
+            out[name] = p.detach().float().clone()
+            continue
+        full = saved[name].to(device=p.device, dtype=torch.float32)
+        out[name] = distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full
+    return out
+
+
 @torch.no_grad()
-def ema_update(teacher, student, rate: float) -> None:
-    """teacher <- (1 - rate) * teacher + rate * student. Collective under FSDP2 (full_tensor per parameter)."""
+def ema_update(ema: dict, teacher, student, rate: float) -> None:
+    """ema <- (1 - rate) * ema + rate * student, in fp32 on each rank's shards (`ema_state`); then the teacher's
+    weights <- ema, cast to the teacher's dtype. Collective under FSDP2 (full_tensor per parameter)."""
     params = dict(teacher.named_parameters())
     for name, p in student.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p.data
-        params[name].lerp_(full.to(params[name].dtype), rate)
+        ema[name].lerp_(p.detach().float(), rate)
+        params[name].copy_(ema[name].full_tensor() if hasattr(ema[name], "full_tensor") else ema[name])
+
+
+def full_ema(ema: dict, tied: bool) -> dict:
+    """The fp32 EMA as full tensors, for the checkpoint's teacher.safetensors (collective under FSDP2); a tied
+    lm_head is the embedding and is re-tied on load."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in ema.items()
+            if not (tied and k == "lm_head.weight")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,8 +326,12 @@ def regenerated_contexts(run, rows, problems, args) -> list[str | None]:
     prompts = [rollout.chat_prompt(run.tokenizer, teacher_prompt(problems[g]["question"], firsts[g]), **chat) for g in groups]
     params = rollout.SamplingParams(n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                     seed=args.seed + 7919 * len(rows) + run.rank)
+    if run.backend.asleep:  # vllm, put to sleep after the step's rollouts: wake it with the same weights (collective)
+        rollout.push_weights_to_vllm(run.backend, run.model)
+    samples = rollout.generate(run.backend, prompts, params, progress=False)  # every rank, prompts or not
+    rollout.sleep_engine(run.backend)
     y_r = {}
-    for s in (rollout.generate(run.backend, prompts, params, progress=False) if prompts else []):
+    for s in samples:
         g = groups[s.prompt_index]
         if data.grade(s.text, problems[g]["answer"], lenient=args.lenient) >= args.success_threshold:
             y_r[g] = s.text
@@ -329,18 +357,21 @@ def sdpo_train_step(run: grpo.Run):
         raise ValueError(f"--teacher-context must be one of {modes}; --reprompt sdpo or uncertainty")
     teacher_path = rollout.resolve_model_path(args.model)
     teacher, _ = rollout.load_model(teacher_path, "auto", device)  # the initial policy
-    saved = run.resumed_from / "teacher.safetensors" if run.resumed_from else None
-    if args.teacher_ema > 0 and saved is not None and saved.exists():
-        from safetensors.torch import load_file
-        teacher.load_state_dict(load_file(saved), strict=False)  # the EMA teacher as it was at the checkpoint
     teacher.requires_grad_(False)
     if args.segment_attention:
         grpo.use_segment_attention(teacher)
-    if args.teacher_ema > 0:  # saved with each checkpoint; a tied lm_head is the embedding (re-tied on load)
+    ema = None
+    if args.teacher_ema > 0:  # the fp32 EMA, saved with each checkpoint and restored from it
+        saved = run.resumed_from / "teacher.safetensors" if run.resumed_from else None
+        if saved is not None and saved.exists():
+            from safetensors.torch import load_file
+            teacher.load_state_dict(load_file(saved), strict=False)  # the EMA teacher as it was at the checkpoint
+            ema = ema_state(run.model, load_file(saved))
+        else:
+            ema = ema_state(run.model)
         tied = getattr(teacher.config, "tie_word_embeddings", False)
-        run.checkpoint_extra = lambda: {"teacher": {k: v for k, v in teacher.state_dict().items()
-                                                    if not (tied and k == "lm_head.weight")}}
-    variants, pad = marker_tokens(tok), tok.pad_token_id
+        run.checkpoint_extra = lambda: {"teacher": full_ema(ema, tied)}
+    variants, pad, chunk = marker_tokens(tok), tok.pad_token_id, sft.chunk_size(args.chunk, device)
     variant_ids = torch.tensor(sorted(variants), dtype=torch.long, device=device)
     teacher_chat = dict(system=args.system, thinking="on" if args.teacher_thinking else args.thinking)
     pieces = {}
@@ -407,7 +438,7 @@ def sdpo_train_step(run: grpo.Run):
                     tot["t_teacher"] += time.time() - t0
                     sel = mask.bool()  # (B, R): every response position (the policy loss of --pg-coef needs them all)
                     res = chunked_distillation(sx[sel], tx[sel], targets[sel], sw, tw, args.topk or None, args.alpha,
-                                               args.add_tail, args.temperature, args.chunk)  # (N, 5)
+                                               args.add_tail, args.temperature, chunk)  # (N, 5)
                     flat = lambda key: torch.cat([torch.as_tensor(r[key], dtype=res.dtype) for r in micro]).to(device)
                     distill = flat("distill")  # (N,) the distilled positions, in the order of sel
                     old = res[:, 1].detach() if on_policy else flat("old_logp")
@@ -444,8 +475,8 @@ def sdpo_train_step(run: grpo.Run):
                     continue
                 tot["grad_norm"] += grad_norm
                 tot["updates"] += 1
-                if args.teacher_ema > 0:
-                    ema_update(teacher, run.model, args.teacher_ema)
+        if ema is not None:  # once per step, after all its updates (verl: once per update_policy call)
+            ema_update(ema, teacher, run.model, args.teacher_ema)
         n_tok = max(sft.all_reduce_sum(tot["tokens"]), 1.0)
         n_updates = max(args.ppo_epochs * math.ceil(len(rows) / per_update), 1)
         metrics = dict(loss=sft.all_reduce_sum(tot["loss"]) / n_updates,  # Eq. 1 (+ --pg-coef's term)

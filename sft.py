@@ -12,12 +12,16 @@ Implements, for arXiv 2603.24472:
     GPU), `make_optimizer` (AdamW, App. D Table 8: weight decay 0.01, grad clip 1.0, 10 warmup
     steps), `lr_at`, `clip_grads`, `save_checkpoint` / `latest_checkpoint` / `load_checkpoint`.
 
+The loss runs the LM head on response positions only, in chunks recomputed in backward (`token_nll`), so
+(T, V) logits never exist; `--chunk 0` picks the chunk by device.
+
 Checkpoints: OUT/step_N/ is a Hugging Face directory (config.json, tokenizer, model.safetensors)
 that AutoModelForCausalLM.from_pretrained loads as it is, plus optimizer.pt (full optimizer state,
 loaded with torch.load(weights_only=True), which unpickles no code), rng_state_R.pt and
 trainer_state.json. It is written under a temporary name and renamed, so a kill or a full disk at
 any moment leaves the previous checkpoint whole. `--resume` continues from the latest one with the
-same data order: on CPU in fp32 the resumed run's metrics equal an uninterrupted run's.
+same data order: on CPU in fp32 the resumed run's metrics equal an uninterrupted run's. `--keep-checkpoints N`
+(default 2) removes complete checkpoints older than the N newest.
 
 Departures, and why:
   1. App. D gives no SFT hyperparameters for Sec. 4; defaults here are LR 1e-5 (SDPO's, Table 10),
@@ -52,6 +56,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 import data
@@ -137,6 +142,10 @@ class TrainArgs:
     """float32 | bfloat16 | auto (bf16 mixed precision on GPU, fp32 on CPU)"""
     seed: int = 0
     """data order seed"""
+    chunk: int = 0
+    """positions per chunk of the LM head's loss (memory knob); 0 = 256 on CPU, 1024 on GPU"""
+    keep_checkpoints: int = 2
+    """keep this many newest checkpoints in OUT, removing older ones (0 = keep all)"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,15 +158,17 @@ def world_info() -> tuple[int, int]:
 def shard_model(model, device, grad_ckpt: bool = False, mixed_precision: bool = False):
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, norm, tied LM head).
 
-    A single process keeps the plain module (the same math, no collectives). bf16 mixed precision
-    (fp32 master weights and gradient reduction) is for GPUs; CPU runs stay in fp32."""
+    bf16 mixed precision (fp32 master weights and gradient reduction) is for GPUs; CPU runs stay in fp32. A
+    single process without mixed precision keeps the plain module (the same math, no collectives); with it,
+    the module is sharded over a one-rank group too, so that one GPU computes in bf16 as eight do."""
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.to(device).train()
     _, world = world_info()
-    if world == 1:
+    if world == 1 and not mixed_precision:
         return model
+    rollout.one_rank_group(device)  # no-op under torchrun with several ranks
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
@@ -165,6 +176,15 @@ def shard_model(model, device, grad_ckpt: bool = False, mixed_precision: bool = 
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def chunk_size(chunk: int, device) -> int:
+    """Positions per LM-head chunk: `chunk`, or for 0 a size that suits the device. CPU: 256 ((256, V) fp32 logits,
+    50 MB at V = 49k, stay in cache-friendly sizes). GPU: 1024 (600 MB at V = 152k: large enough matmuls,
+    small beside a 7B model's activations)."""
+    if chunk < 0:
+        raise ValueError(f"--chunk {chunk}: positions per chunk, >= 1, or 0 for the device's default")
+    return chunk or (1024 if torch.device(device).type == "cuda" else 256)
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.01):
@@ -213,12 +233,14 @@ def _write_json(path: Path, obj):
         os.fsync(f.fileno())
 
 
-def save_checkpoint(out, step: int, model, tokenizer, optimizer, state: dict, extra_tensors: dict | None = None) -> Path:
+def save_checkpoint(out, step: int, model, tokenizer, optimizer, state: dict, extra_tensors: dict | None = None,
+                    keep: int = 0) -> Path:
     """Write OUT/step_N atomically: a HF directory + optimizer.pt + rng_state_R.pt + trainer_state.json
     (+ one NAME.safetensors per entry of extra_tensors, {NAME: {key: tensor}}, written by rank 0).
 
     Collective (every rank calls it). Everything goes to OUT/.step_N.tmp first; the rename to
-    OUT/step_N is the last act, so a kill or an OSError (disk full) leaves earlier checkpoints whole."""
+    OUT/step_N is the last act, so a kill or an OSError (disk full) leaves earlier checkpoints whole.
+    keep > 0: then the complete checkpoints older than the `keep` newest are removed (`prune_checkpoints`)."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     rank, world = world_info()
@@ -271,17 +293,33 @@ def save_checkpoint(out, step: int, model, tokenizer, optimizer, state: dict, ex
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"checkpoint step {step} not written ({error}); earlier checkpoints in {out} are intact")
+    if rank == 0:
+        prune_checkpoints(out, keep)
     return final
 
 
-def latest_checkpoint(out) -> Path | None:
-    """The complete checkpoint with the highest step in OUT (temporary directories are ignored)."""
+def complete_checkpoints(out) -> list[Path]:
+    """OUT's complete checkpoints (step_N/ with trainer_state.json), oldest first; temporary directories are not."""
     out = Path(out)
     steps = []
     for d in out.glob("step_*") if out.is_dir() else []:
         if d.is_dir() and d.name[5:].isdigit() and (d / "trainer_state.json").exists():
             steps.append((int(d.name[5:]), d))
-    return max(steps)[1] if steps else None
+    return [d for _, d in sorted(steps)]
+
+
+def latest_checkpoint(out) -> Path | None:
+    """The complete checkpoint with the highest step in OUT (temporary directories are ignored)."""
+    done = complete_checkpoints(out)
+    return done[-1] if done else None
+
+
+def prune_checkpoints(out, keep: int) -> None:
+    """Remove the complete checkpoints older than the `keep` newest (0 = keep all). The newest always stays, and
+    so does anything not complete. Why: a 7B checkpoint with its fp32 optimizer state is ~91 GB."""
+    if keep > 0:
+        for d in complete_checkpoints(out)[:-keep]:
+            shutil.rmtree(d)
 
 
 def load_checkpoint(path, model, optimizer) -> dict:
@@ -359,15 +397,57 @@ def tokenize_sft(tokenizer, row: dict, max_len: int, chat: dict) -> tuple[list[i
     return ids, mask
 
 
-def token_nll(model, ids: list[list[int]], masks: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, int]:
-    """Sum of -log p(y_t | x, y_<t) over masked (response) tokens of a right-padded micro-batch, and their count."""
+def plain_lm_head(model) -> bool:
+    """True when the logits are exactly hidden @ W.T: a bias-free Linear head with no soft-capping or
+    logit scaling (Llama, Qwen2/3, OLMo, SmolLM). Other heads take the full-logits path."""
+    head, cfg = model.get_output_embeddings(), model.config
+    return (type(head) is torch.nn.Linear and head.bias is None and not getattr(cfg, "final_logit_softcapping", None)
+            and getattr(cfg, "logit_scale", None) in (None, 1.0))
+
+
+def last_hidden_state(model, **inputs) -> torch.Tensor:
+    """The decoder's final hidden state (B, T, H), the LM head's input, from one forward of the whole model.
+
+    Why not output_hidden_states=True: that keeps every layer's states (for a 7B model at 24k positions,
+    28 x 24k x 3584 bf16 values, ~5 GB) where only the last is read; and use_cache=False, or transformers
+    builds a KV cache in training-side forwards. The model is still called as a whole (not its decoder alone),
+    so that FSDP2's root hooks gather the embeddings; logits_to_keep=1 makes its own head compute one position."""
+    caught = {}
+
+    def keep(module, args, out):  # returns None: the output goes on unchanged
+        caught["x"] = out[0]
+    hook = model.get_decoder().register_forward_hook(keep)
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return caught["x"]
+
+
+def token_nll(model, ids: list[list[int]], masks: list[list[int]], pad_id: int, device,
+              chunk: int = 256) -> tuple[torch.Tensor, int]:
+    """Sum of -log p(y_t | x, y_<t) over masked (response) tokens of a right-padded micro-batch, and their count.
+
+    Memory: the LM head runs on the response positions only, `chunk` at a time, each chunk's (chunk, V) logits
+    recomputed in backward (torch.utils.checkpoint), never the full (B, T, V) fp32 logits (45-52 GB for 24k
+    positions and V = 152k). FSDP2 leaves the root's parameters unsharded after its forward, so the head's W
+    read here is the full weight, and its gradient is reduce-scattered with the root's others."""
     width = max(len(x) for x in ids)
     input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], device=device)  # (B, T)
     attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)  # (B, T)
-    loss_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)[:, 1:].float()  # (B, T-1)
-    logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()  # (B, T-1, V)
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # (B, T-1)
-    return (nll * loss_mask).sum(), int(loss_mask.sum().item())
+    sel = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)[:, 1:].bool()  # (B, T-1)
+    targets = input_ids[:, 1:][sel]  # (N,)
+    if plain_lm_head(model):
+        x, w = last_hidden_state(model, input_ids=input_ids, attention_mask=attn)[:, :-1][sel], \
+            model.get_output_embeddings().weight  # (N, H), (V, H)
+    else:
+        x, w = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits[:, :-1][sel], None  # (N, V)
+    nll = lambda xc, yc: torch.nn.functional.cross_entropy((xc @ w.T if w is not None else xc).float(), yc,
+                                                           reduction="sum")
+    total = x.sum() * 0.0  # keeps a backward through the model when no position is trained
+    for c in range(0, x.shape[0], chunk):
+        total = total + torch.utils.checkpoint.checkpoint(nll, x[c:c + chunk], targets[c:c + chunk], use_reentrant=False)
+    return total, int(sel.sum().item())
 
 
 def rows_for_step(n_rows: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -388,10 +468,13 @@ def build(args: BuildArgs):
         raise ValueError(f"--setting {args.setting!r}: unguided or solution")
     rank, _, world, device = init_distributed()
     problems = rollout.shard(data.load_problems(args.data, seed=args.seed), rank, world)
-    backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, seed=args.seed + rank)
+    chat = dict(system=args.system, thinking=args.thinking)
+    max_len = 0 if args.backend != "vllm" else rollout.settings_engine_length(
+        args.model, problems, ["unguided", args.setting], args.solution_source, args.max_new_tokens, chat)
+    backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, max_model_len=max_len,
+                                   seed=args.seed + rank)
     params = rollout.SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                     max_new_tokens=args.max_new_tokens, seed=args.seed + rank)
-    chat = dict(system=args.system, thinking=args.thinking)
     contexts = {p["id"]: rollout.unguided_prompt(p["question"]) for p in problems}
     records = rollout.run_setting(backend, problems, contexts, "unguided", params, chat, lenient=args.lenient)
     if args.setting == "solution":
@@ -450,7 +533,7 @@ def train(args: TrainArgs):
         for k in range(0, len(mine), args.micro_batch):
             micro = mine[k:k + args.micro_batch]
             nll, _ = token_nll(model, [encoded[i][0] for i in micro], [encoded[i][1] for i in micro],
-                               tok.pad_token_id, device)
+                               tok.pad_token_id, device, chunk_size(args.chunk, device))
             # FSDP2 averages gradients over ranks; scaling by world makes the result the global token mean
             (nll * world / max(global_tokens, 1)).backward()
             loss_sum += float(nll.detach())
@@ -464,7 +547,7 @@ def train(args: TrainArgs):
             append_metrics(out / "metrics.jsonl", row)
             bar.set_postfix(loss=f"{loss:.4f}", gnorm=f"{grad_norm:.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args)))
+            save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args)), keep=args.keep_checkpoints)
     print0(f"done: {latest_checkpoint(out)}")
 
 

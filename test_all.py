@@ -753,12 +753,16 @@ def test_embedded_conversion_is_atomic_and_waits(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is a GPU-only extra, not installed here")
 def test_vllm_backend_matches_contract(tiny_model_dir):
     import vllm  # noqa: F401
-    backend = rollout.make_backend("vllm", tiny_model_dir, "cuda", gpu_memory_utilization=0.2, max_model_len=512)
+    backend = rollout.make_backend("vllm", tiny_model_dir, "cuda", gpu_memory_utilization=0.2, max_model_len=512,
+                                   enable_sleep_mode=True)
+    backend.sleep_level = 2
     prompts = [rollout.chat_prompt(backend.tokenizer, "What is 1 + 1?")]
     params = rollout.SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=0)
     out = rollout.generate(backend, prompts, params)
     assert len(out) == 2 and all(len(s.logprobs) == len(s.response_ids) for s in out)
-    rollout.push_weights_to_vllm(backend.llm, backend.model)
+    rollout.sleep_engine(backend)
+    rollout.push_weights_to_vllm(backend, rollout.load_model(tiny_model_dir, "auto", "cuda")[0])
+    assert len(rollout.generate(backend, prompts, params)) == 2
 
 
 def test_rollout_cli_table1(tiny_model_dir, tmp_path):
@@ -1699,9 +1703,10 @@ def test_sdpo_reprompt_strings_and_strip_think():
 def test_ema_direction():
     t, s = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     t0, s0 = t.weight.detach().clone(), s.weight.detach().clone()
-    sdpo.ema_update(t, s, 0.05)
+    ema = sdpo.ema_state(t)  # the teacher's own weights, in fp32
+    sdpo.ema_update(ema, t, s, 0.05)
     assert torch.allclose(t.weight, 0.95 * t0 + 0.05 * s0)  # the teacher keeps 1 - rate of itself
-    assert torch.equal(s.weight, s0)
+    assert torch.equal(s.weight, s0) and torch.equal(ema["weight"], t.weight.detach())
 
 
 def straightforward_logprobs(model, seqs, pad_id, temperature):
@@ -1978,3 +1983,472 @@ def test_sdpo_torchrun_ranks_with_different_masking(tiny_model_dir, tmp_path):
     assert row["masked_frac"] == 0.5 and math.isfinite(row["loss"]) and row["trained_frac"] == 1.0
     _, w_full = _sdpo_masking_run(torchrun, tiny_model_dir, probs, tmp_path / "full", "--no-skip-zero-rows")
     _same_update(w_skip, w_full, load_file(Path(tiny_model_dir) / "model.safetensors"))
+
+
+# ============================================================================================
+# The GPU path on CPU: a contract fake of the vLLM 0.33 surface the project uses
+# ============================================================================================
+class FakeLogprob:
+    """vllm.logprobs.Logprob: the fields we read."""
+
+    def __init__(self, logprob: float):
+        self.logprob, self.rank, self.decoded_token = logprob, None, None
+
+
+class FakeSamplingParams:
+    """vllm.SamplingParams (0.33): the fields we set; top_k 0 (or -1) is off, seed None draws at random."""
+
+    def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=16, seed=None, logprobs=None):
+        if top_k < -1 or not 0 < top_p <= 1 or n < 1:
+            raise ValueError(f"bad sampling params n={n} top_k={top_k} top_p={top_p}")
+        self.n, self.temperature, self.top_p, self.top_k = n, temperature, top_p, top_k
+        self.max_tokens, self.seed, self.logprobs = max_tokens, seed, logprobs
+
+
+def FakeTokensPrompt(**kw):  # vllm.inputs.TokensPrompt is a TypedDict
+    return dict(kw)
+
+
+class FakeCompletion:
+    def __init__(self, index, token_ids, logprobs, finish_reason):
+        self.index, self.token_ids, self.logprobs, self.finish_reason = index, token_ids, logprobs, finish_reason
+
+
+class FakeRequestOutput:
+    def __init__(self, prompt_token_ids, outputs):
+        self.prompt_token_ids, self.outputs = prompt_token_ids, outputs
+
+
+class FakeLLM:
+    """vllm.LLM (0.33) as the project calls it, sampling on the CPU from a copy of the checkpoint's weights.
+
+    What it holds the caller to, each read from vLLM 0.33's source:
+      - external_launcher reads RANK / LOCAL_RANK (KeyError otherwise) and, without an initialised
+        torch.distributed group, would create one with the device backend alone: refused here;
+      - max_model_len may not exceed the model's context; a request longer than it is cut silently
+        (finish_reason "length", vllm/v1/core/sched/utils.py);
+      - a request with n samples and seed s seeds its k-th sample with s + k (vllm/v1/engine/parallel_sampling.py);
+      - sleep needs enable_sleep_mode; level 2 discards the weights (NaN here), and generating before
+        wake_up of both weights and kv_cache fails;
+      - load_weights takes HF names; a tensor not in the engine's dtype is logged as a warning.
+    Every call is appended to $FAKE_VLLM_LOG (one JSON line each, with the rank), when set."""
+
+    def __init__(self, model, tensor_parallel_size=1, distributed_executor_backend=None, gpu_memory_utilization=0.9,
+                 max_model_len=None, enable_sleep_mode=False, seed=0, logprobs_mode="raw_logprobs", dtype="auto"):
+        import torch.distributed as dist
+        if distributed_executor_backend == "external_launcher":
+            self.rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+            if not dist.is_initialized():
+                raise RuntimeError("vLLM would create the default group with the device backend alone (nccl): "
+                                   "CPU all-reduces would fail on it")
+            t = torch.ones(1)
+            dist.all_reduce(t)  # what the trainers do on the group vLLM reuses: it must take CPU tensors
+        self.model, _ = rollout.load_model(model, "float32", "cpu")
+        limit = rollout.model_context(model)
+        if not isinstance(max_model_len, int) or max_model_len <= 0 or (limit and max_model_len > limit):
+            raise ValueError(f"max_model_len {max_model_len} is not in (0, {limit}]")
+        self.max_model_len, self.sleep_mode, self.dtype = max_model_len, enable_sleep_mode, getattr(torch, dtype)
+        self.logprobs_mode, self.asleep, self.warnings = logprobs_mode, set(), 0
+        self.log("init", max_model_len=max_model_len, logprobs_mode=logprobs_mode, dtype=dtype, seed=seed)
+
+    def log(self, call, **kw):
+        if os.environ.get("FAKE_VLLM_LOG"):
+            with open(os.environ["FAKE_VLLM_LOG"], "a") as f:
+                f.write(json.dumps(dict(call=call, rank=int(os.environ.get("RANK", 0)), **kw)) + "\n")
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
+        if self.asleep:
+            raise RuntimeError(f"generate on a sleeping engine ({sorted(self.asleep)} not woken)")
+        sps = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        assert len(sps) == len(prompts) and all(isinstance(sp, FakeSamplingParams) for sp in sps)
+        out = []
+        for prompt, sp in zip(prompts, sps):
+            ids = prompt["prompt_token_ids"]
+            if len(ids) >= self.max_model_len:
+                raise ValueError(f"prompt of {len(ids)} tokens is longer than max_model_len {self.max_model_len}")
+            budget = min(sp.max_tokens, self.max_model_len - len(ids))  # the silent cut
+            outputs = []
+            for k in range(sp.n):
+                seed = sp.seed + k if sp.seed is not None else int(torch.randint(0, 2 ** 62, ()))
+                s = self._sample(ids, sp, budget, seed)
+                outputs.append(FakeCompletion(k, s[0], [{t: FakeLogprob(l)} for t, l in zip(s[0], s[1])]
+                                              if sp.logprobs is not None else None, s[2]))
+            out.append(FakeRequestOutput(ids, outputs))
+        self.log("generate", requests=len(prompts), seeds=[sp.seed for sp in sps], n=[sp.n for sp in sps])
+        return out
+
+    def _sample(self, ids, sp, budget, seed):
+        """One sample of `budget` tokens at most, from the engine's weights, with a generator seeded `seed`."""
+        eos = rollout.eos_ids(self._tok(), self.model)
+        gen = torch.Generator().manual_seed(seed)
+        toks, lps, x = [], [], torch.tensor([ids])
+        with torch.no_grad():
+            for _ in range(budget):
+                logits = self.model(input_ids=x, use_cache=False).logits[:, -1]
+                t, l = rollout.sample_next(logits, sp.temperature, sp.top_p, max(sp.top_k, 0), gen)
+                toks.append(int(t))
+                lps.append(float(l))
+                if int(t) in eos:
+                    return toks, lps, "stop"
+                x = torch.cat([x, t.view(1, 1)], dim=1)
+        return toks, lps, "length"
+
+    def _tok(self):
+        if not hasattr(self, "tokenizer"):
+            self.tokenizer = rollout.load_tokenizer(self.model.name_or_path)
+        return self.tokenizer
+
+    def apply_model(self, func):
+        if "weights" in self.asleep:
+            raise RuntimeError("apply_model on weights that are asleep")
+        engine = self
+
+        class Model:
+            def load_weights(self, weights):
+                params, names, size = dict(engine.model.named_parameters()), set(), 0
+                for name, w in weights:
+                    if w.dtype != engine.dtype:
+                        engine.warnings += 1
+                    params[name].data.copy_(w.float())  # KeyError for a name the engine does not have
+                    names.add(name)
+                    size += w.numel() * w.element_size()
+                engine.log("load_weights", names=len(names), bytes=size, dtypes=sorted({str(w.dtype) for _, w in weights}),
+                           checksum=sum(float(w.double().sum()) for _, w in weights), warnings=engine.warnings)
+                return names
+        return [func(Model())]
+
+    def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
+        self.log("reset_prefix_cache")
+        return True
+
+    def sleep(self, level=1, mode="abort"):
+        if not self.sleep_mode:
+            raise RuntimeError("sleep mode is not enabled (enable_sleep_mode=False)")
+        if level == 2:
+            for p in self.model.parameters():
+                p.data.fill_(float("nan"))  # discarded: only a push brings weights back
+        self.asleep = {"weights", "kv_cache"}
+        self.log("sleep", level=level)
+
+    def wake_up(self, tags=None):
+        tags = tags or ["weights", "kv_cache", "scheduling"]
+        assert set(tags) <= {"weights", "kv_cache", "scheduling"}, tags
+        self.asleep -= set(tags)
+        self.log("wake_up", tags=list(tags))
+        return not self.asleep
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    """The fake as the module `vllm`: in this process (sys.modules) and for subprocesses (PYTHONPATH)."""
+    import types
+    mod = types.ModuleType("vllm")
+    mod.LLM, mod.SamplingParams, mod.TokensPrompt = FakeLLM, FakeSamplingParams, FakeTokensPrompt
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    shim = tmp_path / "fake_vllm" / "vllm"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("from test_all import FakeLLM as LLM, FakeSamplingParams as SamplingParams, "
+                                      "FakeTokensPrompt as TokensPrompt  # noqa: F401\n")
+    log = tmp_path / "fake_vllm.jsonl"
+    return dict(PYTHONPATH=f"{shim.parent}{os.pathsep}{ROOT}", FAKE_VLLM_LOG=str(log), OMP_NUM_THREADS="1"), log
+
+
+def _calls(log) -> list[dict]:
+    return [json.loads(l) for l in open(log)] if Path(log).exists() else []
+
+
+def _fake_backend(model_dir, max_model_len=512, sleep_level=0):
+    """A vllm Backend over the fake, built in this process without a process group (no external_launcher)."""
+    llm = FakeLLM(model_dir, max_model_len=max_model_len, enable_sleep_mode=sleep_level > 0, dtype="bfloat16",
+                  logprobs_mode="processed_logprobs")
+    return rollout.Backend("vllm", rollout.load_tokenizer(model_dir), llm=llm, max_model_len=max_model_len,
+                           sleep_level=sleep_level)
+
+
+def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
+    """evaluate.py --backend vllm under plain python (no RANK: external_launcher reads it), under torchrun with one
+    rank (RANK set, no group: vLLM would make an nccl-only one) and with two; every problem answered, and the engine
+    sized to the longest prompt plus --max-new-tokens, counted here independently."""
+    env, log = fake_vllm
+    flags = ["--model", tiny_model_dir, "--backend", "vllm", "--data", "synthetic:types=add,n=5", "--n-samples", "2",
+             "--k", "1", "--max-new-tokens", "8", "--chunk", "2"]
+    tok = rollout.load_tokenizer(tiny_model_dir)
+    longest = max(len(tok(rollout.chat_prompt(tok, data.format_prompt(p["question"])), add_special_tokens=False)
+                      ["input_ids"]) for p in data.load_problems("synthetic:types=add,n=5"))
+    tr = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    for name, launcher in (("python", [sys.executable]), ("torchrun1", [*tr, "--nproc_per_node", "1"]),
+                           ("torchrun2", [*tr, "--nproc_per_node", "2"])):
+        log.unlink(missing_ok=True)
+        run(*launcher, "evaluate.py", *flags, "--out", str(tmp_path / name), env=env)
+        rows = [json.loads(l) for l in open(tmp_path / name / "samples.jsonl")]
+        assert len(rows) == 5 and all(len(r["scores"]) == 2 for r in rows)
+        inits = [c for c in _calls(log) if c["call"] == "init"]
+        assert len(inits) == (2 if name == "torchrun2" else 1)
+        assert all(c["max_model_len"] == longest + 8 and c["logprobs_mode"] == "processed_logprobs" for c in inits)
+
+
+def test_vllm_engine_length_refused_past_the_model_context(tiny_model_dir, tmp_path, fake_vllm):
+    env, _ = fake_vllm
+    p = subprocess.run([sys.executable, "evaluate.py", "--model", tiny_model_dir, "--backend", "vllm", "--data",
+                        "synthetic:types=add,n=2", "--max-new-tokens", "600", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, **env})
+    assert p.returncode != 0 and "--max-new-tokens 600" in p.stderr and "context of 512" in p.stderr, p.stderr[-2000:]
+    backend = _fake_backend(tiny_model_dir, max_model_len=40)
+    prompt = rollout.chat_prompt(backend.tokenizer, "What is 1 + 1?")
+    n = len(backend.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="exceeds the engine's max_model_len 40"):  # vLLM would cut it silently
+        rollout.generate(backend, [prompt], rollout.SamplingParams(max_new_tokens=40 - n + 1))
+    out = rollout.generate(backend, [prompt], rollout.SamplingParams(max_new_tokens=40 - n, temperature=1.0))
+    assert len(out[0].response_ids) <= 40 - n
+
+
+def test_duplicate_prompts_draw_different_rollouts(tiny, tiny_model_dir, fake_vllm):
+    """|D| = 1 and seen_8x8 are made of duplicate prompts: each copy must draw its own rollout, on both backends,
+    and a call seeded s + 1 (the next rank) must not repeat this one's samples shifted by one."""
+    model, tok = tiny
+    prompts = [rollout.chat_prompt(tok, "What is 2 + 2?")] * 3
+    params = rollout.SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=5)
+    hf = [tuple(s.response_ids) for s in rollout.generate(rollout.Backend("hf", tok, model=model), prompts, params)]
+    assert len(set(hf)) == 6
+    backend = _fake_backend(tiny_model_dir)
+    a = [tuple(s.response_ids) for s in rollout.generate(backend, prompts, params)]
+    b = [tuple(s.response_ids) for s in rollout.generate(backend, prompts, rollout.SamplingParams(
+        n=2, temperature=1.0, max_new_tokens=12, seed=6))]
+    assert len(set(a)) == 6 and not set(a) & set(b)
+    assert a == [tuple(s.response_ids) for s in rollout.generate(backend, prompts, params)]  # seeded: reproducible
+    seeds = [rollout.request_seed(5, i) for i in range(3)] + [rollout.request_seed(6, i) for i in range(3)]
+    assert min(abs(x - y) for x, y in itertools.combinations(seeds, 2)) > 2 ** 20  # s + k never meets another
+
+
+def test_vllm_weight_push_casts_and_batches_by_bytes(tiny_model_dir, fake_vllm):
+    """The push loads bf16 tensors (no per-parameter dtype warning), in batches of at most max_bytes (one tensor
+    larger than that goes alone), and the engine then holds the trainer's weights rounded to bf16."""
+    backend = _fake_backend(tiny_model_dir, sleep_level=2)
+    model, _ = rollout.load_model(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    loads = []
+    backend.llm.log = lambda call, **kw: loads.append(kw) if call == "load_weights" else None
+    rollout.sleep_engine(backend)  # level 2: the engine's weights are gone (NaN in the fake)
+    assert backend.asleep
+    with pytest.raises(RuntimeError, match="asleep"):
+        rollout.generate(backend, ["x"], rollout.SamplingParams(max_new_tokens=2))
+    limit = 20_000
+    rollout.push_weights_to_vllm(backend, model, max_bytes=limit)
+    sizes = {n: p.numel() * 2 for n, p in model.named_parameters()}
+    assert len(loads) > 1 and all(l["dtypes"] == ["torch.bfloat16"] for l in loads) and backend.llm.warnings == 0
+    assert all(l["bytes"] <= limit or l["names"] == 1 for l in loads)
+    assert sum(l["bytes"] for l in loads) == sum(sizes.values())  # every parameter once (the tied head is skipped)
+    engine = dict(backend.llm.model.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(engine[n], p.detach().to(torch.bfloat16).float()), n
+    assert not backend.asleep and rollout.generate(backend, ["x"], rollout.SamplingParams(max_new_tokens=2))
+
+
+def test_make_backend_vllm_loads_no_hf_model(tiny_model_dir, monkeypatch):
+    made = {}
+    monkeypatch.setattr(rollout, "make_vllm", lambda path, max_model_len, **kw: made.setdefault("args", (path, max_model_len)))
+    monkeypatch.setattr(rollout, "load_model", lambda *a, **kw: pytest.fail("the vllm backend loaded a HF model"))
+    backend = rollout.make_backend("vllm", tiny_model_dir, "cpu", max_model_len=99, seed=3)
+    assert backend.model is None and backend.max_model_len == 99 and made["args"] == (tiny_model_dir, 99)
+    assert backend.tokenizer.pad_token_id is not None
+
+
+def test_ema_teacher_in_bf16_follows_the_fp32_ema(tiny_model_dir):
+    """A bf16 teacher (as on GPU) with rate 0.05 for 40 steps equals the fp32 EMA rounded once to bf16; updating
+    in bf16 itself leaves most weights where they were."""
+    torch.manual_seed(0)
+    student, _ = rollout.load_model(tiny_model_dir)
+    teacher = copy.deepcopy(student).to(torch.bfloat16)
+    ema = sdpo.ema_state(student)
+    t0 = {n: p.detach().clone() for n, p in student.named_parameters()}
+    want = {n: p.detach().double().clone() for n, p in student.named_parameters()}
+    for _ in range(40):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)
+        for n, p in student.named_parameters():
+            want[n] = 0.95 * want[n] + 0.05 * p.detach().double()
+        sdpo.ema_update(ema, teacher, student, 0.05)
+    for n, p in teacher.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, ema[n].to(torch.bfloat16)), n
+        assert torch.allclose(ema[n].double(), want[n], atol=1e-6)
+    moved = sum(int((p.float() != t0[n].to(torch.bfloat16).float()).sum()) for n, p in teacher.named_parameters())
+    assert moved > 0.5 * sum(p.numel() for p in teacher.parameters())
+    naive = copy.deepcopy(student).to(torch.bfloat16)  # the old update, lerp_ in bf16, never moves most weights
+    for n, p in naive.named_parameters():
+        p.data.copy_(t0[n])
+    stuck = 0
+    for _ in range(40):
+        with torch.no_grad():
+            for (n, p), s in zip(naive.named_parameters(), student.parameters()):
+                p.lerp_(s.to(torch.bfloat16), 0.05)
+    stuck = sum(int((p == t0[n].to(torch.bfloat16)).sum()) for n, p in naive.named_parameters())
+    assert stuck > 0  # the defect the fp32 EMA removes
+
+
+def test_training_forwards_build_no_cache_and_keep_one_hidden_state(tiny_model_dir, monkeypatch):
+    model, _ = rollout.load_model(tiny_model_dir)
+    seen = []
+    real = type(model).forward
+
+    def spy(self, *a, **kw):
+        seen.append(kw)
+        out = real(self, *a, **kw)
+        assert out.past_key_values is None and out.hidden_states is None
+        return out
+    monkeypatch.setattr(type(model), "forward", spy)
+    head_rows = []  # positions the model's own LM head computes: one (logits_to_keep=1), never (T, V)
+    model.lm_head.register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[1]) and None)
+    grpo.token_logprobs(model, [([5, 6, 7], [8, 9])], 0, 1.0, "cpu", pack=64)
+    sft.token_nll(model, [[5, 6, 7, 8]], [[0, 0, 1, 1]], 0, "cpu")
+    assert len(seen) == 2 and all(kw["use_cache"] is False and not kw.get("output_hidden_states") for kw in seen)
+    assert head_rows == [1, 1]
+
+
+def test_sft_chunked_nll_equals_full_logits(tiny_model_dir):
+    """sft.token_nll through the chunked LM head against cross-entropy over the full logits: the value and every
+    parameter's gradient, chunks smaller than the batch."""
+    model, tok = rollout.load_model(tiny_model_dir)
+    ids = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    masks = [[0, 0, 1, 1, 1, 1], [0, 1, 1]]
+    nll, count = sft.token_nll(model, ids, masks, tok.pad_token_id, "cpu", chunk=2)
+    nll.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = 0.0
+    for x, m in zip(ids, masks):
+        logits = model(torch.tensor([x])).logits[0, :-1]
+        y, keep = torch.tensor(x[1:]), torch.tensor(m[1:]).bool()
+        ref = ref + torch.nn.functional.cross_entropy(logits[keep], y[keep], reduction="sum")
+    ref.backward()
+    assert count == 6 and float(nll) == pytest.approx(float(ref), rel=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-5), n
+
+
+def test_chunk_size_suits_the_device():
+    assert sft.chunk_size(0, "cpu") == 256 and sft.chunk_size(0, "cuda") == 1024 and sft.chunk_size(7, "cpu") == 7
+    with pytest.raises(ValueError, match="--chunk -1"):
+        sft.chunk_size(-1, "cpu")
+
+
+def test_keep_checkpoints_prunes_older_complete_ones(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / ".step_9.tmp").mkdir(parents=True)  # a torn write: not complete, never removed
+    (out / "step_0").mkdir()  # no trainer_state.json: not complete either
+    run(sys.executable, "grpo.py", "--model", tiny_model_dir, *GRPO_FLAGS[2:], "--steps", "3", "--save-every", "1",
+        "--keep-checkpoints", "2", "--out", str(out), env={"OMP_NUM_THREADS": "1"})
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_2", "step_3"]
+    for d in ("step_5", "step_6"):
+        (out / d).mkdir()
+        (out / d / "trainer_state.json").write_text("{}")
+    sft.prune_checkpoints(out, 1)
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_6"]
+
+
+ONE_GPU_MP = """
+import json, sys, torch
+from torch.distributed.fsdp import FSDPModule
+import rollout, sft
+model, _ = rollout.load_model(sys.argv[1], "float32", "cpu")
+model = sft.shard_model(model, torch.device("cpu"), mixed_precision=True)  # one process, as on one GPU
+seen = {}
+model.model.layers[0].mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("dtype", str(o.dtype)) and None)
+model(input_ids=torch.tensor([[5, 6, 7]])).logits.float().sum().backward()
+json.dump(dict(fsdp=isinstance(model, FSDPModule), compute=seen["dtype"],
+               master=str(next(model.parameters()).dtype)), open(sys.argv[2], "w"))
+"""
+
+
+def test_one_process_mixed_precision_is_sharded_like_eight(tiny_model_dir, tmp_path):
+    script = tmp_path / "mp.py"
+    script.write_text(ONE_GPU_MP)
+    run(sys.executable, str(script), tiny_model_dir, str(tmp_path / "out.json"), env={"PYTHONPATH": str(ROOT)})
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out == dict(fsdp=True, compute="torch.bfloat16", master="torch.float32")
+
+
+FSDP_SKIPPED_UPDATE = """
+import json, sys, torch, torch.distributed as dist
+import grpo, rollout, sft
+rank, _, world, device = sft.init_distributed()
+if len(sys.argv) > 3:  # the defect, for checking that this script can fail
+    grpo.reshard = lambda model: None
+torch.manual_seed(0)
+model, tok = rollout.load_model(sys.argv[1], "float32", device)
+model = sft.shard_model(model, device)
+opt = sft.make_optimizer(model, 1e-3)
+rows = []
+for g, rewards in enumerate(([1.0] * 4, [1.0, 0.0, 0.0, 1.0])):  # group 0: zero advantage, group 1: not
+    p = tok(rollout.chat_prompt(tok, f"q{g}{rank}"), add_special_tokens=False)["input_ids"]
+    for i, r in enumerate(rewards):
+        resp = [100 + i, 200 + g, 300][: 1 + i % 3]
+        rows.append(dict(prompt_ids=p, response_ids=resp, rollout_logprobs=[-5.0] * len(resp), reward=r))
+for r, a in zip(rows, grpo.group_advantages([r["reward"] for r in rows], 4).tolist()):
+    r["advantage"] = a
+# two updates (--mini-batch 2 over 2 ranks: one group per rank each): off-policy, so pi_old's no-grad forward runs
+# first, and the first update has no trainable row on any rank
+args = grpo.Args(rollouts=4, mini_batch=2, micro_batch=2)
+out = grpo.train_on_rollouts(model, opt, rows, args, world, device, tok.pad_token_id)
+if rank == 0:
+    json.dump(dict(updates=out["grad_norm"] > 0, trained_frac=out["trained_frac"]), open(sys.argv[2], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_update_without_trainable_rows_after_no_grad_forward(tiny_model_dir, tmp_path):
+    """Off-policy under 2-rank FSDP2, the first update skips every row: after pi_old's no-grad forward the root's
+    parameters must be resharded, or apply_update's zero gradients would mix plain and sharded tensors."""
+    script = tmp_path / "skipped.py"
+    script.write_text(FSDP_SKIPPED_UPDATE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           tiny_model_dir, str(tmp_path / "out.json")]
+    run(*cmd, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert json.loads((tmp_path / "out.json").read_text()) == dict(updates=True, trained_frac=0.5)
+
+
+def _checkpoint_checksum(ckpt) -> float:
+    """The sum of a checkpoint's weights rounded to bf16, as the engine should hold them after the last push."""
+    from safetensors.torch import load_file
+    return sum(float(t.to(torch.bfloat16).double().sum()) for t in load_file(Path(ckpt) / "model.safetensors").values())
+
+
+def _engine_phases(calls: list[dict]) -> str:
+    """One letter per engine call: g generate, s sleep, w wake weights, l load, r reset, k wake kv_cache."""
+    code = dict(generate="g", sleep="s", load_weights="l", reset_prefix_cache="r")
+    return "".join(code.get(c["call"]) or {"weights": "w", "kv_cache": "k"}[c["tags"][0]] for c in calls
+                   if c["call"] != "init")
+
+
+@pytest.mark.parametrize("script,extra", [("grpo.py", []), ("sdpo.py", ["--teacher-context", "regenerated",
+                                                                        "--teacher-ema", "0.05"])])
+def test_trainers_with_vllm_backend(tiny_model_dir, tmp_path, fake_vllm, script, extra):
+    """grpo.py and sdpo.py --backend vllm on one process and two: two steps, each one generating, sleeping through
+    training (level 2 discards the engine's weights, so a missing push would generate from NaN), then waking with
+    the trainer's weights in bf16; after the last step the engine holds the checkpoint's weights."""
+    env, log = fake_vllm
+    flags = ["--model", tiny_model_dir, "--backend", "vllm", *GRPO_FLAGS, *extra]
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        log.unlink(missing_ok=True)
+        run(*launcher, script, *flags, "--out", str(tmp_path / name), env=env)
+        rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+        assert [r["step"] for r in rows] == [1, 2] and any(k.startswith("eval/") and k.endswith("/acc") for k in rows[-1])
+        calls = _calls(log)
+        for rank in range(2 if name == "two" else 1):
+            mine = [c for c in calls if c["rank"] == rank]
+            phases = _engine_phases(mine)
+            push = "wl+rk"
+            regen = f"({push}g?s)?" if script == "sdpo.py" else ""  # regenerated contexts: woken, used, put back
+            assert re.fullmatch(f"gs{regen}{push}" f"gs{regen}{push}g", phases), phases  # the last g: evaluation
+            loads = [c for c in mine if c["call"] == "load_weights"]
+            assert all(c["dtypes"] == ["torch.bfloat16"] and c["warnings"] == 0 for c in loads)
+            last_push = phases.rindex("w")  # the batches of the last push, after step 2's update
+            pushed = sum(c["checksum"] for c in loads[phases[:last_push].count("l"):])
+            assert pushed == pytest.approx(_checkpoint_checksum(tmp_path / name / "step_2"), rel=1e-9, abs=1e-6)
+        if name == "two":  # every request of every call its own seed: none shared between the ranks
+            seeds = [set(s for c in calls if c["call"] == "generate" and c["rank"] == r for s in c["seeds"])
+                     for r in (0, 1)]
+            assert seeds[0] and not seeds[0] & seeds[1]
