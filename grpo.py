@@ -724,6 +724,9 @@ class Run:
 
 def setup(args: Args) -> Run:
     """Everything both trainers need: ranks, problems, policy (sharded), optimizer, generation backend, resume."""
+    if args.vllm_sleep not in (0, 1, 2) or args.keep_checkpoints < 0:
+        raise ValueError(f"--vllm-sleep {args.vllm_sleep} (0, 1 or 2) / --keep-checkpoints {args.keep_checkpoints} "
+                         "(>= 0): out of range")
     rank, _, world, device = sft.init_distributed()
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the world size {world}")

@@ -2328,6 +2328,13 @@ def test_sft_chunked_nll_equals_full_logits(tiny_model_dir):
         assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-5), n
 
 
+def test_gpu_flags_out_of_range_are_refused(tmp_path):
+    for flag, value in (("--vllm-sleep", "3"), ("--keep-checkpoints", "-1")):
+        p = subprocess.run([sys.executable, "grpo.py", flag, value, "--out", str(tmp_path)], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert p.returncode != 0 and f"{flag} {value}" in p.stderr and "out of range" in p.stderr, p.stderr[-500:]
+
+
 def test_chunk_size_suits_the_device():
     assert sft.chunk_size(0, "cpu") == 256 and sft.chunk_size(0, "cuda") == 1024 and sft.chunk_size(7, "cpu") == 7
     with pytest.raises(ValueError, match="--chunk -1"):
