@@ -20,7 +20,7 @@ Departures, and why:
      policy, refreshed from the FSDP shards after every step (`sync_replica`): FSDP2 forwards are
      collectives and ranks decode different lengths. With one process the policy generates itself.
      With --backend vllm, each rank's engine sleeps while the trainer runs (--vllm-sleep) and wakes with
-     the trainer's weights (`rollout.push_weights_to_vllm`); its length is sized by `engine_length`.
+     the trainer's weights (`rollout.push_weights_to_vllm`); its length is sized by `rollout.trainer_engine_length`.
   4. CPU-scale defaults (4 prompts x 8 rollouts, 128 new tokens) instead of Table 8's 256 x 8 and
      20480; the paper's values are in each flag's help and in the README's GPU recipe.
   5. Training forwards pack a prompt's rollouts after one copy of it (--pack-tokens, `pack_batch`), and
@@ -514,18 +514,7 @@ def attach_old_logprobs(model, rows: list[dict], args: Args, pad_id: int, device
                                       pack=args.pack_tokens)
         for b, o, m in zip(micro, old, mask):
             b["old_logp"] = o[:int(m.sum())].tolist()
-    reshard(model)
-
-
-def reshard(model) -> None:
-    """Free the gathered weights a no-grad forward left behind under FSDP2 (no-op for a plain module).
-
-    Why: fully_shard keeps the root module's parameters unsharded after its forward (reshard_after_forward is
-    False for the root), and only a backward reshards them. After a no-grad forward with no backward behind
-    it (pi_old's, when an update then has no trainable row), `apply_update` would give those unsharded
-    parameters plain zero gradients beside the others' sharded ones, which clip_grad_norm_ cannot mix."""
-    if hasattr(model, "reshard"):
-        model.reshard()
+    sft.reshard(model)  # FSDP2: no backward follows this forward
 
 
 def by_length(rows: list[dict], by_prompt: bool = False) -> list[dict]:
@@ -742,7 +731,9 @@ def setup(args: Args) -> Run:
         replica, _ = rollout.load_model(start_from, "auto", device)
     backend = rollout.Backend("hf", tok, model=replica if replica is not None else model, batch_size=args.gen_batch_size)
     if args.backend == "vllm":
-        max_len = engine_length(args, tok, problems, benchmarks)
+        max_len = rollout.trainer_engine_length(tok, args.model, problems, benchmarks, dict(
+            system=args.system, thinking=args.thinking), args.max_prompt_len, args.max_new_tokens,
+            args.eval_max_new_tokens, regenerated=getattr(args, "teacher_context", None) == "regenerated")
         backend = rollout.Backend("vllm", tok, llm=rollout.make_vllm(
             rollout.resolve_model_path(start_from), max_len, device=device, gpu_memory_utilization=args.vllm_gpu_memory,
             enable_sleep_mode=args.vllm_sleep > 0, seed=args.seed + rank), max_model_len=max_len,
@@ -761,26 +752,6 @@ def setup(args: Args) -> Run:
         if ckpt:
             print(f"resumed from {ckpt} (step {start})")
     return Run(args, rank, world, device, problems, benchmarks, model, tok, backend, optimizer, start, out, ckpt)
-
-
-def engine_length(args: Args, tok, problems: list[dict], benchmarks: dict) -> int:
-    """The vLLM engine's max_model_len: the longest training prompt (at most --max-prompt-len) plus
-    --max-new-tokens, and for SDPO's regenerated contexts room for a solution of up to --max-new-tokens inside the
-    prompt; the longest evaluation prompt plus --eval-max-new-tokens. (`rollout.engine_length` refuses totals
-    over the model's context.)"""
-    chat = dict(system=args.system, thinking=args.thinking)
-    prompts = lambda ps: [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat) for p in ps]
-    solution = 0  # SDPO's regenerated contexts: the reprompt's own words and a solution of up to --max-new-tokens
-    if getattr(args, "teacher_context", None) == "regenerated":
-        solution = len(tok(rollout.reprompt("", "x"), add_special_tokens=False)["input_ids"]) + args.max_new_tokens
-    longest = max((len(ids) for ids in tok(prompts(problems), add_special_tokens=False)["input_ids"]), default=0)
-    train, limit = min(longest, args.max_prompt_len) + solution + args.max_new_tokens, rollout.model_context(args.model)
-    if limit is not None and train > limit:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the longest training prompt plus the response "
-                         f"budget is {train} tokens, over the model's context of {limit}")
-    evals = rollout.engine_length(tok, prompts(p for ps in benchmarks.values() for p in ps), args.eval_max_new_tokens,
-                                  args.model, flag="--eval-max-new-tokens")
-    return max(train, evals)
 
 
 def grpo_train_step(run: Run):
@@ -820,8 +791,8 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
     rank, world, model, tok, backend, optimizer, out = r.rank, r.world, r.model, r.tokenizer, r.backend, r.optimizer, r.out
     train_step = make_train_step(r)
     chat = dict(system=args.system, thinking=args.thinking)
-    eval_params = rollout.SamplingParams(n=args.eval_n, temperature=0.6, top_p=0.95, top_k=20,  # a stream of seeds
-                                         max_new_tokens=args.eval_max_new_tokens, seed=args.seed + 500_000_000)  # apart
+    eval_params = rollout.SamplingParams(n=args.eval_n, temperature=0.6, top_p=0.95, top_k=20,  # its own seeds
+                                         max_new_tokens=args.eval_max_new_tokens, seed=args.seed + 500_000_000)
     bar = tqdm(range(r.start, args.steps), desc=loss_name, disable=rank != 0, initial=r.start, total=args.steps)
     for step in bar:
         t0 = time.time()

@@ -237,14 +237,16 @@ def model_context(name_or_path: str) -> int | None:
 
 
 def engine_length(tokenizer, prompts: list[str], max_new_tokens: int, model: str, extra: int = 0,
-                  flag: str = "--max-new-tokens") -> int:
-    """vLLM's max_model_len for an engine that serves `prompts`: the longest one, plus `extra` tokens (room for
-    a solution that is only drawn later), plus the response budget; the same on every rank (max over ranks).
+                  flag: str = "--max-new-tokens", cap: int | None = None) -> int:
+    """vLLM's max_model_len for an engine that serves `prompts`: the longest one (at most `cap`: longer ones are
+    refused before they reach the engine), plus `extra` tokens (room for a solution that is only drawn later),
+    plus the response budget; the same on every rank (max over ranks).
 
     Why: vLLM ends a request at max_model_len without an error (finish_reason "length",
     vllm/v1/core/sched/utils.py), so a fixed 32768 cut Table 11's 38,912-token evaluations short. Raises a
     ValueError naming `flag` where the total exceeds the model's context."""
-    longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
+    longest = max((len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]), default=0)
+    longest = longest if cap is None else min(longest, cap)
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor([longest], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # collective: one engine length on every rank
@@ -860,6 +862,20 @@ def settings_engine_length(model: str, problems: list[dict], settings: list[str]
                for s in settings for p in problems]
     drawn = any(s != "unguided" for s in settings) and (not dataset or "regenerated" in settings)
     return engine_length(tok, prompts, max_new_tokens, model, extra=max_new_tokens if drawn else 0)
+
+
+def trainer_engine_length(tok, model: str, problems: list[dict], benchmarks: dict, chat: dict, max_prompt_len: int,
+                          max_new_tokens: int, eval_max_new_tokens: int, regenerated: bool = False) -> int:
+    """`engine_length` for grpo.py and sdpo.py: a training prompt (at most max_prompt_len), for SDPO's
+    regenerated contexts a solution of up to max_new_tokens inside it, and max_new_tokens; or an evaluation
+    prompt and eval_max_new_tokens, whichever is longer."""
+    prompts = lambda ps: [chat_prompt(tok, data.format_prompt(p["question"]), **chat) for p in ps]
+    solution = 0  # the reprompt's own words and the solution
+    if regenerated:
+        solution = len(tok(reprompt("", "x"), add_special_tokens=False)["input_ids"]) + max_new_tokens
+    evals = [p for ps in benchmarks.values() for p in ps]
+    return max(engine_length(tok, prompts(problems), max_new_tokens, model, solution, cap=max_prompt_len),
+               engine_length(tok, prompts(evals), eval_max_new_tokens, model, flag="--eval-max-new-tokens"))
 
 
 def first_correct(records: list[dict]) -> dict[str, str]:

@@ -278,12 +278,8 @@ def teacher_contexts(rows: list[dict], problems: list[dict], group_size: int, mo
 
 
 def ema_state(student, saved: dict | None = None) -> dict:
-    """The EMA teacher's weights in fp32, sharded as the student's are (DTensor shards under FSDP2): the
-    student's own parameters, or `saved` full tensors (a checkpoint's teacher.safetensors) where given.
-
-    Why a separate fp32 copy: the teacher itself runs in bf16 on GPU, and lerp_ at rate 0.05 in bf16 rounds
-    most updates back to the old value (bf16 keeps 8 bits of mantissa; 0.05 of a small difference is below half
-    a unit in the last place), so the teacher would barely move."""
+    """The EMA teacher's weights in fp32, sharded as the student's (FSDP2): the student's, or `saved` full tensors.
+    Why: the teacher runs in bf16 on GPU, where lerp_ at rate 0.05 rounds most updates back to the old value."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     out = {}
     for name, p in student.named_parameters():
@@ -303,13 +299,6 @@ def ema_update(ema: dict, teacher, student, rate: float) -> None:
     for name, p in student.named_parameters():
         ema[name].lerp_(p.detach().float(), rate)
         params[name].copy_(ema[name].full_tensor() if hasattr(ema[name], "full_tensor") else ema[name])
-
-
-def full_ema(ema: dict, tied: bool) -> dict:
-    """The fp32 EMA as full tensors, for the checkpoint's teacher.safetensors (collective under FSDP2); a tied
-    lm_head is the embedding and is re-tied on load."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in ema.items()
-            if not (tied and k == "lm_head.weight")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,8 +358,8 @@ def sdpo_train_step(run: grpo.Run):
             ema = ema_state(run.model, load_file(saved))
         else:
             ema = ema_state(run.model)
-        tied = getattr(teacher.config, "tie_word_embeddings", False)
-        run.checkpoint_extra = lambda: {"teacher": full_ema(ema, tied)}
+        run.checkpoint_extra = lambda: {"teacher": {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
+                                                    for k, v in ema.items()}}  # collective; a tied head is not listed
     variants, pad, chunk = marker_tokens(tok), tok.pad_token_id, sft.chunk_size(args.chunk, device)
     variant_ids = torch.tensor(sorted(variants), dtype=torch.long, device=device)
     teacher_chat = dict(system=args.system, thinking="on" if args.teacher_thinking else args.thinking)

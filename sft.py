@@ -187,6 +187,17 @@ def chunk_size(chunk: int, device) -> int:
     return chunk or (1024 if torch.device(device).type == "cuda" else 256)
 
 
+def reshard(model) -> None:
+    """Free the weights a no-grad forward gathered under FSDP2 (a no-op for a plain module).
+
+    Why: fully_shard keeps the root's parameters unsharded after its forward, and only a backward reshards them.
+    After a no-grad forward with no backward behind it (grpo's pi_old, when an update then has no trainable row),
+    those parameters would get plain zero gradients beside the others' sharded ones, which clip_grad_norm_ cannot
+    mix."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
 def make_optimizer(model, lr: float, weight_decay: float = 0.01):
     """AdamW (App. D Table 8). The LR is set every step by `lr_at`.
 
@@ -446,7 +457,8 @@ def token_nll(model, ids: list[list[int]], masks: list[list[int]], pad_id: int, 
                                                            reduction="sum")
     total = x.sum() * 0.0  # keeps a backward through the model when no position is trained
     for c in range(0, x.shape[0], chunk):
-        total = total + torch.utils.checkpoint.checkpoint(nll, x[c:c + chunk], targets[c:c + chunk], use_reentrant=False)
+        total = total + torch.utils.checkpoint.checkpoint(nll, x[c:c + chunk], targets[c:c + chunk],
+                                                          use_reentrant=False)  # (chunk, V) logits recomputed
     return total, int(sel.sum().item())
 
 
