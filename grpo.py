@@ -42,6 +42,7 @@ Run it:
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -133,6 +134,9 @@ class Args:
     """samples per eval problem (the paper: 16)"""
     eval_max_new_tokens: int = 128
     """eval response budget (Table 11: 38912)"""
+    save_rollouts: bool = False
+    """append each step's rollouts to OUT/rollouts.jsonl: ids, text, rollout log-probs, reward, advantage (SDPO: whether
+    a teacher context was found, and the positions distilled)"""
     save_every: int = 10
     """checkpoint every this many steps (and at the end); 0 = never (benchmarks)"""
     resume: bool = False
@@ -692,6 +696,22 @@ def score_rollouts(samples, problems: list[dict], lenient: bool) -> list[dict]:
     return rows
 
 
+def save_rollouts(path: Path, step: int, rows: list[dict], problems: list[dict], indices: list[int], group_size: int,
+                  world: int) -> None:
+    """Append one JSON line per rollout of every rank to `path`, in the step's prompt order (`indices`: this rank's
+    prompts' places in the step) and sample order (rank 0 writes; collective)."""
+    keep = ("prompt_ids", "response_ids", "rollout_logprobs", "text", "reward", "advantage", "length", "epistemic",
+            "truncated")
+    mine = [dict(step=step, prompt=indices[i // group_size], sample=i % group_size,
+                 problem=problems[i // group_size].get("id"), **{k: r[k] for k in keep},
+                 **({"teacher_context": r["teacher_prompt_ids"] is not None, "distilled": sum(r["distill"])}
+                    if "distill" in r else {})) for i, r in enumerate(rows)]
+    everything = rollout.gather_to_rank0(mine, world)
+    if everything is not None:
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in sorted(everything, key=lambda r: (r["prompt"], r["sample"])))
+
+
 @dataclass
 class Run:
     """What a training loop holds, built by `setup`; sdpo.py's train step reads it."""
@@ -798,15 +818,17 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         t0 = time.time()
         peak_memory_gb(r.device)  # a new window: this step's peak only
         picked = sft.rows_for_step(len(r.problems), step, args.prompts_per_step, args.seed)
-        mine = [r.problems[i] for i in rollout.shard(picked, rank, world)]
+        indices = rollout.shard(list(range(len(picked))), rank, world)  # this rank's prompts' places in the step
+        mine = [r.problems[picked[i]] for i in indices]
         prompts = [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat) for p in mine]
         if any(len(tok(p, add_special_tokens=False)["input_ids"]) > args.max_prompt_len for p in prompts):
             raise ValueError(f"a prompt of step {step} is longer than --max-prompt-len {args.max_prompt_len}")
         for group in optimizer.param_groups:
             group["lr"] = sft.lr_at(step, args.lr, args.warmup)
         params = rollout.SamplingParams(n=args.rollouts, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                        seed=args.seed * 1_000_003 + step * 1009 + rank)
-        samples = rollout.generate(backend, prompts, params, progress=False)
+                                        seed=args.seed * 1_000_003 + step * 1009)
+        # each prompt seeded by its place in the step: the same rollouts on any number of ranks
+        samples = rollout.generate(backend, prompts, params, progress=False, indices=indices)
         rollout.sleep_engine(backend)  # vllm: its memory goes to training until the weights are pushed
         t_gen = time.time()
         rows = score_rollouts(samples, mine, args.lenient)
@@ -816,6 +838,8 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         t_score = time.time()
         train_metrics = train_step(rows, mine)
         t_train = time.time()
+        if args.save_rollouts:
+            save_rollouts(out / "rollouts.jsonl", step + 1, rows, mine, indices, args.rollouts, world)
         if backend.kind == "vllm":
             rollout.push_weights_to_vllm(backend, model)  # wakes a sleeping engine
         elif backend.model is not model:

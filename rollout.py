@@ -48,6 +48,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -357,19 +358,25 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float, to
     return torch.log_softmax(z, dim=-1)
 
 
-def sample_tokens(logp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One token per row from exp(logp), by inverse CDF: one uniform per row.
+def sample_tokens(logp: torch.Tensor, gen) -> torch.Tensor:
+    """One token per row from exp(logp), by inverse CDF: one uniform per row, from `gen`: a torch.Generator
+    (one stream for the batch) or a list of random.Random, one per row (a row's draws then do not depend on
+    which rows share its batch: `generate_hf`).
 
     Why not torch.multinomial: it draws one exponential per vocabulary entry (19 ms a step for
     16 x 49k here). right=True never returns a zero-probability token. (B, V) -> (B,)"""
     cdf = logp.exp().cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device) * cdf[:, -1:]
+    if isinstance(gen, list):
+        u = torch.tensor([[g.random()] for g in gen], dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    else:
+        u = torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                gen) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its log-prob under `sampling_logprobs`' distribution. (B, V) -> (B,), (B,)
+    `gen`: as `sample_tokens` takes it.
 
     Why not filter the whole vocabulary: with top-k only k tokens can be drawn, so top-p, the log-softmax and
     the inverse-CDF draw run over the (B, k) candidates that torch.topk returns already sorted. The
@@ -582,28 +589,32 @@ def eos_ids(tokenizer, model=None) -> set[int]:
 
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, batch_size: int = 64,
-                progress: bool = True) -> list[Sample]:
+                progress: bool = True, indices: list[int] | None = None) -> list[Sample]:
     """Sample params.n responses per prompt with transformers: left padding, KV cache, rows leave when done.
 
-    Prompts are strings that already carry the chat template (see `chat_prompt`)."""
+    Prompts are strings that already carry the chat template (see `chat_prompt`). The k-th sample of prompt i
+    draws from its own stream, seeded request_seed(params.seed, indices[i]) + k (vLLM's rule, `generate_vllm`);
+    `indices` (default 0, 1, ...) number the prompts across ranks, so that a run draws the same rollouts on
+    any number of ranks, up to the float rounding of different batch shapes."""
     if params.max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0 (got {params.max_new_tokens})")
     device = next(model.parameters()).device
     stop = torch.tensor(sorted(eos_ids(tokenizer, model)), device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop[0])
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    jobs = [(i, ids) for i, ids in enumerate(encoded) for _ in range(params.n)]
-    jobs.sort(key=lambda j: len(j[1]))  # similar lengths together: less padding
-    gen = torch.Generator(device=device).manual_seed(params.seed)
+    indices = range(len(prompts)) if indices is None else indices
+    jobs = [(i, ids, random.Random(request_seed(params.seed, indices[i]) + k))
+            for i, ids in enumerate(encoded) for k in range(params.n)]
+    jobs.sort(key=lambda j: len(j[1]))  # similar lengths together: less padding (stable: sample k stays k-th)
     use_lean = lean_decoding(model)  # before skinny_linear patches the linears' forwards
     out: list[Sample] = []
     bar = tqdm(total=len(jobs), desc="generate", disable=not progress, leave=False)
     with skinny_linear(model), eval_mode(model):
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
-            width = max(len(ids) for _, ids in batch)
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in batch], device=device)
+            width = max(len(ids) for _, ids, _ in batch)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids, _ in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in batch], device=device)
             position = (mask.cumsum(-1) - 1).clamp(min=0)
             res = model(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
             cache, logits = res.past_key_values, res.logits[:, -1]
@@ -619,7 +630,8 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
             reason = ["length"] * len(batch)
             pos = position[:, -1]
             for step in range(params.max_new_tokens):
-                nxt, chosen = sample_next(logits, params.temperature, params.top_p, params.top_k, gen)
+                streams = [batch[row][2] for row in active.tolist()]
+                nxt, chosen = sample_next(logits, params.temperature, params.top_p, params.top_k, streams)
                 done = torch.isin(nxt, stop)
                 for row, tok, l, d in zip(active.tolist(), nxt.tolist(), chosen.tolist(), done.tolist()):
                     tokens[row].append(tok)
@@ -643,7 +655,7 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
                 res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
                             past_key_values=cache, use_cache=True)
                 cache, logits = res.past_key_values, res.logits[:, -1]
-            for row, (pi, ids) in enumerate(batch):
+            for row, (pi, ids, _) in enumerate(batch):
                 out.append(Sample(pi, ids, tokens[row], tokenizer.decode(tokens[row], skip_special_tokens=True),
                                   reason[row], logps[row]))
             bar.update(len(batch))
@@ -694,9 +706,10 @@ def request_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-def generate_vllm(backend: Backend, prompts: list[str], params: SamplingParams) -> list[Sample]:
+def generate_vllm(backend: Backend, prompts: list[str], params: SamplingParams,
+                  indices: list[int] | None = None) -> list[Sample]:
     """The same contract as `generate_hf`, through vLLM's offline engine (GPU only): one request per prompt,
-    n samples each, every request with its own seed (`request_seed`). A request that does not fit in the
+    n samples each, every request with its own seed (`request_seed` of its index). A request that does not fit in the
     engine's max_model_len is refused here: vLLM would end it early without saying so."""
     from vllm import SamplingParams as VSP, TokensPrompt
     if params.max_new_tokens <= 0:
@@ -710,7 +723,7 @@ def generate_vllm(backend: Backend, prompts: list[str], params: SamplingParams) 
                          f"engine's max_model_len {backend.max_model_len}")
     sps = [VSP(n=params.n, temperature=params.temperature, top_p=params.top_p,
                top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-               seed=request_seed(params.seed, i), logprobs=0) for i in range(len(prompts))]
+               seed=request_seed(params.seed, i), logprobs=0) for i in (indices or range(len(prompts)))]
     results = backend.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], sps,
                                    use_tqdm=False) if prompts else []
     out = []
@@ -773,12 +786,14 @@ def push_weights_to_vllm(backend: Backend, model, dtype=torch.bfloat16, max_byte
         backend.asleep = False
 
 
-def generate(backend: Backend, prompts: list[str], params: SamplingParams, progress: bool = True) -> list[Sample]:
-    """n samples per prompt, flattened in prompt order, from the hf or the vllm backend."""
+def generate(backend: Backend, prompts: list[str], params: SamplingParams, progress: bool = True,
+             indices: list[int] | None = None) -> list[Sample]:
+    """n samples per prompt, flattened in prompt order, from the hf or the vllm backend. `indices`: the prompts'
+    numbers across ranks (their seeds); default 0, 1, ..."""
     if backend.kind == "hf":
-        return generate_hf(backend.model, backend.tokenizer, prompts, params, backend.batch_size, progress)
+        return generate_hf(backend.model, backend.tokenizer, prompts, params, backend.batch_size, progress, indices)
     if backend.kind == "vllm":
-        return generate_vllm(backend, prompts, params)
+        return generate_vllm(backend, prompts, params, indices)
     raise ValueError(f"unknown backend {backend.kind!r}; use hf or vllm")
 
 

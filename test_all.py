@@ -1534,24 +1534,185 @@ GRPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--m
               "--eval-n", "2", "--eval-max-new-tokens", "8", "--save-every", "2", "--lenient"]
 
 
-def test_grpo_one_and_two_processes_and_resume(tiny_model_dir, tmp_path):
-    for name, launcher in (("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
-        run(*launcher, "grpo.py", "--model", tiny_model_dir, *GRPO_FLAGS, "--out", str(tmp_path / name),
-            env={"OMP_NUM_THREADS": "1"})
-        rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
-        assert [r["step"] for r in rows] == [1, 2]
-        for key in ("score", "length", "epistemic", "clip_frac_high", "clip_frac_low", "clip_frac_dual", "entropy",
-                    "grad_norm", "rollout_tok_s", "train_tok_s", "t_generate", "t_train"):
-            assert key in rows[0]
-        assert 0.1 < rows[0]["peak_mem_gb"] < 8  # this step's peak resident set (Linux), not the process's
-        assert any(k.startswith("eval/") for k in rows[-1])
-        from transformers import AutoModelForCausalLM
-        AutoModelForCausalLM.from_pretrained(tmp_path / name / "step_2")
-    run(sys.executable, "grpo.py", "--model", tiny_model_dir, *GRPO_FLAGS[2:], "--steps", "3",
-        "--out", str(tmp_path / "one"), "--resume")
-    rows = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3] and (tmp_path / "one" / "step_3").is_dir()
+# ============================================================================================
+# End-to-end runs, checked against independent computations
+# ============================================================================================
+@pytest.fixture(scope="session")
+def digit_model_dir(tmp_path_factory, embedded_tokenizer):
+    """A tiny Llama whose responses are made of "1", " Wait" and EOS, so that lenient rewards differ within a group.
+
+    Dimension 0 of the residual stream is 50 at every position (the embeddings set it; no layer writes it or reads
+    it), so the final norm makes it ~sqrt(32); the LM head reads it for these three tokens only, which get logits
+    near 17 against near 0 for the other 49k. The other dimensions, amplified by the norms, and sharp attention
+    (q, k scaled 15x, v, o 8x) make the three tokens' odds depend on the context: the teacher's prompt moves them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = embedded_tokenizer
+    three = [tok(t, add_special_tokens=False)["input_ids"][0] for t in ("1", " Wait")] + [tok.eos_token_id]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=1)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_()
+        model.model.embed_tokens.weight[:, 0] = 50.0
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.q_proj.weight.mul_(15), attn.k_proj.weight.mul_(15), attn.v_proj.weight.mul_(8), attn.o_proj.weight.mul_(8)
+            attn.o_proj.weight[0] = layer.mlp.down_proj.weight[0] = 0.0
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.fill_(9.0)
+                norm.weight[0] = 0.0
+        model.model.norm.weight.fill_(9.0)
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[three, 1:] = torch.randn(3, 31) * 0.3
+        model.lm_head.weight[three, 0] = torch.tensor([3.15, 2.8, 2.9])
+    path = tmp_path_factory.mktemp("digits")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+# Four problems; the step's order is [0, 1, 3, 2], so under two ranks rank 0 holds the two with a solution
+# (a teacher context under --teacher-context dataset) and rank 1 the two without.
+DIGIT_PROBLEMS = [dict(question="What is 1?", answer="1", solution="1"), dict(question="What is one?", answer="1"),
+                  dict(question="Say 11.", answer="11"), dict(question="Say one.", answer="1", solution="It is 1.")]
+TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+SGD_WORKER = '''"""Runs a trainer script with SGD in place of AdamW: one step at --lr 1 moves the weights by minus the gradient."""
+import runpy, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import sft
+sft.make_optimizer = lambda model, lr, weight_decay=0.0: torch.optim.SGD(model.parameters(), lr=lr)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def _digit_problems(tmp_path) -> str:
+    path = tmp_path / "digits.jsonl"
+    if not path.exists():
+        path.write_text("".join(json.dumps({k: v for k, v in p.items()}) + "\n" for p in DIGIT_PROBLEMS))
+    return str(path)
+
+
+def _digit_run(model_dir, tmp_path, script, name, *extra, launcher=(sys.executable,), sgd=False, steps=1):
+    """A run of `script` on the digit model; returns its metrics rows, its rollouts, and OUT."""
+    out, probs = tmp_path / name, _digit_problems(tmp_path)
+    cmd = [*launcher, script]
+    if sgd:  # --lr 1, no warmup, no clipping: step 1 moves each weight by minus its gradient
+        (tmp_path / "sgd_worker.py").write_text(SGD_WORKER)
+        cmd = [*launcher, str(tmp_path / "sgd_worker.py"), str(ROOT), script, "--lr", "1", "--warmup", "0",
+               "--grad-clip", "1e9"]
+    run(*cmd, "--model", model_dir, "--data", probs, "--steps", str(steps), "--prompts-per-step", "4",
+        "--rollouts", "4", "--max-new-tokens", "6", "--lenient", "--eval-data", probs, "--eval-n", "1",
+        "--eval-max-new-tokens", "2", "--save-rollouts", "--save-every", "1", "--keep-checkpoints", "0",
+        "--out", str(out), *extra, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    return [r for r in rows if "step" in r], [json.loads(l) for l in open(out / "rollouts.jsonl")], out
+
+
+def _weights(path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(Path(path) / "model.safetensors")
+
+
+def _gradient_from_sgd_step(model_dir, out) -> dict:
+    """init - step_1 after an SGD step at lr 1 without clipping: the gradient, parameter by parameter."""
+    init, new = _weights(model_dir), _weights(out / "step_1")
+    return {k: init[k] - new[k] for k in init}
+
+
+def _assert_same_gradient(got: dict, want: dict, rel=1e-4):
+    scale = max(float(w.abs().max()) for w in want.values())
+    assert scale > 1e-3, "the step has no gradient to compare"
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert worst < rel * scale, (worst, scale)
+
+
+def _response_logits(model, prompt_ids, response_ids):
+    """The logits that predict each response token, from one unpadded forward. (R, V)"""
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    return model(ids).logits[0, len(prompt_ids) - 1:-1].double()
+
+
+def _rewards_by_hand(rollouts):
+    """Lenient grading of these responses, independently: the last run of digits equals the answer."""
+    answers = {f"digits-{i}": p["answer"] for i, p in enumerate(DIGIT_PROBLEMS)}
+    return [float(re.findall(r"\d+", r["text"])[-1:] == [answers[r["problem"]]]) for r in rollouts]
+
+
+def _grads_by_hand(model_dir, loss_fn) -> tuple[float, dict]:
+    """The loss `loss_fn(model)` of the initial model and its gradient by autograd through plain forwards."""
+    model, _ = rollout.load_model(model_dir)
+    loss = loss_fn(model)
+    loss.backward()
+    return float(loss.detach()), {k: p.grad.float() for k, p in model.named_parameters()}
+
+
+def _grpo_loss_by_hand(model, rollouts, is_clip=2.0):
+    """GRPO's first step, on-policy: ratio 1 (no clip active), so each token's loss is -A * ratio * w, with the
+    rollout importance weight w = min(exp(logp - logp_rollout), 2); the token mean over all responses of the step."""
+    total, loss = sum(len(r["response_ids"]) for r in rollouts), 0.0
+    for r in rollouts:
+        logp = torch.log_softmax(_response_logits(model, r["prompt_ids"], r["response_ids"]), -1)
+        logp = logp.gather(-1, torch.tensor(r["response_ids"])[:, None]).squeeze(-1)
+        w = torch.clamp(torch.exp(logp.detach() - torch.tensor(r["rollout_logprobs"], dtype=torch.float64)), max=is_clip)
+        loss = loss - (r["advantage"] * torch.exp(logp - logp.detach()) * w).sum() / total
+    return loss
+
+
+def _step_metrics_equal(a: dict, b: dict):
+    """Two metrics rows equal in everything but timings and memory."""
+    skip = lambda k: k.startswith("t_") or k.endswith("_tok_s") or k == "peak_mem_gb"
+    assert {k for k in a if not skip(k)} == {k for k in b if not skip(k)}
+    for k in a:
+        if not skip(k):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+
+
+def test_grpo_one_and_two_processes_equal_the_gradient_by_hand(digit_model_dir, tmp_path):
+    """Step 1 under SGD at lr 1, on one process and on two: the same rollouts, loss, gradient norm and gradient, and
+    that gradient is autograd's through plain unpacked forwards of GRPO's loss written out by hand."""
+    from transformers import AutoModelForCausalLM
+    (one,), r1, o1 = _digit_run(digit_model_dir, tmp_path, "grpo.py", "one", sgd=True)
+    (two,), r2, o2 = _digit_run(digit_model_dir, tmp_path, "grpo.py", "two", sgd=True, launcher=TORCHRUN2)
+    assert [(r["prompt"], r["sample"], r["text"]) for r in r1] == [(r["prompt"], r["sample"], r["text"]) for r in r2]
+    rewards = _rewards_by_hand(r1)
+    assert [r["reward"] for r in r1] == rewards and 0 < sum(rewards) < len(rewards)
+    groups = torch.tensor(rewards, dtype=torch.float64).view(4, 4)
+    assert [r["advantage"] for r in r1] == pytest.approx((groups - groups.mean(1, keepdim=True)).flatten().tolist())
+    loss, grads = _grads_by_hand(digit_model_dir, lambda m: _grpo_loss_by_hand(m, r1))
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
+    for m, out in ((one, o1), (two, o2)):
+        assert m["loss"] == pytest.approx(loss, rel=1e-5) and m["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert m["score"] == sum(rewards) / 16 and m["length"] == sum(len(r["response_ids"]) for r in r1) / 16
+        assert m["epistemic"] == sum(r["text"].lower().count("wait") for r in r1) / 16
+        assert m["clip_frac_high"] == m["clip_frac_low"] == m["clip_frac_dual"] == 0.0  # on-policy: ratio 1
+        assert m["degenerate_groups"] == float((groups.max(1).values == groups.min(1).values).sum()) / 4
+        assert 0.01 < m["peak_mem_gb"] < 8 and any(k.startswith("eval/") for k in m)
+        _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads)
+        AutoModelForCausalLM.from_pretrained(out / "step_1")
+
+
+def test_grpo_resume_equals_uninterrupted_run(digit_model_dir, tmp_path):
+    """Three AdamW steps at once, and the same run resumed from its step-2 checkpoint: step 3's rollouts, metrics
+    and weights are the same."""
+    import shutil
+    full, rolls, out = _digit_run(digit_model_dir, tmp_path, "grpo.py", "full", "--lr", "1e-2", "--warmup", "2",
+                                  steps=3)
+    assert [m["step"] for m in full] == [1, 2, 3]
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(out / "step_2", tmp_path / "resumed" / "step_2")
+    resumed, rolls3, out3 = _digit_run(digit_model_dir, tmp_path, "grpo.py", "resumed", "--lr", "1e-2", "--warmup",
+                                       "2", "--resume", steps=3)
+    assert [m["step"] for m in resumed] == [3] and rolls3 == [r for r in rolls if r["step"] == 3]
+    _step_metrics_equal(resumed[0], full[2])
+    a, b, b2 = _weights(out3 / "step_3"), _weights(out / "step_3"), _weights(out / "step_2")
+    assert max(float((a[k] - b2[k]).abs().max()) for k in a) > 1e-4  # step 3 moved the weights
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_grpo_coverage_and_no_checkpoints(tiny_model_dir, tmp_path):
@@ -1893,28 +2054,149 @@ SDPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--m
               "--data", "synthetic:types=add,n=8"]
 
 
-def test_sdpo_one_and_two_processes_and_resume(tiny_model_dir, tmp_path):
-    for name, launcher in (("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
-        run(*launcher, "sdpo.py", "--model", tiny_model_dir, *SDPO_FLAGS, "--out", str(tmp_path / name),
-            env={"OMP_NUM_THREADS": "1"})
-        rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
-        assert [r["step"] for r in rows] == [1, 2]
-        for key in ("loss", "masked_frac", "kl", "kl_epistemic", "teacher_context_len", "score", "length", "epistemic"):
-            assert key in rows[0]
-        assert rows[0]["masked_frac"] == 0.0 and rows[0]["loss"] > 0 and rows[0]["teacher_context_len"] > 0
-        from transformers import AutoModelForCausalLM
-        AutoModelForCausalLM.from_pretrained(tmp_path / name / "step_2")
-    run(sys.executable, "sdpo.py", "--model", tiny_model_dir, *SDPO_FLAGS, "--steps", "3", "--teacher-ema", "0.05",
-        "--mini-batch", "1", "--protect-epistemic", "--pg-coef", "0.5", "--entropy-weight",
-        "--out", str(tmp_path / "ema"))  # two updates a step: the off-policy path, with the three remedies
-    row = json.loads(open(tmp_path / "ema" / "metrics.jsonl").readlines()[1])
-    assert 0 < row["teacher_entropy"] <= 1 and 0 <= row["protected_frac"] <= 1
-    assert math.isfinite(row["pg_loss"]) and row["loss"] == pytest.approx(row["distill_loss"] + 0.5 * row["pg_loss"])
-    assert (tmp_path / "ema" / "step_3" / "teacher.safetensors").exists()
-    run(sys.executable, "sdpo.py", "--model", tiny_model_dir, *SDPO_FLAGS, "--steps", "4", "--teacher-ema", "0.05",
-        "--out", str(tmp_path / "ema"), "--resume")
-    assert [json.loads(l)["step"] for l in open(tmp_path / "ema" / "metrics.jsonl")] == [1, 2, 3, 4]
+def _support_jsd(s_logits, t_logits, k=100, alpha=0.5):
+    """Eq. 1's divergence written a second way, in probabilities: the student's top-k + the tail 1 - sum, then
+    (1 - a) KL(S || M) + a KL(T || M), M = (1 - a) S + a T. Also KL(S || T) on that support. (R, V) -> (R,), (R,)"""
+    ps, pt = torch.softmax(s_logits, -1), torch.softmax(t_logits.detach(), -1)
+    idx = ps.detach().topk(k, -1).indices
+    p, q = (torch.cat([x.gather(-1, idx), 1 - x.gather(-1, idx).sum(-1, keepdim=True)], -1) for x in (ps, pt))
+    m = (1 - alpha) * p + alpha * q
+    kl = lambda a, b: (a * (a / b).log()).sum(-1)
+    return (1 - alpha) * kl(p, m) + alpha * kl(q, m), kl(p, q).detach()
+
+
+def test_support_jsd_against_brute_force():
+    torch.manual_seed(3)
+    s, t = torch.randn(2, 7, dtype=torch.float64) * 2, torch.randn(2, 7, dtype=torch.float64) * 2
+    d, kl = _support_jsd(s, t, k=3, alpha=0.5)
+    for i in range(2):
+        assert float(d[i]) == pytest.approx(_brute_divergence(s[i].tolist(), t[i].tolist(), 3, 0.5, True), rel=1e-10)
+        assert float(kl[i]) == pytest.approx(_brute_divergence(s[i].tolist(), t[i].tolist(), 3, 1.0, True), rel=1e-10)
+
+
+def _sdpo_loss_by_hand(student, teacher, tok, rollouts, contexts, pg_coef=0.0, entropy_weight=False, stats=None):
+    """SDPO's first step, on-policy, written out: per distilled token w * e * D / (distilled tokens of the step), w the
+    rollout importance weight min(exp(logp - logp_rollout), 2), e the teacher's entropy / log V with
+    --entropy-weight, D `_support_jsd`; + pg_coef * GRPO's token-mean loss over every token. The teacher sees the
+    chat template of the reprompt of (question, c) and the student's response. `stats` collects the KL(S || T) and
+    the student's token at each distilled position."""
+    questions = {f"digits-{i}": p["question"] for i, p in enumerate(DIGIT_PROBLEMS)}
+    n_distill = sum(len(r["response_ids"]) for r, c in zip(rollouts, contexts) if c is not None)
+    n_tokens = sum(len(r["response_ids"]) for r in rollouts)
+    loss = 0.0
+    for r, c in zip(rollouts, contexts):
+        z = _response_logits(student, r["prompt_ids"], r["response_ids"])
+        logp = torch.log_softmax(z, -1).gather(-1, torch.tensor(r["response_ids"])[:, None]).squeeze(-1)
+        w = torch.clamp(torch.exp(logp.detach() - torch.tensor(r["rollout_logprobs"], dtype=torch.float64)), max=2.0)
+        if pg_coef:
+            loss = loss - pg_coef * (r["advantage"] * torch.exp(logp - logp.detach()) * w).sum() / n_tokens
+        if c is None:
+            continue
+        t_ids = tok(rollout.chat_prompt(tok, rollout.reprompt(questions[r["problem"]], c)),
+                    add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            zt = _response_logits(teacher, t_ids, r["response_ids"])
+        d, kl = _support_jsd(z, zt)
+        e = 1.0
+        if entropy_weight:
+            lt = torch.log_softmax(zt, -1)
+            e = -(lt.exp() * lt).sum(-1) / math.log(zt.shape[-1])
+        loss = loss + (w * e * d).sum() / n_distill
+        if stats is not None:
+            stats.extend(zip(r["response_ids"], kl.tolist()))
+    return loss
+
+
+def test_sdpo_one_and_two_processes_and_skipped_rows_equal_the_gradient_by_hand(digit_model_dir, tmp_path):
+    """Step 1 of SDPO with the dataset's solutions as c, under SGD at lr 1: rows without a solution have no loss.
+    One process, two (rank 0's rows all have c, rank 1's none), and one process without skipping the rows
+    that have no c give the same loss, KL and gradient, and it is autograd's through plain forwards of SDPO's loss
+    written out by hand. Step 2's KL is the student's against the initial, frozen teacher."""
+    (one, one2), r1, o1 = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "one", "--teacher-context", "dataset",
+                                     sgd=True, steps=2)
+    (two,), r2, o2 = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "two", "--teacher-context", "dataset",
+                                sgd=True, launcher=TORCHRUN2)
+    (full,), r3, o3 = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "full", "--teacher-context", "dataset",
+                                 "--no-skip-zero-rows", sgd=True)
+    step1 = [r for r in r1 if r["step"] == 1]
+    assert [r["text"] for r in step1] == [r["text"] for r in r2] == [r["text"] for r in r3]
+    solutions = {f"digits-{i}": p.get("solution") for i, p in enumerate(DIGIT_PROBLEMS)}
+    contexts = [solutions[r["problem"]] for r in step1]
+    assert [r["teacher_context"] for r in step1] == [c is not None for c in contexts]
+    assert [r["distilled"] for r in step1] == [len(r["response_ids"]) * (c is not None) for r, c in zip(step1, contexts)]
+    model, tok = rollout.load_model(digit_model_dir)
+    stats = []
+    loss, grads = _grads_by_hand(digit_model_dir, lambda m: _sdpo_loss_by_hand(m, model, tok, step1, contexts,
+                                                                                stats=stats))
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
+    kl = sum(k for _, k in stats) / len(stats)
+    for m, out in ((one, o1), (two, o2), (full, o3)):
+        assert m["masked_frac"] == 0.5 and m["loss"] == pytest.approx(loss, rel=1e-5)
+        assert m["grad_norm"] == pytest.approx(norm, rel=1e-5) and m["kl"] == pytest.approx(kl, rel=1e-4)
+        _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads)
+    assert one["trained_frac"] == 0.5 and full["trained_frac"] == 1.0
+    assert 0.5 < two["trained_frac"] < 1.0  # rank 1 runs filler rows (zero loss) to match rank 0's collectives
+    assert one["teacher_tokens"] < full["teacher_tokens"] and one["train_tokens"] < full["train_tokens"]
+    # step 2: the student is step_1's weights, the teacher still the initial model
+    step2 = [r for r in r1 if r["step"] == 2]
+    student, _ = rollout.load_model(str(o1 / "step_1"))
+    stats = []
+    with torch.no_grad():
+        _sdpo_loss_by_hand(student, model, tok, step2, [solutions[r["problem"]] for r in step2], stats=stats)
+    assert one2["kl"] == pytest.approx(sum(k for _, k in stats) / len(stats), rel=1e-4)
+
+
+def test_sdpo_sibling_contexts_and_remedies_equal_the_gradient_by_hand(digit_model_dir, tmp_path):
+    """c = the first other successful rollout of the group, with --pg-coef 0.5 and --entropy-weight: the loss, its
+    parts and the gradient written out by hand; the App. B.6 KL on the marker token " Wait" recomputed."""
+    (m,), rolls, out = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "sib", "--pg-coef", "0.5", "--entropy-weight",
+                                  sgd=True)
+    rewards = _rewards_by_hand(rolls)
+    contexts = []
+    for i, r in enumerate(rolls):
+        g = i // 4 * 4
+        contexts.append(next((rolls[j]["text"] for j in range(g, g + 4) if j != i and rewards[j] >= 0.5), None))
+    assert [r["teacher_context"] for r in rolls] == [c is not None for c in contexts]
+    assert 0 < sum(c is not None for c in contexts) < len(rolls)
+    model, tok = rollout.load_model(digit_model_dir)
+    stats = []
+    loss, grads = _grads_by_hand(digit_model_dir, lambda s: _sdpo_loss_by_hand(s, model, tok, rolls, contexts, 0.5,
+                                                                                True, stats))
+    with torch.no_grad():
+        pg = _sdpo_loss_by_hand(model, model, tok, rolls, [None] * len(rolls), 1.0)
+    assert m["loss"] == pytest.approx(loss, rel=1e-5) and m["pg_loss"] == pytest.approx(float(pg), rel=1e-5)
+    assert m["distill_loss"] == pytest.approx(loss - 0.5 * float(pg), rel=1e-4)
+    assert m["masked_frac"] == sum(c is None for c in contexts) / len(rolls)
+    _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads)
+    wait_id, = tok(" Wait", add_special_tokens=False)["input_ids"]
+    at_wait = [k for t, k in stats if t == wait_id]
+    assert at_wait and m["kl/' Wait'"] == pytest.approx(sum(at_wait) / len(at_wait), rel=1e-4)
+    assert m["kl_epistemic"] == pytest.approx(sum(at_wait) / len(at_wait), rel=1e-4)
+
+
+def test_sdpo_ema_teacher_and_resume_equal_the_uninterrupted_run(digit_model_dir, tmp_path):
+    """--teacher-ema 0.05 with AdamW: each step's saved teacher is (1 - 0.05) teacher + 0.05 student, recomputed
+    from the saved weights; the run resumed from step 2 reloads that teacher and gives step 3's rollouts,
+    metrics, weights and teacher as the uninterrupted run does."""
+    import shutil
+    from safetensors.torch import load_file
+    flags = ("--teacher-ema", "0.05", "--lr", "1e-2", "--warmup", "2")
+    full, rolls, out = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "full", *flags, steps=3)
+    teacher = {k: v.double() for k, v in _weights(digit_model_dir).items()}
+    for step in (1, 2, 3):
+        student = _weights(out / f"step_{step}")
+        teacher = {k: 0.95 * teacher[k] + 0.05 * student[k].double() for k in teacher}
+        saved = load_file(out / f"step_{step}" / "teacher.safetensors")
+        assert all(torch.allclose(saved[k].double(), teacher[k], rtol=1e-6, atol=1e-7) for k in teacher)
+    assert max(float((teacher[k] - _weights(digit_model_dir)[k]).abs().max()) for k in teacher) > 1e-4
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(out / "step_2", tmp_path / "resumed" / "step_2")
+    (m3,), rolls3, out3 = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "resumed", *flags, "--resume", steps=3)
+    assert rolls3 == [r for r in rolls if r["step"] == 3]
+    _step_metrics_equal(m3, full[2])
+    for name in ("model", "teacher"):
+        a, b = load_file(out3 / "step_3" / f"{name}.safetensors"), load_file(out / "step_3" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sdpo_embedded_model_sibling_context(tmp_path):
@@ -1933,56 +2215,6 @@ def test_marker_tokens_surface_variants(embedded_tokenizer):
         assert embedded_tokenizer.decode([tid]) == text and text.strip().lower() in epistemic.MARKERS
     wait_id = embedded_tokenizer(" Wait", add_special_tokens=False)["input_ids"]
     assert len(wait_id) == 1 and table[wait_id[0]] == " Wait"
-
-
-def _masking_problems(tmp_path) -> str:
-    """Two problems, only the first with a solution: with --teacher-context dataset, the second's rows have
-    no teacher context (nothing distilled, zero gradient)."""
-    probs = tmp_path / "p.jsonl"
-    probs.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2", "solution": "1 + 1 = 2."}) + "\n" +
-                     json.dumps({"question": "What is 2 + 2?", "answer": "4"}) + "\n")
-    return str(probs)
-
-
-def _sdpo_masking_run(launcher, model_dir, probs, out, *extra) -> tuple[dict, dict]:
-    """One SDPO step of 2 problems x 2 rollouts at LR 1e-3: its metrics row and its step_1 weights."""
-    from safetensors.torch import load_file
-    run(*launcher, "sdpo.py", "--model", model_dir, "--data", probs, "--teacher-context", "dataset", "--steps", "1",
-        "--prompts-per-step", "2", "--rollouts", "2", "--max-new-tokens", "8", "--micro-batch", "1", "--lr", "1e-3",
-        "--warmup", "1", "--eval-data", probs, "--eval-n", "1", "--eval-max-new-tokens", "4", "--out", str(out),
-        *extra, env={"OMP_NUM_THREADS": "1"}, timeout=300)
-    return json.loads(open(out / "metrics.jsonl").read()), load_file(out / "step_1" / "model.safetensors")
-
-
-def _same_update(a: dict, b: dict, init: dict):
-    moved = max(float((a[k] - init[k]).abs().max()) for k in init)
-    assert moved > 1e-4 and max(float((a[k] - b[k]).abs().max()) for k in init) < 1e-7
-
-
-def test_sdpo_skipping_rows_without_context_changes_nothing(tiny_model_dir, tmp_path):
-    """The second problem's rows (no context) are left out of the student's and the teacher's forwards: the
-    update, the loss and the KL are those of the full forward and backward."""
-    from safetensors.torch import load_file
-    probs = _masking_problems(tmp_path)
-    skip, w_skip = _sdpo_masking_run([sys.executable], tiny_model_dir, probs, tmp_path / "skip")
-    full, w_full = _sdpo_masking_run([sys.executable], tiny_model_dir, probs, tmp_path / "full", "--no-skip-zero-rows")
-    assert skip["masked_frac"] == full["masked_frac"] == 0.5
-    assert skip["trained_frac"] == 0.5 and full["trained_frac"] == 1.0
-    assert skip["teacher_tokens"] < full["teacher_tokens"] and skip["train_tokens"] < full["train_tokens"]
-    assert skip["loss"] == pytest.approx(full["loss"], rel=1e-6) and skip["kl"] == pytest.approx(full["kl"], rel=1e-6)
-    _same_update(w_skip, w_full, load_file(Path(tiny_model_dir) / "model.safetensors"))
-
-
-def test_sdpo_torchrun_ranks_with_different_masking(tiny_model_dir, tmp_path):
-    """One rank's rollouts have a teacher context and the other's don't: both must run the same collectives
-    (the second rank trains its rows as fillers, `grpo.rows_with_gradient`), and give the full update."""
-    from safetensors.torch import load_file
-    probs = _masking_problems(tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    row, w_skip = _sdpo_masking_run(torchrun, tiny_model_dir, probs, tmp_path / "o")
-    assert row["masked_frac"] == 0.5 and math.isfinite(row["loss"]) and row["trained_frac"] == 1.0
-    _, w_full = _sdpo_masking_run(torchrun, tiny_model_dir, probs, tmp_path / "full", "--no-skip-zero-rows")
-    _same_update(w_skip, w_full, load_file(Path(tiny_model_dir) / "model.safetensors"))
 
 
 # ============================================================================================
