@@ -47,6 +47,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 from fractions import Fraction
 from pathlib import Path
 
@@ -54,8 +55,20 @@ PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\
 GRADE_TIMEOUT_S = 5.0  # App. D / reference: 5 s for the math-verify comparison
 
 
+# Flag checks: each Args class lists its own in CHECKS (a ClassVar, not a flag), {field: allowed values | (predicate,
+# what the value must be)}; `check_args` applies them, `parse_args` first of all.
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+FRACTION = (lambda v: 0 < v <= 1, "in (0, 1]")
+THINKING = ("on", "off", "auto")
+BACKENDS = ("hf", "vllm")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
 @dataclass
 class Args:
+    CHECKS: ClassVar[dict] = dict(limit=NON_NEGATIVE)
     source: str = "synthetic"
     """path (.parquet/.jsonl/.json) or embedded name: synthetic[:key=value,...] or champ"""
     limit: int = 5
@@ -618,6 +631,29 @@ def main(args: Args):
         print(json.dumps({k: p[k] for k in ("id", "question", "answer", "solution") if k in p}, ensure_ascii=False))
 
 
+# --------------------------------------------------------------------------------------------
+# Command line: flags from dataclass fields, checked against each class's CHECKS
+# --------------------------------------------------------------------------------------------
+
+
+def check_args(args) -> None:
+    """Refuse a flag value outside its choices or range with a ValueError that names the flag.
+
+    type(args).CHECKS maps a field to its allowed values (a tuple of them) or to (predicate, what it must be);
+    a None value (an optional flag left unset) passes."""
+    for name, spec in getattr(type(args), "CHECKS", {}).items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if callable(spec[0]):
+            ok, what = spec
+            if not all(ok(v) for v in (value if isinstance(value, list) else [value])):
+                raise ValueError(f"{flag} {value!r}: must be {what}")
+        elif value not in spec:
+            raise ValueError(f"{flag} {value!r}: choose one of {', '.join(map(str, spec))}")
+
+
 def parse_args(cls, argv=None, positional=()):
     """Turn a dataclass's fields into kebab-case flags; the docstring under each field is its help."""
     import dataclasses
@@ -642,7 +678,12 @@ def parse_args(cls, argv=None, positional=()):
         else:
             kw["type"] = {"int": int, "float": float}.get(kind, str)
         parser.add_argument(name, **kw)
-    return cls(**vars(parser.parse_args(argv)))
+    args = cls(**vars(parser.parse_args(argv)))
+    try:
+        check_args(args)
+    except ValueError as e:
+        parser.error(str(e))  # exit 2, with the usage line
+    return args
 
 
 if __name__ == "__main__":

@@ -32,12 +32,12 @@ Run it:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch.distributed as dist
@@ -50,6 +50,10 @@ import rollout
 
 @dataclass
 class Args:
+    CHECKS: ClassVar[dict] = dict(
+        n_samples=data.POSITIVE, k=data.POSITIVE, temperature=data.NON_NEGATIVE, top_p=data.FRACTION,
+        top_k=data.NON_NEGATIVE, max_new_tokens=data.POSITIVE, limit=data.POSITIVE, backend=data.BACKENDS,
+        batch_size=data.POSITIVE, chunk=data.POSITIVE, thinking=data.THINKING, dtype=data.DTYPES)
     model: str = rollout.EMBEDDED
     """Hugging Face id or directory, or 'smollm2-135m' (embedded)"""
     data: list[str] = field(default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"])
@@ -129,10 +133,11 @@ def format_summary(summary: dict, ks: list[int]) -> str:
 # Evaluation
 # --------------------------------------------------------------------------------------------
 def score_problems(backend, problems: list[dict], params: rollout.SamplingParams, chat: dict,
-                   progress: bool = True, lenient: bool = False) -> list[dict]:
-    """Generate params.n samples per problem and grade them: one record per problem."""
+                   progress: bool = True, lenient: bool = False, indices: list[int] | None = None) -> list[dict]:
+    """Generate params.n samples per problem and grade them: one record per problem. `indices`: the problems'
+    numbers, their seeds (`rollout.generate`)."""
     prompts = [rollout.chat_prompt(backend.tokenizer, data.format_prompt(p["question"]), **chat) for p in problems]
-    samples = rollout.generate(backend, prompts, params, progress=progress)
+    samples = rollout.generate(backend, prompts, params, progress=progress, indices=indices)
     records = [dict(id=p["id"], question=p["question"], answer=p["answer"], responses=[], scores=[], lengths=[],
                     epistemic=[], finish_reasons=[]) for p in problems]
     for s in tqdm(samples, desc="grade", disable=not progress, leave=False):
@@ -153,10 +158,10 @@ def evaluate(backend, benchmarks: dict[str, list[dict]], params: rollout.Samplin
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     chat = chat or {}
-    params = dataclasses.replace(params, seed=params.seed + rank)  # each rank its own samples
     summary = {}
-    for name, problems in benchmarks.items():
-        mine = score_problems(backend, rollout.shard(problems, rank, world), params, chat, progress, lenient)
+    for name, problems in benchmarks.items():  # each problem seeded by its place: the same samples on any world size
+        indices = rollout.shard(list(range(len(problems))), rank, world)
+        mine = score_problems(backend, [problems[i] for i in indices], params, chat, progress, lenient, indices)
         allr = rollout.gather_to_rank0(mine, world)
         summary[name] = summarize(allr, list(ks)) if rank == 0 else None
     if world > 1:
@@ -189,13 +194,10 @@ def read_done(path: Path) -> dict:
 
 
 def check_args(args: Args):
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be > 0 (got {args.max_new_tokens})")
-    bad = [k for k in args.k if k > args.n_samples or k < 1]
+    data.check_args(args)
+    bad = [k for k in args.k if k > args.n_samples]
     if bad:
         raise ValueError(f"--k {bad}: pass@k needs 1 <= k <= n, and --n-samples is {args.n_samples}")
-    if args.n_samples < 1 or args.chunk < 1:
-        raise ValueError("--n-samples and --chunk must be >= 1")
 
 
 def main(args: Args) -> dict:

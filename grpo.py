@@ -46,6 +46,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -66,6 +67,16 @@ from sft import plain_lm_head  # noqa: F401  (grpo.plain_lm_head: the head test 
 
 @dataclass
 class Args:
+    CHECKS: ClassVar[dict] = dict(  # data.check_args: a value outside these is refused, naming its flag
+        coverage=data.NON_NEGATIVE, steps=data.NON_NEGATIVE, prompts_per_step=data.POSITIVE, rollouts=data.POSITIVE,
+        mini_batch=data.NON_NEGATIVE, ppo_epochs=data.POSITIVE, micro_batch=data.POSITIVE, pack_tokens=data.NON_NEGATIVE,
+        lr=data.NON_NEGATIVE, warmup=data.NON_NEGATIVE, weight_decay=data.NON_NEGATIVE, grad_clip=data.POSITIVE,
+        clip_low=(lambda v: 0 <= v < 1, "in [0, 1)"), clip_high=data.NON_NEGATIVE, clip_c=(lambda v: v > 1, "> 1"),
+        rollout_is_clip=data.POSITIVE, kl_coef=data.NON_NEGATIVE, temperature=data.POSITIVE,
+        max_new_tokens=data.POSITIVE, max_prompt_len=data.POSITIVE, eval_every=data.NON_NEGATIVE, eval_n=data.POSITIVE,
+        eval_max_new_tokens=data.POSITIVE, save_every=data.NON_NEGATIVE, backend=data.BACKENDS,
+        gen_batch_size=data.POSITIVE, vllm_gpu_memory=data.FRACTION, vllm_sleep=(0, 1, 2), chunk=data.NON_NEGATIVE,
+        keep_checkpoints=data.NON_NEGATIVE, thinking=data.THINKING)
     model: str = rollout.EMBEDDED
     """initial policy: Hugging Face id or directory, or 'smollm2-135m'"""
     data: str = "synthetic:difficulty=1,types=add+sub+mul+div,n=256"
@@ -135,8 +146,8 @@ class Args:
     eval_max_new_tokens: int = 128
     """eval response budget (Table 11: 38912)"""
     save_rollouts: bool = False
-    """append each step's rollouts to OUT/rollouts.jsonl: ids, text, rollout log-probs, reward, advantage (SDPO: whether
-    a teacher context was found, and the positions distilled)"""
+    """append each step's rollouts to OUT/rollouts.jsonl: ids, text, rollout log-probs, reward, advantage (SDPO: the
+    teacher's context c, null when masked, and the positions distilled)"""
     save_every: int = 10
     """checkpoint every this many steps (and at the end); 0 = never (benchmarks)"""
     resume: bool = False
@@ -676,7 +687,8 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
     out = dict(loss=sft.all_reduce_sum(totals["loss"]) / max(args.ppo_epochs * math.ceil(len(batch) / per_update), 1),
                entropy=sft.all_reduce_sum(totals["entropy"]) / entropy_tokens if entropy_tokens else None,
                kl=sft.all_reduce_sum(totals["kl"]),
-               grad_norm=totals["grad_norm"] / max(totals["updates"], 1), nonfinite_updates=totals["nonfinite"],
+               grad_norm=totals["grad_norm"] / max(totals["updates"], 1), updates=totals["updates"],
+               nonfinite_updates=totals["nonfinite"],
                trained_frac=sft.all_reduce_sum(totals["rows"]) / max(n_rows, 1),
                train_tokens=sft.all_reduce_sum(totals["positions"]), t_old_logprobs=t_old)
     for key in ("clip_frac_high", "clip_frac_low", "clip_frac_dual"):
@@ -704,8 +716,8 @@ def save_rollouts(path: Path, step: int, rows: list[dict], problems: list[dict],
             "truncated")
     mine = [dict(step=step, prompt=indices[i // group_size], sample=i % group_size,
                  problem=problems[i // group_size].get("id"), **{k: r[k] for k in keep},
-                 **({"teacher_context": r["teacher_prompt_ids"] is not None, "distilled": sum(r["distill"])}
-                    if "distill" in r else {})) for i, r in enumerate(rows)]
+                 **({"context": r["context"], "distilled": sum(r["distill"])} if "distill" in r else {}))
+            for i, r in enumerate(rows)]
     everything = rollout.gather_to_rank0(mine, world)
     if everything is not None:
         with open(path, "a") as f:
@@ -733,9 +745,7 @@ class Run:
 
 def setup(args: Args) -> Run:
     """Everything both trainers need: ranks, problems, policy (sharded), optimizer, generation backend, resume."""
-    if args.vllm_sleep not in (0, 1, 2) or args.keep_checkpoints < 0:
-        raise ValueError(f"--vllm-sleep {args.vllm_sleep} (0, 1 or 2) / --keep-checkpoints {args.keep_checkpoints} "
-                         "(>= 0): out of range")
+    data.check_args(args)  # again: a run may be started from Python, without parse_args
     rank, _, world, device = sft.init_distributed()
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the world size {world}")

@@ -54,6 +54,7 @@ import shutil
 import socket
 import tempfile
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -70,6 +71,11 @@ SETTINGS = ("unguided", "solution", "solution-no-think", "regenerated", "uncerta
 
 @dataclass
 class Args:
+    CHECKS: ClassVar[dict] = dict(
+        setting=(*SETTINGS, "all"), solution_source=("rollout", "dataset"), n_samples=data.POSITIVE,
+        limit=data.POSITIVE, backend=data.BACKENDS, temperature=data.NON_NEGATIVE, top_p=data.FRACTION,
+        top_k=data.NON_NEGATIVE, max_new_tokens=data.POSITIVE, batch_size=data.POSITIVE, thinking=data.THINKING,
+        dtype=data.DTYPES)
     model: str = EMBEDDED
     """Hugging Face id or directory, or 'smollm2-135m' (embedded, offline)"""
     data: str = "synthetic:difficulty=1,n=16"
@@ -904,11 +910,8 @@ def first_correct(records: list[dict]) -> dict[str, str]:
 
 def table1(args: Args) -> dict:
     rank, _, world, device = init_distributed()
+    data.check_args(args)
     chosen = list(SETTINGS) if args.setting == "all" else [args.setting]
-    if set(chosen) - set(SETTINGS):
-        raise ValueError(f"--setting {args.setting!r}: choose from {', '.join(SETTINGS)} or all")
-    if args.solution_source not in ("rollout", "dataset"):
-        raise ValueError(f"--solution-source {args.solution_source!r}: rollout or dataset")
     problems = shard(data.load_problems(args.data, limit=args.limit, seed=args.seed), rank, world)
     chat = dict(system=args.system, thinking=args.thinking)
     max_len = 0 if args.backend != "vllm" else settings_engine_length(

@@ -65,6 +65,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -79,6 +80,11 @@ from rollout import strip_think  # noqa: F401  (public here too: s\think)
 
 @dataclass
 class Args(grpo.Args):
+    CHECKS: ClassVar[dict] = dict(
+        grpo.Args.CHECKS, alpha=data.UNIT, topk=data.NON_NEGATIVE, is_clip=data.POSITIVE,
+        teacher_context=("sibling", "sibling-no-think", "dataset", "regenerated"), reprompt=("sdpo", "uncertainty"),
+        success_threshold=data.UNIT, teacher_ema=data.UNIT, distill_prefix=data.NON_NEGATIVE,
+        max_reprompt_len=data.POSITIVE, pg_coef=data.NON_NEGATIVE)
     out: str = "runs/sdpo"
     """output directory: metrics.jsonl, step_N/ checkpoints"""
     lr: float = 1e-5
@@ -341,9 +347,6 @@ def marker_tokens(tokenizer) -> dict[int, str]:
 def sdpo_train_step(run: grpo.Run):
     """Build the teacher, then return the per-step update that grpo.run_loop calls with the step's rollouts."""
     args, tok, device, world = run.args, run.tokenizer, run.device, run.world
-    modes = ("sibling", "sibling-no-think", "dataset", "regenerated")
-    if args.teacher_context not in modes or args.reprompt not in ("sdpo", "uncertainty"):
-        raise ValueError(f"--teacher-context must be one of {modes}; --reprompt sdpo or uncertainty")
     teacher_path = rollout.resolve_model_path(args.model)
     teacher, _ = rollout.load_model(teacher_path, "auto", device)  # the initial policy
     teacher.requires_grad_(False)
@@ -373,12 +376,13 @@ def sdpo_train_step(run: grpo.Run):
         else:
             contexts = teacher_contexts(rows, problems, args.rollouts, args.teacher_context, args.success_threshold)
         for i, (r, c) in enumerate(zip(rows, contexts)):
-            r["teacher_prompt_ids"] = None
+            r["teacher_prompt_ids"] = r["context"] = None
             if c is not None:
                 text = rollout.chat_prompt(tok, teacher_prompt(problems[i // args.rollouts]["question"], c,
                                                                template=args.reprompt), **teacher_chat)
                 ids = tok(text, add_special_tokens=False)["input_ids"]
-                r["teacher_prompt_ids"] = ids if len(ids) <= args.max_reprompt_len else None
+                if len(ids) <= args.max_reprompt_len:  # a longer one is masked (departure 2)
+                    r["teacher_prompt_ids"], r["context"] = ids, c
         has_c = [r["teacher_prompt_ids"] is not None for r in rows]
         n_protected = 0
         for r in rows:
@@ -480,7 +484,8 @@ def sdpo_train_step(run: grpo.Run):
                        teacher_context_len=sft.all_reduce_sum(sum(len(r["teacher_prompt_ids"]) for r in rows if
                                                                   r["teacher_prompt_ids"] is not None))
                        / max(sft.all_reduce_sum(sum(has_c)), 1.0),
-                       grad_norm=tot["grad_norm"] / max(tot["updates"], 1), nonfinite_updates=tot["bad"],
+                       grad_norm=tot["grad_norm"] / max(tot["updates"], 1), updates=tot["updates"],
+                       nonfinite_updates=tot["bad"],
                        teacher_tokens=sft.all_reduce_sum(tot["teacher_positions"]),
                        train_tokens=sft.all_reduce_sum(tot["positions"]),
                        trained_frac=sft.all_reduce_sum(tot["rows"]) / max(sft.all_reduce_sum(len(rows)) *

@@ -52,6 +52,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -66,6 +67,11 @@ from rollout import init_distributed, print0  # noqa: F401  (re-exported: grpo.p
 
 @dataclass
 class BuildArgs:
+    CHECKS: ClassVar[dict] = dict(
+        setting=("unguided", "solution"), solution_source=("rollout", "dataset"), n_samples=data.POSITIVE,
+        target=data.POSITIVE, backend=data.BACKENDS, temperature=data.NON_NEGATIVE, top_p=data.FRACTION,
+        top_k=data.NON_NEGATIVE, max_new_tokens=data.POSITIVE, batch_size=data.POSITIVE, thinking=data.THINKING,
+        dtype=data.DTYPES)
     setting: str = "solution"
     """unguided (D_ug, c = {}) or solution (D_sg, c = s)"""
     model: str = rollout.EMBEDDED
@@ -106,6 +112,11 @@ class BuildArgs:
 
 @dataclass
 class TrainArgs:
+    CHECKS: ClassVar[dict] = dict(
+        steps=data.NON_NEGATIVE, batch_size=data.POSITIVE, micro_batch=data.POSITIVE, lr=data.NON_NEGATIVE,
+        warmup=data.NON_NEGATIVE, weight_decay=data.NON_NEGATIVE, grad_clip=data.POSITIVE, max_len=data.POSITIVE,
+        save_every=data.NON_NEGATIVE, thinking=data.THINKING, dtype=data.DTYPES, chunk=data.NON_NEGATIVE,
+        keep_checkpoints=data.NON_NEGATIVE)
     data: str = "runs/d_sg.jsonl"
     """SFT jsonl with 'question' (or 'prompt') and 'response' per row, e.g. from `sft.py build`"""
     model: str = rollout.EMBEDDED
@@ -476,8 +487,7 @@ def rows_for_step(n_rows: int, step: int, batch_size: int, seed: int) -> list[in
 # --------------------------------------------------------------------------------------------
 def build(args: BuildArgs):
     """D_ug / D_sg (Sec. 4): the model's own correct responses under c = {} or c = s, as SFT rows."""
-    if args.setting not in ("unguided", "solution"):
-        raise ValueError(f"--setting {args.setting!r}: unguided or solution")
+    data.check_args(args)
     rank, _, world, device = init_distributed()
     problems = rollout.shard(data.load_problems(args.data, seed=args.seed), rank, world)
     chat = dict(system=args.system, thinking=args.thinking)
@@ -515,6 +525,7 @@ def build(args: BuildArgs):
 
 
 def train(args: TrainArgs):
+    data.check_args(args)
     rank, _, world, device = init_distributed()
     if args.batch_size % world or (args.batch_size // world) < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be a positive multiple of the world size {world}")

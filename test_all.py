@@ -97,6 +97,20 @@ def test_grade_cases(response, answer, expected):
     assert data.grade(response, answer) == expected
 
 
+@pytest.mark.parametrize("response,answer,strict,lenient", [
+    ("The answer is 5.", "5", 0.0, 1.0),  # no box: the last number
+    ("I get 3, then 4", "4", 0.0, 1.0),
+    ("I get 3, then 4", "3", 0.0, 0.0),  # only the last number counts
+    ("\\boxed{3} and later 4", "3", 1.0, 1.0),  # a box wins over a later number
+    ("\\boxed{3} and later 4", "4", 0.0, 0.0),
+    ("it is -2.5 then", "-2.5", 0.0, 1.0),
+    ("1,234 apples", "1234", 0.0, 1.0),
+    ("no number here", "4", 0.0, 0.0),
+])
+def test_lenient_grading(response, answer, strict, lenient):
+    assert data.grade(response, answer) == strict and data.grade(response, answer, lenient=True) == lenient
+
+
 def test_last_boxed_extraction():
     assert data.last_boxed("a \\boxed{\\frac{a}{b^{2}}} b") == "\\frac{a}{b^{2}}"
     assert data.last_boxed("\\boxed{1} \\fbox{2}") == "2"
@@ -727,26 +741,43 @@ def test_load_model_errors_and_embedded_model():
     assert "quantization_config" not in cfg  # the saved checkpoint is a plain fp32 model
 
 
-def test_embedded_conversion_is_atomic_and_waits(tmp_path):
-    """Kill a conversion midway while a second process waits on the lock: no half cache, then a whole one."""
+FLOCK_SYSCALL = {"x86_64": "73", "aarch64": "32"}.get(os.uname().machine)
+
+
+@pytest.mark.skipif(FLOCK_SYSCALL is None or not Path("/proc/self/syscall").exists(),
+                    reason="reads /proc/PID/syscall (Linux x86_64 or aarch64)")
+def test_embedded_conversion_is_atomic_and_waits_for_the_lock(tmp_path):
+    """A conversion killed midway leaves no cache in place. While the lock is held, a second process blocks in
+    flock (read from /proc, no sleeps); once it is released, it removes the killed run's temporary directory and
+    converts."""
+    import fcntl
     code = "import sys, rollout; print(rollout.embedded_model_dir(sys.argv[1]))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    time.sleep(4)  # first holds the lock and is converting
-    second = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    time.sleep(2)
-    assert first.poll() is None and second.poll() is None  # second waits for the lock
+    start = lambda: subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+
+    def wait_for(condition, what, timeout=120):
+        end = time.time() + timeout
+        while not condition():
+            assert time.time() < end, f"timed out waiting for {what}"
+            time.sleep(0.02)
+    target = tmp_path / "smollm2-135m-instruct"
+    first = start()
+    wait_for(lambda: list(tmp_path.glob(".convert-*")) or first.poll() is not None, "the conversion to begin")
     first.kill()
     first.wait()
-    target = tmp_path / "smollm2-135m-instruct"
-    assert not target.exists()  # killed before the rename: nothing half-written in place
+    assert not target.exists() and list(tmp_path.glob(".convert-*"))  # killed before the rename: nothing in place
+    with open(tmp_path / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        second = start()
+        in_flock = lambda: Path(f"/proc/{second.pid}/syscall").read_text().split()[0] == FLOCK_SYSCALL
+        wait_for(lambda: second.poll() is not None or in_flock(), "the second process to block on the lock")
+        assert second.poll() is None and not target.exists()  # it waits for the lock instead of converting
+        fcntl.flock(lock, fcntl.LOCK_UN)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0 and out.strip() == str(target)
     from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(target)
-    assert m.config.num_hidden_layers == 30
+    assert AutoModelForCausalLM.from_pretrained(target).config.num_hidden_layers == 30
     assert not list(tmp_path.glob(".convert-*"))  # the killed run's temporary directory was cleaned up
 
 
@@ -765,20 +796,43 @@ def test_vllm_backend_matches_contract(tiny_model_dir):
     assert len(rollout.generate(backend, prompts, params)) == 2
 
 
-def test_rollout_cli_table1(tiny_model_dir, tmp_path):
-    out = run(sys.executable, "rollout.py", "--model", tiny_model_dir, "--setting", "all", "--data",
-              "synthetic:types=add,n=3", "--n-samples", "2", "--max-new-tokens", "8", "--solution-source", "dataset",
-              "--out", str(tmp_path))
-    table = (tmp_path / "table.md").read_text()
-    for name in ("(1) Unguided", "(2) Solution-Guided (c = s)", "(3) Solution-Guided (c = s\\think)",
-                 "(4) Regeneration-Conditioned", "App. C"):
-        assert name in table and name in out
-    assert "Avg. Score" in table and "Epistemic Token Count" in table
-    rows = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
-    assert {r["setting"] for r in rows} >= {"unguided", "solution", "solution-no-think", "uncertainty"}
-    assert len([r for r in rows if r["setting"] == "unguided"]) == 6
-    sol = [r for r in rows if r["setting"] == "solution"][0]
-    assert sol["context"].endswith("\n\nCorrectly solve the original question.") and "Correct solution:" in sol["context"]
+def test_rollout_cli_table1_by_hand(digit_model_dir, tmp_path):
+    """Table 1 on the digit model: s is each problem's first correct unguided response, y_r its first correct
+    response under c = s; each setting's context is built from them, and its row is the mean of the samples."""
+    out = run(sys.executable, "rollout.py", "--model", digit_model_dir, "--setting", "all", "--data",
+              _digit_problems(tmp_path), "--n-samples", "3", "--max-new-tokens", "6", "--lenient", "--out",
+              str(tmp_path / "t1"))
+    samples = [json.loads(l) for l in open(tmp_path / "t1" / "samples.jsonl")]
+    table, md = json.loads((tmp_path / "t1" / "table.json").read_text()), (tmp_path / "t1" / "table.md").read_text()
+    questions = {f"digits-{i}": p["question"] for i, p in enumerate(DIGIT_PROBLEMS)}
+    by = {s: [r for r in samples if r["setting"] == s] for s in rollout.SETTINGS}
+    for r in samples:
+        assert r["score"] == _correct_by_hand(r["response"], r["answer"])
+
+    def first_correct(records):
+        firsts = {}
+        for r in records:
+            if r["score"]:
+                firsts.setdefault(r["id"], r["response"])
+        return firsts
+    s, expect = first_correct(by["unguided"]), {}
+    y_r = first_correct(by["solution"])
+    assert len(by["unguided"]) == 12 and s and y_r
+    for setting, given, context in (
+            ("unguided", {i: None for i in questions}, lambda q, c: rollout.unguided_prompt(q)),
+            ("solution", s, rollout.reprompt), ("solution-no-think", s, lambda q, c: rollout.reprompt(q, c)),
+            ("regenerated", y_r, rollout.reprompt),
+            ("uncertainty", s, lambda q, c: rollout.reprompt(q, c, template="uncertainty"))):
+        assert sorted({r["id"] for r in by[setting]}) == sorted(given) and len(by[setting]) == 3 * len(given)
+        assert all(r["context"] == context(questions[r["id"]], given[r["id"]]) for r in by[setting])
+        n = len(by[setting])
+        assert table[setting] == pytest.approx(dict(samples=n, score=sum(r["score"] for r in by[setting]) / n,
+                                                    length=sum(r["length"] for r in by[setting]) / n,
+                                                    epistemic=sum(r["response"].count("Wait") for r in by[setting]) / n))
+        cells = next(c for c in ([x.strip() for x in line.split("|")[1:-1]] for line in md.splitlines())
+                     if c[0] == rollout.SETTING_NAMES[setting])
+        assert cells[1:3] == [f"{len(given)}/4", f"{table[setting]['score']:.2f}"]
+        assert rollout.SETTING_NAMES[setting] in out
 
 
 # ============================================================================================
@@ -815,7 +869,7 @@ def test_evaluate_cli_bad_input(tmp_path):
         assert p.returncode != 0
         return p.stderr
     assert "pass@k needs 1 <= k <= n" in fails("--n-samples", "2", "--k", "1", "4")
-    assert "--max-new-tokens must be > 0" in fails("--max-new-tokens", "0")
+    assert "--max-new-tokens 0: must be > 0" in fails("--max-new-tokens", "0")
     assert "does not exist" in fails("--model", str(tmp_path / "missing-model"))
     bad = tmp_path / "noanswers.jsonl"
     bad.write_text(json.dumps({"question": "q"}) + "\n")
@@ -967,16 +1021,32 @@ def test_sft_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sft_two_processes_match_one(tiny_model_dir, tmp_path):
+def test_sft_one_and_two_processes_equal_the_gradient_by_hand(tiny_model_dir, tmp_path):
+    """The first SFT step under SGD at lr 1, on one process and on two (two micro-batches of 2 rows, or one per
+    rank): the loss, gradient norm and gradient are the token mean of the response tokens' NLL, by hand."""
     d = _sft_file(tmp_path / "d.jsonl")
-    one = _train(tiny_model_dir, d, tmp_path / "one", "--steps", "2", "--save-every", "2")
-    two = _train(tiny_model_dir, d, tmp_path / "two", "--steps", "2", "--save-every", "2", torchrun=True)
-    assert one[0]["tokens"] == two[0]["tokens"]
-    assert abs(one[0]["loss"] - two[0]["loss"]) < 1e-5 and abs(one[1]["loss"] - two[1]["loss"]) < 1e-5
-    from transformers import AutoModelForCausalLM
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "step_2")
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "step_2")
-    assert max((x - y).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values())) < 1e-5
+    for name, launcher in (("one", [sys.executable]), ("two", TORCHRUN2)):
+        run(*_sgd_command(tmp_path, launcher, "sft.py", "train", "--model", tiny_model_dir, "--data", str(d), "--out",
+                          str(tmp_path / name), "--batch-size", "4", "--micro-batch", "2", "--steps", "1"),
+            env={"OMP_NUM_THREADS": "1"})
+    model, tok = rollout.load_model(tiny_model_dir)
+    rows = [json.loads(l) for l in open(d)]
+    batch = [sft.tokenize_sft(tok, rows[i], 2048, {}) for i in sft.rows_for_step(len(rows), 0, 4, 0)]
+    n = sum(sum(mask[1:]) for _, mask in batch)
+
+    def nll(m):
+        total = 0.0
+        for ids, mask in batch:
+            logp = torch.log_softmax(m(torch.tensor([ids])).logits[0, :-1].double(), -1)
+            total = total - (logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0] * torch.tensor(mask[1:])).sum()
+        return total / n
+    loss, grads = _grads_by_hand(tiny_model_dir, nll)
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
+    for name in ("one", "two"):
+        (m,) = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl") if "step" in json.loads(l)]
+        assert m["tokens"] == n and m["loss"] == pytest.approx(loss, rel=1e-5)
+        assert m["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        _assert_same_gradient(_gradient_from_sgd_step(tiny_model_dir, tmp_path / name), grads)
 
 
 def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monkeypatch):
@@ -1055,17 +1125,38 @@ def test_sft_build_keeps_only_correct(tmp_path):
     sft.read_sft_rows(out)  # and it is valid SFT input
 
 
-def test_periodic_evaluate_function(tiny):
-    model, tok = tiny
-    backend = rollout.Backend("hf", tok, model=model, batch_size=8)
-    params = rollout.SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=3)
-    benches = {"a": data.load_problems("synthetic:types=add,n=3"), "b": data.load_problems("synthetic:split=ood,n=2")}
-    summary = evaluate.evaluate(backend, benches, params, ks=(1, 2))
-    assert set(summary) == {"a", "b"}
-    for name, problems in benches.items():
-        records = evaluate.score_problems(backend, problems, params, {}, progress=False)  # same seed, same samples
-        assert summary[name] == evaluate.summarize(records, [1, 2])
-        assert summary[name]["samples"] == 2 * len(problems) and summary[name]["length"] <= 6
+EVALUATE_WORKER = """import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+import data, evaluate, rollout
+rank, _, world, _ = rollout.init_distributed()
+model, tok = rollout.load_model(sys.argv[2])
+problems = data.load_problems(sys.argv[3])
+benches = {"all": problems, "three": problems[:3]}
+params = rollout.SamplingParams(n=3, max_new_tokens=5, seed=7)
+summary = evaluate.evaluate(rollout.Backend("hf", tok, model=model, batch_size=4), benches, params, ks=(1, 2), lenient=True)
+records = evaluate.score_problems(rollout.Backend("hf", tok, model=model), problems, params, {}, False, True)
+if rank == 0:
+    open(sys.argv[4], "w").write(json.dumps(dict(summary=summary, records=records)))
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def test_periodic_evaluate_splits_and_gathers_over_ranks(digit_model_dir, tmp_path):
+    """evaluate() splits each benchmark over the ranks (rank 0: problems 0 and 2, rank 1: 1 and 3) and summarises
+    the records gathered on rank 0: two ranks give one process's summary, which is `summarize` of every
+    problem's records (each problem seeded by its place in the benchmark)."""
+    (tmp_path / "ev.py").write_text(EVALUATE_WORKER)
+    args = [str(tmp_path / "ev.py"), str(ROOT), digit_model_dir, _digit_problems(tmp_path)]
+    run(sys.executable, *args, str(tmp_path / "one.json"), env={"OMP_NUM_THREADS": "1"})
+    run(*TORCHRUN2, *args, str(tmp_path / "two.json"), env={"OMP_NUM_THREADS": "1"})
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    records = one["records"]
+    assert one["summary"] == two["summary"]
+    assert one["summary"]["all"] == evaluate.summarize(records, [1, 2]) and one["summary"]["all"]["samples"] == 12
+    assert one["summary"]["three"] == evaluate.summarize(records[:3], [1, 2])
+    assert 0 < one["summary"]["all"]["acc"] < 1  # the samples differ: a split that lost or repeated one would show
 
 
 # ============================================================================================
@@ -1580,15 +1671,21 @@ def digit_model_dir(tmp_path_factory, embedded_tokenizer):
 DIGIT_PROBLEMS = [dict(question="What is 1?", answer="1", solution="1"), dict(question="What is one?", answer="1"),
                   dict(question="Say 11.", answer="11"), dict(question="Say one.", answer="1", solution="It is 1.")]
 TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-SGD_WORKER = '''"""Runs a trainer script with SGD in place of AdamW: one step at --lr 1 moves the weights by minus the gradient."""
-import runpy, sys
+SGD_WORKER = """# Runs a script's main() with SGD in place of AdamW: one step at --lr 1 moves the weights by minus the gradient.
+import importlib, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import sft
 sft.make_optimizer = lambda model, lr, weight_decay=0.0: torch.optim.SGD(model.parameters(), lr=lr)
-sys.argv = sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-'''
+importlib.import_module(sys.argv[2].removesuffix(".py")).main(sys.argv[3:])
+"""
+
+
+def _sgd_command(tmp_path, launcher, script, *argv) -> list[str]:
+    """`launcher script argv` with SGD (`SGD_WORKER`) at lr 1, no warmup, no clipping."""
+    (tmp_path / "sgd_worker.py").write_text(SGD_WORKER)
+    return [*launcher, str(tmp_path / "sgd_worker.py"), str(ROOT), script, *argv, "--lr", "1", "--warmup", "0",
+            "--grad-clip", "1e9"]
 
 
 def _digit_problems(tmp_path) -> str:
@@ -1601,11 +1698,7 @@ def _digit_problems(tmp_path) -> str:
 def _digit_run(model_dir, tmp_path, script, name, *extra, launcher=(sys.executable,), sgd=False, steps=1):
     """A run of `script` on the digit model; returns its metrics rows, its rollouts, and OUT."""
     out, probs = tmp_path / name, _digit_problems(tmp_path)
-    cmd = [*launcher, script]
-    if sgd:  # --lr 1, no warmup, no clipping: step 1 moves each weight by minus its gradient
-        (tmp_path / "sgd_worker.py").write_text(SGD_WORKER)
-        cmd = [*launcher, str(tmp_path / "sgd_worker.py"), str(ROOT), script, "--lr", "1", "--warmup", "0",
-               "--grad-clip", "1e9"]
+    cmd = _sgd_command(tmp_path, launcher, script) if sgd else [*launcher, script]
     run(*cmd, "--model", model_dir, "--data", probs, "--steps", str(steps), "--prompts-per-step", "4",
         "--rollouts", "4", "--max-new-tokens", "6", "--lenient", "--eval-data", probs, "--eval-n", "1",
         "--eval-max-new-tokens", "2", "--save-rollouts", "--save-every", "1", "--keep-checkpoints", "0",
@@ -1638,10 +1731,14 @@ def _response_logits(model, prompt_ids, response_ids):
     return model(ids).logits[0, len(prompt_ids) - 1:-1].double()
 
 
+def _correct_by_hand(text: str, answer: str) -> float:
+    """Lenient grading of the digit model's responses, independently: the last run of digits equals the answer."""
+    return float(re.findall(r"\d+", text)[-1:] == [answer])
+
+
 def _rewards_by_hand(rollouts):
-    """Lenient grading of these responses, independently: the last run of digits equals the answer."""
     answers = {f"digits-{i}": p["answer"] for i, p in enumerate(DIGIT_PROBLEMS)}
-    return [float(re.findall(r"\d+", r["text"])[-1:] == [answers[r["problem"]]]) for r in rollouts]
+    return [_correct_by_hand(r["text"], answers[r["problem"]]) for r in rollouts]
 
 
 def _grads_by_hand(model_dir, loss_fn) -> tuple[float, dict]:
@@ -1675,11 +1772,16 @@ def _step_metrics_equal(a: dict, b: dict):
 
 def test_grpo_one_and_two_processes_equal_the_gradient_by_hand(digit_model_dir, tmp_path):
     """Step 1 under SGD at lr 1, on one process and on two: the same rollouts, loss, gradient norm and gradient, and
-    that gradient is autograd's through plain unpacked forwards of GRPO's loss written out by hand."""
+    that gradient is autograd's through plain unpacked forwards of GRPO's loss written out by hand. Step 2's
+    rollouts are the same too: under two ranks they come from the generation replicas (`grpo.sync_replica`)."""
     from transformers import AutoModelForCausalLM
-    (one,), r1, o1 = _digit_run(digit_model_dir, tmp_path, "grpo.py", "one", sgd=True)
-    (two,), r2, o2 = _digit_run(digit_model_dir, tmp_path, "grpo.py", "two", sgd=True, launcher=TORCHRUN2)
-    assert [(r["prompt"], r["sample"], r["text"]) for r in r1] == [(r["prompt"], r["sample"], r["text"]) for r in r2]
+    (one, one2), rolls1, o1 = _digit_run(digit_model_dir, tmp_path, "grpo.py", "one", sgd=True, steps=2)
+    (two, two2), rolls2, o2 = _digit_run(digit_model_dir, tmp_path, "grpo.py", "two", sgd=True, launcher=TORCHRUN2,
+                                      steps=2)
+    key = lambda rolls: [(r["step"], r["prompt"], r["sample"], r["text"]) for r in rolls]
+    assert key(rolls1) == key(rolls2)
+    r1 = [r for r in rolls1 if r["step"] == 1]
+    assert [r["text"] for r in r1] != [r["text"] for r in rolls1 if r["step"] == 2]
     rewards = _rewards_by_hand(r1)
     assert [r["reward"] for r in r1] == rewards and 0 < sum(rewards) < len(rewards)
     groups = torch.tensor(rewards, dtype=torch.float64).view(4, 4)
@@ -1692,9 +1794,11 @@ def test_grpo_one_and_two_processes_equal_the_gradient_by_hand(digit_model_dir, 
         assert m["epistemic"] == sum(r["text"].lower().count("wait") for r in r1) / 16
         assert m["clip_frac_high"] == m["clip_frac_low"] == m["clip_frac_dual"] == 0.0  # on-policy: ratio 1
         assert m["degenerate_groups"] == float((groups.max(1).values == groups.min(1).values).sum()) / 4
-        assert 0.01 < m["peak_mem_gb"] < 8 and any(k.startswith("eval/") for k in m)
+        assert 0.01 < m["peak_mem_gb"] < 8
         _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads)
         AutoModelForCausalLM.from_pretrained(out / "step_1")
+    for m in (one2, two2):  # the evaluation after the last step, on the held-out set
+        assert {"eval/digits/acc", "eval/digits/length", "eval/digits/epistemic"} <= set(m)
 
 
 def test_grpo_resume_equals_uninterrupted_run(digit_model_dir, tmp_path):
@@ -1715,22 +1819,120 @@ def test_grpo_resume_equals_uninterrupted_run(digit_model_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_grpo_coverage_and_no_checkpoints(tiny_model_dir, tmp_path):
-    p = subprocess.run([sys.executable, "grpo.py", "--model", tiny_model_dir, "--data", "synthetic:types=add,n=8",
+def test_grpo_mini_batch_epochs_std_and_eval_flags_reach_the_trainer(digit_model_dir, tmp_path):
+    """--mini-batch 2 --ppo-epochs 2: four optimizer updates a step (two mini-batches of two problems, twice);
+    --norm-adv-std: advantages divided by the group's unbiased std + 1e-6; --eval-every 2 over 3 steps: evaluated
+    after steps 2 and 3 only."""
+    rows, rolls, _ = _digit_run(digit_model_dir, tmp_path, "grpo.py", "flags", "--mini-batch", "2", "--ppo-epochs",
+                                "2", "--norm-adv-std", "--eval-every", "2", "--lr", "1e-3", steps=3)
+    assert [m["updates"] for m in rows] == [4, 4, 4] and all(m["grad_norm"] > 0 for m in rows)
+    assert [any(k.startswith("eval/") for k in m) for m in rows] == [False, True, True]
+    r = torch.tensor(_rewards_by_hand(rolls), dtype=torch.float64).view(-1, 4)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)
+    assert [x["advantage"] for x in rolls] == pytest.approx(adv.flatten().tolist(), rel=1e-5, abs=1e-6)
+    assert any(abs(a) > 1.0 for a in adv.flatten().tolist())  # the division did something
+
+
+def test_grpo_kl_reference_is_the_initial_policy(digit_model_dir, tmp_path):
+    """--kl-coef 0.5: at step 1 the policy is its own reference (KL 0); step 2's KL is the k3 estimate of the step-1
+    policy against the initial model on step 2's rollouts, and step 2's loss is the surrogate + 0.5 KL, by hand."""
+    (m1, m2), rolls, out = _digit_run(digit_model_dir, tmp_path, "grpo.py", "kl", "--kl-coef", "0.5", sgd=True,
+                                      steps=2)
+    step2 = [r for r in rolls if r["step"] == 2]
+    policy, ref = rollout.load_model(str(out / "step_1"))[0], rollout.load_model(digit_model_dir)[0]
+    n, kl = sum(len(r["response_ids"]) for r in step2), 0.0
+    with torch.no_grad():
+        for r in step2:
+            y = torch.tensor(r["response_ids"])[:, None]
+            lp, ref_lp = (torch.log_softmax(_response_logits(m, r["prompt_ids"], r["response_ids"]), -1).gather(-1, y)[:, 0]
+                          for m in (policy, ref))
+            kl += float((torch.exp(ref_lp - lp) - (ref_lp - lp) - 1).sum()) / n
+        surrogate = float(_grpo_loss_by_hand(policy, step2))
+    assert abs(m1["kl"]) < 1e-7 and kl > 1e-4
+    assert m2["kl"] == pytest.approx(kl, rel=1e-4) and m2["loss"] == pytest.approx(surrogate + 0.5 * kl, rel=1e-4)
+
+
+def test_rollout_is_weight_cap_and_kl_term_by_hand(tiny_model_dir):
+    """train_on_rollouts with rollout log-probs below and above the policy's (weights exp(0.5) and the cap 2 of
+    exp(1)) and --kl-coef 0.1 against a perturbed reference: loss, KL and the SGD update (lr 1, no clipping) equal
+    the clipped surrogate + k3 term written out by hand and differentiated by autograd."""
+    model, tok = rollout.load_model(tiny_model_dir)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = _rows(tok, 8, lambda i: float(i % 3 == 0))
+    with torch.no_grad():
+        for r in rows:
+            logp = torch.log_softmax(_response_logits(model, r["prompt_ids"], r["response_ids"]), -1)
+            logp = logp.gather(-1, torch.tensor(r["response_ids"])[:, None]).squeeze(-1)
+            r["rollout_logprobs"] = [float(x) + (-1.0 if t % 2 else 0.5) for t, x in enumerate(logp)]
+    n = sum(len(r["response_ids"]) for r in rows)
+
+    def by_hand(m):
+        loss, kl = 0.0, 0.0
+        for r in rows:
+            y = torch.tensor(r["response_ids"])[:, None]
+            logp = torch.log_softmax(_response_logits(m, r["prompt_ids"], r["response_ids"]), -1).gather(-1, y)[:, 0]
+            with torch.no_grad():
+                ref_lp = torch.log_softmax(_response_logits(ref, r["prompt_ids"], r["response_ids"]), -1).gather(-1, y)[:, 0]
+            w = torch.clamp(torch.exp(logp.detach() - torch.tensor(r["rollout_logprobs"], dtype=torch.float64)), max=2.0)
+            loss = loss - (r["advantage"] * torch.exp(logp - logp.detach()) * w).sum() / n
+            kl = kl + (torch.exp(ref_lp - logp) - (ref_lp - logp) - 1).sum() / n  # k3
+        by_hand.kl = float(kl.detach()) if torch.is_tensor(kl) else kl
+        return loss + 0.1 * kl
+    want_loss, grads = _grads_by_hand(tiny_model_dir, by_hand)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    args = grpo.Args(rollouts=4, micro_batch=3, kl_coef=0.1, grad_clip=1e9)
+    m = grpo.train_on_rollouts(model, torch.optim.SGD(model.parameters(), lr=1.0), rows, args, 1, "cpu",
+                               tok.pad_token_id, ref_model=ref)
+    assert m["loss"] == pytest.approx(want_loss, rel=1e-5) and m["kl"] == pytest.approx(by_hand.kl, rel=1e-5)
+    assert by_hand.kl > 1e-4
+    _assert_same_gradient({k: before[k] - v.detach() for k, v in model.named_parameters()}, grads)
+
+
+def test_sync_replica_copies_the_trainer_weights(tiny_model_dir):
+    model, _ = rollout.load_model(tiny_model_dir)
+    replica = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    assert not torch.equal(replica.model.norm.weight, model.model.norm.weight)
+    grpo.sync_replica(replica, model)
+    assert all(torch.equal(a, b) for a, b in zip(replica.state_dict().values(), model.state_dict().values()))
+
+
+def test_success_threshold_at_its_boundary():
+    rows = [dict(text=t, reward=r) for t, r in (("a", 0.5), ("b", 0.49), ("c", 0.0), ("d", 1.0))]
+    assert sdpo.teacher_contexts(rows, [{}], 4, "sibling", threshold=0.5) == ["d", "a", "a", "a"]  # 0.5 counts
+    assert sdpo.teacher_contexts(rows, [{}], 4, "sibling", threshold=0.51) == ["d", "d", "d", None]
+
+
+def test_grpo_coverage_and_no_checkpoints(digit_model_dir, tmp_path):
+    """--coverage 1: every prompt of every step is the one problem `data.coverage_subset` draws; --save-every 0
+    writes no checkpoint."""
+    p = subprocess.run([sys.executable, "grpo.py", "--model", digit_model_dir, "--data", "synthetic:types=add,n=8",
                         "--coverage", "99", "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode != 0 and "coverage subset of 99 asked from 8 distinct problems" in p.stderr
-    run(sys.executable, "grpo.py", "--model", tiny_model_dir, *GRPO_FLAGS, "--steps", "1", "--coverage", "1",
-        "--save-every", "0", "--out", str(tmp_path / "y"), env={"OMP_NUM_THREADS": "1"})
-    assert [json.loads(l).get("step") for l in open(tmp_path / "y" / "metrics.jsonl")] == [1]
-    assert not list((tmp_path / "y").glob("step_*"))  # --save-every 0: no checkpoint at all
+    _, rolls, out = _digit_run(digit_model_dir, tmp_path, "grpo.py", "y", "--coverage", "1", "--save-every", "0",
+                               steps=2)
+    (only,) = data.coverage_subset(data.load_problems(_digit_problems(tmp_path)), 1, seed=0)
+    assert len(rolls) == 32 and {r["problem"] for r in rolls} == {only["id"]}
+    assert not list(out.glob("step_*"))  # --save-every 0: no checkpoint at all
 
 
 def test_grpo_embedded_model_one_step(tmp_path):
     out = run(sys.executable, "grpo.py", "--steps", "1", "--prompts-per-step", "2", "--rollouts", "4",
               "--max-new-tokens", "24", "--eval-n", "1", "--eval-max-new-tokens", "8", "--lenient",
-              "--eval-data", "synthetic:split=ood,n=2", "--out", str(tmp_path))
+              "--eval-data", "synthetic:split=ood,n=2", "--save-rollouts", "--out", str(tmp_path))
     row = json.loads(open(tmp_path / "metrics.jsonl").read())
-    assert 0.0 <= row["score"] <= 1.0 and 0 < row["length"] <= 24 and math.isfinite(row["loss"])
+    rolls = [json.loads(l) for l in open(tmp_path / "rollouts.jsonl")]
+    problems = {p["id"]: p for p in data.load_problems(grpo.Args.data)}
+    assert len(rolls) == 8 and row["score"] == sum(r["reward"] for r in rolls) / 8
+    assert [r["reward"] for r in rolls] == [data.grade(r["text"], problems[r["problem"]]["answer"], lenient=True)
+                                            for r in rolls]
+    assert row["length"] == sum(len(r["response_ids"]) for r in rolls) / 8 <= 24 and math.isfinite(row["loss"])
     assert "done:" in out
 
 
@@ -1781,10 +1983,14 @@ def test_self_distillation_loss_brute_force(alpha, topk, add_tail):
 def test_self_distillation_gradient_step_lowers_loss(alpha, topk):
     torch.manual_seed(2)
     s = torch.randn(5, 9, requires_grad=True)
-    t = torch.randn(5, 9)
+    t = torch.randn(5, 9, requires_grad=True)  # a teacher in the graph: only stopgrad keeps its gradient out
     loss = sdpo.self_distillation_loss(s, t, topk=topk, alpha=alpha).mean()
     loss.backward()
-    assert t.grad is None  # stopgrad on the teacher
+    assert t.grad is None and s.grad.abs().sum() > 0  # stopgrad on the teacher
+    tx = t.detach().clone().requires_grad_()  # the chunked path too (logits in, no LM head)
+    sdpo.chunked_distillation(s.detach().clone().requires_grad_(), tx, torch.zeros(5, dtype=torch.long), topk=topk,
+                              alpha=alpha, chunk=2)[:, 0].sum().backward()
+    assert tx.grad is None
     with torch.no_grad():
         after = sdpo.self_distillation_loss(s - 0.1 * s.grad, t, topk=topk, alpha=alpha).mean()
     assert after < loss
@@ -2005,8 +2211,8 @@ def test_report_from_fake_runs(tmp_path):
     assert cells[:4] == ["sdpo", "2", "0.200 +- 0.000", "0.500 +- 0.141"] and cells[9] == "0.250 +- 0.071"
     assert cells[4] == "0.350 +- 0.071"  # mean score over steps: 0.3 and 0.4
     assert "| base  | 0.125" in md and md.count("| grpo ") == 3  # summary row + 2 per-step rows (the repeat dropped)
-    if importlib.util.find_spec("matplotlib"):
-        assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib: in the
+    # README's test install
     with pytest.raises(FileNotFoundError, match="no such directory"):
         evaluate.report(evaluate.ReportArgs(runs=str(tmp_path / "missing")))
 
@@ -2026,27 +2232,40 @@ def test_distill_positions_by_hand():
 
 
 def test_sdpo_loss_remedies_by_hand():
-    div = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    logp = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64, requires_grad=True)
-    old, rollout_lp = logp.detach().clone(), logp.detach().clone()  # on-policy: every weight is 1
-    distill = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)  # position 1 protected / masked
-    loss, _ = sdpo.sdpo_loss(div, logp, old, rollout_lp, distill, n_distill=2)
-    assert abs(loss.item() - (0.5 + 2.0) / 2) < 1e-12
-    # --entropy-weight: weights 0.5, 1, 0.25 -> (0.5 * 0.5 + 0.25 * 2.0) / 2
-    loss, _ = sdpo.sdpo_loss(div, logp, old, rollout_lp, distill, 2, teacher_entropy=torch.tensor([0.5, 1.0, 0.25]))
-    assert abs(loss.item() - 0.375) < 1e-12
-    # the importance weight min(exp(logp - old), 2) and the rollout correction min(exp(old - rollout), 2)
-    loss, _ = sdpo.sdpo_loss(div, logp, old - 0.1, rollout_lp, distill, 2)
-    w0 = math.exp(0.1) * math.exp(-0.1)
-    assert abs(loss.item() - w0 * 2.5 / 2) < 1e-12
-    # --pg-coef 0.5 with advantages 1, 1, -1 over n_tokens 3: ratio 1 -> per-token -A, d/dlogp = -A / 3
-    adv = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
-    loss, parts = sdpo.sdpo_loss(div, logp, old, rollout_lp, distill, 2, pg_coef=0.5, advantages=adv, n_tokens=3)
-    assert abs(parts["pg_loss"] - (-1 - 1 + 1) / 3) < 1e-12
-    assert abs(loss.item() - (1.25 + 0.5 * (-1 / 3))) < 1e-12
+    """Each weight and each cap at work: logp - old_logp = 0.3, -0.2, 1.0 (exp 2.72, capped at 2), 0.1 and
+    old_logp - rollout_logp = 0.2, 0.9 (exp 2.46, capped at 2), -0.4, 0.0; position 3 not distilled."""
+    e = math.exp
+    div = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64, requires_grad=True)
+    logp = torch.tensor([-1.0, -2.0, -0.5, -1.2], dtype=torch.float64, requires_grad=True)
+    old = logp.detach() - torch.tensor([0.3, -0.2, 1.0, 0.1], dtype=torch.float64)
+    rollout_lp = old - torch.tensor([0.2, 0.9, -0.4, 0.0], dtype=torch.float64)
+    distill = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    w = [e(0.3) * e(0.2), e(-0.2) * 2.0, 2.0 * e(-0.4), e(0.1) * 1.0]  # importance weight x rollout correction
+    loss, parts = sdpo.sdpo_loss(div, logp, old, rollout_lp, distill, n_distill=3)
+    assert loss.item() == pytest.approx((0.5 * w[0] + 1.0 * w[1] + 2.0 * w[2]) / 3, rel=1e-12)
     loss.backward()
-    assert torch.allclose(div.grad, torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))  # distill / n_distill
-    assert torch.allclose(logp.grad, 0.5 * -adv / 3)  # only the policy term reaches logp (weights detached)
+    assert div.grad.tolist() == pytest.approx([w[0] / 3, w[1] / 3, w[2] / 3, 0.0], rel=1e-12)
+    assert logp.grad is None or not logp.grad.any()  # the weights are detached: Eq. 1 reaches the model through D
+    # the caps are flags: --is-clip 3 and --rollout-is-clip 2.5 release positions 2 and 1
+    loss, _ = sdpo.sdpo_loss(div, logp, old, rollout_lp, distill, 3, is_clip=3.0, rollout_is_clip=2.5)
+    w3 = [w[0], e(-0.2) * e(0.9), e(1.0) * e(-0.4)]
+    assert loss.item() == pytest.approx((0.5 * w3[0] + 1.0 * w3[1] + 2.0 * w3[2]) / 3, rel=1e-12)
+    # --entropy-weight: each distilled term times the teacher's normalised entropy
+    ent = torch.tensor([0.5, 1.0, 0.25, 0.8], dtype=torch.float64)
+    loss, _ = sdpo.sdpo_loss(div, logp, old, rollout_lp, distill, 3, teacher_entropy=ent)
+    assert loss.item() == pytest.approx((0.5 * 0.5 * w[0] + 1.0 * w[1] + 0.25 * 2.0 * w[2]) / 3, rel=1e-12)
+    # --pg-coef 0.5, advantages 1, 1, -1, -1 over 4 tokens: GRPO's clipped surrogate times the rollout correction.
+    # ratios e^0.3 (above 1.28: clipped, no gradient), e^-0.2, e^1.0 (A < 0: unclipped, under the dual clip 3), e^0.1
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    logp.grad = div.grad = None
+    loss, parts = sdpo.sdpo_loss(div, logp, old, rollout_lp, distill, 3, pg_coef=0.5, advantages=adv, n_tokens=4)
+    rc = [e(0.2), 2.0, e(-0.4), 1.0]
+    terms = [-1.28 * rc[0], -e(-0.2) * rc[1], e(1.0) * rc[2], e(0.1) * rc[3]]
+    assert parts["pg_loss"] == pytest.approx(sum(terms) / 4, rel=1e-9)
+    assert loss.item() == pytest.approx(parts["distill_loss"] + 0.5 * sum(terms) / 4, rel=1e-12)
+    loss.backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, 0.5 * terms[1] / 4, 0.5 * terms[2] / 4, 0.5 * terms[3] / 4],
+                                               rel=1e-9)  # d(ratio)/d(logp) = ratio
 
 
 SDPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "12",
@@ -2074,17 +2293,20 @@ def test_support_jsd_against_brute_force():
         assert float(kl[i]) == pytest.approx(_brute_divergence(s[i].tolist(), t[i].tolist(), 3, 1.0, True), rel=1e-10)
 
 
-def _sdpo_loss_by_hand(student, teacher, tok, rollouts, contexts, pg_coef=0.0, entropy_weight=False, stats=None):
+def _sdpo_loss_by_hand(student, teacher, tok, rollouts, contexts, pg_coef=0.0, entropy_weight=False, stats=None,
+                       template="sdpo", thinking="auto", protected=None):
     """SDPO's first step, on-policy, written out: per distilled token w * e * D / (distilled tokens of the step), w the
     rollout importance weight min(exp(logp - logp_rollout), 2), e the teacher's entropy / log V with
     --entropy-weight, D `_support_jsd`; + pg_coef * GRPO's token-mean loss over every token. The teacher sees the
-    chat template of the reprompt of (question, c) and the student's response. `stats` collects the KL(S || T) and
-    the student's token at each distilled position."""
+    chat template (`thinking`) of the reprompt (`template`) of (question, c) and the student's response; rows with
+    no c, and the tokens equal to `protected`, are not distilled. `stats` collects (token, KL(S || T)) at each
+    distilled position."""
     questions = {f"digits-{i}": p["question"] for i, p in enumerate(DIGIT_PROBLEMS)}
-    n_distill = sum(len(r["response_ids"]) for r, c in zip(rollouts, contexts) if c is not None)
-    n_tokens = sum(len(r["response_ids"]) for r in rollouts)
+    keeps = [torch.tensor([float(t != protected) for t in r["response_ids"]], dtype=torch.float64) * (c is not None)
+             for r, c in zip(rollouts, contexts)]
+    n_distill, n_tokens = float(sum(k.sum() for k in keeps)), sum(len(r["response_ids"]) for r in rollouts)
     loss = 0.0
-    for r, c in zip(rollouts, contexts):
+    for r, c, keep in zip(rollouts, contexts, keeps):
         z = _response_logits(student, r["prompt_ids"], r["response_ids"])
         logp = torch.log_softmax(z, -1).gather(-1, torch.tensor(r["response_ids"])[:, None]).squeeze(-1)
         w = torch.clamp(torch.exp(logp.detach() - torch.tensor(r["rollout_logprobs"], dtype=torch.float64)), max=2.0)
@@ -2092,8 +2314,8 @@ def _sdpo_loss_by_hand(student, teacher, tok, rollouts, contexts, pg_coef=0.0, e
             loss = loss - pg_coef * (r["advantage"] * torch.exp(logp - logp.detach()) * w).sum() / n_tokens
         if c is None:
             continue
-        t_ids = tok(rollout.chat_prompt(tok, rollout.reprompt(questions[r["problem"]], c)),
-                    add_special_tokens=False)["input_ids"]
+        t_ids = tok(rollout.chat_prompt(tok, rollout.reprompt(questions[r["problem"]], c, template=template),
+                                        thinking=thinking), add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             zt = _response_logits(teacher, t_ids, r["response_ids"])
         d, kl = _support_jsd(z, zt)
@@ -2101,9 +2323,9 @@ def _sdpo_loss_by_hand(student, teacher, tok, rollouts, contexts, pg_coef=0.0, e
         if entropy_weight:
             lt = torch.log_softmax(zt, -1)
             e = -(lt.exp() * lt).sum(-1) / math.log(zt.shape[-1])
-        loss = loss + (w * e * d).sum() / n_distill
+        loss = loss + (keep * w * e * d).sum() / n_distill
         if stats is not None:
-            stats.extend(zip(r["response_ids"], kl.tolist()))
+            stats.extend((t, k) for t, k, x in zip(r["response_ids"], kl.tolist(), keep.tolist()) if x)
     return loss
 
 
@@ -2122,7 +2344,7 @@ def test_sdpo_one_and_two_processes_and_skipped_rows_equal_the_gradient_by_hand(
     assert [r["text"] for r in step1] == [r["text"] for r in r2] == [r["text"] for r in r3]
     solutions = {f"digits-{i}": p.get("solution") for i, p in enumerate(DIGIT_PROBLEMS)}
     contexts = [solutions[r["problem"]] for r in step1]
-    assert [r["teacher_context"] for r in step1] == [c is not None for c in contexts]
+    assert [r["context"] for r in step1] == contexts
     assert [r["distilled"] for r in step1] == [len(r["response_ids"]) * (c is not None) for r, c in zip(step1, contexts)]
     model, tok = rollout.load_model(digit_model_dir)
     stats = []
@@ -2156,8 +2378,7 @@ def test_sdpo_sibling_contexts_and_remedies_equal_the_gradient_by_hand(digit_mod
     for i, r in enumerate(rolls):
         g = i // 4 * 4
         contexts.append(next((rolls[j]["text"] for j in range(g, g + 4) if j != i and rewards[j] >= 0.5), None))
-    assert [r["teacher_context"] for r in rolls] == [c is not None for c in contexts]
-    assert 0 < sum(c is not None for c in contexts) < len(rolls)
+    assert [r["context"] for r in rolls] == contexts and 0 < sum(c is not None for c in contexts) < len(rolls)
     model, tok = rollout.load_model(digit_model_dir)
     stats = []
     loss, grads = _grads_by_hand(digit_model_dir, lambda s: _sdpo_loss_by_hand(s, model, tok, rolls, contexts, 0.5,
@@ -2174,14 +2395,80 @@ def test_sdpo_sibling_contexts_and_remedies_equal_the_gradient_by_hand(digit_mod
     assert m["kl_epistemic"] == pytest.approx(sum(at_wait) / len(at_wait), rel=1e-4)
 
 
+def _qwen_digit_model(digit_model_dir, tmp_path) -> str:
+    """The digit model with a Qwen3-style chat template (thinking on/off)."""
+    import shutil
+    from transformers import AutoTokenizer
+    path = tmp_path / "digits-qwen"
+    shutil.copytree(digit_model_dir, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = QWEN3_LIKE
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_sdpo_remedy_and_prompt_flags_reach_the_loss(digit_model_dir, tmp_path):
+    """--protect-epistemic (no loss where " Wait" begins), --reprompt uncertainty (App. C's teacher prompt),
+    --max-reprompt-len (the longer of the two teacher prompts masked), --thinking off --teacher-thinking (App. E:
+    the teacher's template thinks, the student's does not): the loss and the gradient written out by hand."""
+    model_dir = _qwen_digit_model(digit_model_dir, tmp_path)
+    model, tok = rollout.load_model(model_dir)
+    solutions = {f"digits-{i}": p.get("solution") for i, p in enumerate(DIGIT_PROBLEMS)}
+    teacher_len = {k: len(tok(rollout.chat_prompt(tok, rollout.reprompt(DIGIT_PROBLEMS[int(k[7:])]["question"], s,
+                                                                       template="uncertainty"), thinking="on"),
+                              add_special_tokens=False)["input_ids"]) for k, s in solutions.items() if s}
+    limit = min(teacher_len.values())
+    assert max(teacher_len.values()) > limit  # one teacher prompt fits, the other is masked
+    (m,), rolls, out = _digit_run(model_dir, tmp_path, "sdpo.py", "remedies", "--teacher-context", "dataset",
+                                  "--protect-epistemic", "--reprompt", "uncertainty", "--max-reprompt-len",
+                                  str(limit), "--thinking", "off", "--teacher-thinking", sgd=True)
+    student_prompt = tok.decode(rolls[0]["prompt_ids"])
+    assert student_prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off
+    contexts = [solutions[r["problem"]] if solutions[r["problem"]] and teacher_len[r["problem"]] <= limit else None
+                for r in rolls]
+    wait_id, = tok(" Wait", add_special_tokens=False)["input_ids"]
+    assert [r["context"] for r in rolls] == contexts
+    assert [r["distilled"] for r in rolls] == [sum(t != wait_id for t in r["response_ids"]) * (c is not None)
+                                               for r, c in zip(rolls, contexts)]
+    n_wait = sum(sum(t == wait_id for t in r["response_ids"]) for r, c in zip(rolls, contexts) if c is not None)
+    assert n_wait > 0 and m["protected_frac"] == pytest.approx(n_wait / (n_wait + sum(r["distilled"] for r in rolls)))
+    loss, grads = _grads_by_hand(model_dir, lambda s: _sdpo_loss_by_hand(
+        s, model, tok, rolls, contexts, template="uncertainty", thinking="on", protected=wait_id))
+    assert m["loss"] == pytest.approx(loss, rel=1e-5)
+    _assert_same_gradient(_gradient_from_sgd_step(model_dir, out), grads)
+
+
+def test_sdpo_regenerated_contexts_equal_the_gradient_by_hand(digit_model_dir, tmp_path):
+    """--teacher-context regenerated: each group with a success draws y_r under c = s and keeps it when correct;
+    the saved contexts are correct responses of their problem, the rows of groups without one are masked, and the
+    loss and gradient are those of the contexts written out by hand."""
+    (m,), rolls, out = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "regen", "--teacher-context", "regenerated",
+                                  sgd=True)
+    rewards = _rewards_by_hand(rolls)
+    contexts = [r["context"] for r in rolls]
+    for i, (r, c) in enumerate(zip(rolls, contexts)):
+        group = range(i // 4 * 4, i // 4 * 4 + 4)
+        assert c == contexts[group[0]]  # one y_r per group
+        if not any(rewards[j] for j in group):
+            assert c is None  # no s, no y_r
+        elif c is not None:
+            assert _rewards_by_hand([dict(r, text=c)]) == [1.0]  # y_r is kept only when correct
+    assert any(c is not None for c in contexts)
+    model, tok = rollout.load_model(digit_model_dir)
+    loss, grads = _grads_by_hand(digit_model_dir, lambda s: _sdpo_loss_by_hand(s, model, tok, rolls, contexts))
+    assert m["loss"] == pytest.approx(loss, rel=1e-5)
+    _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads)
+
+
 def test_sdpo_ema_teacher_and_resume_equal_the_uninterrupted_run(digit_model_dir, tmp_path):
-    """--teacher-ema 0.05 with AdamW: each step's saved teacher is (1 - 0.05) teacher + 0.05 student, recomputed
+    """--teacher-ema 0.05 with AdamW, two mini-batches a step (off-policy): each step's saved teacher is (1 - 0.05) teacher + 0.05 student, recomputed
     from the saved weights; the run resumed from step 2 reloads that teacher and gives step 3's rollouts,
     metrics, weights and teacher as the uninterrupted run does."""
     import shutil
     from safetensors.torch import load_file
-    flags = ("--teacher-ema", "0.05", "--lr", "1e-2", "--warmup", "2")
+    flags = ("--teacher-ema", "0.05", "--lr", "1e-2", "--warmup", "2", "--mini-batch", "2")  # two updates a step
     full, rolls, out = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "full", *flags, steps=3)
+    assert [m["updates"] for m in full] == [2, 2, 2]
     teacher = {k: v.double() for k, v in _weights(digit_model_dir).items()}
     for step in (1, 2, 3):
         student = _weights(out / f"step_{step}")
@@ -2200,11 +2487,17 @@ def test_sdpo_ema_teacher_and_resume_equal_the_uninterrupted_run(digit_model_dir
 
 
 def test_sdpo_embedded_model_sibling_context(tmp_path):
+    """The embedded model, c = s: the masked rows are exactly those with no other success in their group."""
     run(sys.executable, "sdpo.py", "--steps", "1", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens",
         "24", "--eval-n", "1", "--eval-max-new-tokens", "8", "--lenient", "--eval-data", "synthetic:split=ood,n=2",
-        "--distill-prefix", "16", "--out", str(tmp_path))
+        "--distill-prefix", "16", "--save-rollouts", "--out", str(tmp_path))
     row = json.loads(open(tmp_path / "metrics.jsonl").read())
-    assert 0.0 <= row["masked_frac"] <= 1.0 and math.isfinite(row["loss"])
+    rolls = [json.loads(l) for l in open(tmp_path / "rollouts.jsonl")]
+    alone = [not any(rolls[j]["reward"] >= 0.5 for j in range(i // 4 * 4, i // 4 * 4 + 4) if j != i)
+             for i in range(len(rolls))]
+    assert [r["context"] is None for r in rolls] == alone and row["masked_frac"] == sum(alone) / len(rolls)
+    assert [r["distilled"] for r in rolls] == [0 if a else min(len(r["response_ids"]), 16) for r, a in zip(rolls, alone)]
+    assert math.isfinite(row["loss"]) and (row["loss"] > 0) == (not all(alone))
 
 
 def test_marker_tokens_surface_variants(embedded_tokenizer):
@@ -2555,11 +2848,42 @@ def test_sft_chunked_nll_equals_full_logits(tiny_model_dir):
         assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-5), n
 
 
-def test_gpu_flags_out_of_range_are_refused(tmp_path):
-    for flag, value in (("--vllm-sleep", "3"), ("--keep-checkpoints", "-1")):
-        p = subprocess.run([sys.executable, "grpo.py", flag, value, "--out", str(tmp_path)], cwd=ROOT,
+CHOICE_FLAGS = {"backend", "thinking", "dtype", "setting", "solution_source", "teacher_context", "reprompt"}
+FREE_FLAGS = {"seed"}  # numeric flags that take any value
+
+
+def _bad_value(spec):
+    """A value outside a CHECKS entry: a choice that does not exist, or the first of -1, 0, 1.5 the predicate refuses."""
+    if callable(spec[0]):
+        return next(v for v in (-1, 0, 1.5) if not spec[0](v))
+    return 99 if isinstance(spec[0], int) else "bogus"
+
+
+@pytest.mark.parametrize("cls", [data.Args, rollout.Args, evaluate.Args, sft.BuildArgs, sft.TrainArgs, grpo.Args,
+                                 sdpo.Args], ids=lambda c: f"{c.__module__}.{c.__name__}")
+def test_every_choice_and_range_flag_is_refused_naming_it(cls, capsys):
+    """Every numeric flag and every flag with choices has a check; a value outside it exits 2 naming the flag."""
+    import dataclasses
+    fields = dataclasses.fields(cls)
+    checked = {f.name for f in fields if f.name in CHOICE_FLAGS or f.type.replace(" | None", "") in
+               ("int", "float", "list[int]")} - FREE_FLAGS
+    assert checked == set(cls.CHECKS), checked ^ set(cls.CHECKS)
+    data.parse_args(cls, [])  # the defaults pass
+    fields_by_name = {f.name: f for f in fields}
+    for name, spec in cls.CHECKS.items():
+        flag, bad = "--" + name.replace("_", "-"), _bad_value(spec)
+        with pytest.raises(SystemExit) as e:
+            data.parse_args(cls, [flag, str(bad)])
+        shown = [bad] if fields_by_name[name].type.startswith("list") else bad
+        assert e.value.code == 2 and f"error: {flag} {shown!r}" in capsys.readouterr().err, flag
+
+
+def test_scripts_refuse_bad_flags_before_any_work(tmp_path):
+    for script, flag, value in (("grpo.py", "--vllm-sleep", "3"), ("sdpo.py", "--teacher-context", "nope"),
+                                ("grpo.py", "--keep-checkpoints", "-1")):
+        p = subprocess.run([sys.executable, script, flag, value, "--out", str(tmp_path)], cwd=ROOT,
                            capture_output=True, text=True)
-        assert p.returncode != 0 and f"{flag} {value}" in p.stderr and "out of range" in p.stderr, p.stderr[-500:]
+        assert p.returncode == 2 and f"{flag} " in p.stderr and not (tmp_path / "metrics.jsonl").exists(), p.stderr
 
 
 def test_chunk_size_suits_the_device():
