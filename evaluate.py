@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -132,6 +133,14 @@ def format_summary(summary: dict, ks: list[int]) -> str:
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
+def answer_part(response: str) -> str:
+    """What is graded: with a <think>...</think> pair in the response, the text after the first one (stripped);
+    otherwise all of it. As the reference's eval/eval.py, which does so with --enable_thinking; R1-Distill's
+    responses, whose template opens the tag, carry no pair and are graded whole there and here."""
+    pair = re.search(r"<think>(.*?)</think>", response, flags=re.S)
+    return response[pair.end():].strip() if pair else response
+
+
 def score_problems(backend, problems: list[dict], params: rollout.SamplingParams, chat: dict,
                    progress: bool = True, lenient: bool = False, indices: list[int] | None = None) -> list[dict]:
     """Generate params.n samples per problem and grade them: one record per problem. `indices`: the problems'
@@ -143,7 +152,7 @@ def score_problems(backend, problems: list[dict], params: rollout.SamplingParams
     for s in tqdm(samples, desc="grade", disable=not progress, leave=False):
         r = records[s.prompt_index]
         r["responses"].append(s.text)
-        r["scores"].append(data.grade(s.text, r["answer"], lenient=lenient))
+        r["scores"].append(data.grade(answer_part(s.text), r["answer"], lenient=lenient))
         r["lengths"].append(len(s.response_ids))
         r["epistemic"].append(epistemic.epistemic_count(s.text))
         r["finish_reasons"].append(s.finish_reason)

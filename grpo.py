@@ -7,15 +7,21 @@ reward), turn rewards into group advantages, and minimise the clipped surrogate:
     l_t = max(-A ratio_t, -A clip(ratio_t, 1 - 0.2, 1 + 0.28))  (clip low / clip high)
     l_t = min(l_t, -A * 3.0)   when A < 0                       (dual clip, c = 3)
     w_t = min(exp(log pi_old(y_t) - log pi_rollout(y_t)), 2)    (rollout importance-sampling correction)
-    loss = sum_t w_t l_t / (number of response tokens)          (token mean over the global batch)
+    loss = mean over the mini-batch's responses y of sum_{t in y} w_t l_t / |y|
+                                            (--loss-agg seq-mean-token-mean, `loss_denominator`)
 with no KL term by default (Table 9: lambda = 0); --kl-coef adds the k3 estimator against the
-initial policy. Functions: `group_advantages`, `policy_loss`, `token_logprobs`, `k3_kl`.
+initial policy, aggregated alike. Functions: `group_advantages`, `policy_loss`, `token_logprobs`, `k3_kl`.
+The aggregation is verl's as the paper ran it (checked against beanie00/self-distillation-analysis):
+ppo_micro_batch_size_per_gpu 1, each micro-batch's loss a token mean (core_algos.agg_loss "token-mean" over
+that one response) times 1 / gradient accumulation (dp_actor.update_policy, loss_scale_factor), FSDP averaging
+over GPUs: every response weighs the same, whatever its length. --loss-agg token-mean makes every token of
+the mini-batch weigh the same instead (shorter responses then count less).
 
 Departures, and why:
   1. When the step is on-policy (--ppo-epochs 1 and one mini-batch), pi_old is the current policy
      detached: the separate no-grad forward verl makes would give the same numbers.
-  2. The token mean runs over the whole mini-batch on every rank (each response token weighs the
-     same); verl averages per micro-batch and rescales, which differs when lengths differ.
+  2. verl with larger micro-batches would take each micro-batch's token mean; we take each response's (its
+     behaviour at the paper's micro-batch of 1) on any micro-batch, packing and number of ranks.
   3. With --backend hf under torchrun, each rank generates with a plain (unsharded) replica of the
      policy, refreshed from the FSDP shards after every step (`sync_replica`): FSDP2 forwards are
      collectives and ranks decode different lengths. With one process the policy generates itself.
@@ -28,7 +34,14 @@ Departures, and why:
      gradients as one padded row per rollout, up to float rounding.
   6. Rows of zero advantage (groups all right or all wrong, without KL) are not run through the
      training forwards (--skip-zero-rows, `rows_with_gradient`): their gradient is exactly zero and
-     their tokens stay in the token mean, so the update is verl's up to float rounding.
+     they stay in the loss's means, so the update is verl's up to float rounding.
+  7. A mini-batch (--mini-batch problems) holds whole groups, in the step's problem order; verl splits each
+     GPU's length-balanced share of the batch (ray_trainer._balance_batch), so with several mini-batches a
+     step its updates see other mixes of rows. One mini-batch a step (on-policy) is the same either way.
+  8. Log-probs come from fp32 logits (`upcast`); verl computes them from the bf16 logits under FSDP's
+     mixed precision.
+  9. The learning rate follows verl's constant schedule with warmup (`sft.lr_at`: step k gets lr * k / 10,
+     so step 0 gets 0), set once per step.
 
 Run it:
     python grpo.py --lenient                                        # embedded model, easy synthetic problems
@@ -36,7 +49,7 @@ Run it:
     python grpo.py --lenient --steps 20 --resume                    # continue the run in --out
     # the paper (Sec. 5.1), 8 GPUs per node:
     torchrun --nproc_per_node 8 grpo.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
-        --data dapo-math-17k.parquet --prompts-per-step 256 --rollouts 8 --mini-batch 64 --lr 1e-6 \\
+        --data dapo-math-17k.parquet --prompts-per-step 256 --rollouts 8 --mini-batch 128 --lr 1e-6 \\
         --max-new-tokens 20480 --temperature 1.0 --grad-ckpt --micro-batch 1 --steps 100 \\
         --eval-data aime24.parquet amc23.parquet --eval-every 10 --eval-n 16 --out runs/grpo-r1
 """
@@ -65,6 +78,9 @@ import sft
 from sft import plain_lm_head  # noqa: F401  (grpo.plain_lm_head: the head test of response_states)
 
 
+LOSS_AGGS = ("seq-mean-token-mean", "token-mean")  # --loss-agg; `loss_denominator`
+
+
 @dataclass
 class Args:
     CHECKS: ClassVar[dict] = dict(  # data.check_args: a value outside these is refused, naming its flag
@@ -74,9 +90,10 @@ class Args:
         clip_low=(lambda v: 0 <= v < 1, "in [0, 1)"), clip_high=data.NON_NEGATIVE, clip_c=(lambda v: v > 1, "> 1"),
         rollout_is_clip=data.POSITIVE, kl_coef=data.NON_NEGATIVE, temperature=data.POSITIVE,
         max_new_tokens=data.POSITIVE, max_prompt_len=data.POSITIVE, eval_every=data.NON_NEGATIVE, eval_n=data.POSITIVE,
-        eval_max_new_tokens=data.POSITIVE, save_every=data.NON_NEGATIVE, backend=data.BACKENDS,
+        eval_max_new_tokens=data.POSITIVE, eval_temperature=data.NON_NEGATIVE, eval_top_p=data.FRACTION,
+        eval_top_k=data.NON_NEGATIVE, save_every=data.NON_NEGATIVE, backend=data.BACKENDS,
         gen_batch_size=data.POSITIVE, vllm_gpu_memory=data.FRACTION, vllm_sleep=(0, 1, 2), chunk=data.NON_NEGATIVE,
-        keep_checkpoints=data.NON_NEGATIVE, thinking=data.THINKING)
+        keep_checkpoints=data.NON_NEGATIVE, thinking=data.THINKING, loss_agg=LOSS_AGGS)
     model: str = rollout.EMBEDDED
     """initial policy: Hugging Face id or directory, or 'smollm2-135m'"""
     data: str = "synthetic:difficulty=1,types=add+sub+mul+div,n=256"
@@ -127,6 +144,10 @@ class Args:
     """dual-clip constant for negative advantages (verl: 3.0)"""
     rollout_is_clip: float = 2.0
     """cap of the rollout importance-sampling weight (Table 9: 2)"""
+    loss_agg: str = "seq-mean-token-mean"
+    """loss aggregation: seq-mean-token-mean (each response's token mean, then the mean over the mini-batch's responses:
+    the paper's runs, verl with one response per micro-batch) or token-mean (every token of the mini-batch weighs
+    the same)"""
     kl_coef: float = 0.0
     """k3 KL penalty against the initial policy (Table 9: 0.0)"""
     norm_adv_std: bool = False
@@ -145,6 +166,12 @@ class Args:
     """samples per eval problem (the paper: 16)"""
     eval_max_new_tokens: int = 128
     """eval response budget (Table 11: 38912)"""
+    eval_temperature: float = 0.6
+    """eval sampling temperature (Table 11: 0.6; Qwen3-8B thinking off: 0.7)"""
+    eval_top_p: float = 0.95
+    """eval nucleus (Table 11: 0.95; Qwen3-8B thinking off: 0.8)"""
+    eval_top_k: int = 20
+    """eval top-k, 0 = off (Table 11: 20)"""
     save_rollouts: bool = False
     """append each step's rollouts to OUT/rollouts.jsonl: ids, text, rollout log-probs, reward, advantage (SDPO: the
     teacher's context c, null when masked, and the positions distilled)"""
@@ -189,13 +216,28 @@ def group_advantages(rewards, group_size: int, norm_std: bool = False, eps: floa
     return a.view(-1)
 
 
+def loss_denominator(mask, loss_agg: str = "token-mean", token_count=None, seq_count=None):
+    """What each token's loss is divided by, for a loss summed over `mask` (B, T):
+      token-mean           the tokens of the mini-batch: token_count (default mask.sum());
+      seq-mean-token-mean  its own sequence's tokens times the sequences of the mini-batch: seq_count (default B),
+                           per row (B, 1). verl's legacy actor with one sequence per micro-batch (the paper's
+                           config) computes this: each micro-batch's token mean, times 1 / gradient accumulation.
+    token_count / seq_count: the global counts divided by the world size (FSDP2 averages gradients over ranks)."""
+    if loss_agg == "token-mean":
+        return max(float(mask.sum() if token_count is None else token_count), 1.0)
+    if loss_agg == "seq-mean-token-mean":
+        return mask.float().sum(-1, keepdim=True).clamp(min=1.0) * float(len(mask) if seq_count is None else seq_count)
+    raise ValueError(f"--loss-agg {loss_agg!r}: choose one of {', '.join(LOSS_AGGS)}")
+
+
 def policy_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.28,
-                clip_c: float = 3.0, is_weight=None, token_count=None):
-    """The clipped surrogate with dual clip, aggregated as a token mean over `mask`.
+                clip_c: float = 3.0, is_weight=None, token_count=None, loss_agg: str = "token-mean", seq_count=None):
+    """The clipped surrogate with dual clip, summed over `mask` and divided as `loss_denominator` says.
 
     logp, old_logp, mask: (B, T); advantages: (B,) or (B, T); is_weight: (B, T) detached rollout IS
-    weights or None; token_count: the denominator (default mask.sum(), pass the global count to
-    average over several micro-batches or ranks). Returns (loss, metrics)."""
+    weights or None; token_count (token-mean): the denominator, default mask.sum(); a tensor that broadcasts to
+    (B, T) gives each token its own; seq_count (seq-mean-token-mean): the sequences, default B. Pass global counts
+    to average over several micro-batches or ranks. Returns (loss, metrics)."""
     adv = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
     ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))  # (B, T)
     loss1 = -adv * ratio
@@ -207,8 +249,11 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_hi
     if is_weight is not None:
         per_token = per_token * is_weight
     mask = mask.float()
-    n = mask.sum() if token_count is None else token_count
-    loss = (per_token * mask).sum() / max(float(n), 1.0)
+    if torch.is_tensor(token_count) and loss_agg == "token-mean":
+        n = token_count.clamp(min=1.0)
+    else:
+        n = loss_denominator(mask, loss_agg, token_count, seq_count)
+    loss = (per_token * mask / n).sum()
     with torch.no_grad():
         m = lambda x: float((x.float() * mask).sum() / mask.sum().clamp(min=1))
         metrics = dict(clip_frac_high=m((adv > 0) & (ratio > 1 + clip_high)),
@@ -640,6 +685,7 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
             update = by_length(batch[u:u + per_update], by_prompt=packed)
             local_tokens = sum(len(b["response_ids"]) for b in update)  # all rows': the token mean's denominator
             tokens = sft.all_reduce_sum(local_tokens)
+            seqs = sft.all_reduce_sum(len(update))  # and the sequence mean's
             totals["tokens"] += local_tokens  # and the clip fractions'
             if has_gradient is not None:
                 update = rows_with_gradient(update, has_gradient, args.micro_batch, packed)
@@ -647,8 +693,8 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
             totals["positions"] += trained_positions(update)
             bad = False
             for micro in micro_batches(update, args.micro_batch, packed, ranks_even=True):
-                seqs = [(b["prompt_ids"], b["response_ids"]) for b in micro]
-                logp, mask, entropy = token_logprobs(model, seqs, pad_id, args.temperature, device, with_entropy=True,
+                pairs = [(b["prompt_ids"], b["response_ids"]) for b in micro]
+                logp, mask, entropy = token_logprobs(model, pairs, pad_id, args.temperature, device, with_entropy=True,
                                                      chunk=sft.chunk_size(args.chunk, device), pack=args.pack_tokens)
                 R = logp.shape[1]
                 pad = lambda xs: torch.stack([torch.nn.functional.pad(torch.as_tensor(x, dtype=torch.float32),
@@ -657,14 +703,16 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                 rollout_lp = pad([b["rollout_logprobs"] for b in micro])
                 is_w = torch.clamp(torch.exp(old - rollout_lp), max=args.rollout_is_clip) * mask  # (B, R) detached
                 adv = torch.tensor([b["advantage"] for b in micro], device=device)
-                # FSDP2 averages gradients over ranks: world * (local sum / global tokens) = the global token mean
+                # FSDP2 averages gradients over ranks: world * (local sum / global count) = the global mean
+                denominator = loss_denominator(mask, args.loss_agg, tokens / world, seqs / world)
                 loss, m = policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high, args.clip_c, is_w,
-                                      token_count=tokens / world)
+                                      token_count=denominator if args.loss_agg == "token-mean" else None,
+                                      loss_agg=args.loss_agg, seq_count=seqs / world)
                 if with_kl:
                     with torch.no_grad():
-                        ref, _, _ = token_logprobs(ref_model, seqs, pad_id, args.temperature, device,
+                        ref, _, _ = token_logprobs(ref_model, pairs, pad_id, args.temperature, device,
                                                    chunk=sft.chunk_size(args.chunk, device), pack=args.pack_tokens)
-                    kl = (k3_kl(logp, ref) * mask).sum() / max(tokens / world, 1.0)
+                    kl = (k3_kl(logp, ref) * mask / denominator).sum()
                     loss = loss + args.kl_coef * kl
                     totals["kl"] += float(kl.detach()) / world
                 bad = bad or not torch.isfinite(loss)  # backward still runs (FSDP2 collectives); the update is skipped
@@ -821,8 +869,9 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
     rank, world, model, tok, backend, optimizer, out = r.rank, r.world, r.model, r.tokenizer, r.backend, r.optimizer, r.out
     train_step = make_train_step(r)
     chat = dict(system=args.system, thinking=args.thinking)
-    eval_params = rollout.SamplingParams(n=args.eval_n, temperature=0.6, top_p=0.95, top_k=20,  # its own seeds
-                                         max_new_tokens=args.eval_max_new_tokens, seed=args.seed + 500_000_000)
+    eval_params = rollout.SamplingParams(n=args.eval_n, temperature=args.eval_temperature, top_p=args.eval_top_p,
+                                         top_k=args.eval_top_k, max_new_tokens=args.eval_max_new_tokens,
+                                         seed=args.seed + 500_000_000)  # its own seeds
     bar = tqdm(range(r.start, args.steps), desc=loss_name, disable=rank != 0, initial=r.start, total=args.steps)
     for step in bar:
         t0 = time.time()
@@ -842,6 +891,8 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         rollout.sleep_engine(backend)  # vllm: its memory goes to training until the weights are pushed
         t_gen = time.time()
         rows = score_rollouts(samples, mine, args.lenient)
+        for i, x in enumerate(rows):  # its place in the step's batch, over all ranks (prompt-major)
+            x["place"] = indices[i // args.rollouts] * args.rollouts + i % args.rollouts
         adv = group_advantages([x["reward"] for x in rows], args.rollouts, args.norm_adv_std)
         for x, a in zip(rows, adv.tolist()):
             x["advantage"] = a

@@ -16,14 +16,20 @@ Implements, for arXiv 2603.24472:
     request), `sleep_engine` and `push_weights_to_vllm` (the weight sync after an RL step, which wakes it)
   - the Table 1 analysis CLI: avg score, avg length (tokens), avg epistemic count per setting.
 
+Table 1's pipeline is the released analysis scripts' (beanie00/self-distillation-analysis,
+analyzing_reasoning_behavior/): `rollout.py select` samples 8 responses per DAPO problem at 0.6 / 0.95 /
+top-k 20, keeps the first 100 problems (file order) with 1-4 correct and each one's first correct response as s
+(eval_dapo_dataset.py) -> `select`; Table 1 reads that file: c = s with the hint
+`{prompt}\\n\\nCorrect solution: {s}\\n\\nCorrectly solve the original question.` (eval_with_hint.py
+build_augmented_prompt), and y_r is the first correct response under c = s, or else the first
+(its second round's best_response) -> `table1`, `context_for`.
+
 Departures, and why:
-  1. The SDPO reprompt template (lasgroup/SDPO actor.yaml) is used for settings (2)-(4):
-     `{prompt}\\nCorrect solution:\\n\\n{s}\\n\\nCorrectly solve the original question.`; the paper's
-     box prints the same words with its line breaks lost.
-  2. s for the analysis is the first correct unguided rollout of the model itself (the paper's s is
-     the model's own full solution, CoT included); `--solution-source dataset` uses the dataset's
-     reference solution instead (OPSD-style). Problems with no s are left out of settings (2)-(5)
-     and counted.
+  1. Setting (3), c = s\\think, and App. C's row have no released script: they use the same hint on
+     strip_think(s) and App. C's prompt on s. SDPO's teacher uses SDPO's own template (`reprompt`'s "sdpo").
+  2. `--solution-source rollout` takes s from this run's unguided samples instead (problems without a
+     correct one are left out of settings (2)-(5) and counted); `dataset` (the default) reads the
+     file's `solution`, which is the selection's s.
   3. The hf backend is a short decoding loop of our own rather than `model.generate`, 2x faster on
      CPU for the same sampling (bench.py): `x @ W.T` is computed as `(W @ x.T).T` while few rows
      pass (`skinny_linear`; MKL picks a 4x slower kernel otherwise), the KV cache appends in place
@@ -34,9 +40,12 @@ Departures, and why:
      rollout -> data only; epistemic.py is standalone, so no cycle.
 
 Run it:
-    python rollout.py --setting all --data synthetic:difficulty=1,n=16 --n-samples 4 --max-new-tokens 192
-    python rollout.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
-        --data dapo_selected.parquet --setting all --n-samples 8 --max-new-tokens 20480   # the paper's Table 1
+    python rollout.py select --data synthetic:difficulty=1,n=64 --lenient --keep 16 --max-new-tokens 192
+    python rollout.py --data runs/select/selected.jsonl --setting all --n-samples 4 --lenient --max-new-tokens 192
+    torchrun --nproc_per_node 8 rollout.py select --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
+        --data dapo-math-17k.parquet --max-new-tokens 32768 --out runs/select-r1       # Sec. 3's 100 problems
+    torchrun --nproc_per_node 8 rollout.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
+        --data runs/select-r1/selected.jsonl --setting all --n-samples 8 --max-new-tokens 32768   # Table 1
     torchrun --nproc_per_node 8 rollout.py ...                                    # prompts split by rank
 """
 from __future__ import annotations
@@ -82,22 +91,24 @@ class Args:
     """problems: a .parquet/.jsonl/.json path or an embedded source (see data.py)"""
     setting: str = "all"
     """unguided | solution | solution-no-think | regenerated | uncertainty | all (Table 1 + App. C)"""
-    solution_source: str = "rollout"
-    """where s comes from: 'rollout' (first correct unguided rollout, the paper) or 'dataset' (reference solution)"""
+    solution_source: str = "dataset"
+    """where s comes from: 'dataset' (the problems' `solution`: for the paper's pipeline the selection's first correct
+    response, `rollout.py select`) or 'rollout' (this run's first correct unguided response; problems without one
+    are left out of settings (2)-(5))"""
     n_samples: int = 4
     """rollouts per problem and setting (paper: 8). Under torchrun spell it out: torchrun rejects --n"""
     limit: int | None = None
     """use only the first `limit` problems"""
     backend: str = "hf"
     """hf (transformers, CPU/GPU) or vllm (GPU)"""
-    temperature: float = 1.0
-    """sampling temperature (paper: 0.6 for analysis/eval of R1-Distill and Qwen3-thinking, 1.0 for RL rollouts)"""
-    top_p: float = 1.0
-    """nucleus sampling (paper eval: 0.95)"""
-    top_k: int = 0
-    """top-k sampling, 0 = off (paper eval: 20)"""
+    temperature: float = 0.6
+    """sampling temperature (the released analysis scripts: 0.6)"""
+    top_p: float = 0.95
+    """nucleus sampling (the released analysis scripts: 0.95)"""
+    top_k: int = 20
+    """top-k sampling, 0 = off (the released analysis scripts: 20)"""
     max_new_tokens: int = 256
-    """response budget in tokens (paper: 20480 for training, 38912 for evaluation)"""
+    """response budget in tokens (the released analysis scripts: 32768)"""
     batch_size: int = 64
     """hf backend: sequences decoded together"""
     thinking: str = "auto"
@@ -112,6 +123,27 @@ class Args:
     """grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)"""
     out: str = "runs/table1"
     """output directory: samples.jsonl and table.md"""
+
+
+@dataclass
+class SelectArgs(Args):
+    """`rollout.py select`: Sec. 3's problems, as the released eval_dapo_dataset.py picks them."""
+    CHECKS: ClassVar[dict] = dict(Args.CHECKS, min_correct=data.NON_NEGATIVE, max_correct=data.NON_NEGATIVE,
+                                  keep=data.POSITIVE, chunk=data.POSITIVE)
+    data: str = "synthetic:difficulty=1,n=64"
+    """the pool, read in file order (the paper: DAPO-Math-17k)"""
+    n_samples: int = 8
+    """samples per problem (the paper: 8)"""
+    min_correct: int = 1
+    """keep a problem with at least this many correct samples (the paper: 1)"""
+    max_correct: int = 4
+    """and at most this many (the paper: 4, so accuracy in [0.125, 0.5])"""
+    keep: int = 100
+    """stop once this many are kept: the first in file order (the paper: 100)"""
+    chunk: int = 64
+    """problems generated together (over all ranks) before checking whether enough are kept"""
+    out: str = "runs/select"
+    """output directory: selected.jsonl (question, answer, solution = the first correct sample) and samples.jsonl"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +314,7 @@ def chat_prompt(tokenizer, user: str, system: str | None = None, thinking: str =
 # Conditioning contexts (Sec. 3, App. C), as the reference code builds the teacher prompt
 # --------------------------------------------------------------------------------------------
 REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+HINT_TEMPLATE = "{prompt}\n\nCorrect solution: {solution}\n\nCorrectly solve the original question."  # Table 1
 UNCERTAINTY_TEMPLATE = ("{prompt}{solution}{feedback}\n\nSolve the original question from scratch with a full, detailed "
                         "reasoning trace, without skipping any steps, and include as much uncertainty or ambiguity in "
                         "the explanation.")
@@ -297,7 +330,10 @@ def unguided_prompt(question: str) -> str:
 def reprompt(question: str, solution: str | None, feedback: str | None = None, template: str = "sdpo") -> str:
     """Settings (2)-(4) and App. C: the question's prompt, then the solution (and feedback) sections.
 
-    template: "sdpo" ("Correctly solve the original question.") or "uncertainty" (App. C)."""
+    template: "sdpo" (SDPO's teacher, "Correctly solve the original question."), "hint" (Table 1's analysis, the
+    released eval_with_hint.py build_augmented_prompt) or "uncertainty" (App. C)."""
+    if template == "hint":
+        return HINT_TEMPLATE.format(prompt=data.format_prompt(question), solution=solution)
     body = {"sdpo": REPROMPT_TEMPLATE, "uncertainty": UNCERTAINTY_TEMPLATE}[template]
     return body.format(prompt=data.format_prompt(question),
                        solution=SOLUTION_TEMPLATE.format(attempt=solution) if solution else "",
@@ -305,11 +341,12 @@ def reprompt(question: str, solution: str | None, feedback: str | None = None, t
 
 
 def strip_think(text: str) -> str:
-    """s\\think: drop <think>...</think> blocks; with no opening tag (R1-Distill), everything up to </think>."""
-    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
-    if "</think>" in text:
-        text = text.split("</think>")[-1]
-    return text.strip()
+    """s\\think, as the reference's _remove_thinking_trace (verl/trainer/ppo/ray_trainer.py): every
+    <think>...</think> pair and the whitespace after it is removed; then, where a </think> is left (R1-Distill's
+    template opens the tag in the prompt), everything up to the FIRST one and the whitespace after it. Nothing
+    else is stripped."""
+    text = re.sub(r"<think>.*?</think>\s*", "", text, flags=re.S)
+    return re.sub(r"^.*?</think>\s*", "", text, flags=re.S)
 
 
 # --------------------------------------------------------------------------------------------
@@ -862,14 +899,15 @@ SETTING_NAMES = {"unguided": "(1) Unguided", "solution": "(2) Solution-Guided (c
 
 
 def context_for(setting: str, question: str, s: str | None) -> str:
-    """The user turn of each setting; s is the solution (y_r for "regenerated"), unused when unguided."""
+    """The user turn of each setting; s is the solution (y_r for "regenerated"), unused when unguided.
+    Settings (2)-(4) use the released analysis script's hint (`reprompt(..., template="hint")`)."""
     if setting == "unguided":
         return unguided_prompt(question)
     if setting == "solution-no-think":
-        return reprompt(question, strip_think(s))
+        return reprompt(question, strip_think(s), template="hint")
     if setting == "uncertainty":
         return reprompt(question, s, template="uncertainty")
-    return reprompt(question, s)  # "solution" (c = s) and "regenerated" (c = y_r)
+    return reprompt(question, s, template="hint")  # "solution" (c = s) and "regenerated" (c = y_r)
 
 
 def settings_engine_length(model: str, problems: list[dict], settings: list[str], solution_source: str,
@@ -899,12 +937,15 @@ def trainer_engine_length(tok, model: str, problems: list[dict], benchmarks: dic
                engine_length(tok, prompts(evals), eval_max_new_tokens, model, flag="--eval-max-new-tokens"))
 
 
-def first_correct(records: list[dict]) -> dict[str, str]:
-    """problem id -> its first correct response: s (from unguided rollouts) or y_r (from solution-guided ones)."""
+def first_correct(records: list[dict], or_first: bool = False) -> dict[str, str]:
+    """problem id -> its first correct response: s (from unguided rollouts) or y_r (from solution-guided ones).
+    or_first: a problem with none gets its first response (y_r, as eval_with_hint.py's best_response)."""
     out = {}
     for r in records:
         if r["score"] == 1.0:
             out.setdefault(r["id"], r["response"])
+    for r in records if or_first else []:
+        out.setdefault(r["id"], r["response"])
     return out
 
 
@@ -940,7 +981,7 @@ def table1(args: Args) -> dict:
     if "solution-no-think" in chosen:
         run("solution-no-think", solution)
     if "regenerated" in chosen:
-        run("regenerated", first_correct(records["solution"]))  # y_r ~ pi(.|x, s), a correct one
+        run("regenerated", first_correct(records["solution"], or_first=True))  # y_r ~ pi(.|x, s): correct, else the first
     if "uncertainty" in chosen:
         run("uncertainty", solution)
     flat = gather_to_rank0([r for s in chosen for r in records.get(s, [])], world)
@@ -964,9 +1005,66 @@ def table1(args: Args) -> dict:
     return rows
 
 
+def select(args: SelectArgs) -> list[dict]:
+    """Sample --n-samples responses per problem of --data in file order, chunk by chunk (ranks share a chunk), and
+    keep the problems with --min-correct..--max-correct correct ones, the first --keep of them, each with its first
+    correct response as `solution`: the file Table 1 reads (`--data OUT/selected.jsonl`, s = that solution).
+    As eval_dapo_dataset.py, except that its batches of 128 problems become --chunk."""
+    data.check_args(args)
+    rank, _, world, device = init_distributed()
+    problems = data.load_problems(args.data, limit=args.limit, seed=args.seed)
+    chat = dict(system=args.system, thinking=args.thinking)
+    max_len = 0 if args.backend != "vllm" else settings_engine_length(
+        args.model, problems, ["unguided"], "rollout", args.max_new_tokens, chat)
+    backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, max_model_len=max_len,
+                           seed=args.seed + rank)
+    params = SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    kept, seen = [], []
+    bar = tqdm(total=args.keep, desc="select", disable=rank != 0)
+    for start in range(0, len(problems), args.chunk):
+        indices = shard(list(range(start, min(start + args.chunk, len(problems)))), rank, world)
+        prompts = [chat_prompt(backend.tokenizer, unguided_prompt(problems[i]["question"]), **chat) for i in indices]
+        mine = [dict(index=indices[s.prompt_index], response=s.text, length=len(s.response_ids),
+                     score=data.grade(s.text, problems[indices[s.prompt_index]]["answer"], lenient=args.lenient))
+                for s in generate(backend, prompts, params, progress=False, indices=indices)]
+        every = gather_to_rank0(mine, world)
+        box = [None]
+        if rank == 0:
+            every.sort(key=lambda r: r["index"])  # stable: each problem's samples stay in order
+            seen.extend(every)
+            for i in sorted({r["index"] for r in every}):
+                scores = [r for r in every if r["index"] == i]
+                correct = [r["response"] for r in scores if r["score"] == 1.0]
+                if args.min_correct <= len(correct) <= args.max_correct and len(kept) < args.keep:
+                    kept.append(dict(problems[i], solution=correct[0] if correct else None, correct=len(correct),
+                                     samples=len(scores)))
+                    bar.update(1)
+            box = [len(kept) >= args.keep]
+        if world > 1:
+            dist.broadcast_object_list(box, src=0)  # collective: every rank learns whether to stop
+        if box[0]:
+            break
+    bar.close()
+    if rank == 0:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "samples.jsonl", "w") as f:
+            f.writelines(json.dumps(dict(r, id=problems[r["index"]]["id"])) + "\n" for r in seen)
+        with open(out / "selected.jsonl", "w") as f:
+            f.writelines(json.dumps({k: p[k] for k in ("id", "question", "answer", "solution", "correct", "samples")})
+                         + "\n" for p in kept)
+        print0(f"kept {len(kept)} of {len({r['index'] for r in seen})} problems -> {out / 'selected.jsonl'}")
+    return kept
+
+
 if __name__ == "__main__":
+    import sys
     try:
-        table1(data.parse_args(Args))
+        if sys.argv[1:2] == ["select"]:
+            select(data.parse_args(SelectArgs, sys.argv[2:]))
+        else:
+            table1(data.parse_args(Args))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -10,10 +10,14 @@ policy-gradient loss outright; App. D Table 10):
     side (or both renormalised over the top-k without it)              -> `topk_support`
   - D by alpha: 0 forward KL(T || S), 1 reverse KL(S || T), otherwise the generalized JSD with
     M = (1-alpha) S + alpha T: (1-alpha) KL(S || M) + alpha KL(T || M); paper: alpha = 0.5 -> `divergence`
-  - per token weight min(exp(clamp(logp - old_logp, -20, 20)), 2), detached; token mean over the
-    distillation mask                                                    -> `sdpo_train_step`
+  - per token weight min(exp(clamp(logp - old_logp, -20, 20)), 2), detached; each response's mean over
+    its distilled tokens (0 without a context), then the mean over all the mini-batch's responses: rows
+    without c count, so the gradient shrinks with their share (verl's compute_self_distillation_loss,
+    agg_loss over one response per micro-batch, times 1 / gradient accumulation; --loss-agg token-mean:
+    one mean over every distilled token of the mini-batch)                -> `sdpo_loss`, `sdpo_train_step`
   - c (`--teacher-context`): the first successful sibling of the same prompt (reward >= 0.5), the
-    sample itself excluded, none -> no loss (Sec. 5, c = s); the same with <think> removed
+    sample itself excluded, none -> no loss (Sec. 5, c = s), first in verl's length-balanced batch order
+    (`--sibling balanced`, `balanced_positions`; ray_trainer._balance_batch, then solution_idxs[0]); the same with <think> removed
     (c = s\\think); the dataset's reference solution (OPSD); a regenerated correct response (Sec. 3's y_r)
                                                                          -> `teacher_contexts`
   - teacher input: the chat template of `teacher_prompt(question, c)` + the student's response ids;
@@ -48,6 +52,12 @@ Departures, and why:
   6. Rows without a teacher context (and no --pg-coef term) skip the student's and the teacher's
      forwards (--skip-zero-rows, `grpo.rows_with_gradient`): their gradient is exactly zero, and the
      reference's masked rows give the same update up to float rounding.
+  7. Which sibling: verl balances the batch over its data-parallel GPUs (Karmarkar-Karp partitions, each
+     ordered short-long-short, concatenated), so its first success depends on the number of GPUs. We use
+     its order for one GPU on any number of ranks (--sibling balanced); --sibling first takes rollout order.
+  8. The logits are upcast to fp32 before the top-k, the log-softmax and the tail (`grpo.upcast`); the
+     reference takes the top-k and its log-probs of bf16 logits, which quantizes them (bf16 has 8 bits of
+     mantissa: log-probs near -10 step by ~0.06).
 
 Run it:
     python sdpo.py --lenient                                    # embedded model, easy synthetic problems
@@ -55,7 +65,7 @@ Run it:
     python sdpo.py --lenient --teacher-context sibling-no-think  # c = s\\think
     python sdpo.py --lenient --teacher-ema 0.05                  # moving teacher (Fig. 6)
     torchrun --nproc_per_node 8 sdpo.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
-        --data dapo-math-17k.parquet --prompts-per-step 256 --rollouts 8 --mini-batch 64 --lr 1e-5 \\
+        --data dapo-math-17k.parquet --prompts-per-step 256 --rollouts 8 --mini-batch 128 --lr 1e-5 \\
         --max-new-tokens 20480 --grad-ckpt --micro-batch 1 --steps 100 \\
         --eval-data aime24.parquet amc23.parquet --eval-every 10 --eval-n 16 --out runs/sdpo-r1
 """
@@ -83,6 +93,7 @@ class Args(grpo.Args):
     CHECKS: ClassVar[dict] = dict(
         grpo.Args.CHECKS, alpha=data.UNIT, topk=data.NON_NEGATIVE, is_clip=data.POSITIVE,
         teacher_context=("sibling", "sibling-no-think", "dataset", "regenerated"), reprompt=("sdpo", "uncertainty"),
+        sibling=("balanced", "first"),
         success_threshold=data.UNIT, teacher_ema=data.UNIT, distill_prefix=data.NON_NEGATIVE,
         max_reprompt_len=data.POSITIVE, pg_coef=data.NON_NEGATIVE)
     out: str = "runs/sdpo"
@@ -97,6 +108,9 @@ class Args(grpo.Args):
     """add the tail bucket log(1 - sum p_topk); off = renormalise over the top-k (reference default: on)"""
     is_clip: float = 2.0
     """cap of the importance weight exp(logp - old_logp) (reference: 2)"""
+    sibling: str = "balanced"
+    """which successful sibling is c: balanced (the first in verl's length-balanced batch order for one GPU, which
+    leans to short ones: `balanced_positions`) or first (the first in rollout order)"""
     teacher_context: str = "sibling"
     """c: sibling (c = s, Sec. 5) | sibling-no-think (c = s\\think) | dataset (OPSD) | regenerated (y_r)"""
     reprompt: str = "sdpo"
@@ -230,19 +244,23 @@ def sdpo_loss(div, logp, old_logp, rollout_logp, distill, n_distill: float, is_c
     """The SDPO objective on one micro-batch's response positions, all inputs (N,). Returns (loss, metrics).
 
     w_t    = min(exp(clamp(logp - old_logp, -20, 20)), is_clip) * min(exp(old_logp - rollout_logp), rollout_is_clip)
-    L      = sum_t distill_t w_t e_t D_t / n_distill                         (Eq. 1 as the reference computes it)
+    L      = sum_t distill_t w_t e_t D_t / n_distill_t                       (Eq. 1 as the reference computes it)
     e_t    = teacher_entropy_t (H_T / log V) with --entropy-weight, else 1           (remedy 3)
-    L     += pg_coef * grpo.policy_loss over all N positions / n_tokens             (remedy 2)
+    L     += pg_coef * sum_t grpo.policy_loss's per-token terms / n_tokens_t         (remedy 2)
     distill_t is 0 for rows without a teacher context, beyond --distill-prefix, and at protected
-    positions (remedy 1). n_distill / n_tokens are the (global) token counts the means divide by."""
+    positions (remedy 1). n_distill / n_tokens: what each position's term is divided by, a number (token-mean:
+    the mini-batch's distilled / response positions) or (N,) (seq-mean-token-mean: the position's row's count times
+    the rows of the mini-batch; `grpo.loss_denominator`); global counts over the world size under torchrun."""
     rollout_w = torch.clamp(torch.exp(old_logp - rollout_logp), max=rollout_is_clip)  # (N,) detached
     w = torch.exp(torch.clamp(logp.detach() - old_logp, -20.0, 20.0)).clamp(max=is_clip) * rollout_w
     if teacher_entropy is not None:
         w = w * teacher_entropy
-    distill_loss = (div * w * distill).sum() / max(float(n_distill), 1.0)  # Eq. 1
+    n_distill = torch.as_tensor(n_distill, dtype=div.dtype, device=div.device).clamp(min=1.0)
+    distill_loss = (div * w * distill / n_distill).sum()  # Eq. 1
     metrics = dict(distill_loss=float(distill_loss.detach()))
     if not pg_coef:
         return distill_loss, metrics
+    n_tokens = torch.as_tensor(float(len(logp)) if n_tokens is None else n_tokens, dtype=logp.dtype, device=logp.device)
     pg, _ = grpo.policy_loss(logp[None], old_logp[None], advantages[None], torch.ones_like(logp)[None], clip_low,
                              clip_high, clip_c, rollout_w[None], token_count=n_tokens)
     metrics["pg_loss"] = float(pg.detach())
@@ -264,21 +282,34 @@ def teacher_prompt(question: str, solution: str | None, feedback: str | None = N
     return rollout.reprompt(question, solution, feedback, template)
 
 
+def balanced_positions(lengths: list[int]) -> list[int]:
+    """Each sequence's position in the order verl's _balance_batch gives a batch on one GPU (ray_trainer.py, before
+    the teacher batch is built): sorted by workload 24576 L + L^2 (L = prompt + response tokens), ties by index,
+    then the even places ascending and the odd ones descending (short sequences at both ends)."""
+    ranked = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))  # the workload grows with L
+    order = ranked[0::2] + ranked[1::2][::-1]
+    positions = [0] * len(lengths)
+    for p, i in enumerate(order):
+        positions[i] = p
+    return positions
+
+
 def teacher_contexts(rows: list[dict], problems: list[dict], group_size: int, mode: str = "sibling",
-                     threshold: float = 0.5) -> list[str | None]:
+                     threshold: float = 0.5, order: list[int] | None = None) -> list[str | None]:
     """c for each rollout (rows in groups of `group_size`, one group per problem); None = no loss.
 
-    sibling: the first OTHER rollout of the same group with reward >= threshold; sibling-no-think: the
-    same through strip_think; dataset: the problem's reference solution."""
+    sibling: the first OTHER rollout of the same group with reward >= threshold, first in `order` (a key per
+    row, e.g. `balanced_positions`; default: rollout order), as the reference's solution_idxs[0];
+    sibling-no-think: the same through strip_think; dataset: the problem's reference solution."""
     out = []
     for i, row in enumerate(rows):
         g = i // group_size
         if mode == "dataset":
             out.append(problems[g].get("solution"))
             continue
-        siblings = [rows[j]["text"] for j in range(g * group_size, (g + 1) * group_size)
-                    if j != i and rows[j]["reward"] >= threshold]
-        s = siblings[0] if siblings else None
+        siblings = [j for j in range(g * group_size, (g + 1) * group_size) if j != i and rows[j]["reward"] >= threshold]
+        siblings.sort(key=lambda j: j if order is None else order[j])
+        s = rows[siblings[0]]["text"] if siblings else None
         out.append(strip_think(s) if s is not None and mode == "sibling-no-think" else s)
     return out
 
@@ -333,6 +364,20 @@ def regenerated_contexts(run, rows, problems, args) -> list[str | None]:
     return [y_r.get(i // args.rollouts) for i in range(len(rows))]
 
 
+def sibling_order(rows: list[dict], world: int) -> list[int]:
+    """This rank's rows' positions in `balanced_positions` of the whole step's batch (every rank's rows, by their
+    "place"): the same choice on any number of ranks. Collective."""
+    mine = [(r["place"], len(r["prompt_ids"]) + len(r["response_ids"])) for r in rows]
+    every = mine
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)  # collective
+        every = [x for part in parts for x in part]
+    every.sort()
+    positions = dict(zip((place for place, _ in every), balanced_positions([n for _, n in every])))
+    return [positions[place] for place, _ in mine]
+
+
 def marker_tokens(tokenizer) -> dict[int, str]:
     """token id -> surface form (" Wait", "Wait", " wait", ...) for every vocabulary entry that is one of
     the 10 epistemic markers on its own (App. B.6, Table 6). One pass over the vocabulary."""
@@ -374,7 +419,8 @@ def sdpo_train_step(run: grpo.Run):
         if args.teacher_context == "regenerated":
             contexts = regenerated_contexts(run, rows, problems, args)
         else:
-            contexts = teacher_contexts(rows, problems, args.rollouts, args.teacher_context, args.success_threshold)
+            contexts = teacher_contexts(rows, problems, args.rollouts, args.teacher_context, args.success_threshold,
+                                        sibling_order(rows, world) if args.sibling == "balanced" else None)
         for i, (r, c) in enumerate(zip(rows, contexts)):
             r["teacher_prompt_ids"] = r["context"] = None
             if c is not None:
@@ -409,6 +455,7 @@ def sdpo_train_step(run: grpo.Run):
                 update = grpo.by_length(rows[u:u + per_update], by_prompt=packed)
                 n_distill = sft.all_reduce_sum(sum(sum(r["distill"]) for r in update))
                 n_tokens = sft.all_reduce_sum(sum(len(r["response_ids"]) for r in update))
+                n_rows = sft.all_reduce_sum(len(update))  # rows without a context count, with zero loss (verl)
                 if has_gradient is not None:
                     update = grpo.rows_with_gradient(update, has_gradient, args.micro_batch, packed)
                 tot["rows"] += len(update)
@@ -437,12 +484,19 @@ def sdpo_train_step(run: grpo.Run):
                     old = res[:, 1].detach() if on_policy else flat("old_logp")
                     adv = torch.cat([torch.full((len(r["response_ids"]),), r["advantage"], dtype=res.dtype)
                                      for r in micro]).to(device)
-                    # FSDP2 averages gradients over ranks: world * (local sum / global tokens) = the global token mean;
+                    # FSDP2 averages gradients over ranks: world * (local sum / global count) = the global mean;
                     # the zero-weight term keeps a backward through the model when a micro-batch has no tokens
-                    loss, parts = sdpo_loss(res[:, 0], res[:, 1], old, flat("rollout_logprobs"), distill,
-                                            n_distill / world, args.is_clip, args.rollout_is_clip,
+                    if args.loss_agg == "token-mean":
+                        d_den, pg_den = n_distill / world, n_tokens / world
+                    else:  # seq-mean-token-mean: each position over its row's count, times the rows of the mini-batch
+                        row = torch.arange(len(micro), device=device)[:, None].expand_as(mask)[sel]  # (N,)
+                        counts = torch.tensor([[max(sum(r["distill"]), 1), max(len(r["response_ids"]), 1)]
+                                               for r in micro], dtype=res.dtype, device=device)[row] * (n_rows / world)
+                        d_den, pg_den = counts[:, 0], counts[:, 1]
+                    loss, parts = sdpo_loss(res[:, 0], res[:, 1], old, flat("rollout_logprobs"), distill, d_den,
+                                            args.is_clip, args.rollout_is_clip,
                                             res[:, 4] if args.entropy_weight else None, args.pg_coef, adv,
-                                            n_tokens / world, args.clip_low, args.clip_high, args.clip_c)
+                                            pg_den, args.clip_low, args.clip_high, args.clip_c)
                     loss = loss + 0.0 * sx.sum()
                     bad = bad or not torch.isfinite(loss)  # the update is then skipped on every rank
                     loss.backward()

@@ -222,8 +222,10 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.01):
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warmup over `warmup` steps (step 0 gets lr / warmup), then constant."""
-    return lr * min(1.0, (step + 1) / max(warmup, 1))
+    """The LR of step `step` (0-based): lr * step / warmup during the warmup, then lr. Step 0 gets 0, as verl's
+    constant schedule with warmup (verl/utils/torch_functional.py get_constant_schedule_with_warmup, stepped once
+    per training step in fsdp_workers.update_actor): AdamW's moments still take step 0's gradient."""
+    return lr * min(1.0, step / warmup) if warmup > 0 else lr
 
 
 def all_reduce_sum(x: float) -> float:
