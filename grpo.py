@@ -59,8 +59,8 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -223,6 +223,8 @@ def loss_denominator(mask, loss_agg: str = "token-mean", token_count=None, seq_c
                            per row (B, 1). verl's legacy actor with one sequence per micro-batch (the paper's
                            config) computes this: each micro-batch's token mean, times 1 / gradient accumulation.
     token_count / seq_count: the global counts divided by the world size (FSDP2 averages gradients over ranks)."""
+    if loss_agg == "token-mean" and torch.is_tensor(token_count):  # a denominator per token
+        return token_count.clamp(min=1.0)
     if loss_agg == "token-mean":
         return max(float(mask.sum() if token_count is None else token_count), 1.0)
     if loss_agg == "seq-mean-token-mean":
@@ -249,11 +251,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_hi
     if is_weight is not None:
         per_token = per_token * is_weight
     mask = mask.float()
-    if torch.is_tensor(token_count) and loss_agg == "token-mean":
-        n = token_count.clamp(min=1.0)
-    else:
-        n = loss_denominator(mask, loss_agg, token_count, seq_count)
-    loss = (per_token * mask / n).sum()
+    loss = (per_token * mask / loss_denominator(mask, loss_agg, token_count, seq_count)).sum()
     with torch.no_grad():
         m = lambda x: float((x.float() * mask).sum() / mask.sum().clamp(min=1))
         metrics = dict(clip_frac_high=m((adv > 0) & (ratio > 1 + clip_high)),
@@ -706,8 +704,7 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                 # FSDP2 averages gradients over ranks: world * (local sum / global count) = the global mean
                 denominator = loss_denominator(mask, args.loss_agg, tokens / world, seqs / world)
                 loss, m = policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high, args.clip_c, is_w,
-                                      token_count=denominator if args.loss_agg == "token-mean" else None,
-                                      loss_agg=args.loss_agg, seq_count=seqs / world)
+                                      tokens / world, args.loss_agg, seqs / world)
                 if with_kl:
                     with torch.no_grad():
                         ref, _, _ = token_logprobs(ref_model, pairs, pad_id, args.temperature, device,
@@ -756,13 +753,12 @@ def score_rollouts(samples, problems: list[dict], lenient: bool) -> list[dict]:
     return rows
 
 
-def save_rollouts(path: Path, step: int, rows: list[dict], problems: list[dict], indices: list[int], group_size: int,
-                  world: int) -> None:
-    """Append one JSON line per rollout of every rank to `path`, in the step's prompt order (`indices`: this rank's
-    prompts' places in the step) and sample order (rank 0 writes; collective)."""
+def save_rollouts(path: Path, step: int, rows: list[dict], problems: list[dict], group_size: int, world: int) -> None:
+    """Append one JSON line per rollout of every rank to `path`, in the step's order (their "place"; rank 0 writes;
+    collective)."""
     keep = ("prompt_ids", "response_ids", "rollout_logprobs", "text", "reward", "advantage", "length", "epistemic",
             "truncated")
-    mine = [dict(step=step, prompt=indices[i // group_size], sample=i % group_size,
+    mine = [dict(step=step, prompt=r["place"] // group_size, sample=r["place"] % group_size,
                  problem=problems[i // group_size].get("id"), **{k: r[k] for k in keep},
                  **({"context": r["context"], "distilled": sum(r["distill"])} if "distill" in r else {}))
             for i, r in enumerate(rows)]
@@ -900,7 +896,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         train_metrics = train_step(rows, mine)
         t_train = time.time()
         if args.save_rollouts:
-            save_rollouts(out / "rollouts.jsonl", step + 1, rows, mine, indices, args.rollouts, world)
+            save_rollouts(out / "rollouts.jsonl", step + 1, rows, mine, args.rollouts, world)
         if backend.kind == "vllm":
             rollout.push_weights_to_vllm(backend, model)  # wakes a sleeping engine
         elif backend.model is not model:

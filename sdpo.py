@@ -16,8 +16,9 @@ policy-gradient loss outright; App. D Table 10):
     agg_loss over one response per micro-batch, times 1 / gradient accumulation; --loss-agg token-mean:
     one mean over every distilled token of the mini-batch)                -> `sdpo_loss`, `sdpo_train_step`
   - c (`--teacher-context`): the first successful sibling of the same prompt (reward >= 0.5), the
-    sample itself excluded, none -> no loss (Sec. 5, c = s), first in verl's length-balanced batch order
-    (`--sibling balanced`, `balanced_positions`; ray_trainer._balance_batch, then solution_idxs[0]); the same with <think> removed
+    sample itself excluded, none -> no loss (Sec. 5, c = s), first in verl's length-balanced batch
+    order (--sibling balanced, `balanced_positions`: ray_trainer._balance_batch, then solution_idxs[0]);
+    the same with <think> removed
     (c = s\\think); the dataset's reference solution (OPSD); a regenerated correct response (Sec. 3's y_r)
                                                                          -> `teacher_contexts`
   - teacher input: the chat template of `teacher_prompt(question, c)` + the student's response ids;
@@ -56,8 +57,8 @@ Departures, and why:
      ordered short-long-short, concatenated), so its first success depends on the number of GPUs. We use
      its order for one GPU on any number of ranks (--sibling balanced); --sibling first takes rollout order.
   8. The logits are upcast to fp32 before the top-k, the log-softmax and the tail (`grpo.upcast`); the
-     reference takes the top-k and its log-probs of bf16 logits, which quantizes them (bf16 has 8 bits of
-     mantissa: log-probs near -10 step by ~0.06).
+     reference works on the bf16 logits, which quantizes them (8 significant bits: a logit near 20
+     moves in steps of 0.125).
 
 Run it:
     python sdpo.py --lenient                                    # embedded model, easy synthetic problems
