@@ -800,34 +800,39 @@ def test_vllm_backend_matches_contract(tiny_model_dir):
 
 def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path):
     """`rollout.py select` reads the problems in file order, two at a time, and keeps those with 1 to 3 correct of
-    3 samples, the first 2 of them (stopping after the chunk that fills the quota), each with its first correct sample as s (the same on two ranks). Table 1 on
-    that file: every problem has its s, settings (2)-(4) carry the released hint, y_r is the first correct response
-    under c = s or else the first one, and each row is the mean of its samples."""
+    3 samples, each with its first correct sample as s: the first 3 of them, or on two ranks the first 1 (stopping
+    after the chunk that fills the quota). Table 1 on a file of all four problems with s given: settings (2)-(4)
+    carry the released hint, y_r is the first correct response under c = s or else the first, and each row is
+    the mean of its samples."""
     sel = ["--model", digit_model_dir, "--data", _digit_problems(tmp_path), "--n-samples", "3", "--min-correct", "1",
-           "--max-correct", "3", "--keep", "2", "--chunk", "2", "--max-new-tokens", "6", "--lenient"]
-    run(sys.executable, "rollout.py", "select", *sel, "--out", str(tmp_path / "sel"))
-    run(*TORCHRUN2, "rollout.py", "select", *sel, "--out", str(tmp_path / "sel2"), env={"OMP_NUM_THREADS": "1"})
-    picked = (tmp_path / "sel" / "selected.jsonl").read_text()
-    assert picked == (tmp_path / "sel2" / "selected.jsonl").read_text()
+           "--max-correct", "3", "--chunk", "2", "--max-new-tokens", "6", "--lenient"]
+    run(sys.executable, "rollout.py", "select", *sel, "--keep", "3", "--out", str(tmp_path / "sel"))
+    run(*TORCHRUN2, "rollout.py", "select", *sel, "--keep", "1", "--out", str(tmp_path / "sel2"),
+        env={"OMP_NUM_THREADS": "1"})
     samples = [json.loads(l) for l in open(tmp_path / "sel" / "samples.jsonl")]
     correct = {}
     for r in samples:
         assert r["score"] == _correct_by_hand(r["response"], DIGIT_PROBLEMS[r["index"]]["answer"])
         correct.setdefault(r["index"], []).extend([r["response"]] if r["score"] else [])
-    assert [len([r for r in samples if r["index"] == i]) for i in sorted(correct)] == [3] * len(correct)
-    want = [i for i in sorted(correct) if 1 <= len(correct[i]) <= 3][:2]
-    done = 2 * -(-(want[-1] + 1) // 2) if len(want) == 2 else len(DIGIT_PROBLEMS)
-    assert len(correct) == done < len(DIGIT_PROBLEMS)  # it stopped after the chunk that filled the quota
-    selected = [json.loads(l) for l in picked.splitlines()]
-    assert want and [s["question"] for s in selected] == [DIGIT_PROBLEMS[i]["question"] for i in want]
+    assert [len([r for r in samples if r["index"] == i]) for i in sorted(correct)] == [3] * 4
+    want = [i for i in sorted(correct) if 1 <= len(correct[i]) <= 3][:3]
+    assert len(want) == 3 and want != [0, 1, 2]  # the band left a problem out
+    selected = [json.loads(l) for l in open(tmp_path / "sel" / "selected.jsonl")]
+    assert [s["question"] for s in selected] == [DIGIT_PROBLEMS[i]["question"] for i in want]
     assert [s["solution"] for s in selected] == [correct[i][0] for i in want]
+    assert (tmp_path / "sel2" / "selected.jsonl").read_text().splitlines() == \
+        (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()[:1]  # two ranks, the same first pick
+    assert {json.loads(l)["index"] for l in open(tmp_path / "sel2" / "samples.jsonl")} < {0, 1, 2, 3}  # stopped early
 
-    out = run(sys.executable, "rollout.py", "--model", digit_model_dir, "--setting", "all", "--data",
-              str(tmp_path / "sel" / "selected.jsonl"), "--n-samples", "3", "--max-new-tokens", "6", "--lenient",
-              "--out", str(tmp_path / "t1"))
+    given = tmp_path / "given.jsonl"  # every problem, s = its answer written out
+    given.write_text("".join(json.dumps(dict(question=p["question"], answer=p["answer"], solution=p["answer"])) + "\n"
+                             for p in DIGIT_PROBLEMS))
+    selected = [json.loads(l) for l in open(given)]
+    out = run(sys.executable, "rollout.py", "--model", digit_model_dir, "--setting", "all", "--data", str(given),
+              "--n-samples", "3", "--max-new-tokens", "6", "--lenient", "--out", str(tmp_path / "t1"))
     rows = [json.loads(l) for l in open(tmp_path / "t1" / "samples.jsonl")]
     table, md = json.loads((tmp_path / "t1" / "table.json").read_text()), (tmp_path / "t1" / "table.md").read_text()
-    ids = {f"selected-{k}": s for k, s in enumerate(selected)}
+    ids = {f"given-{k}": s for k, s in enumerate(selected)}
     by = {s: [r for r in rows if r["setting"] == s] for s in rollout.SETTINGS}
     for r in rows:
         assert r["score"] == _correct_by_hand(r["response"], r["answer"])
@@ -835,6 +840,7 @@ def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path):
     for r in by["solution"]:
         first.setdefault(r["id"], r["response"])
     y_r = {i: next((r["response"] for r in by["solution"] if r["id"] == i and r["score"]), first[i]) for i in first}
+    assert any(not any(r["score"] for r in by["solution"] if r["id"] == i) for i in first)  # a y_r fell back
     hint = lambda q, c: f"{data.format_prompt(q)}\n\nCorrect solution: {c}\n\nCorrectly solve the original question."
     s_of = {i: s["solution"] for i, s in ids.items()}
     for setting, given, context in (
@@ -861,6 +867,17 @@ def test_answer_part_is_what_follows_the_think_pair():
     assert evaluate.answer_part("<think>a</think> b <think>c</think> d") == "b <think>c</think> d"  # the first pair
     assert evaluate.answer_part("R1: reasoning \\boxed{4}</think> so 4") == "R1: reasoning \\boxed{4}</think> so 4"
     assert data.grade(evaluate.answer_part("<think>\\boxed{4}</think> I say \\boxed{3}"), "4") == 0.0
+
+
+def test_evaluation_grades_the_answer_part(embedded_tokenizer, monkeypatch):
+    """score_problems (evaluate.py and the trainers' evaluation) grades what follows the think pair."""
+    texts = ["<think>\\boxed{4}</think> so it is four", "<think>\\boxed{3}</think> so \\boxed{4}", "just \\boxed{4}"]
+    monkeypatch.setattr(rollout, "generate", lambda backend, prompts, params, progress=True, indices=None: [
+        rollout.Sample(0, [], [1], t, "stop", [0.0]) for t in texts])
+    (record,) = evaluate.score_problems(rollout.Backend("hf", embedded_tokenizer), [dict(id="p", question="q",
+                                                                                         answer="4")],
+                                        rollout.SamplingParams(n=3), {}, progress=False)
+    assert record["scores"] == [0.0, 1.0, 1.0] and record["responses"] == texts
 
 
 def test_pass_at_k_against_brute_force():
@@ -1879,10 +1896,10 @@ def test_grpo_mini_batch_epochs_std_and_eval_flags_reach_the_trainer(digit_model
     after steps 2 and 3 only."""
     rows, rolls, out = _digit_run(digit_model_dir, tmp_path, "grpo.py", "flags", "--mini-batch", "2", "--ppo-epochs",
                                   "2", "--norm-adv-std", "--eval-every", "2", "--lr", "1e-3", "--eval-top-k", "1",
-                                  steps=3)
+                                  "--eval-n", "8", steps=3)
     assert [m["updates"] for m in rows] == [4, 4, 4] and all(m["grad_norm"] > 0 for m in rows)
     assert [any(k.startswith("eval/") for k in m) for m in rows] == [False, True, True]
-    # --eval-top-k 1: the evaluation after step 3 is step 3's greedy answer to each problem
+    # --eval-top-k 1: each of the 8 evaluation samples after step 3 is step 3's greedy answer to its problem
     model, tok = rollout.load_model(str(out / "step_3"))
     greedy = rollout.generate_hf(model, tok, [rollout.chat_prompt(tok, data.format_prompt(p["question"]))
                                               for p in DIGIT_PROBLEMS], rollout.SamplingParams(temperature=0,
