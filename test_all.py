@@ -2358,11 +2358,6 @@ def test_sdpo_loss_remedies_by_hand():
                                                rel=1e-9)  # d(ratio)/d(logp) = ratio
 
 
-SDPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "12",
-              "--eval-n", "2", "--eval-max-new-tokens", "8", "--save-every", "2", "--teacher-context", "dataset",
-              "--data", "synthetic:types=add,n=8"]
-
-
 def _support_jsd(s_logits, t_logits, k=100, alpha=0.5):
     """Eq. 1's divergence written a second way, in probabilities: the student's top-k + the tail 1 - sum, then
     (1 - a) KL(S || M) + a KL(T || M), M = (1 - a) S + a T. Also KL(S || T) on that support. (R, V) -> (R,), (R,)"""
