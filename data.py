@@ -125,41 +125,51 @@ def _boxed(steps: list[str], answer) -> str:
     return " ".join(steps) + f" The answer is \\boxed{{{answer}}}."
 
 
+# Each generator returns (question, answer, solution, steps). `steps` is what a reasoning trace computes, in order:
+# (plan, "a op b", value) with op in + - * / (plan: a sentence said before the step, or ""), or a plain sentence.
 def _gen_add(rng, d):
     a, b = _num(rng, d), _num(rng, d)
-    return f"What is {a} + {b}?", a + b, _boxed([f"We add {a} and {b}: {a} + {b} = {a + b}."], a + b)
+    return (f"What is {a} + {b}?", a + b, _boxed([f"We add {a} and {b}: {a} + {b} = {a + b}."], a + b),
+            [(f"I need to add {a} and {b}.", f"{a} + {b}", a + b)])
 
 
 def _gen_sub(rng, d):
     a, b = _num(rng, d), _num(rng, d)
     a, b = max(a, b), min(a, b)
-    return f"What is {a} - {b}?", a - b, _boxed([f"We subtract {b} from {a}: {a} - {b} = {a - b}."], a - b)
+    return (f"What is {a} - {b}?", a - b, _boxed([f"We subtract {b} from {a}: {a} - {b} = {a - b}."], a - b),
+            [(f"I need to subtract {b} from {a}.", f"{a} - {b}", a - b)])
 
 
 def _gen_mul(rng, d):
     a, b = _num(rng, d), _num(rng, max(1, d - 1), low=2)
-    return f"What is {a} * {b}?", a * b, _boxed([f"We multiply {a} by {b}: {a} * {b} = {a * b}."], a * b)
+    return (f"What is {a} * {b}?", a * b, _boxed([f"We multiply {a} by {b}: {a} * {b} = {a * b}."], a * b),
+            [(f"I need to multiply {a} by {b}.", f"{a} * {b}", a * b)])
 
 
 def _gen_div(rng, d):
     b, q = _num(rng, max(1, d - 1), low=2), _num(rng, d)
     a = b * q
     return (f"What is {a} divided by {b}?", q,
-            _boxed([f"We need q with {b} * q = {a}.", f"Since {b} * {q} = {a}, q = {q}."], q))
+            _boxed([f"We need q with {b} * q = {a}.", f"Since {b} * {q} = {a}, q = {q}."], q),
+            [(f"I need the number that gives {a} when multiplied by {b}.", f"{a} / {b}", q)])
 
 
 def _gen_mod(rng, d):
     a, b = _num(rng, d + 1), _num(rng, d, low=2)
     r = a % b
     return (f"What is the remainder when {a} is divided by {b}?", r,
-            _boxed([f"{a} = {b} * {a // b} + {r}, and 0 <= {r} < {b}."], r))
+            _boxed([f"{a} = {b} * {a // b} + {r}, and 0 <= {r} < {b}."], r),
+            [(f"I need the largest multiple of {b} that is at most {a}.", f"{a // b} * {b}", a // b * b),
+             ("Then I subtract it.", f"{a} - {a // b * b}", r)])
 
 
 def _gen_linear(rng, d):
     a, x, b = _num(rng, max(1, d - 1), low=2), _num(rng, d), _num(rng, d)
     c = a * x + b
     return (f"Solve for x: {a}x + {b} = {c}.", x,
-            _boxed([f"Subtract {b} from both sides: {a}x = {c - b}.", f"Divide by {a}: x = {x}."], x))
+            _boxed([f"Subtract {b} from both sides: {a}x = {c - b}.", f"Divide by {a}: x = {x}."], x),
+            [(f"First I subtract {b} from both sides.", f"{c} - {b}", c - b),
+             (f"Then I divide by {a}.", f"{c - b} / {a}", x)])
 
 
 def _gen_sequence(rng, d):
@@ -167,7 +177,9 @@ def _gen_sequence(rng, d):
     terms = [start + i * step for i in range(4)]
     nxt = start + 4 * step
     return (f"What is the next term of the arithmetic sequence {', '.join(map(str, terms))}, ...?", nxt,
-            _boxed([f"Each term adds {step}.", f"The next term is {terms[-1]} + {step} = {nxt}."], nxt))
+            _boxed([f"Each term adds {step}.", f"The next term is {terms[-1]} + {step} = {nxt}."], nxt),
+            [("The terms go up by the same amount.", f"{terms[1]} - {terms[0]}", step),
+             ("The next term adds it to the last one.", f"{terms[-1]} + {step}", nxt)])
 
 
 def _gen_percent(rng, d):
@@ -175,7 +187,8 @@ def _gen_percent(rng, d):
     n = (20 if d == 1 else 100) * _num(rng, d)  # p * n / 100 is a whole number
     ans = p * n // 100
     return (f"What is {p}% of {n}?", ans,
-            _boxed([f"{p}% of {n} is {p}/100 * {n} = {ans}."], ans))
+            _boxed([f"{p}% of {n} is {p}/100 * {n} = {ans}."], ans),
+            [(f"The percent means {p} out of 100.", f"{p} * {n}", p * n), ("", f"{p * n} / 100", ans)])
 
 
 def _gen_gcd(rng, d):
@@ -184,7 +197,10 @@ def _gen_gcd(rng, d):
     ans = math.gcd(a, b)
     return (f"What is the greatest common divisor of {a} and {b}?", ans,
             _boxed([f"Both {a} and {b} are divisible by {ans}, and {a // ans} and {b // ans} share no common factor."],
-                   ans))
+                   ans),
+            [(f"I need the largest number dividing both {a} and {b}. Both are divisible by {ans}.", f"{a} / {ans}",
+              a // ans), ("", f"{b} / {ans}", b // ans),
+             f"{a // ans} and {b // ans} share no common factor, so the greatest common divisor is {ans}."])
 
 
 def _gen_word(rng, d):
@@ -192,16 +208,20 @@ def _gen_word(rng, d):
     item = rng.choice(["apples", "pencils", "stamps", "marbles", "books"])
     a, b = _num(rng, d), _num(rng, d)
     return (f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?", a + b,
-            _boxed([f"{name} starts with {a} and gains {b}: {a} + {b} = {a + b}."], a + b))
+            _boxed([f"{name} starts with {a} and gains {b}: {a} + {b} = {a + b}."], a + b),
+            [(f"{name} starts with {a} {item} and gains {b}.", f"{a} + {b}", a + b)])
 
 
 # Held out for OOD evaluation: never used for training by default (Sec. 6: evaluation is on
 # problem types unseen in training).
 def _gen_lcm(rng, d):
     a, b = _num(rng, d, low=2), _num(rng, d, low=2)
-    ans = a * b // math.gcd(a, b)
+    g = math.gcd(a, b)
+    ans = a * b // g
     return (f"What is the least common multiple of {a} and {b}?", ans,
-            _boxed([f"gcd({a}, {b}) = {math.gcd(a, b)}, so lcm = {a} * {b} / {math.gcd(a, b)} = {ans}."], ans))
+            _boxed([f"gcd({a}, {b}) = {g}, so lcm = {a} * {b} / {g} = {ans}."], ans),
+            [(f"The least common multiple is the product divided by the greatest common divisor, which is {g}.",
+              f"{a} * {b}", a * b), ("", f"{a * b} / {g}", ans)])
 
 
 def _gen_mean(rng, d):
@@ -214,19 +234,73 @@ def _gen_mean(rng, d):
     xs.append(last)
     ans = sum(xs) // k
     return (f"What is the average of {', '.join(map(str, xs))}?", ans,
-            _boxed([f"The sum is {sum(xs)}.", f"Dividing by {k} gives {ans}."], ans))
+            _boxed([f"The sum is {sum(xs)}.", f"Dividing by {k} gives {ans}."], ans),
+            [("The average is the sum divided by 3.", f"{xs[0]} + {xs[1]}", xs[0] + xs[1]),
+             ("", f"{xs[0] + xs[1]} + {xs[2]}", sum(xs)), ("Then I divide by 3.", f"{sum(xs)} / 3", ans)])
 
 
 def _gen_two_step(rng, d):
     a, b, c = _num(rng, d), _num(rng, d), _num(rng, max(1, d - 1), low=2)
     ans = a + b * c
     return (f"What is {a} + {b} * {c}?", ans,
-            _boxed([f"Multiplication first: {b} * {c} = {b * c}.", f"Then {a} + {b * c} = {ans}."], ans))
+            _boxed([f"Multiplication first: {b} * {c} = {b * c}.", f"Then {a} + {b * c} = {ans}."], ans),
+            [("The multiplication comes first.", f"{b} * {c}", b * c), ("Then the addition.", f"{a} + {b * c}", ans)])
 
 
 def _gen_square(rng, d):
     a = _num(rng, d)
-    return (f"What is {a} squared?", a * a, _boxed([f"{a} squared is {a} * {a} = {a * a}."], a * a))
+    return (f"What is {a} squared?", a * a, _boxed([f"{a} squared is {a} * {a} = {a * a}."], a * a),
+            [(f"{a} squared is {a} times itself.", f"{a} * {a}", a * a)])
+
+
+# --------------------------------------------------------------------------------------------
+# Reasoning traces (`synthetic:style=think`): the same problems, each solution written as R1-Distill writes,
+# <think> reasoning </think> then a short answer sentence, with the paper's epistemic markers (epistemic.MARKERS)
+# where R1 puts them: hesitation while planning ("Hmm, ..."), a verification after a result ("Wait, let me check:
+# 7 - 4 = 3. Yes."), which a trace may make or skip, and a slip that the check catches and corrects.
+# --------------------------------------------------------------------------------------------
+def _inverse(expr: str, value: int) -> tuple[str, int, int]:
+    """The check of "a op b = value": (the inverse equation, its result, what that result must equal: a)."""
+    a, op, b = expr.split()
+    a, b = int(a), int(b)
+    undo = {"+": "-", "-": "+", "*": "/", "/": "*"}[op]
+    result = {"-": value - b, "+": value + b, "/": value // b if b else None, "*": value * b}[undo]
+    return f"{value} {undo} {b}", result, a
+
+
+def _slip(rng: random.Random, expr: str, value: int) -> int:
+    """A wrong result for "a op b" whose check still divides evenly: off by 1, 2 or 10 (+, -), by b (*), by 1 (/)."""
+    op, b = expr.split()[1], int(expr.split()[2])
+    delta = {"*": b, "/": 1}.get(op) or rng.choice([1, 2, 10])
+    return value + delta if value - delta < 0 or rng.random() < 0.5 else value - delta
+
+
+def think_trace(steps: list, answer, rng: random.Random, slip: bool, check: float, hesitate: float) -> str:
+    """One trace: the first plan opens with "Hmm," with probability `hesitate`; with `slip` the first computation is
+    wrong, and its check catches and corrects it; every other result is checked with probability `check`."""
+    parts, slipped = [], False
+    last = None
+    for step in steps:
+        if isinstance(step, str):
+            parts.append(step)
+            continue
+        plan, expr, value = step
+        if plan and not parts and rng.random() < hesitate:
+            plan = "Hmm, " + (plan[0].lower() + plan[1:] if plan.split()[0] in ("The", "First") else plan)
+        parts += [plan] if plan else []
+        if slip and not slipped:
+            slipped, wrong = True, _slip(rng, expr, value)
+            inverse, result, want = _inverse(expr, wrong)
+            parts.append(f"{expr} = {wrong}. Wait, let me check: {inverse} = {result}, not {want}. "
+                         f"I made a mistake: {expr} = {value}.")
+        else:
+            parts.append(f"{expr} = {value}.")
+            if rng.random() < check:
+                inverse, result, _ = _inverse(expr, value)
+                parts.append(f"Wait, let me check: {inverse} = {result}. Yes.")
+        last = (expr, value)
+    head = f"Since {last[0]} = {answer}, the" if last and last[1] == answer else "The"
+    return f"<think>\n{' '.join(parts)} So the answer is {answer}.\n</think>\n\n{head} answer is \\boxed{{{answer}}}."
 
 
 TRAIN_TYPES = {
@@ -238,12 +312,15 @@ OOD_TYPES = {"lcm": _gen_lcm, "mean": _gen_mean, "two_step": _gen_two_step, "squ
 ALL_TYPES = {**TRAIN_TYPES, **OOD_TYPES}
 
 
-def synthetic_problems(n: int = 1000, seed: int = 0, difficulty: int = 1, types=None,
-                       split: str = "train") -> list[dict]:
+def synthetic_problems(n: int = 1000, seed: int = 0, difficulty: int = 1, types=None, split: str = "train",
+                       style: str = "plain", slip: float = 0.25, check: float = 0.6, hesitate: float = 0.5) -> list[dict]:
     """n distinct generated problems, round-robin over the chosen types, deterministic by seed.
 
     split: "train" (the 10 training types), "ood" (the 4 held-out types), "all". `types` (a list
     or a '+'-joined string) overrides split. difficulty >= 1: number of digits per operand.
+    style: "plain" (a worked solution) or "think" (the same problems with a reasoning trace as the solution,
+    `think_trace`): problem i's first computation slips when floor((i + 1) * slip) > floor(i * slip), an exact share
+    of every prefix; `check` and `hesitate` are probabilities, drawn from a stream of the trace's own.
     """
     if types is None:
         types = {"train": list(TRAIN_TYPES), "ood": list(OOD_TYPES), "all": list(ALL_TYPES)}.get(split)
@@ -257,6 +334,12 @@ def synthetic_problems(n: int = 1000, seed: int = 0, difficulty: int = 1, types=
     difficulty, n = int(difficulty), int(n)
     if difficulty < 1 or n < 1:
         raise ValueError(f"synthetic: difficulty and n must be >= 1 (got difficulty={difficulty}, n={n})")
+    if style not in ("plain", "think"):
+        raise ValueError(f"synthetic: unknown style {style!r}; choose plain or think")
+    slip, check, hesitate = float(slip), float(check), float(hesitate)
+    for name, v in (("slip", slip), ("check", check), ("hesitate", hesitate)):
+        if not 0 <= v <= 1:
+            raise ValueError(f"synthetic: {name}={v} must be in [0, 1]")
     rng = random.Random(f"synthetic/{seed}/{difficulty}/{'+'.join(types)}")
     seen, out, live, misses = set(), [], list(types), {t: 0 for t in types}
     while len(out) < n:
@@ -264,7 +347,7 @@ def synthetic_problems(n: int = 1000, seed: int = 0, difficulty: int = 1, types=
             raise ValueError(f"synthetic: only {len(out)} distinct problems exist for types={types} "
                              f"difficulty={difficulty}; ask for fewer or raise the difficulty")
         kind = live[len(out) % len(live)]
-        question, answer, solution = ALL_TYPES[kind](rng, difficulty)
+        question, answer, solution, steps = ALL_TYPES[kind](rng, difficulty)
         if question in seen:
             misses[kind] += 1
             if misses[kind] > 200:  # this type's problem space is used up at this difficulty
@@ -272,6 +355,11 @@ def synthetic_problems(n: int = 1000, seed: int = 0, difficulty: int = 1, types=
             continue
         misses[kind] = 0
         seen.add(question)
+        if style == "think":
+            i = len(out)
+            solution = think_trace(steps, answer, random.Random(f"think/{seed}/{difficulty}/{i}/{question}"),
+                                   slip=math.floor((i + 1) * slip) > math.floor(i * slip), check=check,
+                                   hesitate=hesitate)
         out.append(dict(id=f"synthetic-{kind}-{len(out)}", question=question, answer=str(answer),
                         solution=solution, source="synthetic", type=kind, difficulty=difficulty,
                         split="ood" if kind in OOD_TYPES else "train"))
@@ -433,7 +521,7 @@ def load_problems(source: str, limit: int | None = None, seed: int = 0, **option
 
     source: a .parquet/.jsonl/.json path (verl/SDPO layout, plain {question|problem, answer, solution?}
     rows, or raw DAPO-Math-17k), or an embedded name with options after a colon:
-      synthetic[:n=1000,difficulty=1,split=train|ood|all,types=add+sub+...]
+      synthetic[:n=1000,difficulty=1,split=train|ood|all,types=add+sub+...,style=plain|think,slip=,check=,hesitate=,seed=]
       champ[:category=Combinatorics]
     limit: keep the first `limit` problems (files and champ keep their order; synthetic is generated
     in order). seed: synthetic generation seed.
@@ -444,12 +532,13 @@ def load_problems(source: str, limit: int | None = None, seed: int = 0, **option
         name, spec_options = _parse_source(source)
         spec_options.update(options)
         if name == "synthetic":
-            allowed = {"n", "difficulty", "types", "split"}
+            allowed = {"n", "difficulty", "types", "split", "style", "slip", "check", "hesitate", "seed"}
             if set(spec_options) - allowed:
                 raise ValueError(f"source {source!r}: unknown option(s) {sorted(set(spec_options) - allowed)}; "
                                  f"synthetic takes {sorted(allowed)}")
             if limit is not None and "n" not in spec_options:
                 spec_options["n"] = limit
+            seed = int(spec_options.pop("seed", seed))  # seed=K in the source: the same problems under any --seed
             problems = synthetic_problems(seed=seed, **spec_options)
         elif name == "champ":
             problems = champ_problems()

@@ -273,10 +273,17 @@ def main(args: Args) -> dict:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ReportArgs:
+    CHECKS: ClassVar[dict] = dict(last=data.POSITIVE, boot=data.POSITIVE)
     runs: str = "runs/cpu"
-    """the directory of the README's reproduction block: base/, table1/, sft/, NAME/seedK/ training runs"""
+    """the reproduction block's directory: organism/, base/, table1/, sft/, NAME/seedK/ (metrics.jsonl and eval/)"""
     out: str = "report"
     """where REPORT.md and the PNG plots go"""
+    baseline: str = "grpo"
+    """the run every other run is compared with"""
+    last: int = 5
+    """a run's training figures: the mean over its last this many steps"""
+    boot: int = 2000
+    """bootstrap replicates for the 95% intervals"""
     groups: list[str] = field(default_factory=lambda: [
         "GRPO vs SDPO (Fig. 3-5)=grpo,sdpo,sdpo_nothink", "Fixed vs EMA teacher (Fig. 6)=sdpo,sdpo_ema",
         "Task coverage |D| (Fig. 7/8)=grpo_d1,grpo,sdpo_d1,sdpo",
@@ -297,126 +304,218 @@ def read_metrics(path: Path) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def mean_spread(xs: list[float], fmt: str = ".3f") -> str:
-    """'m' for one value, 'm +- sd' (sample std) over seeds, '-' for none."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
+def read_samples(path: Path) -> dict:
+    """Per-problem means over a samples.jsonl's responses, keyed (benchmark, id): acc, length, E(y), format (the
+    share that close </think> and box an answer) and truncated."""
+    out = {}
+    for i, line in enumerate(open(path, encoding="utf-8")):
+        try:
+            r = json.loads(line)
+            n = len(r["scores"])
+            out[(r["benchmark"], r["id"])] = dict(
+                acc=sum(r["scores"]) / n, length=sum(r["lengths"]) / n, epistemic=sum(r["epistemic"]) / n,
+                format=sum("</think>" in x and data.last_boxed(answer_part(x)) is not None for x in r["responses"]) / n,
+                truncated=sum(f == "length" for f in r["finish_reasons"]) / n)
+        except (json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError) as e:
+            raise ValueError(f"{path}: row {i}: not a samples.jsonl record ({e!r})") from None
+    return out
+
+
+def bootstrap(a, b=None, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(point, low, high): the mean over seeds of the mean over problems of a (seeds, problems) array, and its 95%
+    percentile interval. Each replicate draws seeds with replacement and problems with replacement, the same
+    problems for every seed (they share them). With b, the difference a - b: the two runs' seeds drawn apart, their
+    problems together (paired)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    a = np.asarray(a, dtype=float)
+    b = None if b is None else np.asarray(b, dtype=float)
+    point = a.mean() - (b.mean() if b is not None else 0.0)
+    reps_ = np.empty(reps)
+    for k in range(reps):
+        p = rng.integers(0, a.shape[1], a.shape[1])
+        reps_[k] = a[rng.integers(0, len(a), len(a))][:, p].mean()
+        if b is not None:
+            reps_[k] -= b[rng.integers(0, len(b), len(b))][:, p].mean()
+    low, high = np.percentile(reps_, [2.5, 97.5])
+    return float(point), float(low), float(high)
+
+
+def ci(t: tuple | None, fmt: str = ".3f", sign: bool = False) -> str:
+    """'m [lo, hi]'; with sign, a difference, starred when its interval excludes 0."""
+    if t is None:
         return "-"
-    m = sum(xs) / len(xs)
-    if len(xs) == 1:
-        return f"{m:{fmt}}"
-    return f"{m:{fmt}} +- {math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)):{fmt}}"
+    f = ("+" if sign else "") + fmt
+    return f"{t[0]:{f}} [{t[1]:{f}}, {t[2]:{f}}]" + (" *" if sign and (t[1] > 0 or t[2] < 0) else "")
 
 
-def final_eval(rows: list[dict], key: str) -> float | None:
-    """eval/<benchmark>/<key> of the last evaluated step (the first benchmark)."""
-    for row in reversed(rows):
-        for k, v in row.items():
-            if k.startswith("eval/") and k.endswith("/" + key):
-                return v
-    return None
+def eval_matrix(evals: dict, key: str, ids: list) -> list[list[float]]:
+    """(seeds, problems) of one per-problem figure, problems in the order of ids."""
+    return [[ev[i][key] for i in ids] for ev in evals.values()]
 
 
-def plot_group(title: str, runs: dict, base: dict | None, path: Path) -> bool:
-    """Score, length, E(y) over steps (mean over seeds, min-max band) and the final OOD accuracy. False
-    when matplotlib is missing (an optional extra)."""
+def training_matrix(seeds: dict, key: str, last: int, first: bool = False) -> list[list[float]] | None:
+    """(seeds, 1): per seed, the first step's figure, or the mean over its last `last` steps."""
+    if not all(key in rows[-1] for rows in seeds.values()):
+        return None
+    return [[rows[0][key]] if first else [sum(r[key] for r in rows[-last:]) / len(rows[-last:])]
+            for rows in seeds.values()]
+
+
+def plot_group(title: str, runs: dict, evals: dict, base: dict | None, path: Path, boot: int) -> bool:
+    """Score, length, E(y) and think length over steps (mean over seeds, 95% band over seeds) and the held-out
+    accuracy with its 95% interval. False when matplotlib is missing (an optional extra)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    keys = {"score": "training score", "length": "response length (tokens)", "epistemic": "epistemic count E(y)",
+            "think_length": "tokens inside <think>"}
+    fig, axes = plt.subplots(1, 5, figsize=(21, 3.6))
     for name, seeds in runs.items():
-        for ax, key in zip(axes[:3], ("score", "length", "epistemic")):
-            steps = sorted({r["step"] for rows in seeds.values() for r in rows})
-            ys = [[r[key] for rows in seeds.values() for r in rows if r["step"] == t] for t in steps]
-            ax.plot(steps, [sum(y) / len(y) for y in ys], marker="o", label=name)
-            if len(seeds) > 1:
-                ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
+        for ax, key in zip(axes, keys):
+            steps = sorted({r["step"] for rows in seeds.values() for r in rows if key in r})
+            if not steps:
+                continue
+            stats = [bootstrap([[r[key]] for rows in seeds.values() for r in rows if r["step"] == t], reps=boot)
+                     for t in steps]
+            ax.plot(steps, [s[0] for s in stats], marker="o", markersize=3, label=name)
+            ax.fill_between(steps, [s[1] for s in stats], [s[2] for s in stats], alpha=0.2)
             ax.set_xlabel("step")
-            ax.set_title({"score": "training score", "length": "response length (tokens)",
-                          "epistemic": "epistemic count E(y)"}[key])
-    names = list(runs)
-    accs = [[final_eval(rows, "acc") for rows in runs[n].values()] for n in names]
-    accs = [[a for a in acc if a is not None] for acc in accs]
-    axes[3].bar(names, [sum(a) / len(a) if a else 0 for a in accs], color=[f"C{i}" for i in range(len(names))])
-    for i, a in enumerate(accs):
-        axes[3].scatter([i] * len(a), a, color="k", s=10, zorder=3)
+            ax.set_title(keys[key])
+    names = [n for n in runs if n in evals]
+    for i, name in enumerate(names):
+        m, lo, hi = evals[name]
+        axes[4].bar(i, m, color=f"C{list(runs).index(name)}")
+        axes[4].errorbar(i, m, yerr=[[m - lo], [hi - m]], color="k", capsize=4)
+    axes[4].set_xticks(range(len(names)), names, rotation=30)
     if base:
-        axes[3].axhline(base["acc"], color="gray", linestyle="--", label="base model")
-        axes[3].legend(fontsize=8)
-    axes[3].set_title("OOD accuracy (held-out types)")
-    axes[3].tick_params(axis="x", rotation=30)
+        axes[4].axhline(base["acc"], color="gray", linestyle="--", label="before training")
+        axes[4].legend(fontsize=8)
+    axes[4].set_title("held-out accuracy (95% interval)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title + " (mean over seeds, 95% bootstrap band)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
 
 
+def _problem_table(samples: dict, reps: int) -> str:
+    """One row per benchmark of a single evaluation: acc, E(y), length, format, truncated with 95% intervals over
+    problems."""
+    rows = []
+    for bench in sorted({b for b, _ in samples}):
+        ids = sorted(k for k in samples if k[0] == bench)
+        col = lambda key, fmt=".3f": ci(bootstrap([[samples[i][key] for i in ids]], reps=reps), fmt)
+        rows.append((bench, len(ids), col("acc"), col("epistemic", ".2f"), col("length", ".1f"), col("format"),
+                     col("truncated")))
+    return epistemic.format_table(rows, ("benchmark", "problems", "acc", "E(y)", "length", "closes </think> and boxes",
+                                         "truncated")) + "\n"
+
+
 def report(args: ReportArgs) -> str:
-    """REPORT.md (+ PNGs) from the reproduction's outputs. Returns the markdown."""
+    """REPORT.md (+ PNGs) from the reproduction's outputs, every figure with its 95% bootstrap interval. Returns
+    the markdown."""
+    data.check_args(args)
     root, out = Path(args.runs), Path(args.out)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory (run the README's reproduction block first)")
     out.mkdir(parents=True, exist_ok=True)
-    md = [f"# CPU-scale reproduction report\n\nFrom `{root}` (the README's reproduction block).\n"]
+    md = [f"# CPU-scale reproduction report\n\nFrom `{root}` (the README's reproduction block). Every interval is a "
+          f"95% percentile bootstrap ({args.boot} replicates) over seeds and problems; * marks a difference whose "
+          f"interval excludes 0.\n"]
+    if (root / "organism" / "samples.jsonl").exists():
+        md.append("## The organism (warm start), strict reward\n\n" + _problem_table(
+            read_samples(root / "organism" / "samples.jsonl"), args.boot))
     base = None
-    if (root / "base" / "summary.json").exists():
-        base = next(iter(json.loads((root / "base" / "summary.json").read_text()).values()))
-        md.append("## The base model on the held-out OOD types\n\n" + epistemic.format_table(
-            [("base", f"{base['acc']:.3f}", f"{base['length']:.1f}", f"{base['epistemic']:.2f}")],
-            ("model", "OOD acc", "length", "E(y)")) + "\n")
+    if (root / "base" / "samples.jsonl").exists():
+        base_samples = read_samples(root / "base" / "samples.jsonl")
+        base = dict(acc=sum(v["acc"] for v in base_samples.values()) / len(base_samples))
+        md.append("## Before training: the organism at the evaluation sampling\n\n" + _problem_table(base_samples,
+                                                                                                   args.boot))
     if (root / "table1" / "table.md").exists():
         md.append("## Table 1: conditioning settings\n\n" + (root / "table1" / "table.md").read_text())
     sft_rows = []
     for setting, name in (("unguided", "D_ug"), ("solution", "D_sg")):
-        d, ev = root / "sft" / f"d_{setting}.jsonl", root / "sft" / setting / "eval" / "summary.json"
+        d, ev = root / "sft" / f"d_{setting}.jsonl", root / "sft" / setting / "eval" / "samples.jsonl"
         if not (d.exists() and ev.exists()):
             continue
         rows = [json.loads(line) for line in open(d, encoding="utf-8") if line.strip()]
-        s = next(iter(json.loads(ev.read_text()).values()))
+        s = read_samples(ev)
+        ids = sorted(s)
         mean = lambda key: sum(r[key] for r in rows) / max(len(rows), 1)
+        col = lambda key, fmt=".3f": ci(bootstrap([[s[i][key] for i in ids]], reps=args.boot), fmt)
         sft_rows.append((f"SFT on {name}", len(rows), f"{mean('length'):.1f}", f"{mean('epistemic'):.2f}",
-                         f"{s['acc']:.3f}", f"{s['length']:.1f}", f"{s['epistemic']:.2f}"))
+                         col("acc"), col("length", ".1f"), col("epistemic", ".2f")))
     if sft_rows:
         md.append("## Table 2: SFT on D_ug vs D_sg\n\n" + epistemic.format_table(
-            sft_rows, ("model", "train rows", "train length", "train E(y)", "OOD acc", "OOD length", "OOD E(y)")) + "\n")
-    runs = {}
+            sft_rows, ("model", "train rows", "train length", "train E(y)", "held-out acc", "held-out length",
+                       "held-out E(y)")) + "\n")
+    runs, evals = {}, {}
     for path in sorted(root.glob("*/seed*/metrics.jsonl")):
         rows = read_metrics(path)
         if rows and "score" in rows[0]:
-            runs.setdefault(path.parent.parent.name, {})[path.parent.name] = rows
+            name, seed = path.parent.parent.name, path.parent.name
+            runs.setdefault(name, {})[seed] = rows
+            if (path.parent / "eval" / "samples.jsonl").exists():
+                evals.setdefault(name, {})[seed] = read_samples(path.parent / "eval" / "samples.jsonl")
+    evals = {n: ev for n, ev in evals.items() if len(ev) == len(runs[n])}  # only runs evaluated at every seed
+    shared = sorted(set.intersection(*(set(e) for ev in evals.values() for e in ev.values()))) if evals else []
+    last, reps = args.last, args.boot
     if runs:
-        table = []
+        table, acc_ci = [], {}
         for name, seeds in runs.items():
-            col = lambda f, fmt=".3f": mean_spread([f(rows) for rows in seeds.values()], fmt)
-            table.append((name, len(seeds), col(lambda r: r[0]["score"]), col(lambda r: r[-1]["score"]),
-                          col(lambda r: sum(x["score"] for x in r) / len(r)),
-                          col(lambda r: r[0]["length"], ".1f"), col(lambda r: r[-1]["length"], ".1f"),
-                          col(lambda r: r[0]["epistemic"], ".2f"), col(lambda r: r[-1]["epistemic"], ".2f"),
-                          col(lambda r: final_eval(r, "acc")), col(lambda r: final_eval(r, "length"), ".1f"),
-                          col(lambda r: final_eval(r, "epistemic"), ".2f")))
-        md.append("## Training runs (first step -> last step; OOD after the last step)\n\n" + epistemic.format_table(
-            table, ("run", "seeds", "score 1st", "score last", "score mean", "length 1st", "length last", "E(y) 1st", "E(y) last",
-                    "OOD acc", "OOD length", "OOD E(y)")) + "\n")
-        md.append("Values are means over seeds, +- the sample standard deviation when there are several.\n")
-    for spec in args.groups:
-        title, _, names = spec.partition("=")
-        group = {n: runs[n] for n in names.split(",") if n in runs}
-        if not group:
-            continue
-        png = "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:40] + ".png"
-        md.append(f"## {title}\n")
-        if plot_group(title, group, base, out / png):
-            md.append(f"![{title}]({png})\n")
-    if runs:
-        per_step = [(n, k, r["step"], f"{r['score']:.3f}", f"{r['length']:.1f}", f"{r['epistemic']:.2f}")
-                    for n, seeds in runs.items() for k, rows in seeds.items() for r in rows]
-        md.append("## Per step\n\n" + epistemic.format_table(per_step, ("run", "seed", "step", "score", "length",
-                                                                           "E(y)")) + "\n")
+            tm = lambda key, first=False: (lambda m: m and bootstrap(m, reps=reps))(training_matrix(seeds, key, last,
+                                                                                                    first))
+            em = lambda key: bootstrap(eval_matrix(evals[name], key, shared), reps=reps) if name in evals else None
+            acc_ci[name] = em("acc")
+            table.append((name, len(seeds), ci(tm("score")), ci(tm("length", True), ".1f"), ci(tm("length"), ".1f"),
+                          ci(tm("epistemic", True), ".2f"), ci(tm("epistemic"), ".2f"), ci(tm("think_length"), ".1f"),
+                          ci(tm("answer_length"), ".1f"), ci(acc_ci[name]), ci(em("length"), ".1f"),
+                          ci(em("epistemic"), ".2f")))
+        md.append(f"## Training runs\n\nTraining figures: step 1, and the mean over the last {last} steps. Held-out: "
+                  f"the final checkpoint on {len(shared)} held-out problems.\n\n" + epistemic.format_table(
+                      table, ("run", "seeds", "score (last)", "length 1st", "length (last)", "E(y) 1st",
+                              "E(y) (last)", "think length (last)", "answer length (last)", "held-out acc",
+                              "held-out length", "held-out E(y)")) + "\n")
+        if args.baseline in runs:
+            b_seeds = runs[args.baseline]
+            diffs = []
+            for name, seeds in runs.items():
+                if name == args.baseline:
+                    continue
+                td = lambda key: (lambda m, n: m and n and bootstrap(m, n, reps=reps))(
+                    training_matrix(seeds, key, last), training_matrix(b_seeds, key, last))
+                ed = lambda key: bootstrap(eval_matrix(evals[name], key, shared),
+                                           eval_matrix(evals[args.baseline], key, shared), reps=reps) \
+                    if name in evals and args.baseline in evals else None
+                diffs.append((name, ci(td("length"), ".1f", True), ci(td("epistemic"), ".2f", True),
+                              ci(td("think_length"), ".1f", True), ci(ed("acc"), ".3f", True),
+                              ci(ed("length"), ".1f", True), ci(ed("epistemic"), ".2f", True)))
+            md.append(f"## Each run minus {args.baseline}\n\n" + epistemic.format_table(
+                diffs, ("run", "length (last)", "E(y) (last)", "think length (last)", "held-out acc",
+                        "held-out length", "held-out E(y)")) + "\n")
+        for spec in args.groups:
+            title, _, names = spec.partition("=")
+            group = {n: runs[n] for n in names.split(",") if n in runs}
+            if not group:
+                continue
+            png = "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:40] + ".png"
+            md.append(f"## {title}\n")
+            if plot_group(title, group, {n: acc_ci[n] for n in group if acc_ci[n]}, base, out / png, reps):
+                md.append(f"![{title}]({png})\n")
+        per_step = []
+        for name, seeds in runs.items():
+            for t in sorted({r["step"] for rows in seeds.values() for r in rows}):
+                at = [r for rows in seeds.values() for r in rows if r["step"] == t]
+                mean = lambda key, fmt: f"{sum(r.get(key, 0) for r in at) / len(at):{fmt}}"
+                per_step.append((name, len(at), t, mean("score", ".3f"), mean("length", ".1f"),
+                                 mean("think_length", ".1f"), mean("epistemic", ".2f")))
+        md.append("## Per step (mean over seeds)\n\n" + epistemic.format_table(
+            per_step, ("run", "seeds", "step", "score", "length", "think length", "E(y)")) + "\n")
     text = "\n".join(md)
     (out / "REPORT.md").write_text(text)
     print(f"wrote {out / 'REPORT.md'}")

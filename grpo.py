@@ -741,15 +741,18 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
     return out
 
 
-def score_rollouts(samples, problems: list[dict], lenient: bool) -> list[dict]:
-    """One row per sample: ids, log-probs, reward (App. D grader), length, E(y), truncation."""
+def score_rollouts(samples, problems: list[dict], lenient: bool, tokenizer=None) -> list[dict]:
+    """One row per sample: ids, log-probs, reward (App. D grader), length, E(y), truncation, and with a tokenizer
+    answer_length: the tokens of the text after </think> (re-tokenized; all of it without </think>)."""
     rows = []
     for s in samples:
         p = problems[s.prompt_index]
+        answer = epistemic.split_think(s.text)[1] if "</think>" in s.text else None
         rows.append(dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, rollout_logprobs=s.logprobs,
                          reward=data.grade(s.text, p["answer"], lenient=lenient), length=len(s.response_ids),
                          epistemic=epistemic.epistemic_count(s.text), truncated=s.finish_reason == "length",
-                         text=s.text))
+                         text=s.text, answer_length=len(s.response_ids) if answer is None or tokenizer is None
+                         else min(len(tokenizer(answer, add_special_tokens=False)["input_ids"]), len(s.response_ids))))
     return rows
 
 
@@ -886,7 +889,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         samples = rollout.generate(backend, prompts, params, progress=False, indices=indices)
         rollout.sleep_engine(backend)  # vllm: its memory goes to training until the weights are pushed
         t_gen = time.time()
-        rows = score_rollouts(samples, mine, args.lenient)
+        rows = score_rollouts(samples, mine, args.lenient, tok)
         for i, x in enumerate(rows):  # its place in the step's batch, over all ranks (prompt-major)
             x["place"] = indices[i // args.rollouts] * args.rollouts + i % args.rollouts
         adv = group_advantages([x["reward"] for x in rows], args.rollouts, args.norm_adv_std)
@@ -904,11 +907,13 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         n = sft.all_reduce_sum(len(rows))
         groups = torch.tensor([x["reward"] for x in rows]).view(-1, args.rollouts)
         gen_tokens = sft.all_reduce_sum(sum(x["length"] for x in rows))
+        answer_tokens = sft.all_reduce_sum(sum(x["answer_length"] for x in rows))  # after </think>: the answer part
         seq_tokens = sft.all_reduce_sum(sum(len(x["prompt_ids"]) + x["length"] for x in rows))  # for bench.py's FLOPs
         metrics = dict(step=step + 1, lr=optimizer.param_groups[0]["lr"],
                        score=sft.all_reduce_sum(sum(x["reward"] for x in rows)) / n,
-                       length=gen_tokens / n,
+                       length=gen_tokens / n, think_length=(gen_tokens - answer_tokens) / n, answer_length=answer_tokens / n,
                        epistemic=sft.all_reduce_sum(sum(x["epistemic"] for x in rows)) / n,
+                       closed_think=sft.all_reduce_sum(sum("</think>" in x["text"] for x in rows)) / n,
                        truncated=sft.all_reduce_sum(sum(x["truncated"] for x in rows)) / n,
                        degenerate_groups=sft.all_reduce_sum(float((groups.max(1).values == groups.min(1).values).sum()))
                        / (n / args.rollouts),

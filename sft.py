@@ -118,7 +118,8 @@ class TrainArgs:
         save_every=data.NON_NEGATIVE, thinking=data.THINKING, dtype=data.DTYPES, chunk=data.NON_NEGATIVE,
         keep_checkpoints=data.NON_NEGATIVE)
     data: str = "runs/d_sg.jsonl"
-    """SFT jsonl with 'question' (or 'prompt') and 'response' per row, e.g. from `sft.py build`"""
+    """SFT jsonl with 'question' (or 'prompt') and 'response' per row (e.g. from `sft.py build`), or an embedded
+    source whose solutions are the responses (synthetic:style=think,n=512: the reasoning warm start)"""
     model: str = rollout.EMBEDDED
     """initial model: Hugging Face id or directory, or 'smollm2-135m'"""
     out: str = "runs/sft"
@@ -386,7 +387,10 @@ def append_metrics(path: Path, row: dict, resumed_from: int | None = None):
 # SFT math
 # --------------------------------------------------------------------------------------------
 def read_sft_rows(path) -> list[dict]:
-    """Rows with a prompt ('question' or 'prompt') and a non-empty 'response'; errors name the row."""
+    """Rows with a prompt ('question' or 'prompt') and a non-empty 'response'; errors name the row. An embedded
+    source (`synthetic:style=think,n=512`, see data.load_problems) gives its questions with their solutions."""
+    if path.partition(":")[0] in ("synthetic", "champ"):
+        return [dict(question=p["question"], response=p["solution"]) for p in data.load_problems(path)]
     rows = []
     p = Path(path)
     if not p.exists():

@@ -352,6 +352,92 @@ def test_synthetic_types_splits_and_seed():
     assert len(data.load_problems("synthetic:types=add,n=81")) == 81
 
 
+_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def _equation_holds(a, op, b, v) -> bool:
+    a, b, v = int(a), int(b), int(v)
+    return {"+": a + b == v, "-": a - b == v, "*": a * b == v, "/": b != 0 and a == v * b}[op]
+
+
+@pytest.mark.parametrize("slip", [0.25, 0.0, 1.0])
+def test_think_traces_are_right_and_slips_are_corrected(slip):
+    import rollout
+    n = 140
+    ps = data.load_problems(f"synthetic:style=think,split=all,n={n},slip={slip}", seed=2)
+    plain = data.load_problems(f"synthetic:split=all,n={n}", seed=2)
+    assert [(p["question"], p["answer"]) for p in ps] == [(p["question"], p["answer"]) for p in plain]
+    slipped, checked_first, unchecked_first, markers = 0, 0, 0, []
+    for i, p in enumerate(ps):
+        trace, answer = p["solution"], _solve_independently(p)
+        assert int(p["answer"]) == answer
+        assert trace.startswith("<think>\n") and trace.count("<think>") == trace.count("</think>") == 1, trace
+        think, after = trace[len("<think>"):].split("</think>")
+        assert data.grade(trace, p["answer"]) == 1.0 and data.grade(after, p["answer"]) == 1.0
+        assert rollout.strip_think(trace) == after.strip() == evaluate.answer_part(trace)
+        assert after.strip().endswith(f"\\boxed{{{answer}}}.") and after.count(".") <= 2
+        assert think.strip().endswith(f"So the answer is {answer}.")
+        equations = list(_EQUATION.finditer(think))
+        wrong = [m for m in equations if not _equation_holds(*m.groups())]
+        if wrong:  # a slip: the first computation only, caught by a check, then corrected before the answer
+            slipped += 1
+            assert len(wrong) == 1 and wrong[0] is equations[0], trace
+            rest = think[wrong[0].end():]
+            lhs = " ".join(wrong[0].groups()[:3])
+            fix = rest.index(f"{lhs} = ")
+            assert "Wait, let me check" in rest[:fix] and "mistake" in rest[:fix]
+            assert _equation_holds(*_EQUATION.match(rest[fix:]).groups())
+        else:
+            first_end = think.index(".", equations[0].end() - 1) + 1
+            checks = think[first_end:].lstrip().startswith("Wait, let me check")
+            checked_first, unchecked_first = checked_first + checks, unchecked_first + (not checks)
+        # the markers are where the trace verbalizes them: "Hmm," per hesitation, "Wait" + "check" per check
+        e = epistemic.epistemic_count(trace)
+        assert e == trace.count("Hmm,") + 2 * trace.count("Wait, let me check"), trace
+        assert set(m for m, c in epistemic.count_markers(trace).items() if c) <= {"hmm", "wait", "check"}
+        markers.append(e)
+    assert slipped == math.floor(n * slip)  # a fixed share, exact
+    if slip < 1:  # checking is a choice: some correct first steps are checked, some are not
+        assert checked_first > 0 and unchecked_first > 0
+    assert sum(markers) / n >= 2
+    assert ps == data.load_problems(f"synthetic:style=think,split=all,n={n},slip={slip}", seed=2)
+    assert ps != data.load_problems(f"synthetic:style=think,split=all,n={n},slip={slip}", seed=3)
+
+
+def test_think_trace_shares_and_their_checks():
+    quiet = data.load_problems("synthetic:style=think,n=64,slip=0,check=0,hesitate=0")
+    assert all(epistemic.epistemic_count(p["solution"]) == 0 for p in quiet)
+    loud = data.load_problems("synthetic:style=think,n=64,slip=0,check=1,hesitate=1")
+    for p, q in zip(loud, quiet):
+        steps = len(_EQUATION.findall(q["solution"].split("</think>")[0]))
+        assert p["solution"].count("Wait, let me check") == steps and p["solution"].count("Hmm,") == 1
+    assert data.load_problems("synthetic:style=think,n=64")[:8] == data.load_problems("synthetic:style=think,n=8")
+    assert data.load_problems("synthetic:n=5,seed=3", seed=0) == data.load_problems("synthetic:n=5", seed=3)
+    for bad, match in (("style=r1", "unknown style"), ("style=think,slip=1.5", "slip=1.5 must be in"),
+                       ("check=-1", "check=-1.0 must be in"), ("hmm=1", "unknown option")):
+        with pytest.raises(ValueError, match=match):
+            data.load_problems(f"synthetic:{bad}")
+
+
+def test_think_lengths_of_a_rollout_and_the_warm_start_rows():
+    import grpo
+    import rollout
+    import sft
+    from types import SimpleNamespace
+    tok = rollout.load_tokenizer(rollout.EMBEDDED)
+    p = data.load_problems("synthetic:style=think,n=3")[2]
+    texts = [p["solution"], "no think block \\boxed{8}", "<think>open only, never closed"]
+    samples = [SimpleNamespace(prompt_index=0, prompt_ids=[1], response_ids=tok(t)["input_ids"], logprobs=[],
+                               text=t, finish_reason="stop") for t in texts]
+    rows = grpo.score_rollouts(samples, [p], lenient=False, tokenizer=tok)
+    assert [r["reward"] for r in rows] == [1.0, float(p["answer"] == "8"), 0.0]
+    answer = evaluate.answer_part(p["solution"])  # a second route to the text after </think>
+    assert rows[0]["answer_length"] == len(tok(answer)["input_ids"]) < rows[0]["length"]
+    assert [r["answer_length"] for r in rows[1:]] == [r["length"] for r in rows[1:]]  # no </think>: all answer
+    assert sft.read_sft_rows("synthetic:style=think,n=4") == [
+        dict(question=q["question"], response=q["solution"]) for q in data.load_problems("synthetic:style=think,n=4")]
+
+
 def test_coverage_subsets_and_selection_rule():
     ps = data.load_problems("synthetic:difficulty=2,n=600")
     for size in (1, 8, 64, 128, 512):
@@ -1863,6 +1949,7 @@ def test_grpo_one_and_two_processes_equal_the_gradient_by_hand(digit_model_dir, 
         assert m["loss"] == pytest.approx(loss, abs=1e-6) and m["grad_norm"] == pytest.approx(norm, rel=1e-5)
         assert m["score"] == sum(rewards) / 16 and m["length"] == sum(len(r["response_ids"]) for r in r1) / 16
         assert m["epistemic"] == sum(r["text"].lower().count("wait") for r in r1) / 16
+        assert m["think_length"] == m["closed_think"] == 0 and m["answer_length"] == m["length"]  # no </think>
         assert m["clip_frac_high"] == m["clip_frac_low"] == m["clip_frac_dual"] == 0.0  # on-policy: ratio 1
         assert m["degenerate_groups"] == float((groups.max(1).values == groups.min(1).values).sum()) / 4
         assert 0.01 < m["peak_mem_gb"] < 8
@@ -2282,29 +2369,61 @@ def test_fsdp2_chunked_losses_gradients_equal_one_process(tiny_model_dir, tmp_pa
     assert out["scale"] > 1e-3 and out["diff"] < 1e-5 * max(1.0, out["scale"]), out
 
 
+def test_bootstrap_against_its_exact_distribution():
+    # 2 seeds x 2 problems: 16 equally likely replicates (6.25% each), so the 2.5% and 97.5% points are the smallest
+    # and largest: seed 0 with problem 0 twice (0.2), seed 1 with problem 1 twice (1.0)
+    assert evaluate.bootstrap([[0.2, 0.4], [0.6, 1.0]], reps=4000) == pytest.approx((0.55, 0.2, 1.0))
+    x = [0.0, 0.25, 1.0, 0.5, 0.75]
+    # a paired difference: the same problems drawn for both, so a constant shift has no spread
+    assert evaluate.bootstrap([[v + 0.1 for v in x]], [x], reps=500) == pytest.approx((0.1, 0.1, 0.1))
+    point, low, high = evaluate.bootstrap([x], reps=4000)
+    assert point == pytest.approx(0.5) and 0.1 < low < 0.5 < high < 0.9
+    assert evaluate.ci((0.1, 0.02, 0.2), ".2f", sign=True) == "+0.10 [+0.02, +0.20] *"
+    assert evaluate.ci((0.1, -0.02, 0.2), ".2f", sign=True) == "+0.10 [-0.02, +0.20]"
+
+
 def test_report_from_fake_runs(tmp_path):
     root = tmp_path / "runs"
-    for name, seed, scores in (("grpo", 0, [0.1, 0.3]), ("sdpo", 0, [0.2, 0.4]), ("sdpo", 1, [0.2, 0.6])):
+    good = "<think>\nHmm.\n</think>\n\\boxed{3}"
+    for name, seed, scores, accs in (("grpo", 0, [0.1, 0.3], [0, 1, 0.5]), ("sdpo", 0, [0.2, 0.4], [1, 1, 1]),
+                                     ("sdpo", 1, [0.2, 0.6], [1, 1, 1])):
         d = root / name / f"seed{seed}"
-        d.mkdir(parents=True)
-        rows = [{"resumed_from": 0}] + [dict(step=i + 1, score=x, length=100 - 10 * i, epistemic=0.5) for i, x in
-                                        enumerate(scores)]
-        rows[-1]["eval/ood/acc"] = scores[-1] / 2
+        (d / "eval").mkdir(parents=True)
+        rows = [{"resumed_from": 0}] + [dict(step=i + 1, score=x, length=100 - 10 * i, epistemic=0.5, think_length=80,
+                                             answer_length=20 - 10 * i) for i, x in enumerate(scores)]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[1]]))  # a resumed step
+        samples = [dict(benchmark="ood", id=f"p{k}", scores=[a, a], lengths=[10, 30], epistemic=[1, 2],
+                        responses=[good, "3"], finish_reasons=["stop", "length"]) for k, a in enumerate(accs)]
+        (d / "eval" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     (root / "base").mkdir()
-    (root / "base" / "summary.json").write_text(json.dumps({"ood": dict(acc=0.125, length=90.0, epistemic=0.25)}))
-    md = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope"]))
+    (root / "base" / "samples.jsonl").write_text(json.dumps(dict(
+        benchmark="ood", id="p0", scores=[0, 1], lengths=[4, 6], epistemic=[0, 0], responses=[good, good + "x"],
+        finish_reasons=["stop", "stop"])) + "\n")
+    assert evaluate.read_samples(root / "base" / "samples.jsonl")[("ood", "p0")] == dict(
+        acc=0.5, length=5.0, epistemic=0.0, format=1.0, truncated=0.0)
+    md = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope"],
+                                             last=1, boot=400))
     assert md == (tmp_path / "rep" / "REPORT.md").read_text()
-    line = next(l for l in md.splitlines() if l.startswith("| sdpo "))
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    # two seeds: last scores 0.4, 0.6 -> 0.5 +- 0.141; OOD acc 0.2, 0.3 -> 0.25 +- 0.071
-    assert cells[:4] == ["sdpo", "2", "0.200 +- 0.000", "0.500 +- 0.141"] and cells[9] == "0.250 +- 0.071"
-    assert cells[4] == "0.350 +- 0.071"  # mean score over steps: 0.3 and 0.4
-    assert "| base  | 0.125" in md and md.count("| grpo ") == 3  # summary row + 2 per-step rows (the repeat dropped)
+    cells = lambda run, after: [c.strip() for c in md[md.index(after):].split(f"| {run} ")[1].split("\n")[0]
+                                .strip("|").split("|")]
+    sdpo = cells("sdpo", "## Training runs")
+    # last scores 0.4 and 0.6 -> 0.5, seeds drawn: [0.4, 0.6]; length 100 at step 1, 90 last; answer length 10
+    assert sdpo[:4] == ["2", "0.500 [0.400, 0.600]", "100.0 [100.0, 100.0]", "90.0 [90.0, 90.0]"]
+    assert sdpo[6:8] == ["80.0 [80.0, 80.0]", "10.0 [10.0, 10.0]"] and sdpo[8] == "1.000 [1.000, 1.000]"
+    assert cells("grpo", "## Training runs")[8] == "0.500 [0.000, 1.000]"
+    diff = cells("sdpo", "## Each run minus grpo")
+    assert diff[0] == "+0.0 [+0.0, +0.0]" and diff[3].startswith("+0.500 [+0.000, +1.000]")  # the interval touches 0
+    assert "| ood       | 1        | 0.500 [0.500, 0.500] | 0.00 [0.00, 0.00] | 5.0 [5.0, 5.0] | 1.000 [1.000, 1.000]" \
+        in md  # the table before training: one problem, its two responses both close </think> and box
     assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib: in the
     # README's test install
+    per_step = md[md.index("## Per step"):]
+    assert per_step.count("| grpo ") == 2 and "| sdpo | 2     | 2    | 0.500 | 90.0" in per_step  # the repeat dropped
     with pytest.raises(FileNotFoundError, match="no such directory"):
         evaluate.report(evaluate.ReportArgs(runs=str(tmp_path / "missing")))
+    (root / "base" / "samples.jsonl").write_text('{"benchmark": "ood"}\n')
+    with pytest.raises(ValueError, match="samples.jsonl: row 0"):
+        evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep")))
 
 
 def test_marker_start_positions_by_hand():
