@@ -13,6 +13,10 @@ Implements, for "Why Does Self-Distillation (Sometimes) Degrade the Reasoning Ca
   - offline problem sources for machines with no hub: `"synthetic"` (a seeded generator with worked
     solutions, 10 training types + 4 held-out OOD types, a difficulty knob) and `"champ"` (the 270
     problems of the champ-dataset wheel).
+  - the paper's models are R1-Distill models, distilled from a reasoning model's traces. `synthetic:style=think`
+    writes such traces at CPU scale (`think_trace`): `<think>` reasoning `</think>` then a boxed answer sentence,
+    with hesitation, optional checks and corrected slips in the paper's markers; `sft.py train` on them turns the
+    embedded model into a small thinking model (README, "A reasoning model in miniature").
 
 Where this departs from the reference code (lasgroup/SDPO `verl/utils/reward_score/feedback/math.py`)
 and why:
@@ -30,7 +34,8 @@ and why:
 
 Run it:
     python data.py synthetic:difficulty=1 --limit 5          # print a few problems
-    python data.py ../shared/data/aime24.parquet --limit 3
+    python data.py synthetic:style=think --limit 3           # reasoning traces as solutions
+    python data.py benchmarks/aime24.parquet --limit 3
     python data.py --list-types
 """
 from __future__ import annotations

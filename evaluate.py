@@ -24,7 +24,7 @@ Departures from the released evaluation code, and why:
 
 Run it:
     python evaluate.py                                                    # embedded model, OOD synthetic types
-    python evaluate.py --data ../shared/data/amc23.parquet --n-samples 4 --k 1 4 --max-new-tokens 512
+    python evaluate.py --data benchmarks/amc23.parquet --n-samples 4 --k 1 4 --max-new-tokens 512
     python evaluate.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
         --data aime24.parquet amc23.parquet --n-samples 16 --k 1 16 --temperature 0.6 --top-p 0.95 --top-k 20 \\
         --max-new-tokens 38912 --out runs/eval-r1

@@ -582,9 +582,13 @@ def train(args: TrainArgs):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    usage = ("usage: sft.py build [--setting unguided|solution ...] | sft.py train --data D.jsonl [...]  "
+             "(add -h after the command for its flags)")
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return
     if not argv or argv[0] not in ("build", "train"):
-        sys.exit("usage: sft.py build [--setting unguided|solution ...] | sft.py train --data D.jsonl [...]  "
-                 "(add -h after the command for its flags)")
+        sys.exit(usage)
     try:
         if argv[0] == "build":
             build(data.parse_args(BuildArgs, argv[1:]))

@@ -1,8 +1,8 @@
 """Tests for the whole project: `python -m pytest -q test_all.py`.
 
 Unit tests pin the math against values computed independently (by hand, by brute force, by a
-second formula); smoke tests run the scripts as a user would. Tests that read the paper's
-benchmark files skip, saying why, when ../shared/data is absent (a fresh clone has none).
+second formula); smoke tests run the scripts as a user would. The paper's benchmark files ship in
+benchmarks/.
 """
 import copy
 import importlib.util
@@ -22,8 +22,7 @@ import data
 import epistemic
 
 ROOT = Path(__file__).resolve().parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent (fresh clone)")
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def run(*cmd, timeout=600, env=None):
@@ -266,14 +265,25 @@ def test_bad_input_errors_name_file_row_and_field(tmp_path):
 
 EXPECTED_SHARED = {"aime24": (30, "540"), "aime25": (30, "70"), "amc23": (40, "27"),
                    "math500": (500, "\\left( 3, \\frac{\\pi}{2} \\right)"), "seen_64": (64, "52"),
-                   "seen_8x8": (64, "640")}
+                   "seen_8x8": (64, "640"), "seen_1x64": (64, "640"), "seen_128": (128, "6"), "seen_512": (512, "1")}
 
 
-@needs_shared
+def test_sft_answers_help():
+    p = subprocess.run([sys.executable, "sft.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "sft.py build" in p.stdout and "sft.py train" in p.stdout
+    p = subprocess.run([sys.executable, "sft.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "sft.py build" in p.stderr  # no command: the usage, as an error
+
+
+def test_the_benchmark_files_ship():
+    assert sorted(p.stem for p in BENCHMARKS.glob("*.parquet")) == sorted(EXPECTED_SHARED)
+    assert all(name in (BENCHMARKS / "README.md").read_text() for name in EXPECTED_SHARED)
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED_SHARED))
 def test_shared_benchmark_files(name):
     rows, first_answer = EXPECTED_SHARED[name]
-    ps = data.load_problems(str(SHARED_DATA / f"{name}.parquet"))
+    ps = data.load_problems(str(BENCHMARKS / f"{name}.parquet"))
     assert len(ps) == rows
     assert ps[0]["answer"] == first_answer
     assert all(p["answer"] and p["question"] and not p["question"].endswith("\\boxed{}.") for p in ps)
@@ -281,8 +291,10 @@ def test_shared_benchmark_files(name):
         assert all(re.fullmatch(r"\d{1,3}", p["answer"]) for p in ps)
     if name == "seen_8x8":  # 8 problems x 8 copies, kept as they are (only raw DAPO is deduplicated)
         assert len({p["question"] for p in ps}) == 8
-    if name == "seen_64":
-        assert len({p["question"] for p in ps}) == 64
+    if name in ("seen_64", "seen_128"):
+        assert len({p["question"] for p in ps}) == rows
+    if name == "seen_1x64":  # |D| = 1: one problem, 64 copies
+        assert len({p["question"] for p in ps}) == 1
 
 
 def _solve_independently(p):
