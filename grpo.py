@@ -872,6 +872,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
                                          top_k=args.eval_top_k, max_new_tokens=args.eval_max_new_tokens,
                                          seed=args.seed + 500_000_000)  # its own seeds
     bar = tqdm(range(r.start, args.steps), desc=loss_name, disable=rank != 0, initial=r.start, total=args.steps)
+    metrics = {}
     for step in bar:
         t0 = time.time()
         peak_memory_gb(r.device)  # a new window: this step's peak only
@@ -936,7 +937,9 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
             sft.save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args), loss=loss_name),
                                 extra_tensors=r.checkpoint_extra() if r.checkpoint_extra else None,
                                 keep=args.keep_checkpoints)
-    rollout.print0(f"done: {sft.latest_checkpoint(out)}")
+    held_out = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/"))  # the last eval
+    rollout.print0(f"done: {held_out or 'no steps run'}; metrics in {out / 'metrics.jsonl'}; checkpoint "
+                   f"{sft.latest_checkpoint(out) or 'none (--save-every 0)'}")
 
 
 def main(argv=None):

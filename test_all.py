@@ -2122,7 +2122,8 @@ def test_grpo_embedded_model_one_step(tmp_path):
     assert [r["reward"] for r in rolls] == [data.grade(r["text"], problems[r["problem"]]["answer"], lenient=True)
                                             for r in rolls]
     assert row["length"] == sum(len(r["response_ids"]) for r in rolls) / 8 <= 24 and math.isfinite(row["loss"])
-    assert "done:" in out
+    acc = row["eval/synthetic:split=ood,n=2/acc"]
+    assert f"done: synthetic:split=ood,n=2/acc {acc:.3f}" in out and f"checkpoint {tmp_path / 'step_1'}" in out
 
 
 # ============================================================================================
