@@ -631,6 +631,18 @@ def eos_ids(tokenizer, model=None) -> set[int]:
 
 
 @torch.no_grad()
+def cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: `cache` in current transformers (which warn on the old name),
+    `past_key_values` in the releases before it."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def kv_cache(output):
+    """The KV cache a forward returned, under either name (see `cache_kwarg`)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, batch_size: int = 64,
                 progress: bool = True, indices: list[int] | None = None) -> list[Sample]:
     """Sample params.n responses per prompt with transformers: left padding, KV cache, rows leave when done.
@@ -660,7 +672,7 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in batch], device=device)
             position = (mask.cumsum(-1) - 1).clamp(min=0)
             res = model(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
-            cache, logits = res.past_key_values, res.logits[:, -1]
+            cache, logits = kv_cache(res), res.logits[:, -1]
             room = min(params.max_new_tokens, 256)
             if use_lean:  # the prefill's keys and values are copied into LeanDecoder's buffers
                 lean, cache = LeanDecoder(model, cache, mask, room), None
@@ -696,8 +708,8 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
                     continue
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
                 res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                            past_key_values=cache, use_cache=True)
-                cache, logits = res.past_key_values, res.logits[:, -1]
+                            **{cache_kwarg(model): cache}, use_cache=True)
+                cache, logits = kv_cache(res), res.logits[:, -1]
             for row, (pi, ids, _) in enumerate(batch):
                 out.append(Sample(pi, ids, tokens[row], tokenizer.decode(tokens[row], skip_special_tokens=True),
                                   reason[row], logps[row]))
