@@ -318,7 +318,8 @@ ALL_TYPES = {**TRAIN_TYPES, **OOD_TYPES}
 
 
 def synthetic_problems(n: int = 1000, seed: int = 0, difficulty: int = 1, types=None, split: str = "train",
-                       style: str = "plain", slip: float = 0.25, check: float = 0.6, hesitate: float = 0.5) -> list[dict]:
+                       style: str = "plain", slip: float = 0.25, check: float = 0.6,
+                       hesitate: float = 0.5) -> list[dict]:
     """n distinct generated problems, round-robin over the chosen types, deterministic by seed.
 
     split: "train" (the 10 training types), "ood" (the 4 held-out types), "all". `types` (a list
@@ -526,7 +527,8 @@ def load_problems(source: str, limit: int | None = None, seed: int = 0, **option
 
     source: a .parquet/.jsonl/.json path (verl/SDPO layout, plain {question|problem, answer, solution?}
     rows, or raw DAPO-Math-17k), or an embedded name with options after a colon:
-      synthetic[:n=1000,difficulty=1,split=train|ood|all,types=add+sub+...,style=plain|think,slip=,check=,hesitate=,seed=]
+      synthetic[:n=1000,difficulty=1,split=train|ood|all,types=add+sub+...,style=plain|think,
+                 slip=0.25,check=0.6,hesitate=0.5,seed=K]
       champ[:category=Combinatorics]
     limit: keep the first `limit` problems (files and champ keep their order; synthetic is generated
     in order). seed: synthetic generation seed.

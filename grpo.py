@@ -912,7 +912,8 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         seq_tokens = sft.all_reduce_sum(sum(len(x["prompt_ids"]) + x["length"] for x in rows))  # for bench.py's FLOPs
         metrics = dict(step=step + 1, lr=optimizer.param_groups[0]["lr"],
                        score=sft.all_reduce_sum(sum(x["reward"] for x in rows)) / n,
-                       length=gen_tokens / n, think_length=(gen_tokens - answer_tokens) / n, answer_length=answer_tokens / n,
+                       length=gen_tokens / n, think_length=(gen_tokens - answer_tokens) / n,
+                       answer_length=answer_tokens / n,
                        epistemic=sft.all_reduce_sum(sum(x["epistemic"] for x in rows)) / n,
                        closed_think=sft.all_reduce_sum(sum("</think>" in x["text"] for x in rows)) / n,
                        truncated=sft.all_reduce_sum(sum(x["truncated"] for x in rows)) / n,

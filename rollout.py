@@ -630,7 +630,6 @@ def eos_ids(tokenizer, model=None) -> set[int]:
     return ids
 
 
-@torch.no_grad()
 def cache_kwarg(model) -> str:
     """The forward's name for the KV cache: `cache` in current transformers (which warn on the old name),
     `past_key_values` in the releases before it."""
@@ -643,6 +642,7 @@ def kv_cache(output):
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
+@torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, batch_size: int = 64,
                 progress: bool = True, indices: list[int] | None = None) -> list[Sample]:
     """Sample params.n responses per prompt with transformers: left padding, KV cache, rows leave when done.
