@@ -1,10 +1,10 @@
-"""bench.py -- measured speed and memory; figures go in the README and the issue notes, never in tests.
+"""bench.py -- measured speed and memory; figures go in PERFORMANCE.md, never in tests.
 
     python bench.py grade              # grading throughput on 1,000 mixed responses
     python bench.py generate           # hf backend vs plain model.generate (tokens/s), batch 16, 128 new tokens
     python bench.py generate64         # the same at batch 64
     python bench.py sdpo_chunked sdpo_unchunked   # SDPO loss memory at V = 151,936, T = 4096
-    python bench.py grpo_step sdpo_step generate  # issue #9's RL step: phases, step time, peak RSS, MFU
+    python bench.py grpo_step sdpo_step generate  # an RL step: phases, step time, peak RSS, MFU
     python bench.py grpo_step_ckpt sdpo_step_ckpt # the same with gradient checkpointing (TRL's default)
     python bench.py grpo_step_unpacked sdpo_step_unpacked  # one padded row per rollout (--pack-tokens 0)
     python bench.py grpo_step_mb8 sdpo_step_mb8     # micro-batches of 8 sequences (the old default; now 4)
@@ -138,7 +138,7 @@ def n_parameters(model_dir) -> int:
 
 
 def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
-    """One RL step of grpo.py or sdpo.py on issue #9's config (TRL's measured one): 4 prompts x 4 rollouts of
+    """One RL step of grpo.py or sdpo.py on the config measured against TRL: 4 prompts x 4 rollouts of
     at most 128 tokens, single-digit addition, LR 1e-6, no KL, clip-high 0.28, fp32 on CPU. `steps` steps run;
     the last one (warm) is reported. MFU = model FLOPs / (step time x the matmul peak measured here), with
     2 P FLOPs per token forward (every sample's prompt and response in generation, the teacher's) and 6 P

@@ -29,7 +29,7 @@ policy-gradient loss outright; App. D Table 10):
   - App. B.6 metrics: the student-teacher KL per token, overall and on epistemic-marker tokens per
     surface variant (" Wait", "Wait", " wait", ...).
 
-Beyond the paper (remedies for the suppressed epistemic verbalization; measured in the README), one flag each:
+Beyond the paper (remedies for the suppressed epistemic verbalization; commands in the README), one flag each:
   --protect-epistemic  no loss at the tokens where the student's response begins an epistemic marker
                        (the positions App. B.6 finds the teacher disagrees with most) -> `distill_positions`
   --pg-coef L          + L * grpo.py's clipped policy loss on the same rollouts (a GRPO/SDPO hybrid)
