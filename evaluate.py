@@ -288,7 +288,8 @@ class ReportArgs:
         "GRPO vs SDPO (Fig. 3-5)=grpo,sdpo,sdpo_nothink", "Fixed vs EMA teacher (Fig. 6)=sdpo,sdpo_ema",
         "Task coverage |D| (Fig. 7/8)=grpo_d1,grpo,sdpo_d1,sdpo",
         "Remedies (beyond the paper)=grpo,sdpo,sdpo_protect,sdpo_pg,sdpo_entw"])
-    """comparisons, each 'title=run,run,...'; runs that are absent are left out"""
+    """comparisons, each 'title=run,run,...'; runs that are absent are left out, and so is a plot whose runs an
+    earlier one showed"""
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -498,11 +499,13 @@ def report(args: ReportArgs) -> str:
             md.append(f"## Each run minus {args.baseline}\n\n" + epistemic.format_table(
                 diffs, ("run", "length (last)", "E(y) (last)", "think length (last)", "held-out acc",
                         "held-out length", "held-out E(y)")) + "\n")
+        drawn = set()
         for spec in args.groups:
             title, _, names = spec.partition("=")
             group = {n: runs[n] for n in names.split(",") if n in runs}
-            if not group:
+            if not group or set(group) <= drawn:  # nothing that an earlier plot did not show
                 continue
+            drawn |= set(group)
             png = "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:40] + ".png"
             md.append(f"## {title}\n")
             if plot_group(title, group, {n: acc_ci[n] for n in group if acc_ci[n]}, base, out / png, reps):

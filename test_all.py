@@ -2422,7 +2422,7 @@ def test_report_from_fake_runs(tmp_path):
         finish_reasons=["stop", "stop"])) + "\n")
     assert evaluate.read_samples(root / "base" / "samples.jsonl")[("ood", "p0")] == dict(
         acc=0.5, length=5.0, epistemic=0.0, format=1.0, truncated=0.0)
-    md = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope"],
+    md = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope", "B=sdpo,gone"],
                                              last=1, boot=400))
     assert md == (tmp_path / "rep" / "REPORT.md").read_text()
     cells = lambda run, after: [c.strip() for c in md[md.index(after):].split(f"| {run} ")[1].split("\n")[0]
@@ -2436,6 +2436,7 @@ def test_report_from_fake_runs(tmp_path):
     assert diff[0] == "+0.0 [+0.0, +0.0]" and diff[3].startswith("+0.500 [+0.000, +1.000]")  # the interval touches 0
     assert "| ood       | 1        | 0.500 [0.500, 0.500] | 0.00 [0.00, 0.00] | 5.0 [5.0, 5.0] | 1.000 [1.000, 1.000]" \
         in md  # the table before training: one problem, its two responses both close </think> and box
+    assert "## B\n" not in md and "## A\n" in md  # B: its only run is in A's plot
     assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib: in the
     # README's test install
     per_step = md[md.index("## Per step"):]
