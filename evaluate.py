@@ -475,13 +475,15 @@ def report(args: ReportArgs) -> str:
             acc_ci[name] = em("acc")
             table.append((name, len(seeds), ci(tm("score")), ci(tm("length", True), ".1f"), ci(tm("length"), ".1f"),
                           ci(tm("epistemic", True), ".2f"), ci(tm("epistemic"), ".2f"), ci(tm("think_length"), ".1f"),
-                          ci(tm("answer_length"), ".1f"), ci(acc_ci[name]), ci(em("length"), ".1f"),
-                          ci(em("epistemic"), ".2f")))
-        md.append(f"## Training runs\n\nTraining figures: step 1, and the mean over the last {last} steps. Held-out: "
-                  f"the final checkpoint on {len(shared)} held-out problems.\n\n" + epistemic.format_table(
+                          ci(tm("answer_length"), ".1f"), ci(tm("kl") if training_matrix(seeds, "kl_epistemic", last)
+                                                              else None, ".3f"),  # SDPO's student-teacher KL
+                          ci(acc_ci[name]), ci(em("length"), ".1f"), ci(em("epistemic"), ".2f")))
+        md.append(f"## Training runs\n\nTraining figures: step 1, and the mean over the last {last} steps, one value "
+                  f"per seed (their intervals draw seeds only). Held-out: the final checkpoint on {len(shared)} "
+                  f"held-out problems.\n\n" + epistemic.format_table(
                       table, ("run", "seeds", "score (last)", "length 1st", "length (last)", "E(y) 1st",
-                              "E(y) (last)", "think length (last)", "answer length (last)", "held-out acc",
-                              "held-out length", "held-out E(y)")) + "\n")
+                              "E(y) (last)", "think length (last)", "answer length (last)", "teacher KL (last)",
+                              "held-out acc", "held-out length", "held-out E(y)")) + "\n")
         if args.baseline in runs:
             b_seeds = runs[args.baseline]
             diffs = []

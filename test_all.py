@@ -2411,7 +2411,9 @@ def test_report_from_fake_runs(tmp_path):
         d = root / name / f"seed{seed}"
         (d / "eval").mkdir(parents=True)
         rows = [{"resumed_from": 0}] + [dict(step=i + 1, score=x, length=100 - 10 * i, epistemic=0.5, think_length=80,
-                                             answer_length=20 - 10 * i) for i, x in enumerate(scores)]
+                                             answer_length=20 - 10 * i, kl=0.0) for i, x in enumerate(scores)]
+        if name == "sdpo":
+            rows[-1].update(kl=0.02 * (seed + 1), kl_epistemic=0.0)
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[1]]))  # a resumed step
         samples = [dict(benchmark="ood", id=f"p{k}", scores=[a, a], lengths=[10, 30], epistemic=[1, 2],
                         responses=[good, "3"], finish_reasons=["stop", "length"]) for k, a in enumerate(accs)]
@@ -2430,8 +2432,9 @@ def test_report_from_fake_runs(tmp_path):
     sdpo = cells("sdpo", "## Training runs")
     # last scores 0.4 and 0.6 -> 0.5, seeds drawn: [0.4, 0.6]; length 100 at step 1, 90 last; answer length 10
     assert sdpo[:4] == ["2", "0.500 [0.400, 0.600]", "100.0 [100.0, 100.0]", "90.0 [90.0, 90.0]"]
-    assert sdpo[6:8] == ["80.0 [80.0, 80.0]", "10.0 [10.0, 10.0]"] and sdpo[8] == "1.000 [1.000, 1.000]"
-    assert cells("grpo", "## Training runs")[8] == "0.500 [0.000, 1.000]"
+    assert sdpo[6:8] == ["80.0 [80.0, 80.0]", "10.0 [10.0, 10.0]"] and sdpo[9] == "1.000 [1.000, 1.000]"
+    assert sdpo[8] == "0.030 [0.020, 0.040]"  # the teacher KL of the last step: 0.02 and 0.04
+    assert cells("grpo", "## Training runs")[8:10] == ["-", "0.500 [0.000, 1.000]"]  # GRPO has no teacher
     diff = cells("sdpo", "## Each run minus grpo")
     assert diff[0] == "+0.0 [+0.0, +0.0]" and diff[3].startswith("+0.500 [+0.000, +1.000]")  # the interval touches 0
     assert "| ood       | 1        | 0.500 [0.500, 0.500] | 0.00 [0.00, 0.00] | 5.0 [5.0, 5.0] | 1.000 [1.000, 1.000]" \
