@@ -389,7 +389,7 @@ def append_metrics(path: Path, row: dict, resumed_from: int | None = None):
 def read_sft_rows(path) -> list[dict]:
     """Rows with a prompt ('question' or 'prompt') and a non-empty 'response'; errors name the row. An embedded
     source (`synthetic:style=think,n=512`, see data.load_problems) gives its questions with their solutions."""
-    if path.partition(":")[0] in ("synthetic", "champ"):
+    if str(path).partition(":")[0] in ("synthetic", "champ"):
         return [dict(question=p["question"], response=p["solution"]) for p in data.load_problems(path)]
     rows = []
     p = Path(path)
