@@ -9,6 +9,7 @@
     python bench.py grpo_step_unpacked sdpo_step_unpacked  # one padded row per rollout (--pack-tokens 0)
     python bench.py grpo_step_mb8 sdpo_step_mb8     # micro-batches of 8 sequences (the old default; now 4)
     python bench.py grpo_step_all_rows sdpo_step_all_rows  # zero-gradient rows trained too (--no-skip-zero-rows)
+    python bench.py grpo_step_plain sdpo_step_plain        # --no-fast: the plain code, without fast.py
     python bench.py trl_grpo_step trl_sdpo_step   # TRL's trainers on the same config (pip install trl)
 
 Each row is measured in a fresh process so rows don't share caches or memory peaks.
@@ -89,8 +90,9 @@ def bench_generate(batch: int = 16, new_tokens: int = 128, reps: int = 2) -> dic
 
 def bench_sdpo_memory(chunk: int | None = 256, T: int = 4096, V: int = 151_936, H: int = 64, k: int = 100) -> dict:
     """Peak memory of one SDPO loss micro-step (forward + backward) over T positions with Qwen's vocabulary,
-    from hidden states through a tied LM head: chunked (`sdpo.chunked_distillation`) or on full logits."""
+    from hidden states through a tied LM head: chunked (`fast.chunked_distillation`) or on full logits."""
     import torch
+    import fast
     import sdpo
     torch.manual_seed(0)
     w = (torch.randn(V, H) * 0.02).requires_grad_()
@@ -99,7 +101,8 @@ def bench_sdpo_memory(chunk: int | None = 256, T: int = 4096, V: int = 151_936, 
     base = peak_rss_gb()
     t = time.perf_counter()
     if chunk:
-        loss = sdpo.chunked_distillation(hs, ht, y, w, w.detach(), topk=k, chunk=chunk)[:, 0].mean()
+        loss = fast.chunked_distillation(hs, ht, y, w, w.detach(), topk=k, chunk=chunk, divergence=sdpo.divergence,
+                                         finish_support=sdpo.finish_support)["divergence"].mean()
     else:
         loss = sdpo.self_distillation_loss(hs @ w.T, (ht @ w.T).detach(), topk=k).mean()
     loss.backward()
@@ -143,7 +146,7 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     the last one (warm) is reported. MFU = model FLOPs / (step time x the matmul peak measured here), with
     2 P FLOPs per token forward (every sample's prompt and response in generation, the teacher's) and 6 P
     forward + backward per trained token (the responses of the rows trained on, each distinct prompt once: work
-    that packed rows or grpo.rows_with_gradient skip is not counted as useful), P = parameters, the tied LM head
+    that packed rows or fast.rows_with_gradient skip is not counted as useful), P = parameters, the tied LM head
     counted once; attention's T^2 term left out (~3% at these lengths). `overrides`: Args fields on top of RL_CONFIG
     (the *_ckpt rows: grad_ckpt=True, as TRL runs by default).
 
@@ -175,7 +178,7 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
                 rollout_tok_s=round(m["rollout_tok_s"], 1), t_generate=round(m["t_generate"], 2),
                 t_score=round(m["t_score"], 2), t_old_logprobs=round(m.get("t_old_logprobs", 0.0), 2),
                 t_teacher=round(t_teacher, 2), t_train=round(m["t_train"] - t_teacher, 2), t_step=round(m["t_step"], 2),
-                # the trainer resets the kernel's high-water mark each step (grpo.peak_memory_gb), ru_maxrss with it:
+                # the trainer resets the kernel's high-water mark each step (sft.peak_memory_gb), ru_maxrss with it:
                 # the peak is the largest step's, model loading excluded
                 peak_rss_gb=round(max(r.get("peak_mem_gb") or 0.0 for r in rows), 2),
                 matmul_peak_gflops=round(peak, 1), mfu=round((gen_flops + train_flops) / (m["t_step"] * peak * 1e9), 3),
@@ -213,17 +216,17 @@ def bench_trl_step(trainer: str = "grpo", steps: int = 2) -> dict:
             t = SDPOTrainer(model=path, reward_funcs=reward, args=SDPOConfig(output_dir=out, **common), train_dataset=ds)
         import torch
         from transformers import TrainerCallback
-        import grpo
+        import sft
         times, peaks, lengths = [], [], []
         t0 = time.perf_counter()
 
-        class Timer(TrainerCallback):  # the same per-step memory window as our rows (grpo.peak_memory_gb)
+        class Timer(TrainerCallback):  # the same per-step memory window as our rows (sft.peak_memory_gb)
             def on_step_begin(self, *a, **k):
-                grpo.peak_memory_gb(torch.device("cpu"))
+                sft.peak_memory_gb(torch.device("cpu"))
 
             def on_step_end(self, *a, **k):
                 times.append(time.perf_counter())
-                peaks.append(grpo.peak_memory_gb(torch.device("cpu")))
+                peaks.append(sft.peak_memory_gb(torch.device("cpu")))
 
             def on_log(self, args, state, control, logs=None, **k):
                 if logs and "completions/mean_length" in logs:
@@ -251,6 +254,7 @@ ROWS = {"grade": bench_grade, "generate": bench_generate, "generate64": lambda: 
         "grpo_step_mb8": lambda: bench_rl_step(micro_batch=8), "sdpo_step_mb8": lambda: bench_rl_step("sdpo", micro_batch=8),
         "grpo_step_all_rows": lambda: bench_rl_step(skip_zero_rows=False),
         "sdpo_step_all_rows": lambda: bench_rl_step("sdpo", skip_zero_rows=False),
+        "grpo_step_plain": lambda: bench_rl_step(fast=False), "sdpo_step_plain": lambda: bench_rl_step("sdpo", fast=False),
         "grpo_step_all_rows_block_mask": lambda: bench_rl_step(skip_zero_rows=False, segment_attention=False),
         "sdpo_step_all_rows_block_mask": lambda: bench_rl_step("sdpo", skip_zero_rows=False, segment_attention=False),
         "trl_grpo_step": bench_trl_step, "trl_sdpo_step": lambda: bench_trl_step("sdpo")}

@@ -732,6 +732,11 @@ def main(args: Args):
 # --------------------------------------------------------------------------------------------
 
 
+def benchmark_name(source: str) -> str:
+    """A benchmark's name in metrics and reports: a file's stem, or the embedded source as written."""
+    return Path(source).stem if os.path.splitext(source)[1] else source
+
+
 def check_args(args) -> None:
     """Refuse a flag value outside its choices or range with a ValueError that names the flag.
 

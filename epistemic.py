@@ -69,6 +69,17 @@ def marker_start_positions(pieces: list[str], whole_words: bool = False) -> list
     return out
 
 
+def marker_tokens(tokenizer) -> dict[int, str]:
+    """token id -> surface form (" Wait", "Wait", " wait", ...) for every vocabulary entry that is one of
+    the 10 epistemic markers on its own (App. B.6, Table 6). One pass over the vocabulary."""
+    out = {}
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        if text.strip().lower() in MARKERS:
+            out[token_id] = text
+    return out
+
+
 def split_think(text: str) -> tuple[str, str]:
     """(think, answer). Text up to the first </think> is thinking; a leading <think> is dropped.
 

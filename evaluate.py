@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -77,6 +76,8 @@ class Args:
     """hf (transformers, CPU/GPU) or vllm (GPU)"""
     batch_size: int = 64
     """hf backend: sequences decoded together"""
+    fast: bool = True
+    """hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop"""
     chunk: int = 8
     """problems generated together per rank before their samples are appended to samples.jsonl"""
     thinking: str = "auto"
@@ -180,10 +181,6 @@ def evaluate(backend, benchmarks: dict[str, list[dict]], params: rollout.Samplin
     return summary
 
 
-def benchmark_name(source: str) -> str:
-    return Path(source).stem if os.path.splitext(source)[1] else source
-
-
 def read_done(path: Path) -> dict:
     """Finished problems of an earlier run, keyed (benchmark, id). A torn last line (killed mid-write) is cut off."""
     done, good_bytes = {}, 0
@@ -212,7 +209,7 @@ def check_args(args: Args):
 def main(args: Args) -> dict:
     check_args(args)
     rank, _, world, device = rollout.init_distributed()
-    benchmarks = {benchmark_name(s): data.load_problems(s, limit=args.limit, seed=args.seed) for s in args.data}
+    benchmarks = {data.benchmark_name(s): data.load_problems(s, limit=args.limit, seed=args.seed) for s in args.data}
     out = Path(args.out)
     config = dict(model=args.model, n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   max_new_tokens=args.max_new_tokens, thinking=args.thinking, system=args.system, seed=args.seed,
@@ -237,8 +234,8 @@ def main(args: Args) -> dict:
         tok = rollout.load_tokenizer(args.model)
         max_len = rollout.engine_length(tok, [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat)
                                               for _, p in pending], args.max_new_tokens, args.model)
-    backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, max_model_len=max_len,
-                                   seed=args.seed + rank)
+    backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
+                                   max_model_len=max_len, seed=args.seed + rank)
     step = args.chunk * world
     bar = tqdm(total=len(pending), desc="problems", disable=rank != 0)
     for i, start in enumerate(range(0, len(pending), step)):
@@ -356,11 +353,11 @@ def eval_matrix(evals: dict, key: str, ids: list) -> list[list[float]]:
 
 
 def training_matrix(seeds: dict, key: str, last: int, first: bool = False) -> list[list[float]] | None:
-    """(seeds, 1): per seed, the first step's figure, or the mean over its last `last` steps."""
-    if not all(key in rows[-1] for rows in seeds.values()):
-        return None
-    return [[rows[0][key]] if first else [sum(r[key] for r in rows[-last:]) / len(rows[-last:])]
-            for rows in seeds.values()]
+    """(seeds, 1): per seed, the first step's figure, or the mean over those of its last `last` steps that have one
+    (a step logs None where nothing was measured, e.g. SDPO's KL without a context); None where a seed has none."""
+    values = [[r[key] for r in (rows[:1] if first else rows[-last:]) if r.get(key) is not None]
+              for rows in seeds.values()]
+    return [[sum(v) / len(v)] for v in values] if all(values) else None
 
 
 def plot_group(title: str, runs: dict, evals: dict, base: dict | None, path: Path, boot: int) -> bool:
@@ -417,6 +414,100 @@ def _problem_table(samples: dict, reps: int) -> str:
                                          "truncated")) + "\n"
 
 
+def _table2(root: Path, boot: int) -> str | None:
+    """Table 2's section: SFT on D_ug vs D_sg, their training rows and held-out figures."""
+    sft_rows = []
+    for setting, name in (("unguided", "D_ug"), ("solution", "D_sg")):
+        d, ev = root / "sft" / f"d_{setting}.jsonl", root / "sft" / setting / "eval" / "samples.jsonl"
+        if not (d.exists() and ev.exists()):
+            continue
+        rows = [json.loads(line) for line in open(d, encoding="utf-8") if line.strip()]
+        s = read_samples(ev)
+        ids = sorted(s)
+        mean = lambda key: sum(r[key] for r in rows) / max(len(rows), 1)
+        col = lambda key, fmt=".3f": ci(bootstrap([[s[i][key] for i in ids]], reps=boot), fmt)
+        sft_rows.append((f"SFT on {name}", len(rows), f"{mean('length'):.1f}", f"{mean('epistemic'):.2f}",
+                         col("acc"), col("length", ".1f"), col("epistemic", ".2f")))
+    if not sft_rows:
+        return None
+    return "## Table 2: SFT on D_ug vs D_sg\n\n" + epistemic.format_table(
+        sft_rows, ("model", "train rows", "train length", "train E(y)", "held-out acc", "held-out length",
+                   "held-out E(y)")) + "\n"
+
+
+def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) -> list[str]:
+    """The training runs' sections: their table, each minus the baseline, the plots, the figures per step."""
+    md = []
+    runs, evals = {}, {}
+    for path in sorted(root.glob("*/seed*/metrics.jsonl")):
+        rows = read_metrics(path)
+        if rows and "score" in rows[0]:
+            name, seed = path.parent.parent.name, path.parent.name
+            runs.setdefault(name, {})[seed] = rows
+            if (path.parent / "eval" / "samples.jsonl").exists():
+                evals.setdefault(name, {})[seed] = read_samples(path.parent / "eval" / "samples.jsonl")
+    evals = {n: ev for n, ev in evals.items() if len(ev) == len(runs[n])}  # only runs evaluated at every seed
+    shared = sorted(set.intersection(*(set(e) for ev in evals.values() for e in ev.values()))) if evals else []
+    last, reps = args.last, args.boot
+    if not runs:
+        return md
+    table, acc_ci = [], {}
+    for name, seeds in runs.items():
+        tm = lambda key, first=False: (lambda m: m and bootstrap(m, reps=reps))(training_matrix(seeds, key, last,
+                                                                                                first))
+        em = lambda key: bootstrap(eval_matrix(evals[name], key, shared), reps=reps) if name in evals else None
+        acc_ci[name] = em("acc")
+        table.append((name, len(seeds), ci(tm("score")), ci(tm("length", True), ".1f"), ci(tm("length"), ".1f"),
+                      ci(tm("epistemic", True), ".2f"), ci(tm("epistemic"), ".2f"), ci(tm("think_length"), ".1f"),
+                      ci(tm("answer_length"), ".1f"),
+                      ci(tm("kl") if all("kl_epistemic" in r[-1] for r in seeds.values()) else None, ".3f"),  # SDPO
+                      ci(acc_ci[name]), ci(em("length"), ".1f"), ci(em("epistemic"), ".2f")))
+    md.append(f"## Training runs\n\nTraining figures: step 1, and the mean over the last {last} steps, one value "
+              f"per seed (their intervals draw seeds only). Held-out: the final checkpoint on {len(shared)} "
+              f"held-out problems.\n\n" + epistemic.format_table(
+                  table, ("run", "seeds", "score (last)", "length 1st", "length (last)", "E(y) 1st",
+                          "E(y) (last)", "think length (last)", "answer length (last)", "teacher KL (last)",
+                          "held-out acc", "held-out length", "held-out E(y)")) + "\n")
+    if args.baseline in runs:
+        b_seeds = runs[args.baseline]
+        diffs = []
+        for name, seeds in runs.items():
+            if name == args.baseline:
+                continue
+            td = lambda key: (lambda m, n: m and n and bootstrap(m, n, reps=reps))(
+                training_matrix(seeds, key, last), training_matrix(b_seeds, key, last))
+            ed = lambda key: bootstrap(eval_matrix(evals[name], key, shared),
+                                       eval_matrix(evals[args.baseline], key, shared), reps=reps) \
+                if name in evals and args.baseline in evals else None
+            diffs.append((name, ci(td("length"), ".1f", True), ci(td("epistemic"), ".2f", True),
+                          ci(td("think_length"), ".1f", True), ci(ed("acc"), ".3f", True),
+                          ci(ed("length"), ".1f", True), ci(ed("epistemic"), ".2f", True)))
+        md.append(f"## Each run minus {args.baseline}\n\n" + epistemic.format_table(
+            diffs, ("run", "length (last)", "E(y) (last)", "think length (last)", "held-out acc",
+                    "held-out length", "held-out E(y)")) + "\n")
+    drawn = set()
+    for spec in args.groups:
+        title, _, names = spec.partition("=")
+        group = {n: runs[n] for n in names.split(",") if n in runs}
+        if not group or set(group) <= drawn:  # nothing that an earlier plot did not show
+            continue
+        drawn |= set(group)
+        png = "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:40] + ".png"
+        md.append(f"## {title}\n")
+        if plot_group(title, group, {n: acc_ci[n] for n in group if acc_ci[n]}, base, out / png, reps):
+            md.append(f"![{title}]({png})\n")
+    per_step = []
+    for name, seeds in runs.items():
+        for t in sorted({r["step"] for rows in seeds.values() for r in rows}):
+            at = [r for rows in seeds.values() for r in rows if r["step"] == t]
+            mean = lambda key, fmt: f"{sum(r.get(key, 0) for r in at) / len(at):{fmt}}"
+            per_step.append((name, len(at), t, mean("score", ".3f"), mean("length", ".1f"),
+                             mean("think_length", ".1f"), mean("epistemic", ".2f")))
+    md.append("## Per step (mean over seeds)\n\n" + epistemic.format_table(
+        per_step, ("run", "seeds", "step", "score", "length", "think length", "E(y)")) + "\n")
+    return md
+
+
 def report(args: ReportArgs) -> str:
     """REPORT.md (+ PNGs) from the reproduction's outputs, every figure with its 95% bootstrap interval. Returns
     the markdown."""
@@ -439,88 +530,10 @@ def report(args: ReportArgs) -> str:
                                                                                                    args.boot))
     if (root / "table1" / "table.md").exists():
         md.append("## Table 1: conditioning settings\n\n" + (root / "table1" / "table.md").read_text())
-    sft_rows = []
-    for setting, name in (("unguided", "D_ug"), ("solution", "D_sg")):
-        d, ev = root / "sft" / f"d_{setting}.jsonl", root / "sft" / setting / "eval" / "samples.jsonl"
-        if not (d.exists() and ev.exists()):
-            continue
-        rows = [json.loads(line) for line in open(d, encoding="utf-8") if line.strip()]
-        s = read_samples(ev)
-        ids = sorted(s)
-        mean = lambda key: sum(r[key] for r in rows) / max(len(rows), 1)
-        col = lambda key, fmt=".3f": ci(bootstrap([[s[i][key] for i in ids]], reps=args.boot), fmt)
-        sft_rows.append((f"SFT on {name}", len(rows), f"{mean('length'):.1f}", f"{mean('epistemic'):.2f}",
-                         col("acc"), col("length", ".1f"), col("epistemic", ".2f")))
-    if sft_rows:
-        md.append("## Table 2: SFT on D_ug vs D_sg\n\n" + epistemic.format_table(
-            sft_rows, ("model", "train rows", "train length", "train E(y)", "held-out acc", "held-out length",
-                       "held-out E(y)")) + "\n")
-    runs, evals = {}, {}
-    for path in sorted(root.glob("*/seed*/metrics.jsonl")):
-        rows = read_metrics(path)
-        if rows and "score" in rows[0]:
-            name, seed = path.parent.parent.name, path.parent.name
-            runs.setdefault(name, {})[seed] = rows
-            if (path.parent / "eval" / "samples.jsonl").exists():
-                evals.setdefault(name, {})[seed] = read_samples(path.parent / "eval" / "samples.jsonl")
-    evals = {n: ev for n, ev in evals.items() if len(ev) == len(runs[n])}  # only runs evaluated at every seed
-    shared = sorted(set.intersection(*(set(e) for ev in evals.values() for e in ev.values()))) if evals else []
-    last, reps = args.last, args.boot
-    if runs:
-        table, acc_ci = [], {}
-        for name, seeds in runs.items():
-            tm = lambda key, first=False: (lambda m: m and bootstrap(m, reps=reps))(training_matrix(seeds, key, last,
-                                                                                                    first))
-            em = lambda key: bootstrap(eval_matrix(evals[name], key, shared), reps=reps) if name in evals else None
-            acc_ci[name] = em("acc")
-            table.append((name, len(seeds), ci(tm("score")), ci(tm("length", True), ".1f"), ci(tm("length"), ".1f"),
-                          ci(tm("epistemic", True), ".2f"), ci(tm("epistemic"), ".2f"), ci(tm("think_length"), ".1f"),
-                          ci(tm("answer_length"), ".1f"), ci(tm("kl") if training_matrix(seeds, "kl_epistemic", last)
-                                                              else None, ".3f"),  # SDPO's student-teacher KL
-                          ci(acc_ci[name]), ci(em("length"), ".1f"), ci(em("epistemic"), ".2f")))
-        md.append(f"## Training runs\n\nTraining figures: step 1, and the mean over the last {last} steps, one value "
-                  f"per seed (their intervals draw seeds only). Held-out: the final checkpoint on {len(shared)} "
-                  f"held-out problems.\n\n" + epistemic.format_table(
-                      table, ("run", "seeds", "score (last)", "length 1st", "length (last)", "E(y) 1st",
-                              "E(y) (last)", "think length (last)", "answer length (last)", "teacher KL (last)",
-                              "held-out acc", "held-out length", "held-out E(y)")) + "\n")
-        if args.baseline in runs:
-            b_seeds = runs[args.baseline]
-            diffs = []
-            for name, seeds in runs.items():
-                if name == args.baseline:
-                    continue
-                td = lambda key: (lambda m, n: m and n and bootstrap(m, n, reps=reps))(
-                    training_matrix(seeds, key, last), training_matrix(b_seeds, key, last))
-                ed = lambda key: bootstrap(eval_matrix(evals[name], key, shared),
-                                           eval_matrix(evals[args.baseline], key, shared), reps=reps) \
-                    if name in evals and args.baseline in evals else None
-                diffs.append((name, ci(td("length"), ".1f", True), ci(td("epistemic"), ".2f", True),
-                              ci(td("think_length"), ".1f", True), ci(ed("acc"), ".3f", True),
-                              ci(ed("length"), ".1f", True), ci(ed("epistemic"), ".2f", True)))
-            md.append(f"## Each run minus {args.baseline}\n\n" + epistemic.format_table(
-                diffs, ("run", "length (last)", "E(y) (last)", "think length (last)", "held-out acc",
-                        "held-out length", "held-out E(y)")) + "\n")
-        drawn = set()
-        for spec in args.groups:
-            title, _, names = spec.partition("=")
-            group = {n: runs[n] for n in names.split(",") if n in runs}
-            if not group or set(group) <= drawn:  # nothing that an earlier plot did not show
-                continue
-            drawn |= set(group)
-            png = "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:40] + ".png"
-            md.append(f"## {title}\n")
-            if plot_group(title, group, {n: acc_ci[n] for n in group if acc_ci[n]}, base, out / png, reps):
-                md.append(f"![{title}]({png})\n")
-        per_step = []
-        for name, seeds in runs.items():
-            for t in sorted({r["step"] for rows in seeds.values() for r in rows}):
-                at = [r for rows in seeds.values() for r in rows if r["step"] == t]
-                mean = lambda key, fmt: f"{sum(r.get(key, 0) for r in at) / len(at):{fmt}}"
-                per_step.append((name, len(at), t, mean("score", ".3f"), mean("length", ".1f"),
-                                 mean("think_length", ".1f"), mean("epistemic", ".2f")))
-        md.append("## Per step (mean over seeds)\n\n" + epistemic.format_table(
-            per_step, ("run", "seeds", "step", "score", "length", "think length", "E(y)")) + "\n")
+    table2 = _table2(root, args.boot)
+    if table2:
+        md.append(table2)
+    md += _run_sections(root, args, base, out)
     text = "\n".join(md)
     (out / "REPORT.md").write_text(text)
     print(f"wrote {out / 'REPORT.md'}")

@@ -111,6 +111,8 @@ class Args:
     """response budget in tokens (the released analysis scripts: 32768)"""
     batch_size: int = 64
     """hf backend: sequences decoded together"""
+    fast: bool = True
+    """hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop"""
     thinking: str = "auto"
     """chat template thinking mode for Qwen3-style templates: on | off | auto (template default)"""
     system: str | None = None
@@ -382,6 +384,7 @@ class Backend:
     max_model_len: int = 0  # vllm: the engine's length; a longer request is refused, never cut
     sleep_level: int = 0  # vllm: `sleep` frees the engine's memory at this level between rollouts (0 = never)
     asleep: bool = False  # vllm: put to sleep and not woken since (`push_weights_to_vllm` wakes it)
+    fast: bool = True  # hf: fast.py's decoding speedups; False: the plain decoding loop (`generate_hf`)
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -418,67 +421,18 @@ def sample_tokens(logp: torch.Tensor, gen) -> torch.Tensor:
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
                 gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row and its log-prob under `sampling_logprobs`' distribution. (B, V) -> (B,), (B,)
-    `gen`: as `sample_tokens` takes it.
-
-    Why not filter the whole vocabulary: with top-k only k tokens can be drawn, so top-p, the log-softmax and
-    the inverse-CDF draw run over the (B, k) candidates that torch.topk returns already sorted. The
-    full-vocabulary sort, exp and scatter cost ~45 ms of a ~290 ms decoding step at batch 32 here."""
+    """One token per row and its log-prob under `sampling_logprobs`' distribution, drawn by `sample_tokens` (greedy
+    at temperature 0). (B, V) -> (B,), (B,). With top-k or top-p the draw runs over the tokens sorted by
+    probability (descending), else in vocabulary order, so that fast.sample_next, its twin, draws the same tokens."""
+    lp = sampling_logprobs(logits, temperature, top_p, top_k)
     if temperature <= 0:
-        lp = torch.log_softmax(logits.float(), dim=-1)
         tok = lp.argmax(-1)
-        return tok, lp.gather(-1, tok[:, None]).squeeze(-1)
-    z, idx = logits.float() / temperature, None  # idx: candidate -> vocabulary id, None = the identity
-    if 0 < top_k < z.shape[-1]:
-        z, idx = torch.topk(z, top_k, dim=-1)  # sorted, descending
-    if top_p < 1.0:
-        if idx is None:
-            z, idx = torch.sort(z, dim=-1, descending=True)
-        p = torch.softmax(z, dim=-1)
-        z = z.masked_fill(p.cumsum(-1) - p > top_p, float("-inf"))  # keep the smallest prefix reaching top_p
-    lp = torch.log_softmax(z, dim=-1)
-    pick = sample_tokens(lp, gen)
-    chosen = lp.gather(-1, pick[:, None]).squeeze(-1)
-    return (pick if idx is None else idx.gather(-1, pick[:, None]).squeeze(-1)), chosen
-
-
-@contextlib.contextmanager
-def skinny_linear(model, max_rows: int = 32):
-    """Compute nn.Linear as (W @ x.T).T while few rows go through it (decoding).
-
-    Why: for row-major weights and 8-32 rows, MKL's kernel for x @ W.T runs ~4x slower on this
-    CPU than the same product ordered W @ x.T (and the 49k-row LM head 2.5x slower). Same values,
-    no weight copy; prefill (many rows) keeps the stock path. Restored on exit.
-    The result is made contiguous (a copy of rows x out, ~0.1 MB a layer): the transposed view left
-    the query's last dimension at stride `rows`, and torch's CPU sdpa then skips its flash kernel
-    for the math one, which repeats the grouped KV cache for every head at every step (7.2 s of a
-    21 s rollout at batch 16, profiled)."""
-    if next(model.parameters()).device.type != "cpu":
-        yield
-        return
-    patched = []
-
-    def make_forward(mod):
-        stock = mod.forward
-
-        def forward(x):
-            rows = x.numel() // x.shape[-1]
-            if rows > max_rows:
-                return stock(x)
-            y = (mod.weight @ x.reshape(rows, -1).T).T.contiguous().reshape(*x.shape[:-1], mod.weight.shape[0])
-            return y if mod.bias is None else y + mod.bias
-        return forward
-
-    for mod in model.modules():
-        # plain nn.Linear only: subclasses (LoRA, quantized) and already-patched modules keep their own forward
-        if type(mod) is torch.nn.Linear and "forward" not in mod.__dict__:
-            patched.append(mod)
-            mod.forward = make_forward(mod)
-    try:
-        yield
-    finally:
-        for mod in patched:
-            del mod.forward  # back to the class's forward
+    elif 0 < top_k < lp.shape[-1] or top_p < 1.0:
+        order = lp.argsort(dim=-1, descending=True, stable=True)  # (B, V)
+        tok = order.gather(-1, sample_tokens(lp.gather(-1, order), gen)[:, None]).squeeze(-1)
+    else:
+        tok = sample_tokens(lp, gen)
+    return tok, lp.gather(-1, tok[:, None]).squeeze(-1)
 
 
 @contextlib.contextmanager
@@ -493,134 +447,6 @@ def eval_mode(model):
         yield
     finally:
         model.train(was_training)
-
-
-def preallocate_kv(cache, room: int = 256) -> None:
-    """Make a prefilled DynamicCache append in place into buffers that double when full.
-
-    Why: DynamicCache appends by torch.cat, copying the whole cache at every decoding step (29 ms of
-    a 112 ms step here at batch 16); writing into spare room costs one token's worth, and doubling
-    keeps the copies O(1) per token. Rows still leave through `cache.batch_select_indices`."""
-    for layer in cache.layers:
-        length = layer.keys.shape[-2]
-        layer.kbuf = layer.keys.new_empty((*layer.keys.shape[:-2], length + room, layer.keys.shape[-1]))
-        layer.vbuf = layer.values.new_empty((*layer.values.shape[:-2], length + room, layer.values.shape[-1]))
-        layer.kbuf[..., :length, :], layer.vbuf[..., :length, :] = layer.keys, layer.values
-        layer.length = length
-
-        def update(k, v, *args, L=layer, **kwargs):
-            end = L.length + k.shape[-2]
-            if end > L.kbuf.shape[-2]:  # full: double the room
-                grow = lambda b: torch.cat([b, b.new_empty((*b.shape[:-2], b.shape[-2], b.shape[-1]))], dim=-2)
-                L.kbuf, L.vbuf = grow(L.kbuf), grow(L.vbuf)
-            L.kbuf[..., L.length:end, :], L.vbuf[..., L.length:end, :] = k, v
-            L.length = end
-            L.keys, L.values = L.kbuf[..., :end, :], L.vbuf[..., :end, :]
-            return L.keys, L.values
-
-        def select(indices, L=layer):
-            L.kbuf, L.vbuf = L.kbuf[indices], L.vbuf[indices]
-            L.keys, L.values = L.kbuf[..., :L.length, :], L.vbuf[..., :L.length, :]
-
-        layer.update, layer.batch_select_indices = update, select
-
-
-SDPA = ("sdpa", "sdpa_segments")  # torch's sdpa; "sdpa_segments" (grpo.segment_attention) is sdpa when decoding
-
-
-def lean_decoding(model) -> bool:
-    """True when `LeanDecoder` computes this model's decoding step: a Llama-style decoder on the CPU (llama,
-    qwen2, qwen3: RMSNorm, the model's own rotary module, grouped-query attention through torch's sdpa,
-    optional q/k/v biases and Qwen3's q/k norms, a SiLU-gated MLP without bias, a bias-free linear LM head).
-    Every linear it reads must be a plain nn.Linear with no hook and no patched forward (LoRA layers, a
-    biased head in a test), else the model's own forward decodes. So do other models, and every GPU."""
-    cfg = model.config
-    if not (next(model.parameters()).device.type == "cpu" and cfg.model_type in ("llama", "qwen2", "qwen3")
-            and getattr(cfg, "hidden_act", None) == "silu" and getattr(cfg, "_attn_implementation", None) in SDPA
-            and not getattr(cfg, "use_sliding_window", False) and not getattr(cfg, "mlp_bias", False)
-            and model.get_output_embeddings().bias is None):
-        return False
-    plain = lambda mod: (type(mod) is torch.nn.Linear and "forward" not in mod.__dict__ and not mod._forward_hooks
-                         and not mod._forward_pre_hooks)
-    linears = [model.get_output_embeddings()]
-    for layer in model.model.layers:
-        linears += [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        linears += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
-    return all(plain(mod) for mod in linears) and not model._forward_hooks and not model._forward_pre_hooks
-
-
-class LeanDecoder:
-    """One decoding step of a `lean_decoding` model written out over its weights, from the KV cache of a
-    transformers prefill: `step(ids, pos)` -> (B, V) next-token logits; `select(rows)` keeps those rows.
-
-    Why: at 16 rows the model's forward spends more of a step on Python and dispatch (mask building, cache
-    classes, reshapes, an RMSNorm in 6 ops) than on anything but the matmuls. Written out, 4 prompts x 4
-    rollouts of up to 128 tokens of SmolLM2-135M (1,530 tokens) took 12.6-13.3 s against 15.0-16.0 s through
-    the model's forward (alternating, one process), with the same tokens. Every linear is `W @ x.T` (see
-    `skinny_linear`); q and k are made contiguous, so that sdpa takes its flash kernel; the query heads of a
-    key/value head go in the query-length slot (as transformers' own decoding does), so the cache is never
-    repeated. Logits match a plain forward of the whole sequence within 1e-5 in fp32
-    (test_lean_decoder_equals_model_forward); the buffers double when full, like `preallocate_kv`."""
-
-    def __init__(self, model, cache, attention_mask: torch.Tensor, room: int = 256):
-        self.model, cfg = model, model.config
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.length = attention_mask.shape[1]
-        self.kv = []
-        for layer in cache.layers:
-            k = layer.keys.new_empty((*layer.keys.shape[:2], self.length + room, layer.keys.shape[-1]))
-            v = torch.empty_like(k)
-            k[:, :, :self.length], v[:, :, :self.length] = layer.keys, layer.values
-            self.kv.append((k, v))
-        self.seen = attention_mask.new_zeros((attention_mask.shape[0], self.length + room), dtype=torch.bool)
-        self.seen[:, :self.length] = attention_mask.bool()  # the prompt's left padding stays unseen
-
-    def select(self, rows: torch.Tensor) -> None:
-        self.kv = [(k[rows], v[rows]) for k, v in self.kv]
-        self.seen = self.seen[rows]
-
-    @staticmethod
-    def linear(mod, x_t: torch.Tensor) -> torch.Tensor:  # x_t (in, B) -> (B, out)
-        y = (mod.weight @ x_t).T
-        return y if mod.bias is None else y + mod.bias
-
-    @staticmethod
-    def norm(x: torch.Tensor, mod) -> torch.Tensor:
-        return torch.nn.functional.rms_norm(x, (x.shape[-1],), mod.weight, mod.variance_epsilon)
-
-    @staticmethod
-    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x (B, h, d), cos (B, 1, d)
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-    @torch.no_grad()
-    def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if self.length == self.seen.shape[1]:  # full: double the room
-            self.kv = [tuple(torch.cat([b, torch.empty_like(b)], dim=2) for b in kv) for kv in self.kv]
-            self.seen = torch.cat([self.seen, torch.zeros_like(self.seen)], dim=1)
-        t, self.length = self.length, self.length + 1
-        self.seen[:, t] = True
-        m, B, lin = self.model.model, ids.shape[0], self.linear
-        x = m.embed_tokens(ids)  # (B, H)
-        cos, sin = m.rotary_emb(x, pos[:, None])  # (B, 1, d)
-        seen = self.seen[:, :self.length]
-        mask = None if bool(seen.all()) else seen.contiguous()[:, None, None, :]  # no mask: sdpa's fastest path
-        for layer, (K, V) in zip(m.layers, self.kv):
-            a = layer.self_attn
-            h = self.norm(x, layer.input_layernorm).T
-            q = lin(a.q_proj, h).contiguous().view(B, self.heads, -1)
-            k = lin(a.k_proj, h).contiguous().view(B, self.kv_heads, -1)
-            if hasattr(a, "q_norm"):  # Qwen3
-                q, k = self.norm(q, a.q_norm), self.norm(k, a.k_norm)
-            K[:, :, t], V[:, :, t] = self.rope(k, cos, sin), lin(a.v_proj, h).view(B, self.kv_heads, -1)
-            q = self.rope(q, cos, sin).view(B, self.kv_heads, self.heads // self.kv_heads, -1)
-            o = torch.nn.functional.scaled_dot_product_attention(q, K[:, :, :self.length], V[:, :, :self.length],
-                                                                 attn_mask=mask, scale=a.scaling)
-            x = x + lin(a.o_proj, o.reshape(B, -1).T)
-            h = self.norm(x, layer.post_attention_layernorm).T
-            mlp = layer.mlp
-            x = x + lin(mlp.down_proj, (torch.nn.functional.silu(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h)).T)
-        return lin(self.model.lm_head, self.norm(x, m.norm).T)
 
 
 def eos_ids(tokenizer, model=None) -> set[int]:
@@ -644,13 +470,15 @@ def kv_cache(output):
 
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, batch_size: int = 64,
-                progress: bool = True, indices: list[int] | None = None) -> list[Sample]:
+                progress: bool = True, indices: list[int] | None = None, fast: bool = True) -> list[Sample]:
     """Sample params.n responses per prompt with transformers: left padding, KV cache, rows leave when done.
 
     Prompts are strings that already carry the chat template (see `chat_prompt`). The k-th sample of prompt i
     draws from its own stream, seeded request_seed(params.seed, indices[i]) + k (vLLM's rule, `generate_vllm`);
     `indices` (default 0, 1, ...) number the prompts across ranks, so that a run draws the same rollouts on
-    any number of ranks, up to the float rounding of different batch shapes."""
+    any number of ranks, up to the float rounding of different batch shapes. fast: fast.py's decoding step
+    (`fast.LeanDecoder` or `fast.preallocate_kv`, `fast.skinny_linear`, `fast.sample_next`); False: the model's own
+    forward on its KV cache and `sample_next`."""
     if params.max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0 (got {params.max_new_tokens})")
     device = next(model.parameters()).device
@@ -661,10 +489,14 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
     jobs = [(i, ids, random.Random(request_seed(params.seed, indices[i]) + k))
             for i, ids in enumerate(encoded) for k in range(params.n)]
     jobs.sort(key=lambda j: len(j[1]))  # similar lengths together: less padding (stable: sample k stays k-th)
-    use_lean = lean_decoding(model)  # before skinny_linear patches the linears' forwards
+    speed = importlib.import_module("fast") if fast else None
+    use_lean = speed is not None and speed.lean_decoding(model)  # before skinny_linear patches the linears
+    sample = (lambda z, streams: speed.sample_next(z, params.temperature, params.top_p, params.top_k, streams,
+                                                   sample_tokens)) if speed else \
+        (lambda z, streams: sample_next(z, params.temperature, params.top_p, params.top_k, streams))
     out: list[Sample] = []
     bar = tqdm(total=len(jobs), desc="generate", disable=not progress, leave=False)
-    with skinny_linear(model), eval_mode(model):
+    with speed.skinny_linear(model) if speed else contextlib.nullcontext(), eval_mode(model):
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             width = max(len(ids) for _, ids, _ in batch)
@@ -674,11 +506,11 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
             res = model(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
             cache, logits = kv_cache(res), res.logits[:, -1]
             room = min(params.max_new_tokens, 256)
+            lean = None
             if use_lean:  # the prefill's keys and values are copied into LeanDecoder's buffers
-                lean, cache = LeanDecoder(model, cache, mask, room), None
-            else:
-                lean = None
-                preallocate_kv(cache, room)
+                lean, cache = speed.LeanDecoder(model, cache, mask, room), None
+            elif speed:
+                speed.preallocate_kv(cache, room)
             active = torch.arange(len(batch), device=device)  # rows still decoding, as indices into `batch`
             tokens = [[] for _ in batch]
             logps = [[] for _ in batch]
@@ -686,7 +518,7 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
             pos = position[:, -1]
             for step in range(params.max_new_tokens):
                 streams = [batch[row][2] for row in active.tolist()]
-                nxt, chosen = sample_next(logits, params.temperature, params.top_p, params.top_k, streams)
+                nxt, chosen = sample(logits, streams)
                 done = torch.isin(nxt, stop)
                 for row, tok, l, d in zip(active.tolist(), nxt.tolist(), chosen.tolist(), done.tolist()):
                     tokens[row].append(tok)
@@ -841,28 +673,171 @@ def push_weights_to_vllm(backend: Backend, model, dtype=torch.bfloat16, max_byte
         backend.asleep = False
 
 
+@torch.no_grad()
+def sync_replica(replica, model) -> None:
+    """Copy the trainer's (possibly FSDP-sharded) weights into a plain generation replica. Collective."""
+    params = dict(replica.named_parameters())
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.data  # all-gather of the shards
+        params[name].copy_(full)
+
+
+def score_rollouts(samples, problems: list[dict], lenient: bool, tokenizer=None) -> list[dict]:
+    """One row per sample: ids, log-probs, reward (App. D grader), length, E(y), truncation, and with a tokenizer
+    answer_length: the tokens of the text after </think> (re-tokenized; all of it without </think>)."""
+    rows = []
+    for s in samples:
+        p = problems[s.prompt_index]
+        answer = epistemic.split_think(s.text)[1] if "</think>" in s.text else None
+        rows.append(dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, rollout_logprobs=s.logprobs,
+                         reward=data.grade(s.text, p["answer"], lenient=lenient), length=len(s.response_ids),
+                         epistemic=epistemic.epistemic_count(s.text), truncated=s.finish_reason == "length",
+                         text=s.text, answer_length=len(s.response_ids) if answer is None or tokenizer is None
+                         else min(len(tokenizer(answer, add_special_tokens=False)["input_ids"]), len(s.response_ids))))
+    return rows
+
+
+def save_rollouts(path: Path, step: int, rows: list[dict], problems: list[dict], group_size: int, world: int) -> None:
+    """Append one JSON line per rollout of every rank to `path`, in the step's order (their "place"; rank 0 writes;
+    collective)."""
+    keep = ("prompt_ids", "response_ids", "rollout_logprobs", "text", "reward", "advantage", "length", "epistemic",
+            "truncated")
+    mine = [dict(step=step, prompt=r["place"] // group_size, sample=r["place"] % group_size,
+                 problem=problems[i // group_size].get("id"), **{k: r[k] for k in keep},
+                 **({"context": r["context"], "distilled": sum(r["distill"])} if "distill" in r else {}))
+            for i, r in enumerate(rows)]
+    everything = gather_to_rank0(mine, world)
+    if everything is not None:
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in sorted(everything, key=lambda r: (r["prompt"], r["sample"])))
+
+
+
+
+def refresh_weights(backend: Backend, model) -> None:
+    """After a training step: push the weights into the vllm engine (waking it), or copy them into the hf
+    backend's generation replica (torchrun); nothing when the policy generates itself. Collective."""
+    if backend.kind == "vllm":
+        push_weights_to_vllm(backend, model)
+    elif backend.model is not model:
+        sync_replica(backend.model, model)
+
+
 def generate(backend: Backend, prompts: list[str], params: SamplingParams, progress: bool = True,
              indices: list[int] | None = None) -> list[Sample]:
     """n samples per prompt, flattened in prompt order, from the hf or the vllm backend. `indices`: the prompts'
     numbers across ranks (their seeds); default 0, 1, ..."""
     if backend.kind == "hf":
-        return generate_hf(backend.model, backend.tokenizer, prompts, params, backend.batch_size, progress, indices)
+        return generate_hf(backend.model, backend.tokenizer, prompts, params, backend.batch_size, progress, indices,
+                           backend.fast)
     if backend.kind == "vllm":
         return generate_vllm(backend, prompts, params, indices)
     raise ValueError(f"unknown backend {backend.kind!r}; use hf or vllm")
 
 
 def make_backend(kind: str, model_path: str, device, dtype: str = "auto", batch_size: int = 64,
-                 max_model_len: int = 0, **vllm_kwargs) -> Backend:
+                 max_model_len: int = 0, fast: bool = True, **vllm_kwargs) -> Backend:
     """hf: the model itself on `device`. vllm: a colocated engine of `max_model_len` (see `engine_length`) and
     the tokenizer alone (the engine holds the weights; a second copy would take 15 GB of a 7B model's GPU)."""
     if kind not in ("hf", "vllm"):
         raise ValueError(f"--backend {kind!r}: use hf or vllm")
     if kind == "hf":
         model, tok = load_model(model_path, dtype, device)
-        return Backend("hf", tok, model=model, batch_size=batch_size)
+        return Backend("hf", tok, model=model, batch_size=batch_size, fast=fast)
     llm = make_vllm(resolve_model_path(model_path), max_model_len, device=device, **vllm_kwargs)
     return Backend("vllm", load_tokenizer(model_path), llm=llm, max_model_len=max_model_len)
+
+
+# --------------------------------------------------------------------------------------------
+# SDPO's teacher contexts (Sec. 5: c = s, c = s\\think, the dataset's solution, y_r)
+# --------------------------------------------------------------------------------------------
+def balanced_positions(lengths: list[int]) -> list[int]:
+    """Each sequence's position in the order verl's _balance_batch gives a batch on one GPU (ray_trainer.py, before
+    the teacher batch is built): sorted by workload 24576 L + L^2 (L = prompt + response tokens), ties by index,
+    then the even places ascending and the odd ones descending (short sequences at both ends)."""
+    ranked = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))  # the workload grows with L
+    order = ranked[0::2] + ranked[1::2][::-1]
+    positions = [0] * len(lengths)
+    for p, i in enumerate(order):
+        positions[i] = p
+    return positions
+
+
+def teacher_contexts(rows: list[dict], problems: list[dict], group_size: int, mode: str = "sibling",
+                     threshold: float = 0.5, order: list[int] | None = None) -> list[str | None]:
+    """c for each rollout (rows in groups of `group_size`, one group per problem); None = no loss.
+
+    sibling: the first OTHER rollout of the same group with reward >= threshold, first in `order` (a key per
+    row, e.g. `balanced_positions`; default: rollout order), as the reference's solution_idxs[0];
+    sibling-no-think: the same through strip_think; dataset: the problem's reference solution."""
+    out = []
+    for i, row in enumerate(rows):
+        g = i // group_size
+        if mode == "dataset":
+            out.append(problems[g].get("solution"))
+            continue
+        siblings = [j for j in range(g * group_size, (g + 1) * group_size) if j != i and rows[j]["reward"] >= threshold]
+        siblings.sort(key=lambda j: j if order is None else order[j])
+        s = rows[siblings[0]]["text"] if siblings else None
+        out.append(strip_think(s) if s is not None and mode == "sibling-no-think" else s)
+    return out
+
+
+def regenerated_contexts(run, rows, problems, args) -> list[str | None]:
+    """Sec. 3's y_r: per group with a success s, one response under c = s; kept as c if it is correct."""
+    firsts = {}
+    for i, r in enumerate(rows):
+        if r["reward"] >= args.success_threshold:
+            firsts.setdefault(i // args.rollouts, r["text"])
+    groups = sorted(firsts)
+    chat = dict(system=args.system, thinking=args.thinking)
+    prompts = [chat_prompt(run.tokenizer, reprompt(problems[g]["question"], firsts[g]), **chat) for g in groups]
+    params = SamplingParams(n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                    seed=args.seed + 7919 * len(rows) + run.rank)
+    if run.backend.asleep:  # vllm, put to sleep after the step's rollouts: wake it with the same weights (collective)
+        push_weights_to_vllm(run.backend, run.model)
+    samples = generate(run.backend, prompts, params, progress=False)  # every rank, prompts or not
+    sleep_engine(run.backend)
+    y_r = {}
+    for s in samples:
+        g = groups[s.prompt_index]
+        if data.grade(s.text, problems[g]["answer"], lenient=args.lenient) >= args.success_threshold:
+            y_r[g] = s.text
+    return [y_r.get(i // args.rollouts) for i in range(len(rows))]
+
+
+def sibling_order(rows: list[dict], world: int) -> list[int]:
+    """This rank's rows' positions in `balanced_positions` of the whole step's batch (every rank's rows, by their
+    "place"): the same choice on any number of ranks. Collective."""
+    mine = [(r["place"], len(r["prompt_ids"]) + len(r["response_ids"])) for r in rows]
+    every = mine
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)  # collective
+        every = [x for part in parts for x in part]
+    every.sort()
+    positions = dict(zip((place for place, _ in every), balanced_positions([n for _, n in every])))
+    return [positions[place] for place, _ in mine]
+
+
+def attach_teacher_prompts(run, rows: list[dict], problems: list[dict], args) -> None:
+    """sdpo.py's teacher input for each rollout: row["context"], its c (--teacher-context: `teacher_contexts`, or
+    `regenerated_contexts`), and row["teacher_prompt_ids"], the chat template of reprompt(question, c); both None
+    without a c, or when the prompt is longer than --max-reprompt-len (masked: the reference truncates it)."""
+    if args.teacher_context == "regenerated":
+        contexts = regenerated_contexts(run, rows, problems, args)
+    else:
+        order = sibling_order(rows, run.world) if args.sibling == "balanced" else None
+        contexts = teacher_contexts(rows, problems, args.rollouts, args.teacher_context, args.success_threshold, order)
+    chat = dict(system=args.system, thinking="on" if args.teacher_thinking else args.thinking)
+    for i, (r, c) in enumerate(zip(rows, contexts)):
+        r["teacher_prompt_ids"] = r["context"] = None
+        if c is not None:
+            text = chat_prompt(run.tokenizer, reprompt(problems[i // args.rollouts]["question"], c,
+                                                       template=args.reprompt), **chat)
+            ids = run.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= args.max_reprompt_len:
+                r["teacher_prompt_ids"], r["context"] = ids, c
 
 
 def shard(items: list, rank: int, world: int) -> list:
@@ -969,8 +944,8 @@ def table1(args: Args) -> dict:
     chat = dict(system=args.system, thinking=args.thinking)
     max_len = 0 if args.backend != "vllm" else settings_engine_length(
         args.model, problems, ["unguided", *chosen], args.solution_source, args.max_new_tokens, chat)
-    backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, max_model_len=max_len,
-                           seed=args.seed + rank)
+    backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
+                           max_model_len=max_len, seed=args.seed + rank)
     params = SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed + rank)
     records = {}
@@ -1028,8 +1003,8 @@ def select(args: SelectArgs) -> list[dict]:
     chat = dict(system=args.system, thinking=args.thinking)
     max_len = 0 if args.backend != "vllm" else settings_engine_length(
         args.model, problems, ["unguided"], "rollout", args.max_new_tokens, chat)
-    backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, max_model_len=max_len,
-                           seed=args.seed + rank)
+    backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
+                           max_model_len=max_len, seed=args.seed + rank)
     params = SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     kept, seen = [], []

@@ -46,12 +46,13 @@ Run it:
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 from pathlib import Path
 
@@ -98,6 +99,8 @@ class BuildArgs:
     """response budget"""
     batch_size: int = 64
     """hf backend: sequences decoded together"""
+    fast: bool = True
+    """hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop"""
     thinking: str = "auto"
     """Qwen3-style chat templates: on | off | auto"""
     system: str | None = None
@@ -155,7 +158,12 @@ class TrainArgs:
     seed: int = 0
     """data order seed"""
     chunk: int = 0
-    """positions per chunk of the LM head's loss (memory knob); 0 = 256 on CPU, 1024 on GPU"""
+    """--fast: positions per chunk of the LM head's loss (memory knob); 0 = 256 on CPU, 1024 on GPU"""
+    fast: bool = True
+    """the LM head on response positions only, in chunks recomputed in backward (fast.token_nll); --no-fast: the
+    full logits"""
+    wandb: str | None = None
+    """log the metrics to this Weights & Biases project too (rank 0; pip install wandb; WANDB_MODE=offline works)"""
     keep_checkpoints: int = 2
     """keep this many newest checkpoints in OUT, removing older ones (0 = keep all)"""
 
@@ -163,6 +171,96 @@ class TrainArgs:
 # --------------------------------------------------------------------------------------------
 # Plumbing (grpo.py and sdpo.py use these)
 # --------------------------------------------------------------------------------------------
+@dataclass
+class RunArgs:
+    """The flags every RL trainer shares beside its algorithm's (grpo.Args and sdpo.Args extend it): the run, the
+    chat template, held-out evaluation, output and checkpoints, the generation backend, memory and speed."""
+    CHECKS: ClassVar[dict] = dict(  # data.check_args: a value outside these is refused, naming its flag
+        eval_every=data.NON_NEGATIVE, eval_n=data.POSITIVE, eval_max_new_tokens=data.POSITIVE,
+        eval_temperature=data.NON_NEGATIVE, eval_top_p=data.FRACTION, eval_top_k=data.NON_NEGATIVE,
+        steps=data.NON_NEGATIVE, thinking=data.THINKING,
+        save_every=data.NON_NEGATIVE, keep_checkpoints=data.NON_NEGATIVE, backend=data.BACKENDS,
+        gen_batch_size=data.POSITIVE, vllm_gpu_memory=data.FRACTION, vllm_sleep=(0, 1, 2), micro_batch=data.POSITIVE,
+        chunk=data.NON_NEGATIVE, pack_tokens=data.NON_NEGATIVE)
+    out: str = "runs/grpo"
+    """output directory: metrics.jsonl, step_N/ checkpoints"""
+    steps: int = 10
+    """training steps"""
+    seed: int = 0
+    """seed for problem order and sampling"""
+    thinking: str = "auto"
+    """Qwen3-style chat templates: on | off | auto"""
+    system: str | None = None
+    """system prompt; None = the template's default"""
+    eval_data: list[str] = field(default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"])
+    """held-out benchmarks for --eval-every (the paper: AIME24, AMC23)"""
+    eval_every: int = 0
+    """evaluate on --eval-data every this many steps (0 = only at the end)"""
+    eval_n: int = 4
+    """samples per eval problem (the paper: 16)"""
+    eval_max_new_tokens: int = 128
+    """eval response budget (Table 11: 38912)"""
+    eval_temperature: float = 0.6
+    """eval sampling temperature (Table 11: 0.6; Qwen3-8B thinking off: 0.7)"""
+    eval_top_p: float = 0.95
+    """eval nucleus (Table 11: 0.95; Qwen3-8B thinking off: 0.8)"""
+    eval_top_k: int = 20
+    """eval top-k, 0 = off (Table 11: 20)"""
+    save_rollouts: bool = False
+    """append each step's rollouts to OUT/rollouts.jsonl (ids, text, log-probs, reward, advantage; SDPO: context c)"""
+    save_every: int = 10
+    """checkpoint every this many steps (and at the end); 0 = never (benchmarks)"""
+    keep_checkpoints: int = 2
+    """keep this many newest checkpoints in --out, removing older ones (0 = keep all)"""
+    resume: bool = False
+    """continue from the latest complete checkpoint in --out"""
+    wandb: str | None = None
+    """log the metrics to this Weights & Biases project too (rank 0; pip install wandb; WANDB_MODE=offline works)"""
+    backend: str = "hf"
+    """rollouts: hf (transformers, CPU/GPU) or vllm (GPU, weights pushed every step)"""
+    gen_batch_size: int = 64
+    """hf backend: sequences decoded together"""
+    vllm_gpu_memory: float = 0.5
+    """vllm: share of total GPU memory for the engine"""
+    vllm_sleep: int = 2
+    """vllm: engine sleep level while the trainer runs (2: weights and KV cache freed, 1: weights in CPU memory, 0:
+    never)"""
+    micro_batch: int = 4
+    """sequences per forward/backward on one rank (memory knob)"""
+    grad_ckpt: bool = False
+    """gradient checkpointing (memory knob)"""
+    chunk: int = 0
+    """--fast: positions per chunk of the LM-head losses (memory knob); 0 = 256 on CPU, 1024 on GPU"""
+    fast: bool = True
+    """speedups from fast.py (the same updates up to float rounding); --no-fast runs the plain code only"""
+    skip_zero_rows: bool = True
+    """--fast: leave out of the training forwards the rows whose gradient is exactly zero (GRPO: zero advantage and
+    no KL; SDPO: no distilled position and no --pg-coef term); they still count in the loss's means"""
+    pack_tokens: int = 2048
+    """--fast: a prompt's rollouts share one copy of it in a row of at most this many tokens (fast.pack_batch);
+    0 = one padded row per rollout"""
+    segment_attention: bool = True
+    """--fast: packed rows attend response by response (fast.segment_attention), not through one block mask"""
+
+
+def run_main(job) -> None:
+    """Run a script's job: a bad flag or input (ValueError, a missing file) exits with "error: ..." and status 1,
+    not a traceback; the process group is destroyed either way."""
+    try:
+        job()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def finish(run: "Run") -> None:
+    """The end of a run: the Weights & Biases run closed (--wandb)."""
+    if run.wandb is not None:
+        run.wandb.finish()
+
+
 def world_info() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -174,7 +272,10 @@ def shard_model(model, device, grad_ckpt: bool = False, mixed_precision: bool = 
     single process without mixed precision keeps the plain module (the same math, no collectives); with it,
     the module is sharded over a one-rank group too, so that one GPU computes in bf16 as eight do."""
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers' current name (it warns on the old one)
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.to(device).train()
     _, world = world_info()
@@ -383,6 +484,213 @@ def append_metrics(path: Path, row: dict, resumed_from: int | None = None):
             f.write(json.dumps(row) + "\n")
 
 
+class Metrics:
+    """A step's metrics: named sums (`add`), all-reduced once and divided by one another (`reduce`)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+
+    def add(self, **values) -> None:
+        for name, v in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+
+    def reduce(self, **denominators) -> dict:
+        """name=denominator: the sum of `name` over ranks divided by the sum of `denominator` (None: not divided;
+        0 / 0: None). Every rank names the same sums (any it never added count 0): one all_reduce for all."""
+        keys = sorted({k for pair in denominators.items() for k in pair if isinstance(k, str)})
+        t = torch.tensor([self.sums.get(k, 0.0) for k in keys], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)  # collective: all of the step's metrics at once
+        total = dict(zip(keys, t.tolist()))
+        return {k: total[k] if d is None else total[k] / total[d] if total[d] else None
+                for k, d in denominators.items()}
+
+
+@dataclass
+class Run:
+    """What a training loop holds, built by `setup`; sdpo.py's train step reads it."""
+    args: object  # grpo.Args or sdpo.Args
+    rank: int
+    world: int
+    device: torch.device
+    problems: list
+    benchmarks: dict
+    model: object
+    tokenizer: object
+    backend: rollout.Backend
+    optimizer: object
+    start: int
+    out: Path
+    resumed_from: Path | None = None  # the checkpoint this run continues, if any
+    checkpoint_extra: object = None  # () -> {name: {key: tensor}} saved inside each checkpoint
+    wandb: object = None  # --wandb: the Weights & Biases run (rank 0), else None
+
+
+def setup(args) -> Run:
+    """Everything the RL trainers need: ranks, problems, policy (sharded), optimizer, generation backend, resume."""
+    data.check_args(args)  # again: a run may be started from Python, without parse_args
+    rank, _, world, device = init_distributed()
+    if args.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the world size {world}")
+    problems = data.load_problems(args.data, seed=args.seed)
+    if args.coverage:
+        problems = data.coverage_subset(problems, args.coverage, seed=args.seed)
+    benchmarks = {data.benchmark_name(s): data.load_problems(s, seed=args.seed) for s in args.eval_data}
+    ckpt = resume_point(args.out, args.resume)
+    start_from = str(ckpt) if ckpt else args.model
+    model, tok = rollout.load_model(start_from, "float32", device)
+    replica = None
+    if args.backend == "hf" and world > 1:
+        replica, _ = rollout.load_model(start_from, "auto", device)
+    backend = rollout.Backend("hf", tok, model=replica if replica is not None else model,
+                              batch_size=args.gen_batch_size, fast=args.fast)
+    if args.backend == "vllm":
+        max_len = rollout.trainer_engine_length(tok, args.model, problems, benchmarks, dict(
+            system=args.system, thinking=args.thinking), args.max_prompt_len, args.max_new_tokens,
+            args.eval_max_new_tokens, regenerated=getattr(args, "teacher_context", None) == "regenerated")
+        backend = rollout.Backend("vllm", tok, llm=rollout.make_vllm(
+            rollout.resolve_model_path(start_from), max_len, device=device, gpu_memory_utilization=args.vllm_gpu_memory,
+            enable_sleep_mode=args.vllm_sleep > 0, seed=args.seed + rank), max_model_len=max_len,
+            sleep_level=args.vllm_sleep)
+    elif args.backend != "hf":
+        raise ValueError(f"--backend {args.backend!r}: hf or vllm")
+    if args.fast and args.segment_attention:
+        import fast
+        fast.use_segment_attention(model)
+    model = shard_model(model, device, args.grad_ckpt, mixed_precision=device.type == "cuda")
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    start = load_checkpoint(ckpt, model, optimizer)["step"] if ckpt else 0
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        append_metrics(out / "metrics.jsonl", {}, resumed_from=start)
+        if ckpt:
+            print(f"resumed from {ckpt} (step {start})")
+    return Run(args, rank, world, device, problems, benchmarks, model, tok, backend, optimizer, start, out, ckpt,
+               wandb=open_wandb(args.wandb, args, out))
+
+
+def fp32_shards(model, saved: dict | None = None) -> dict:
+    """An fp32 copy of the model's parameters, sharded as they are (FSDP2): theirs, or the `saved` full tensors
+    (sdpo.py's EMA teacher, which a bf16 copy would not hold)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    out = {}
+    for name, p in model.named_parameters():
+        if saved is None or name not in saved:
+            out[name] = p.detach().float().clone()
+            continue
+        full = saved[name].to(device=p.device, dtype=torch.float32)
+        out[name] = distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full
+    return out
+
+
+def ema_weights(run: "Run", teacher) -> dict:
+    """sdpo.py's EMA teacher (--teacher-ema): its fp32 weights (`fp32_shards`), restored with the teacher from the
+    checkpoint a run resumes (OUT/step_N/teacher.safetensors), and saved inside every checkpoint after."""
+    saved = run.resumed_from / "teacher.safetensors" if run.resumed_from else None
+    if saved is not None and saved.exists():
+        from safetensors.torch import load_file
+        teacher.load_state_dict(load_file(saved), strict=False)  # the EMA teacher as it was at the checkpoint
+    ema = fp32_shards(run.model, load_file(saved) if saved is not None and saved.exists() else None)
+    run.checkpoint_extra = lambda: {"teacher": {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
+                                                for k, v in ema.items()}}  # collective; a tied head is not listed
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema: dict, teacher, student, rate: float) -> None:
+    """sdpo.py's EMA teacher (Fig. 6): ema <- (1 - rate) * ema + rate * student, in fp32 on each rank's shards
+    (`fp32_shards`; in bf16, lerp_ at rate 0.05 rounds most updates away); then teacher <- ema. Collective."""
+    params = dict(teacher.named_parameters())
+    for name, p in student.named_parameters():
+        ema[name].lerp_(p.detach().float(), rate)
+        params[name].copy_(ema[name].full_tensor() if hasattr(ema[name], "full_tensor") else ema[name])
+
+
+def forward_seconds(model) -> float:
+    """Seconds spent in `model`'s forwards since the last call (`timed`)."""
+    spent, model.seconds_in_forward = model.seconds_in_forward, 0.0
+    return spent
+
+
+def timed(model):
+    """Count the seconds of each forward of `model` into model.seconds_in_forward (hooks; read by `forward_seconds`)."""
+    model.seconds_in_forward = 0.0
+    model.register_forward_pre_hook(lambda *_: setattr(model, "forward_started", time.time()))
+    model.register_forward_hook(lambda *_: setattr(model, "seconds_in_forward", model.seconds_in_forward + time.time()
+                                                   - model.forward_started))
+    return model
+
+
+def frozen_model(name_or_path: str, args, device):
+    """A model that is not trained (GRPO's reference policy, SDPO's teacher): gradients off, in the compute dtype,
+    switched to segment attention under --fast --segment-attention as the policy is."""
+    model, _ = rollout.load_model(rollout.resolve_model_path(name_or_path), "auto", device)
+    model.requires_grad_(False)
+    if args.fast and args.segment_attention:
+        import fast
+        fast.use_segment_attention(model)
+    return model
+
+
+def open_wandb(project: str | None, args, out: Path):
+    """--wandb PROJECT: a Weights & Biases run on rank 0, named after --out, with the flags as its config; None
+    without the flag and on other ranks. wandb is imported here, not required (pip install wandb); WANDB_MODE=offline
+    writes the run under ./wandb without an account."""
+    if not project or world_info()[0] != 0:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project=project, name=str(out), config=asdict(args), dir=str(out))
+
+
+def log_metrics(path: Path, row: dict, wandb_run=None) -> None:
+    """Rank 0: one line of metrics.jsonl, and the same values to Weights & Biases under --wandb."""
+    append_metrics(path, row)
+    if wandb_run is not None:
+        wandb_run.log({k: v for k, v in row.items() if v is not None}, step=row.get("step"))
+
+
+def apply_update(model, optimizer, grad_clip: float, bad: bool) -> float | None:
+    """Clip and step, or, when any rank saw a non-finite loss or gradient, skip the update and keep the
+    weights. Returns the gradient norm, None when skipped. A parameter with no gradient (no row was trained:
+    fast.rows_with_gradient) gets a zero one, so that AdamW still decays and moves on its momentum as it would on
+    the zero gradient of a full forward and backward."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grad_norm = clip_grads(model, grad_clip)
+    skip = all_reduce_sum(float(bad or not math.isfinite(grad_norm))) > 0
+    if not skip:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return None if skip else grad_norm
+
+
+def peak_memory_gb(device) -> float | None:
+    """This process's peak memory since the previous call, in GB; each call starts a new window.
+
+    CUDA: the caching allocator's peak (torch.cuda.max_memory_allocated, then reset_peak_memory_stats).
+    CPU on Linux: the peak resident set, VmHWM in /proc/self/status, reset by writing 5 to
+    /proc/self/clear_refs (Linux >= 4.0), which also resets getrusage's ru_maxrss (the same counter).
+    Why per step: a process's lifetime peak also holds load-time copies. None where neither is available."""
+    if torch.device(device).type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 1e9
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 / 1e9 for line in f if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak
+    except (OSError, StopIteration):
+        return None
+
+
+
 # --------------------------------------------------------------------------------------------
 # SFT math
 # --------------------------------------------------------------------------------------------
@@ -425,58 +733,17 @@ def tokenize_sft(tokenizer, row: dict, max_len: int, chat: dict) -> tuple[list[i
     return ids, mask
 
 
-def plain_lm_head(model) -> bool:
-    """True when the logits are exactly hidden @ W.T: a bias-free Linear head with no soft-capping or
-    logit scaling (Llama, Qwen2/3, OLMo, SmolLM). Other heads take the full-logits path."""
-    head, cfg = model.get_output_embeddings(), model.config
-    return (type(head) is torch.nn.Linear and head.bias is None and not getattr(cfg, "final_logit_softcapping", None)
-            and getattr(cfg, "logit_scale", None) in (None, 1.0))
-
-
-def last_hidden_state(model, **inputs) -> torch.Tensor:
-    """The decoder's final hidden state (B, T, H), the LM head's input, from one forward of the whole model.
-
-    Why not output_hidden_states=True: that keeps every layer's states (for a 7B model at 24k positions,
-    28 x 24k x 3584 bf16 values, ~5 GB) where only the last is read; and use_cache=False, or transformers
-    builds a KV cache in training-side forwards. The model is still called as a whole (not its decoder alone),
-    so that FSDP2's root hooks gather the embeddings; logits_to_keep=1 makes its own head compute one position."""
-    caught = {}
-
-    def keep(module, args, out):  # returns None: the output goes on unchanged
-        caught["x"] = out[0]
-    hook = model.get_decoder().register_forward_hook(keep)
-    try:
-        model(**inputs, use_cache=False, logits_to_keep=1)
-    finally:
-        hook.remove()
-    return caught["x"]
-
-
-def token_nll(model, ids: list[list[int]], masks: list[list[int]], pad_id: int, device,
-              chunk: int = 256) -> tuple[torch.Tensor, int]:
-    """Sum of -log p(y_t | x, y_<t) over masked (response) tokens of a right-padded micro-batch, and their count.
-
-    Memory: the LM head runs on the response positions only, `chunk` at a time, each chunk's (chunk, V) logits
-    recomputed in backward (torch.utils.checkpoint), never the full (B, T, V) fp32 logits (45-52 GB for 24k
-    positions and V = 152k). FSDP2 leaves the root's parameters unsharded after its forward, so the head's W
-    read here is the full weight, and its gradient is reduce-scattered with the root's others."""
+def token_nll(model, ids: list[list[int]], masks: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, int]:
+    """Sum of -log p(y_t | x, y_<t) over the masked (response) tokens of a right-padded micro-batch, and their count,
+    from the full logits. fast.token_nll is its twin: (B, T, V) fp32 logits are 45-52 GB at 24k positions and
+    V = 152k, so GPU runs keep --fast."""
     width = max(len(x) for x in ids)
     input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], device=device)  # (B, T)
     attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)  # (B, T)
     sel = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)[:, 1:].bool()  # (B, T-1)
-    targets = input_ids[:, 1:][sel]  # (N,)
-    if plain_lm_head(model):
-        x, w = last_hidden_state(model, input_ids=input_ids, attention_mask=attn)[:, :-1][sel], \
-            model.get_output_embeddings().weight  # (N, H), (V, H)
-    else:
-        x, w = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits[:, :-1][sel], None  # (N, V)
-    nll = lambda xc, yc: torch.nn.functional.cross_entropy((xc @ w.T if w is not None else xc).float(), yc,
-                                                           reduction="sum")
-    total = x.sum() * 0.0  # keeps a backward through the model when no position is trained
-    for c in range(0, x.shape[0], chunk):
-        total = total + torch.utils.checkpoint.checkpoint(nll, x[c:c + chunk], targets[c:c + chunk],
-                                                          use_reentrant=False)  # (chunk, V) logits recomputed
-    return total, int(sel.sum().item())
+    logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+    nll = torch.nn.functional.cross_entropy(logits[sel].float(), input_ids[:, 1:][sel], reduction="sum")
+    return nll, int(sel.sum())
 
 
 def rows_for_step(n_rows: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -499,8 +766,8 @@ def build(args: BuildArgs):
     chat = dict(system=args.system, thinking=args.thinking)
     max_len = 0 if args.backend != "vllm" else rollout.settings_engine_length(
         args.model, problems, ["unguided", args.setting], args.solution_source, args.max_new_tokens, chat)
-    backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, max_model_len=max_len,
-                                   seed=args.seed + rank)
+    backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
+                                   max_model_len=max_len, seed=args.seed + rank)
     params = rollout.SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                     max_new_tokens=args.max_new_tokens, seed=args.seed + rank)
     contexts = {p["id"]: rollout.unguided_prompt(p["question"]) for p in problems}
@@ -550,6 +817,7 @@ def train(args: TrainArgs):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         append_metrics(out / "metrics.jsonl", {}, resumed_from=start)
+    wandb_run = open_wandb(args.wandb, args, out)
     bar = tqdm(range(start, args.steps), desc="sft", disable=rank != 0, initial=start, total=args.steps)
     for step in bar:
         t0 = time.time()
@@ -561,8 +829,12 @@ def train(args: TrainArgs):
         loss_sum = 0.0
         for k in range(0, len(mine), args.micro_batch):
             micro = mine[k:k + args.micro_batch]
-            nll, _ = token_nll(model, [encoded[i][0] for i in micro], [encoded[i][1] for i in micro],
-                               tok.pad_token_id, device, chunk_size(args.chunk, device))
+            batch = ([encoded[i][0] for i in micro], [encoded[i][1] for i in micro], tok.pad_token_id, device)
+            if args.fast:
+                import fast
+                nll, _ = fast.token_nll(model, *batch, chunk_size(args.chunk, device))
+            else:
+                nll, _ = token_nll(model, *batch)
             # FSDP2 averages gradients over ranks; scaling by world makes the result the global token mean
             (nll * world / max(global_tokens, 1)).backward()
             loss_sum += float(nll.detach())
@@ -573,11 +845,13 @@ def train(args: TrainArgs):
         row = dict(step=step + 1, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
                    tokens=int(global_tokens), seconds=time.time() - t0)
         if rank == 0:
-            append_metrics(out / "metrics.jsonl", row)
+            log_metrics(out / "metrics.jsonl", row, wandb_run)
             bar.set_postfix(loss=f"{loss:.4f}", gnorm=f"{grad_norm:.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args)), keep=args.keep_checkpoints)
     print0(f"done: {latest_checkpoint(out)}")
+    if wandb_run is not None:
+        wandb_run.finish()
 
 
 def main(argv=None):
@@ -589,16 +863,8 @@ def main(argv=None):
         return
     if not argv or argv[0] not in ("build", "train"):
         sys.exit(usage)
-    try:
-        if argv[0] == "build":
-            build(data.parse_args(BuildArgs, argv[1:]))
-        else:
-            train(data.parse_args(TrainArgs, argv[1:]))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_main(lambda: build(data.parse_args(BuildArgs, argv[1:])) if argv[0] == "build" else
+             train(data.parse_args(TrainArgs, argv[1:])))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import pytest
 
 import data
 import epistemic
+import fast
 
 ROOT = Path(__file__).resolve().parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -436,7 +437,6 @@ def test_think_trace_shares_and_their_checks():
 
 
 def test_think_lengths_of_a_rollout_and_the_warm_start_rows():
-    import grpo
     import rollout
     import sft
     from types import SimpleNamespace
@@ -445,7 +445,7 @@ def test_think_lengths_of_a_rollout_and_the_warm_start_rows():
     texts = [p["solution"], "no think block \\boxed{8}", "<think>open only, never closed"]
     samples = [SimpleNamespace(prompt_index=0, prompt_ids=[1], response_ids=tok(t)["input_ids"], logprobs=[],
                                text=t, finish_reason="stop") for t in texts]
-    rows = grpo.score_rollouts(samples, [p], lenient=False, tokenizer=tok)
+    rows = rollout.score_rollouts(samples, [p], lenient=False, tokenizer=tok)
     assert [r["reward"] for r in rows] == [1.0, float(p["answer"] == "8"), 0.0]
     answer = evaluate.answer_part(p["solution"])  # a second route to the text after </think>
     assert rows[0]["answer_length"] == len(tok(answer)["input_ids"]) < rows[0]["length"]
@@ -654,11 +654,15 @@ def test_sample_tokens_matches_distribution():
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.5, 0.9, 0), (0.8, 1.0, 3), (0.8, 0.7, 3), (0.0, 1.0, 0)])
 def test_sample_next_matches_full_vocabulary_definition(temperature, top_p, top_k):
-    # sample_next works on the top-k candidates; sampling_logprobs on the whole vocabulary. Same distribution:
-    # 40,000 draws over a 6-token vocabulary match exp(sampling_logprobs), and each draw's log-prob is its entry.
+    # rollout.sample_next draws from sampling_logprobs over the whole vocabulary; fast.sample_next, its twin, over
+    # the top-k candidates only. Both: 40,000 draws over a 6-token vocabulary match exp(sampling_logprobs), each
+    # draw's log-prob is its entry, and from the same uniforms the two draw the same tokens.
     logits = torch.tensor([[1.5, -0.5, 2.0, 0.3, -2.0, 1.0]]).expand(40000, 6)
     ref = rollout.sampling_logprobs(logits[:1], temperature, top_p, top_k)[0]
     tok, lp = rollout.sample_next(logits, temperature, top_p, top_k, torch.Generator().manual_seed(0))
+    tok_f, lp_f = fast.sample_next(logits, temperature, top_p, top_k, torch.Generator().manual_seed(0),
+                                   rollout.sample_tokens)
+    assert torch.equal(tok, tok_f) and torch.allclose(lp, lp_f, atol=1e-6)
     assert torch.allclose(lp, ref[tok], atol=1e-6)
     freq = torch.bincount(tok, minlength=6).float() / len(tok)
     if temperature <= 0:  # greedy: the argmax, with its plain log-softmax
@@ -729,9 +733,9 @@ def test_decoding_attention_gets_contiguous_queries(tiny, monkeypatch, lean):
     instead of flash. Every decoding call must see stride 1 (LeanDecoder's and the model's own forward),
     and the linears must still equal nn.Linear."""
     model, tok = tiny
-    assert rollout.lean_decoding(model)
+    assert fast.lean_decoding(model)
     if not lean:
-        monkeypatch.setattr(rollout, "lean_decoding", lambda m: False)
+        monkeypatch.setattr(fast, "lean_decoding", lambda m: False)
     strides = []
     stock = torch.nn.functional.scaled_dot_product_attention
 
@@ -746,7 +750,7 @@ def test_decoding_attention_gets_contiguous_queries(tiny, monkeypatch, lean):
     x = torch.randn(4, 1, model.config.hidden_size)
     lin = model.model.layers[0].self_attn.q_proj
     ref = torch.nn.functional.linear(x, lin.weight)
-    with rollout.skinny_linear(model):
+    with fast.skinny_linear(model):
         y = lin(x)
     assert y.is_contiguous() and y.shape == ref.shape
     assert torch.allclose(y, ref, atol=1e-6)
@@ -776,7 +780,7 @@ def test_lean_decoder_equals_model_forward(kind):
     for name, p in model.named_parameters():  # random biases and norm weights, so that a dropped term shows
         if p.dim() == 1:
             torch.nn.init.normal_(p, 1.0 if "norm" in name else 0.0, 0.3)
-    assert rollout.lean_decoding(model)
+    assert fast.lean_decoding(model)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     W = max(map(len, prompts))
     ids = torch.tensor([[0] * (W - len(p)) + p for p in prompts])
@@ -786,7 +790,7 @@ def test_lean_decoder_equals_model_forward(kind):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         res = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
-        lean = rollout.LeanDecoder(model, res.past_key_values, mask, room=2)  # room 2: the buffers double twice
+        lean = fast.LeanDecoder(model, res.past_key_values, mask, room=2)  # room 2: the buffers double twice
         for t in range(6):
             if t == 3:  # the middle row finishes
                 keep = torch.tensor([0, 2])
@@ -809,15 +813,36 @@ def test_generate_hf_same_with_lean_decoding(tiny, monkeypatch):
     prompts = [rollout.chat_prompt(tok, data.format_prompt(q)) for q in ("What is 2 + 3?", "Hi", "Solve x + 1 = 2.")]
     params = rollout.SamplingParams(n=2, temperature=0.0, max_new_tokens=12, seed=0)
     steps = []
-    real = rollout.LeanDecoder.step
-    monkeypatch.setattr(rollout.LeanDecoder, "step", lambda self, *a: steps.append(1) or real(self, *a))
+    real = fast.LeanDecoder.step
+    monkeypatch.setattr(fast.LeanDecoder, "step", lambda self, *a: steps.append(1) or real(self, *a))
     lean = rollout.generate_hf(model, tok, prompts, params, batch_size=4, progress=False)
     n_lean = len(steps)
     assert n_lean >= 11
-    monkeypatch.setattr(rollout, "lean_decoding", lambda m: False)
+    monkeypatch.setattr(fast, "lean_decoding", lambda m: False)
     plain = rollout.generate_hf(model, tok, prompts, params, batch_size=4, progress=False)
     assert len(steps) == n_lean  # the model's own forward decoded this time
     for a, b in zip(lean, plain):
+        assert a.response_ids == b.response_ids and a.finish_reason == b.finish_reason
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 5)])
+def test_generate_hf_plain_twin_draws_the_same_rollouts(tiny, temperature, top_p, top_k):
+    """--no-fast decoding (the model's forward on its KV cache, rollout.sample_next over the whole vocabulary) and
+    fast.py's (LeanDecoder, skinny_linear, sampling over the top-k) draw the same tokens from the same seeds, with
+    log-probs within 1e-5, and the plain loop never enters fast.py."""
+    model, tok = tiny
+    prompts = [rollout.chat_prompt(tok, data.format_prompt(q)) for q in ("What is 2 + 3?", "Hi", "Solve x + 1 = 2.")]
+    params = rollout.SamplingParams(n=3, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=12, seed=4)
+    quick = rollout.generate_hf(model, tok, prompts, params, batch_size=4, progress=False)
+    real = sys.modules.pop("fast")
+    sys.modules["fast"] = None  # an import of fast.py fails, as if the file were deleted
+    try:
+        plain = rollout.generate_hf(model, tok, prompts, params, batch_size=4, progress=False, fast=False)
+    finally:
+        sys.modules["fast"] = real
+    assert len(quick) == len(plain) == 9
+    for a, b in zip(quick, plain):
         assert a.response_ids == b.response_ids and a.finish_reason == b.finish_reason
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
 
@@ -1434,11 +1459,11 @@ def test_train_on_rollouts_edge_cases(tiny_model_dir):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
 def test_peak_memory_windows():
-    grpo.peak_memory_gb("cpu")  # a new window
+    sft.peak_memory_gb("cpu")  # a new window
     x = torch.ones(100_000_000)  # 400 MB, touched
     del x
-    big = grpo.peak_memory_gb("cpu")
-    small = grpo.peak_memory_gb("cpu")  # the 400 MB are freed: this window's peak is the resident set now
+    big = sft.peak_memory_gb("cpu")
+    small = sft.peak_memory_gb("cpu")  # the 400 MB are freed: this window's peak is the resident set now
     assert big - small > 0.35
 
 
@@ -1447,7 +1472,7 @@ def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir, monkeypat
     # and so do packed micro-batches (pack_tokens: a prompt's rollouts share one copy of it in a row)
     model, tok = rollout.load_model(tiny_model_dir)
     rows = _rows(tok, 8, lambda i: float(i % 2))
-    assert [len(r["response_ids"]) for r in grpo.by_length(rows)] == [3, 3, 2, 2, 2, 1, 1, 1]
+    assert [len(r["response_ids"]) for r in fast.by_length(rows)] == [3, 3, 2, 2, 2, 1, 1, 1]
     for i, r in enumerate(rows):  # two groups of 4 rollouts: rows 0-3 ask q0, rows 4-7 ask q4
         r["prompt_ids"] = rows[i - i % 4]["prompt_ids"]
     w0 = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -1460,7 +1485,7 @@ def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir, monkeypat
         return torch.cat([p.detach().flatten() for p in m.parameters()]) - w0, out["loss"]
     d3, l3 = update(3, 0)
     d3p, l3p = update(3, 2048)  # micro-batches split the groups: rows of 3, then 1 + 2, then 2 rollouts
-    monkeypatch.setattr(grpo, "by_length", lambda rows, **_: rows)  # the straightforward order
+    monkeypatch.setattr(fast, "by_length", lambda rows, **_: rows)  # the straightforward order
     d8, l8 = update(8, 0)
     scale = float(d8.abs().max())
     for d, loss in ((d3, l3), (d3p, l3p)):
@@ -1470,41 +1495,41 @@ def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir, monkeypat
 def test_rows_with_gradient_fills_to_the_largest_rank_by_hand(monkeypatch):
     rows = [dict(i=i) for i in range(8)]
     live = lambda r: r["i"] in (1, 4)
-    assert [r["i"] for r in grpo.rows_with_gradient(rows, live, 3)] == [1, 4]  # one process: no filler
+    assert [r["i"] for r in fast.rows_with_gradient(rows, live, 3)] == [1, 4]  # one process: no filler
     # another rank needs 2 micro-batches of 3: 4 rows here, the 2 fillers from the end (the shortest); 3: 7 rows
-    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 2))
-    assert [r["i"] for r in grpo.rows_with_gradient(rows, live, 3)] == [1, 4, 6, 7]
-    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 3))
-    assert [r["i"] for r in grpo.rows_with_gradient(rows, live, 3)] == [1, 2, 3, 4, 5, 6, 7]
-    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 1))  # nothing live here, one micro-batch elsewhere
-    assert [r["i"] for r in grpo.rows_with_gradient(rows, lambda r: False, 3)] == [7]
-    monkeypatch.setattr(sft, "all_reduce_max", lambda x: x)
-    assert grpo.rows_with_gradient(rows, lambda r: False, 3) == []
+    monkeypatch.setattr(fast, "all_reduce_max", lambda x: max(x, 2))
+    assert [r["i"] for r in fast.rows_with_gradient(rows, live, 3)] == [1, 4, 6, 7]
+    monkeypatch.setattr(fast, "all_reduce_max", lambda x: max(x, 3))
+    assert [r["i"] for r in fast.rows_with_gradient(rows, live, 3)] == [1, 2, 3, 4, 5, 6, 7]
+    monkeypatch.setattr(fast, "all_reduce_max", lambda x: max(x, 1))  # nothing live here, one micro-batch elsewhere
+    assert [r["i"] for r in fast.rows_with_gradient(rows, lambda r: False, 3)] == [7]
+    monkeypatch.setattr(fast, "all_reduce_max", lambda x: x)
+    assert fast.rows_with_gradient(rows, lambda r: False, 3) == []
     # packed rows: micro-batches end where the prompt changes; rows 1 (prompt a) and 4 (b) are two micro-batches,
     # and another rank's 3 take one filler from the end (prompt c: its own micro-batch)
     for r in rows:
         r["prompt_ids"] = [r["i"] // 3]  # a = 0, 1, 2; b = 3, 4, 5; c = 6, 7
-    assert [r["i"] for r in grpo.rows_with_gradient(rows, live, 3, by_prompt=True)] == [1, 4]
-    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 3))
-    assert [r["i"] for r in grpo.rows_with_gradient(rows, live, 3, by_prompt=True)] == [1, 4, 7]
+    assert [r["i"] for r in fast.rows_with_gradient(rows, live, 3, by_prompt=True)] == [1, 4]
+    monkeypatch.setattr(fast, "all_reduce_max", lambda x: max(x, 3))
+    assert [r["i"] for r in fast.rows_with_gradient(rows, live, 3, by_prompt=True)] == [1, 4, 7]
     # 4 elsewhere (a prompt twice in a step there): all 8 rows here make 3, and micro_batches(ranks_even) splits
-    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 4))
-    kept = grpo.rows_with_gradient(rows, live, 3, by_prompt=True)
+    monkeypatch.setattr(fast, "all_reduce_max", lambda x: max(x, 4))
+    kept = fast.rows_with_gradient(rows, live, 3, by_prompt=True)
     assert [r["i"] for r in kept] == list(range(8))
-    assert [[r["i"] for r in mb] for mb in grpo.micro_batches(kept, 3, True, ranks_even=True)] == [
+    assert [[r["i"] for r in mb] for mb in fast.micro_batches(kept, 3, True, ranks_even=True)] == [
         [0, 1], [2], [3, 4, 5], [6, 7]]
 
 
 def test_micro_batches_by_hand(monkeypatch):
     rows = [dict(i=i, prompt_ids=[p]) for i, p in enumerate([0, 0, 0, 0, 0, 1, 1, 2])]
     ids = lambda mbs: [[r["i"] for r in mb] for mb in mbs]
-    assert ids(grpo.micro_batches(rows, 3)) == [[0, 1, 2], [3, 4, 5], [6, 7]]
-    assert ids(grpo.micro_batches(rows, 3, by_prompt=True)) == [[0, 1, 2], [3, 4], [5, 6], [7]]
+    assert ids(fast.micro_batches(rows, 3)) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert ids(fast.micro_batches(rows, 3, by_prompt=True)) == [[0, 1, 2], [3, 4], [5, 6], [7]]
     # another rank has 6 micro-batches: the largest split in two (the first of equal ones), until there are 6
-    monkeypatch.setattr(sft, "all_reduce_max", lambda x: max(x, 6))
+    monkeypatch.setattr(fast, "all_reduce_max", lambda x: max(x, 6))
     # [0, 1, 2] -> [0, 1], [2]; then [0, 1] -> [0], [1] (the first of the rows of two)
-    assert ids(grpo.micro_batches(rows, 3, by_prompt=True, ranks_even=True)) == [[0], [1], [2], [3, 4], [5, 6], [7]]
-    assert ids(grpo.micro_batches(rows, 3, by_prompt=True)) == [[0, 1, 2], [3, 4], [5, 6], [7]]  # local only
+    assert ids(fast.micro_batches(rows, 3, by_prompt=True, ranks_even=True)) == [[0], [1], [2], [3, 4], [5, 6], [7]]
+    assert ids(fast.micro_batches(rows, 3, by_prompt=True)) == [[0, 1, 2], [3, 4], [5, 6], [7]]  # local only
 
 
 def test_skipping_zero_advantage_rows_changes_nothing(tiny_model_dir):
@@ -1548,8 +1573,8 @@ def test_partly_kept_groups_train_one_packed_row_per_micro_batch(tiny_model_dir,
     rows = _rows(tok, 8, lambda i: 0.0, adv=[0.5, 0.0, -0.5, 0.0, 0.0, 0.3, 0.0, -0.3])
     for i, r in enumerate(rows):
         r["prompt_ids"] = rows[i - i % 4]["prompt_ids"]
-    forwards, real = [], grpo.token_logprobs
-    monkeypatch.setattr(grpo, "token_logprobs", lambda m, seqs, *a, **k: forwards.append(
+    forwards, real = [], fast.token_logprobs
+    monkeypatch.setattr(fast, "token_logprobs", lambda m, seqs, *a, **k: forwards.append(
         sorted({tuple(p) for p, _ in seqs}, key=len)) or real(m, seqs, *a, **k))
 
     class Grab(torch.optim.SGD):
@@ -1627,15 +1652,15 @@ def test_all_rows_skipped_adamw_still_steps(tiny_model_dir):
 def test_by_prompt_order_keeps_groups_together():
     rows = [dict(prompt_ids=p, response_ids=[0] * n) for p, n in
             [([1], 2), ([2, 2], 1), ([1], 5), ([3], 3), ([2, 2], 4), ([3], 3), ([1], 1)]]
-    order = [(tuple(r["prompt_ids"]), len(r["response_ids"])) for r in grpo.by_length(rows, by_prompt=True)]
+    order = [(tuple(r["prompt_ids"]), len(r["response_ids"])) for r in fast.by_length(rows, by_prompt=True)]
     # groups by their longest row (1: 6 tokens, 2: 6, 3: 4; ties by first appearance), longest first within
     assert order == [((1,), 5), ((1,), 2), ((1,), 1), ((2, 2), 4), ((2, 2), 1), ((3,), 3), ((3,), 3)]
-    assert [len(r["response_ids"]) for r in grpo.by_length(rows)] == [5, 4, 3, 3, 2, 1, 1]
+    assert [len(r["response_ids"]) for r in fast.by_length(rows)] == [5, 4, 3, 3, 2, 1, 1]
 
 
 def test_pack_batch_layout_by_hand():
     seqs = [([1, 2], [3, 4]), ([1, 2], [5]), ([7], [8, 9, 10])]
-    ids, pos, attn, window, targets, mask, segments = grpo.pack_batch(seqs, 0, "cpu", limit=5)
+    ids, pos, attn, window, targets, mask, segments = fast.pack_batch(seqs, 0, "cpu", limit=5)
     assert ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0]]
     assert segments == [(2, [(2, 4), (4, 5)]), (1, [(1, 4)])]  # (prompt length, [(start, end) of each response])
     assert pos.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 0]]  # response 2 restarts after the prompt
@@ -1649,7 +1674,7 @@ def test_pack_batch_layout_by_hand():
     assert sees(1) == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 4]]  # padding sees the prompt: no empty row
     # a limit the second response does not fit in (2 + 2 + 1 > 4), and no limit: one padded row per sequence
     for limit in (4, 0):
-        ids, pos, attn, window, _, _, segments = grpo.pack_batch(seqs, 0, "cpu", limit=limit)
+        ids, pos, attn, window, _, _, segments = fast.pack_batch(seqs, 0, "cpu", limit=limit)
         assert ids.tolist() == [[1, 2, 3, 4], [1, 2, 5, 0], [7, 8, 9, 10]] and segments is None
         assert attn.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]] and pos[2].tolist() == [0, 1, 2, 3]
         assert window[:, 0].tolist() == [1, 5, 8] and window[0, 1] == 2 and window[2, 2] == 10
@@ -1663,38 +1688,38 @@ def test_packed_rows_equal_padded_rows(tiny_model_dir, dtype, tol, grad_tol, seg
     compared relative to their largest entry, and in fp64 only to 1e-6: transformers' RMSNorm computes in fp32
     whatever the dtype, so the fp64 rounding of the different summation orders (the prompt's keys now collect
     the gradient of several responses in one attention backward) is rounded again there. segments=True: the
-    model attends through grpo.segment_attention, response by response (checked to be called with segments)."""
+    model attends through fast.segment_attention, response by response (checked to be called with segments)."""
     model, _ = rollout.load_model(tiny_model_dir, "float32", "cpu")
     model.to(dtype)
     calls = []
     if segments:
-        grpo.use_segment_attention(model)
-        real_attention = grpo.segment_attention
+        fast.use_segment_attention(model)
+        real_attention = fast.segment_attention
         spy = lambda *a, segments=None, **k: calls.append(segments) or real_attention(*a, segments=segments, **k)
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        ALL_ATTENTION_FUNCTIONS.register(grpo.SEGMENT_ATTENTION, spy)
+        ALL_ATTENTION_FUNCTIONS.register(fast.SEGMENT_ATTENTION, spy)
     try:
         _check_packed_rows_equal_padded_rows(model, dtype, tol, grad_tol)
     finally:
         if segments:
-            ALL_ATTENTION_FUNCTIONS.register(grpo.SEGMENT_ATTENTION, real_attention)
+            ALL_ATTENTION_FUNCTIONS.register(fast.SEGMENT_ATTENTION, real_attention)
     # 2 layers x forwards: 2 per pack (0, 64, 9) and a last one at 64; unpacked rows (pack 0) pass no segments
     assert (sum(c is not None for c in calls), sum(c is None for c in calls)) == ((2 * 5, 2 * 2) if segments
                                                                                   else (0, 0))
 
 
 def _check_packed_rows_equal_padded_rows(model, dtype, tol, grad_tol):
-    assert grpo.packing_limit(model, 64) == 64
+    assert fast.packing_limit(model, 64) == 64
     p, q = [5, 6, 7, 8], [9, 10]
     seqs = [(p, [11, 12, 13]), (q, [14]), (p, [15, 16, 17, 18, 19]), (p, []), (q, [20, 21]), (p, [22])]
     coef = torch.randn(len(seqs), 5, dtype=dtype)
     got = {}
     for pack in (0, 64, 9):  # 9: p's rows split (4 + 3 + 0 + 1 tokens, then 4 + 5)
         model.zero_grad(set_to_none=True)
-        logp, mask, ent = grpo.token_logprobs(model, seqs, 0, 0.8, "cpu", with_entropy=True, chunk=4, pack=pack)
+        logp, mask, ent = fast.token_logprobs(model, seqs, 0, 0.8, "cpu", with_entropy=True, chunk=4, pack=pack)
         (logp * mask * coef).sum().backward()
         with torch.no_grad():
-            x, _, _, m = grpo.response_states(model, seqs, 0, "cpu", pack)
+            x, _, _, m = fast.response_states(model, seqs, 0, "cpu", pack)
         got[pack] = logp.detach(), ent, x * m[..., None], {n: w.grad.clone() for n, w in model.named_parameters()}
     ref = got[0]
     for pack in (64, 9):
@@ -1704,10 +1729,10 @@ def _check_packed_rows_equal_padded_rows(model, dtype, tol, grad_tol):
             assert float((got[pack][3][n] - g).abs().max()) <= grad_tol * float(g.abs().max()), (n, pack)
     assert ref[0].abs().sum() > 0 and ref[3]["model.embed_tokens.weight"].abs().sum() > 0
     seen = []
-    real = grpo.pack_batch
+    real = fast.pack_batch
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(grpo, "pack_batch", lambda *a, **k: seen.append(real(*a, **k)[0].shape) or real(*a, **k))
-        grpo.response_states(model, seqs, 0, "cpu", 64)
+        mp.setattr(fast, "pack_batch", lambda *a, **k: seen.append(real(*a, **k)[0].shape) or real(*a, **k))
+        fast.response_states(model, seqs, 0, "cpu", 64)
     assert seen == [(2, 13)]  # p and 3 + 5 + 0 + 1 tokens, q and 1 + 2: 26 positions, where padding had 6 x 9
 
 
@@ -1718,7 +1743,7 @@ def test_segment_attention_equals_block_mask():
     padding, an empty response, a row of one response and a prompt of one token."""
     seqs = [([1, 2, 3], [4, 5]), ([1, 2, 3], []), ([1, 2, 3], [6, 7, 8, 9]), ([1, 2, 3], [10]), ([11], [12, 13]),
             ([14, 15], [16]), ([14, 15], [17, 18])]
-    ids, _, attn, _, _, _, segments = grpo.pack_batch(seqs, 0, "cpu", limit=64)
+    ids, _, attn, _, _, _, segments = fast.pack_batch(seqs, 0, "cpu", limit=64)
     assert segments == [(3, [(3, 5), (5, 5), (5, 9), (9, 10)]), (1, [(1, 3)]), (2, [(2, 3), (3, 5)])]
     G, W = ids.shape
     torch.manual_seed(0)
@@ -1728,7 +1753,7 @@ def test_segment_attention_equals_block_mask():
     want = (scores.masked_fill(~attn, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
     module = torch.nn.Module()
     module.num_key_value_groups = 2
-    got, _ = grpo.segment_attention(module, q, k, v, attn, scaling=8 ** -0.5, segments=segments)
+    got, _ = fast.segment_attention(module, q, k, v, attn, scaling=8 ** -0.5, segments=segments)
     real = ids != 0  # pad id 0: rows of 10, 3 and 5 tokens
     assert got.shape == want.shape == (G, W, 4, 8) and int((~real).sum()) == 0 + 7 + 5
     assert torch.allclose(got[real], want[real], atol=1e-12, rtol=0) and not got[~real].any()
@@ -1737,7 +1762,7 @@ def test_segment_attention_equals_block_mask():
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-12, rtol=0) and b.abs().sum() > 0
     # without segments (decoding, unpacked rows) it is transformers' sdpa, the mask honoured
-    plain, _ = grpo.segment_attention(module, q, k, v, attn, scaling=8 ** -0.5)
+    plain, _ = fast.segment_attention(module, q, k, v, attn, scaling=8 ** -0.5)
     assert torch.allclose(plain[real], want[real], atol=1e-12, rtol=0)
 
 
@@ -1746,15 +1771,15 @@ def test_packing_limit_by_attention():
     cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
     model = LlamaForCausalLM(cfg)
     model.config._attn_implementation = "sdpa"
-    assert grpo.packing_limit(model, 2048) == 2048 and grpo.packing_limit(model, 0) == 0
+    assert fast.packing_limit(model, 2048) == 2048 and fast.packing_limit(model, 0) == 0
     model.config.sliding_window = 512  # a row never outgrows the window
-    assert grpo.packing_limit(model, 2048) == 512
-    grpo.use_segment_attention(model)
-    assert model.config._attn_implementation == "sdpa_segments" and grpo.packing_limit(model, 2048) == 512
-    assert grpo.SEGMENT_ATTENTION in rollout.SDPA  # LeanDecoder decodes a switched model too
+    assert fast.packing_limit(model, 2048) == 512
+    fast.use_segment_attention(model)
+    assert model.config._attn_implementation == "sdpa_segments" and fast.packing_limit(model, 2048) == 512
+    assert fast.SEGMENT_ATTENTION in fast.SDPA  # LeanDecoder decodes a switched model too
     model.config._attn_implementation = "eager"  # adds the mask to the scores: not a boolean block mask
-    assert grpo.packing_limit(model, 2048) == 0
-    assert grpo.use_segment_attention(model).config._attn_implementation == "eager"  # only sdpa is switched
+    assert fast.packing_limit(model, 2048) == 0
+    assert fast.use_segment_attention(model).config._attn_implementation == "eager"  # only sdpa is switched
 
 
 def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
@@ -1763,7 +1788,9 @@ def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
     # checkpointing) -- and the model goes back to training mode
     model, tok = rollout.load_model(tiny_model_dir)
     ckpt = sft.shard_model(copy.deepcopy(model), torch.device("cpu"), grad_ckpt=True)
-    assert ckpt.is_gradient_checkpointing and not model.is_gradient_checkpointing
+    on = lambda m: m.is_activation_checkpointing if hasattr(m, "is_activation_checkpointing") \
+        else m.is_gradient_checkpointing  # transformers' current name, where it has one
+    assert on(ckpt) and not on(model)
     prompts = [rollout.chat_prompt(tok, f"q{i}") for i in range(3)]
     params = rollout.SamplingParams(n=2, max_new_tokens=6, seed=0)
     for m in (model, ckpt):
@@ -1863,7 +1890,8 @@ def _digit_run(model_dir, tmp_path, script, name, *extra, launcher=(sys.executab
     run(*cmd, "--model", model_dir, "--data", probs, "--steps", str(steps), "--prompts-per-step", "4",
         "--rollouts", "4", "--max-new-tokens", "6", "--lenient", "--eval-data", probs, "--eval-n", "1",
         "--eval-max-new-tokens", "2", "--save-rollouts", "--save-every", "1", "--keep-checkpoints", "0",
-        "--out", str(out), *extra, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+        "--out", str(out), *extra, timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "error:FSDP2-wrapped module"})  # its "view tensor" warning
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     return [r for r in rows if "step" in r], [json.loads(l) for l in open(out / "rollouts.jsonl")], out
 
@@ -1944,7 +1972,7 @@ def test_grpo_one_and_two_processes_equal_the_gradient_by_hand(digit_model_dir, 
     """Step 1 under SGD at lr 1, on one process and on two: the same rollouts, loss, gradient norm and gradient, and
     that gradient is autograd's through plain unpacked forwards of GRPO's loss written out by hand, under either
     aggregation. Step 2's rollouts are the same too: under two ranks they come from the generation replicas
-    (`grpo.sync_replica`)."""
+    (`rollout.sync_replica`)."""
     from transformers import AutoModelForCausalLM
     agg = ("--loss-agg", loss_agg)
     (one, one2), rolls1, o1 = _digit_run(digit_model_dir, tmp_path, "grpo.py", "one", *agg, sgd=True, steps=2)
@@ -2084,7 +2112,7 @@ def test_sync_replica_copies_the_trainer_weights(tiny_model_dir):
         for p in model.parameters():
             p.add_(torch.randn_like(p))
     assert not torch.equal(replica.model.norm.weight, model.model.norm.weight)
-    grpo.sync_replica(replica, model)
+    rollout.sync_replica(replica, model)
     assert all(torch.equal(a, b) for a, b in zip(replica.state_dict().values(), model.state_dict().values()))
 
 
@@ -2134,6 +2162,92 @@ def test_grpo_embedded_model_one_step(tmp_path):
     assert f"done: synthetic:split=ood,n=2/acc {acc:.3f}" in out and f"checkpoint {tmp_path / 'step_1'}" in out
 
 
+def _wandb_history(out: Path) -> list[dict]:
+    """The history rows of the one offline Weights & Biases run under OUT/wandb, read from its .wandb file with
+    wandb's own protobuf: a 7-byte file header, then leveldb-log records (crc 4, length 2, type 1; full = 1,
+    first/middle/last = 2/3/4) in 32 KiB blocks whose tails under 7 bytes are padding."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    (path,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    raw, pos, chunk, rows = path.read_bytes(), 7, b"", []
+    assert raw[:4] == b":W&B"
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        chunk, pos = chunk + raw[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            chunk = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_run_logs_what_metrics_jsonl_holds(digit_model_dir, tmp_path):
+    """--wandb PROJECT in wandb's offline mode: one run under OUT/wandb whose history holds, step by step, every
+    value metrics.jsonl holds (sdpo.py, so grpo.py's loop and SDPO's own metrics both)."""
+    pytest.importorskip("wandb")  # the README's test install brings it
+    out, probs = tmp_path / "wb", _digit_problems(tmp_path)
+    run(sys.executable, "sdpo.py", "--model", digit_model_dir, "--data", probs, "--steps", "2", "--prompts-per-step",
+        "2", "--rollouts", "4", "--max-new-tokens", "6", "--lenient", "--eval-data", probs, "--eval-n", "1",
+        "--eval-max-new-tokens", "2", "--save-every", "0", "--wandb", "sdpo-test", "--out", str(out),
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}, timeout=300)
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl") if '"step"' in l]
+    history = _wandb_history(out)
+    assert [h["step"] for h in history] == [r["step"] for r in rows] == [1, 2]
+    for r, h in zip(rows, history):
+        assert {k: v for k, v in r.items() if v is not None} == {k: h[k] for k in r if r[k] is not None}
+    assert "masked_frac" in rows[0] and any(k.startswith("eval/") for k in rows[-1])
+
+
+@pytest.mark.parametrize("script", ["grpo.py", "sdpo.py"])
+def test_no_fast_runs_without_fast_py_and_trains_as_fast(digit_model_dir, tmp_path, script):
+    """The project without fast.py: --no-fast trains (the plain twins only), and its step is --fast's -- the same
+    rollouts, loss and updated weights up to float rounding -- though --fast leaves zero-gradient rows out."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ROOT.glob("*.py"):
+        if f.name != "fast.py":
+            (bare / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "sgd_worker.py").write_text(SGD_WORKER)  # one SGD step at lr 1: the weights move by -gradient
+    out = {}
+    for name, where, flag in (("plain", bare, "--no-fast"), ("fast", ROOT, "--fast")):
+        out[name] = tmp_path / name
+        p = subprocess.run([sys.executable, str(tmp_path / "sgd_worker.py"), str(where), script, "--model",
+                            digit_model_dir, "--data", _digit_problems(tmp_path), "--steps", "1", "--prompts-per-step",
+                            "4", "--rollouts", "4", "--max-new-tokens", "6", "--lenient", "--eval-data",
+                            _digit_problems(tmp_path), "--eval-n", "1", "--eval-max-new-tokens", "2", "--save-every",
+                            "1", "--lr", "1", "--warmup", "0", "--grad-clip", "1e9", flag, "--out", str(out[name]),
+                            # SDPO over the whole vocabulary: the digit model's 49k other logits are ~0, near-ties
+                            # whose order (the top-100's last members) the two paths' fp32 rounding can swap
+                            *(["--topk", "0"] if script == "sdpo.py" else [])],
+                           cwd=where, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert not (bare / "fast.py").exists()
+    rows = {k: [json.loads(l) for l in open(v / "metrics.jsonl") if '"step"' in l][0] for k, v in out.items()}
+    for key in ("score", "length", "epistemic"):
+        assert rows["plain"][key] == rows["fast"][key]  # the same rollouts
+    # fp32 rounding of two summation orders; on-policy GRPO's loss is sum A w / |y|, ~0 in each group (|A| ~ 0.3)
+    loss = rows["fast"]["loss"]
+    assert rows["plain"]["trained_frac"] == 1.0 and abs(rows["plain"]["loss"] - loss) < 1e-6 + 1e-4 * abs(loss)
+    plain, quick = _gradient_from_sgd_step(digit_model_dir, out["plain"]), _gradient_from_sgd_step(digit_model_dir,
+                                                                                                   out["fast"])
+    scale = max(float(g.abs().max()) for g in plain.values())
+    worst = max(float((plain[k] - quick[k]).abs().max()) for k in plain) / scale
+    assert scale > 0 and worst <= 1e-4, worst
+
+
+def test_wandb_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # an import of wandb fails, as where it is not installed
+    with pytest.raises(ValueError, match="--wandb needs the wandb package"):
+        sft.open_wandb("p", grpo.Args(), tmp_path)
+    assert sft.open_wandb(None, grpo.Args(), tmp_path) is None  # no flag: nothing imported
+
+
 # ============================================================================================
 # sdpo.py
 # ============================================================================================
@@ -2177,6 +2291,12 @@ def test_self_distillation_loss_brute_force(alpha, topk, add_tail):
                           atol=1e-7)  # identical distributions: zero
 
 
+def _chunked(*args, **kwargs) -> torch.Tensor:
+    """fast.chunked_distillation with sdpo.py's divergence, its fields stacked as columns (N, 5) in TERMS order."""
+    out = fast.chunked_distillation(*args, divergence=sdpo.divergence, finish_support=sdpo.finish_support, **kwargs)
+    return torch.stack([out[k] for k in fast.TERMS], dim=-1)
+
+
 @pytest.mark.parametrize("alpha,topk", [(0.5, 3), (0.0, None), (1.0, 3)])
 def test_self_distillation_gradient_step_lowers_loss(alpha, topk):
     torch.manual_seed(2)
@@ -2186,7 +2306,7 @@ def test_self_distillation_gradient_step_lowers_loss(alpha, topk):
     loss.backward()
     assert t.grad is None and s.grad.abs().sum() > 0  # stopgrad on the teacher
     tx = t.detach().clone().requires_grad_()  # the chunked path too (logits in, no LM head)
-    sdpo.chunked_distillation(s.detach().clone().requires_grad_(), tx, torch.zeros(5, dtype=torch.long), topk=topk,
+    _chunked(s.detach().clone().requires_grad_(), tx, torch.zeros(5, dtype=torch.long), topk=topk,
                               alpha=alpha, chunk=2)[:, 0].sum().backward()
     assert tx.grad is None
     with torch.no_grad():
@@ -2202,7 +2322,7 @@ def test_chunked_distillation_equals_unchunked():
     ws = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
     wt = torch.randn(V, H, dtype=torch.float64)
     y = torch.randint(0, V, (N,))
-    res = sdpo.chunked_distillation(hs, ht, y, ws, wt, topk=5, alpha=0.5, temperature=0.9, chunk=8)
+    res = _chunked(hs, ht, y, ws, wt, topk=5, alpha=0.5, temperature=0.9, chunk=8)
     res[:, 0].sum().backward()
     g_h, g_w = hs.grad.clone(), ws.grad.clone()
     hs.grad = ws.grad = None
@@ -2213,22 +2333,22 @@ def test_chunked_distillation_equals_unchunked():
     logp = torch.log_softmax((hs @ ws.T) / 0.9, -1).gather(-1, y[:, None]).squeeze(-1)
     assert torch.allclose(res[:, 1], logp, atol=1e-10)
     # the logits path (several ranks) gives the same numbers as the hidden-state path (one rank)
-    via_logits = sdpo.chunked_distillation(hs @ ws.T, ht @ wt.T, y, None, None, topk=5, alpha=0.5, temperature=0.9, chunk=8)
+    via_logits = _chunked(hs @ ws.T, ht @ wt.T, y, None, None, topk=5, alpha=0.5, temperature=0.9, chunk=8)
     assert torch.allclose(via_logits, res, atol=1e-10)
     t = torch.log_softmax((ht @ wt.T) / 0.9, -1)  # the teacher's entropy / log V, brute force
     assert torch.allclose(res[:, 4], -(t.exp() * t).sum(-1) / math.log(V), atol=1e-10)
-    flat = sdpo.chunked_distillation(hs, torch.zeros(N, H, dtype=torch.float64), y, ws, wt, topk=5, chunk=8)
+    flat = _chunked(hs, torch.zeros(N, H, dtype=torch.float64), y, ws, wt, topk=5, chunk=8)
     assert torch.allclose(flat[:, 4], torch.ones(N, dtype=torch.float64))  # a uniform teacher weighs 1
     # float32 at a realistic size: within 1e-5 of the straightforward computation
     hs32, ht32, w32 = torch.randn(300, 16), torch.randn(300, 16), torch.randn(1000, 16)
     y32 = torch.randint(0, 1000, (300,))
-    a = sdpo.chunked_distillation(hs32, ht32, y32, w32, w32, topk=100, chunk=64)[:, 0]
+    a = _chunked(hs32, ht32, y32, w32, w32, topk=100, chunk=64)[:, 0]
     b = sdpo.self_distillation_loss(hs32 @ w32.T, ht32 @ w32.T, topk=100)
     assert torch.allclose(a, b, atol=1e-5)
     # every support and temperature: values, metrics and both gradients (the backward reuses the forward's teacher)
     for topk, add_tail, temp in ((5, True, 1.0), (5, False, 1.3), (None, True, 1.0), (None, True, 0.7)):
         hs.grad = ws.grad = None
-        res = sdpo.chunked_distillation(hs, ht, y, ws, wt, topk=topk, alpha=0.3, add_tail=add_tail, temperature=temp,
+        res = _chunked(hs, ht, y, ws, wt, topk=topk, alpha=0.3, add_tail=add_tail, temperature=temp,
                                         chunk=8)
         (res[:, 0] * torch.arange(N) + res[:, 1]).sum().backward()
         g_h, g_w = hs.grad.clone(), ws.grad.clone()
@@ -2268,8 +2388,8 @@ def test_sdpo_reprompt_strings_and_strip_think():
 def test_ema_direction():
     t, s = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     t0, s0 = t.weight.detach().clone(), s.weight.detach().clone()
-    ema = sdpo.ema_state(t)  # the teacher's own weights, in fp32
-    sdpo.ema_update(ema, t, s, 0.05)
+    ema = sft.fp32_shards(t)  # the teacher's own weights, in fp32
+    sft.ema_update(ema, t, s, 0.05)
     assert torch.allclose(t.weight, 0.95 * t0 + 0.05 * s0)  # the teacher keeps 1 - rate of itself
     assert torch.equal(s.weight, s0) and torch.equal(ema["weight"], t.weight.detach())
 
@@ -2285,12 +2405,19 @@ def straightforward_logprobs(model, seqs, pad_id, temperature):
 
 @pytest.mark.parametrize("temp", [0.7, 1.0])
 def test_token_logprobs_equal_straightforward(tiny_model_dir, temp):
-    """The hidden-state, response-only, chunked log-probs equal the full-logits log_softmax (values, grads)."""
+    """grpo.token_logprobs (one padded row per sequence, the full logits) and its twin fast.token_logprobs (hidden
+    states, response positions only, the LM head in chunks) equal a log_softmax per sequence (values, grads)."""
+    for twin in (lambda *a, **k: grpo.token_logprobs(*a, **k),
+                 lambda *a, **k: fast.token_logprobs(*a, **k, chunk=3, pack=64)):
+        _check_token_logprobs(tiny_model_dir, temp, twin)
+
+
+def _check_token_logprobs(tiny_model_dir, temp, token_logprobs):
     model, _ = rollout.load_model(tiny_model_dir, "float32", "cpu")
     torch.manual_seed(0)
     seqs = [([5, 6, 7], [8, 9, 10, 11]), ([5, 6, 7, 12, 13], [14]), ([3], [4, 5])]
-    assert grpo.plain_lm_head(model)
-    logp, mask, ent = grpo.token_logprobs(model, seqs, 0, temp, "cpu", with_entropy=True, chunk=3)
+    assert fast.plain_lm_head(model)
+    logp, mask, ent = token_logprobs(model, seqs, 0, temp, "cpu", with_entropy=True)
     (logp * mask).sum().backward()
     g = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -2307,19 +2434,19 @@ def test_token_logprobs_equal_straightforward(tiny_model_dir, temp):
     for n, p in model.named_parameters():
         assert float((g[n] - p.grad).abs().max()) <= 1e-5 * float(p.grad.abs().max()), n
     model.zero_grad(set_to_none=True)
-    lp, m, _ = grpo.token_logprobs(model, [([5, 6], [])], 0, 1.0, "cpu")  # no response token at all
+    lp, m, _ = token_logprobs(model, [([5, 6], [])], 0, 1.0, "cpu")  # no response token at all
     (lp * m).sum().backward()  # still a backward through the model (every FSDP2 rank must run one)
     assert m.sum() == 0 and model.get_output_embeddings().weight.grad is not None
     # the logits path (heads that are not a plain Linear) gives the same numbers
     z = torch.randn(6, 50)
     y = torch.randint(0, 50, (6,))
-    res = grpo.chunked_logprobs(z, y, None, 0.7, chunk=4)
+    res = fast.chunked_logprobs(z, y, None, 0.7, chunk=4)
     assert torch.allclose(res[:, 0], torch.log_softmax(z / 0.7, -1)[torch.arange(6), y], atol=1e-6)
 
 
 @pytest.mark.parametrize("temp", [0.7, 1.0, 1.3])
 def test_chunked_logprobs_vjp_equals_autograd(temp):
-    """ChunkedHead's written-out gradient (grpo.chunked_logprobs' vjp) against autograd through the full
+    """ChunkedHead's written-out gradient (fast.chunked_logprobs' vjp) against autograd through the full
     log_softmax, in fp64, from hidden states through W and from logits; the entropy column is detached."""
     torch.manual_seed(1)
     N, H, V = 11, 6, 40
@@ -2327,37 +2454,38 @@ def test_chunked_logprobs_vjp_equals_autograd(temp):
     w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, V, (N,))
     g = torch.randn(N, dtype=torch.float64)  # an upstream gradient on each log-prob
-    lse, ent = grpo.softmax_stats((x @ w.T).detach() / temp)
+    lse, ent = fast.softmax_stats((x @ w.T).detach() / temp)
     p = torch.softmax((x @ w.T).detach() / temp, -1)
     assert torch.allclose(lse, torch.logsumexp((x @ w.T).detach() / temp, -1), atol=1e-12)
     assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-12)
     ref = torch.log_softmax(x @ w.T / temp, -1)[torch.arange(N), y]
     dx_ref, dw_ref = torch.autograd.grad((ref * g).sum(), (x, w))
-    res = grpo.chunked_logprobs(x, y, w, temp, chunk=4)
+    res = fast.chunked_logprobs(x, y, w, temp, chunk=4)
     assert torch.allclose(res[:, 0], ref, atol=1e-12) and torch.allclose(res[:, 1], ent, atol=1e-12)
     dx, dw = torch.autograd.grad((res[:, 0] * g).sum() + 5.0 * res[:, 1].sum(), (x, w))  # the entropy: no gradient
     assert torch.allclose(dx, dx_ref, atol=1e-12) and torch.allclose(dw, dw_ref, atol=1e-12)
     z = (x @ w.T).detach().requires_grad_()  # from logits (w None): z itself is the user's, left as it was
     before = z.detach().clone()
-    (dz,) = torch.autograd.grad((grpo.chunked_logprobs(z, y, None, temp, chunk=4)[:, 0] * g).sum(), z)
+    (dz,) = torch.autograd.grad((fast.chunked_logprobs(z, y, None, temp, chunk=4)[:, 0] * g).sum(), z)
     (dz_ref,) = torch.autograd.grad((torch.log_softmax(z / temp, -1)[torch.arange(N), y] * g).sum(), z)
     assert torch.allclose(dz, dz_ref, atol=1e-12) and torch.equal(z.detach(), before)
 
 
 FSDP_GRADS = """
 import json, sys, torch, torch.distributed as dist
-import grpo, rollout, sdpo, sft
+import fast, grpo, rollout, sdpo, sft
 rank, _, world, device = sft.init_distributed()
 seqs = [([5, 6, 7], [8, 9, 10, 11]), ([5, 6, 7, 12, 13], [14, 15]), ([5, 6, 7], [4, 5]), ([9, 9], [7, 7, 7])]
 tseqs = [([1, 2] + p, r) for p, r in seqs]  # the teacher sees a longer prompt
 
 def loss_of(model, teacher, rows, trows, n_tokens):  # rows 0 and 2 share a prompt: packed into one row (rank 0)
-    x, w, y, mask = grpo.response_states(model, rows, 0, device, pack=64)
-    tx, tw, _, _ = grpo.response_states(teacher, trows, 0, device, pack=64)
+    x, w, y, mask = fast.response_states(model, rows, 0, device, pack=64)
+    tx, tw, _, _ = fast.response_states(teacher, trows, 0, device, pack=64)
     sel = mask.bool()
-    res = sdpo.chunked_distillation(x[sel], tx[sel], y[sel], w, tw, topk=7, chunk=3)
-    logp, m, _ = grpo.token_logprobs(model, rows, 0, 1.0, device, chunk=2)
-    return (res[:, 0].sum() + 0.3 * (logp * m).sum()) / n_tokens
+    res = fast.chunked_distillation(x[sel], tx[sel], y[sel], w, tw, topk=7, chunk=3, divergence=sdpo.divergence,
+                                    finish_support=sdpo.finish_support)["divergence"]
+    logp, m, _ = fast.token_logprobs(model, rows, 0, 1.0, device, chunk=2)
+    return (res.sum() + 0.3 * (logp * m).sum()) / n_tokens
 
 teacher, _ = rollout.load_model(sys.argv[1], "float32", device)
 n_tokens = sum(len(r) for _, r in seqs)
@@ -2713,7 +2841,7 @@ def test_regenerated_contexts_keep_only_correct_draws(embedded_tokenizer, monkey
     monkeypatch.setattr(rollout, "generate", fake_generate)
     run = types.SimpleNamespace(tokenizer=tok, rank=0, model=None, backend=rollout.Backend("hf", tok))
     args = sdpo.Args(rollouts=4)
-    got = sdpo.regenerated_contexts(run, rows, problems, args)
+    got = rollout.regenerated_contexts(run, rows, problems, args)
     assert got == ["so \\boxed{5}"] * 4 + [None] * 8
     assert seen == [rollout.chat_prompt(tok, sdpo.teacher_prompt("q0", "\\boxed{5} a")),
                     rollout.chat_prompt(tok, sdpo.teacher_prompt("q1", "\\boxed{4} c"))]  # the first success each
@@ -2760,7 +2888,7 @@ def test_sdpo_embedded_model_sibling_context(tmp_path):
 
 
 def test_marker_tokens_surface_variants(embedded_tokenizer):
-    table = sdpo.marker_tokens(embedded_tokenizer)
+    table = epistemic.marker_tokens(embedded_tokenizer)
     forms = set(table.values())
     assert {"Wait", " wait", " Wait", " maybe", " check"} <= forms  # single tokens in SmolLM2's vocabulary
     for tid, text in table.items():
@@ -3045,7 +3173,7 @@ def test_ema_teacher_in_bf16_follows_the_fp32_ema(tiny_model_dir):
     torch.manual_seed(0)
     student, _ = rollout.load_model(tiny_model_dir)
     teacher, naive = copy.deepcopy(student).to(torch.bfloat16), copy.deepcopy(student).to(torch.bfloat16)
-    ema = sdpo.ema_state(student)
+    ema = sft.fp32_shards(student)
     t0 = {n: p.detach().to(torch.bfloat16) for n, p in student.named_parameters()}
     want = {n: p.detach().double().clone() for n, p in student.named_parameters()}
     drift = {n: torch.randn_like(p).sign() * 1e-4 for n, p in student.named_parameters()}  # a training direction
@@ -3057,11 +3185,11 @@ def test_ema_teacher_in_bf16_follows_the_fp32_ema(tiny_model_dir):
                 p.lerp_(s.to(torch.bfloat16), 0.05)  # the defect: the EMA kept in bf16
         for n, p in student.named_parameters():
             want[n] = 0.95 * want[n] + 0.05 * p.detach().double()
-        sdpo.ema_update(ema, teacher, student, 0.05)
+        sft.ema_update(ema, teacher, student, 0.05)
     for n, p in teacher.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(p, ema[n].to(torch.bfloat16)), n
         assert torch.allclose(ema[n].double(), want[n], atol=1e-6)
-    error = lambda m: sum(float((p.double() - want[n]).abs().sum()) for n, p in m.named_parameters())
+    error = lambda m: sum(float((p.detach().double() - want[n]).abs().sum()) for n, p in m.named_parameters())
     unmoved = lambda m: sum(int((p == t0[n]).sum()) for n, p in m.named_parameters()) / sum(
         p.numel() for p in m.parameters())
     assert error(naive) > 3 * error(teacher) and unmoved(naive) > 2 * unmoved(teacher)
@@ -3080,19 +3208,24 @@ def test_training_forwards_build_no_cache_and_keep_one_hidden_state(tiny_model_d
     monkeypatch.setattr(type(model), "forward", spy)
     head_rows = []  # positions the model's own LM head computes: one (logits_to_keep=1), never (T, V)
     model.lm_head.register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[1]) and None)
-    grpo.token_logprobs(model, [([5, 6, 7], [8, 9])], 0, 1.0, "cpu", pack=64)
-    sft.token_nll(model, [[5, 6, 7, 8]], [[0, 0, 1, 1]], 0, "cpu")
+    fast.token_logprobs(model, [([5, 6, 7], [8, 9])], 0, 1.0, "cpu", pack=64)
+    fast.token_nll(model, [[5, 6, 7, 8]], [[0, 0, 1, 1]], 0, "cpu")
     assert len(seen) == 2 and all(kw["use_cache"] is False and not kw.get("output_hidden_states") for kw in seen)
     assert head_rows == [1, 1]
 
 
 def test_sft_chunked_nll_equals_full_logits(tiny_model_dir):
-    """sft.token_nll through the chunked LM head against cross-entropy over the full logits: the value and every
-    parameter's gradient, chunks smaller than the batch."""
+    """sft.token_nll (full logits) and its twin fast.token_nll (the chunked LM head) against cross-entropy per
+    sequence: the value and every parameter's gradient, chunks smaller than the batch."""
+    for twin in (lambda *a: sft.token_nll(*a), lambda *a: fast.token_nll(*a, chunk=2)):
+        _check_token_nll(tiny_model_dir, twin)
+
+
+def _check_token_nll(tiny_model_dir, token_nll):
     model, tok = rollout.load_model(tiny_model_dir)
     ids = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
     masks = [[0, 0, 1, 1, 1, 1], [0, 1, 1]]
-    nll, count = sft.token_nll(model, ids, masks, tok.pad_token_id, "cpu", chunk=2)
+    nll, count = token_nll(model, ids, masks, tok.pad_token_id, "cpu")
     nll.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
