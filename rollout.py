@@ -15,6 +15,8 @@ Implements, for arXiv 2603.24472:
     distribution; for vllm, `engine_length` (the engine's max_model_len), `request_seed` (one seed per
     request), `sleep_engine` and `push_weights_to_vllm` (the weight sync after an RL step, which wakes it)
   - the Table 1 analysis CLI: avg score, avg length (tokens), avg epistemic count per setting.
+  - for the trainers: SDPO's teacher contexts (`teacher_contexts`, `attach_teacher_prompts`), the graded rollouts
+    of a step (`score_rollouts`, `save_rollouts`), the weights after a step (`refresh_weights`).
 
 Table 1's pipeline is the released analysis scripts' (beanie00/self-distillation-analysis,
 analyzing_reasoning_behavior/): `rollout.py select` samples 8 responses per DAPO problem at 0.6 / 0.95 /
@@ -30,12 +32,10 @@ Departures, and why:
   2. `--solution-source rollout` takes s from this run's unguided samples instead (problems without a
      correct one are left out of settings (2)-(5) and counted); `dataset` (the default) reads the
      file's `solution`, which is the selection's s.
-  3. The hf backend is a short decoding loop of our own rather than `model.generate`, 2x faster on
-     CPU for the same sampling (bench.py): `x @ W.T` is computed as `(W @ x.T).T` while few rows
-     pass (`skinny_linear`; MKL picks a 4x slower kernel otherwise), the KV cache appends in place
-     (`preallocate_kv`), tokens are drawn by inverse CDF over the top-k candidates only
-     (`sample_next`), and finished rows leave the batch at once. For Llama-style models on the CPU the
-     decoding step itself is written out over the weights (`LeanDecoder`, where `lean_decoding` allows).
+  3. The hf backend is a short decoding loop of our own rather than `model.generate`: prefill, then one token
+     per step from the KV cache, finished rows leaving the batch at once (`generate_hf`). Under --fast (the
+     default) its step is fast.py's, 2x faster on CPU for the same samples (bench.py): `fast.skinny_linear`,
+     `fast.preallocate_kv`, `fast.sample_next` over the top-k candidates, `fast.LeanDecoder` for Llama-style models.
   4. rollout.py also imports epistemic.py (for Table 1's epistemic column): DESIGN.md's graph has
      rollout -> data only; epistemic.py is standalone, so no cycle.
 

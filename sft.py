@@ -7,13 +7,15 @@ Implements, for arXiv 2603.24472:
     masked, in its own chat template, so it learns to answer x as if it had seen s.
         python sft.py build --setting unguided|solution ...   -> a jsonl with length and E(y) per row
         python sft.py train --data D.jsonl ...                 -> checkpoints OUT/step_N/
-  - the plumbing grpo.py and sdpo.py use: `init_distributed`, `shard_model` (FSDP2 `fully_shard`
-    over the decoder layers and the root, optional gradient checkpointing, bf16 mixed precision on
-    GPU), `make_optimizer` (AdamW, App. D Table 8: weight decay 0.01, grad clip 1.0, 10 warmup
-    steps), `lr_at`, `clip_grads`, `save_checkpoint` / `latest_checkpoint` / `load_checkpoint`.
+  - the plumbing every trainer shares (grpo.py and sdpo.py too): `RunArgs` (their common flags), `setup`
+    (ranks, problems, the sharded policy, optimizer, generation backend, resume), `init_distributed`,
+    `shard_model` (FSDP2 `fully_shard` over the decoder layers and the root, optional activation
+    checkpointing, bf16 mixed precision on GPU), `make_optimizer` (AdamW, App. D Table 8), `lr_at`,
+    `apply_update`, `Metrics` (a step's metrics, one all-reduce), `save_checkpoint` / `load_checkpoint`, the EMA
+    teacher's fp32 weights (`ema_weights`, `ema_update`), `--wandb` (`open_wandb`, `log_metrics`).
 
-The loss runs the LM head on response positions only, in chunks recomputed in backward (`token_nll`), so
-(T, V) logits never exist; `--chunk 0` picks the chunk by device.
+The loss is `token_nll` over the full logits, or under --fast (the default) fast.token_nll: the LM head on
+response positions only, in chunks recomputed in backward, so (T, V) logits never exist.
 
 Checkpoints: OUT/step_N/ is a Hugging Face directory (config.json, tokenizer, model.safetensors)
 that AutoModelForCausalLM.from_pretrained loads as it is, plus optimizer.pt (full optimizer state,
