@@ -637,8 +637,8 @@ def frozen_model(name_or_path: str, args, device):
 
 def open_wandb(project: str | None, args, out: Path):
     """--wandb PROJECT: a Weights & Biases run on rank 0, named after --out, with the flags as its config; None
-    without the flag and on other ranks. wandb is imported here, not required (pip install wandb); WANDB_MODE=offline
-    writes the run under ./wandb without an account."""
+    without the flag and on other ranks. wandb is imported here, not required (pip install wandb); the run's files
+    go under OUT/wandb, and WANDB_MODE=offline keeps them there, without an account."""
     if not project or world_info()[0] != 0:
         return None
     try:
