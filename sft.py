@@ -340,14 +340,6 @@ def all_reduce_sum(x: float) -> float:
     return float(t.item())
 
 
-def all_reduce_max(x: float) -> float:
-    if not dist.is_initialized():
-        return float(x)
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # collective
-    return float(t.item())
-
-
 def clip_grads(model, max_norm: float) -> float:
     """Clip the global gradient norm (DTensor-aware under FSDP2); returns the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
