@@ -479,11 +479,12 @@ def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) ->
             ed = lambda key: bootstrap(eval_matrix(evals[name], key, shared),
                                        eval_matrix(evals[args.baseline], key, shared), reps=reps) \
                 if name in evals and args.baseline in evals else None
-            diffs.append((name, ci(td("length"), ".1f", True), ci(td("epistemic"), ".2f", True),
+            diffs.append((name, len(seeds), ci(td("length"), ".1f", True), ci(td("epistemic"), ".2f", True),
                           ci(td("think_length"), ".1f", True), ci(ed("acc"), ".3f", True),
                           ci(ed("length"), ".1f", True), ci(ed("epistemic"), ".2f", True)))
-        md.append(f"## Each run minus {args.baseline}\n\n" + epistemic.format_table(
-            diffs, ("run", "length (last)", "E(y) (last)", "think length (last)", "held-out acc",
+        note = "A run of one seed has no spread over seeds in its intervals: they understate its noise.\n\n"
+        md.append(f"## Each run minus {args.baseline}\n\n{note}" + epistemic.format_table(
+            diffs, ("run", "seeds", "length (last)", "E(y) (last)", "think length (last)", "held-out acc",
                     "held-out length", "held-out E(y)")) + "\n")
     drawn = set()
     for spec in args.groups:

@@ -2564,7 +2564,7 @@ def test_report_from_fake_runs(tmp_path):
     assert sdpo[8] == "0.030 [0.020, 0.040]"  # the teacher KL of the last step: 0.02 and 0.04
     assert cells("grpo", "## Training runs")[8:10] == ["-", "0.500 [0.000, 1.000]"]  # GRPO has no teacher
     diff = cells("sdpo", "## Each run minus grpo")
-    assert diff[0] == "+0.0 [+0.0, +0.0]" and diff[3].startswith("+0.500 [+0.000, +1.000]")  # the interval touches 0
+    assert diff[:2] == ["2", "+0.0 [+0.0, +0.0]"] and diff[4].startswith("+0.500 [+0.000, +1.000]")  # touches 0
     assert "| ood       | 1        | 0.500 [0.500, 0.500] | 0.00 [0.00, 0.00] | 5.0 [5.0, 5.0] | 1.000 [1.000, 1.000]" \
         in md  # the table before training: one problem, its two responses both close </think> and box
     assert "## B\n" not in md and "## A\n" in md  # B: its only run is in A's plot
