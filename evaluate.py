@@ -436,7 +436,8 @@ def _table2(root: Path, boot: int) -> str | None:
 
 
 def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) -> list[str]:
-    """The training runs' sections: their table, each minus the baseline, the plots, the figures per step."""
+    """The training runs' sections: their table, each minus the baseline, the plots, the figures per step. A run's
+    held-out figures come from eval/ at every seed, once each evaluation has finished (summary.json written)."""
     md = []
     runs, evals = {}, {}
     for path in sorted(root.glob("*/seed*/metrics.jsonl")):
@@ -444,7 +445,7 @@ def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) ->
         if rows and "score" in rows[0]:
             name, seed = path.parent.parent.name, path.parent.name
             runs.setdefault(name, {})[seed] = rows
-            if (path.parent / "eval" / "samples.jsonl").exists():
+            if (path.parent / "eval" / "summary.json").exists():  # written last: the evaluation is complete
                 evals.setdefault(name, {})[seed] = read_samples(path.parent / "eval" / "samples.jsonl")
     evals = {n: ev for n, ev in evals.items() if len(ev) == len(runs[n])}  # only runs evaluated at every seed
     shared = sorted(set.intersection(*(set(e) for ev in evals.values() for e in ev.values()))) if evals else []

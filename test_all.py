@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -2006,7 +2007,6 @@ def test_grpo_one_and_two_processes_equal_the_gradient_by_hand(digit_model_dir, 
 def test_grpo_resume_equals_uninterrupted_run(digit_model_dir, tmp_path):
     """Three AdamW steps at once, and the same run resumed from its step-2 checkpoint: step 3's rollouts, metrics
     and weights are the same."""
-    import shutil
     full, rolls, out = _digit_run(digit_model_dir, tmp_path, "grpo.py", "full", "--lr", "1e-2", "--warmup", "2",
                                   steps=3)
     assert [m["step"] for m in full] == [1, 2, 3]
@@ -2546,6 +2546,7 @@ def test_report_from_fake_runs(tmp_path):
         samples = [dict(benchmark="ood", id=f"p{k}", scores=[a, a], lengths=[10, 30], epistemic=[1, 2],
                         responses=[good, "3"], finish_reasons=["stop", "length"]) for k, a in enumerate(accs)]
         (d / "eval" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        (d / "eval" / "summary.json").write_text("{}")
     (root / "base").mkdir()
     (root / "base" / "samples.jsonl").write_text(json.dumps(dict(
         benchmark="ood", id="p0", scores=[0, 1], lengths=[4, 6], epistemic=[0, 0], responses=[good, good + "x"],
@@ -2572,6 +2573,13 @@ def test_report_from_fake_runs(tmp_path):
     # README's test install
     per_step = md[md.index("## Per step"):]
     assert per_step.count("| grpo ") == 2 and "| sdpo | 2     | 2    | 0.500 | 90.0" in per_step  # the repeat dropped
+    # a third seed trained, its evaluation under way (samples.jsonl, no summary.json): sdpo has no held-out figures
+    shutil.copytree(root / "sdpo" / "seed1", root / "sdpo" / "seed2")
+    (root / "sdpo" / "seed2" / "eval" / "summary.json").unlink()
+    md = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), last=1, boot=400))
+    sdpo = cells("sdpo", "## Training runs")
+    assert sdpo[0] == "3" and sdpo[9:] == ["-", "-", "-"] and cells("grpo", "## Training runs")[9] != "-"
+    assert cells("sdpo", "## Each run minus grpo")[4:] == ["-", "-", "-"]
     with pytest.raises(FileNotFoundError, match="no such directory"):
         evaluate.report(evaluate.ReportArgs(runs=str(tmp_path / "missing")))
     (root / "base" / "samples.jsonl").write_text('{"benchmark": "ood"}\n')
@@ -2760,7 +2768,6 @@ def test_sdpo_sibling_contexts_and_remedies_equal_the_gradient_by_hand(digit_mod
 
 def _qwen_digit_model(digit_model_dir, tmp_path) -> str:
     """The digit model with a Qwen3-style chat template (thinking on/off)."""
-    import shutil
     from transformers import AutoTokenizer
     path = tmp_path / "digits-qwen"
     shutil.copytree(digit_model_dir, path)
@@ -2851,7 +2858,6 @@ def test_sdpo_ema_teacher_and_resume_equal_the_uninterrupted_run(digit_model_dir
     """--teacher-ema 0.05 with AdamW, two mini-batches a step (off-policy): each step's saved teacher is (1 - 0.05) teacher + 0.05 student, recomputed
     from the saved weights; the run resumed from step 2 reloads that teacher and gives step 3's rollouts,
     metrics, weights and teacher as the uninterrupted run does."""
-    import shutil
     from safetensors.torch import load_file
     flags = ("--teacher-ema", "0.05", "--lr", "1e-2", "--warmup", "2", "--mini-batch", "2")  # two updates a step
     full, rolls, out = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "full", *flags, steps=3)
