@@ -3,6 +3,7 @@
     python bench.py grade              # grading throughput on 1,000 mixed responses
     python bench.py generate           # hf backend vs plain model.generate (tokens/s), batch 16, 128 new tokens
     python bench.py generate64         # the same at batch 64
+    python bench.py generate64_bf16    # the same in bf16 (evaluate.py --dtype bfloat16; fast on AVX512-BF16 CPUs)
     python bench.py sdpo_chunked sdpo_unchunked   # SDPO loss memory at V = 151,936, T = 4096
     python bench.py grpo_step sdpo_step generate  # an RL step: phases, step time, peak RSS, MFU
     python bench.py grpo_step_ckpt sdpo_step_ckpt # the same with gradient checkpointing (TRL's default)
@@ -53,14 +54,14 @@ def bench_grade(n: int = 1000) -> dict:
                 mean_score=round(sum(scores) / n, 3))
 
 
-def bench_generate(batch: int = 16, new_tokens: int = 128, reps: int = 2) -> dict:
+def bench_generate(batch: int = 16, new_tokens: int = 128, reps: int = 2, dtype: str = "float32") -> dict:
     """Tokens/s of plain `model.generate` and of rollout.generate_hf on the same prompts and sampling
-    (temperature 1.0, top-p 1, top-k 0, EOS stops), in one process. Counts response tokens up to and
-    including EOS (what a trainer uses), best of `reps`."""
+    (temperature 1.0, top-p 1, top-k 0, EOS stops), in one process, with the weights in `dtype`. Counts
+    response tokens up to and including EOS (what a trainer uses), best of `reps`."""
     import torch
     import data
     import rollout
-    model, tok = rollout.load_model()
+    model, tok = rollout.load_model(dtype=dtype)
     qs = [p["question"] for p in data.load_problems(f"synthetic:difficulty=1,n={batch}")]
     prompts = [rollout.chat_prompt(tok, data.format_prompt(q)) for q in qs]
     eos = rollout.eos_ids(tok, model)
@@ -83,7 +84,8 @@ def bench_generate(batch: int = 16, new_tokens: int = 128, reps: int = 2) -> dic
         t = time.perf_counter()
         samples = rollout.generate_hf(model, tok, prompts, params, batch_size=batch, progress=False)
         ours.append(sum(len(s.response_ids) for s in samples) / (time.perf_counter() - t))
-    return dict(row=f"generate batch={batch} new_tokens={new_tokens}", plain_generate_tok_s=round(max(plain), 1),
+    return dict(row=f"generate batch={batch} new_tokens={new_tokens} {dtype}",
+                plain_generate_tok_s=round(max(plain), 1),
                 hf_backend_tok_s=round(max(ours), 1), speedup=round(max(ours) / max(plain), 2),
                 threads=torch.get_num_threads())
 
@@ -246,6 +248,7 @@ def peak_rss_gb() -> float:
 
 
 ROWS = {"grade": bench_grade, "generate": bench_generate, "generate64": lambda: bench_generate(batch=64),
+        "generate64_bf16": lambda: bench_generate(batch=64, dtype="bfloat16"),
         "sdpo_chunked": bench_sdpo_memory, "sdpo_unchunked": lambda: bench_sdpo_memory(chunk=None),
         "grpo_step": bench_rl_step, "sdpo_step": lambda: bench_rl_step("sdpo"),
         "grpo_step_ckpt": lambda: bench_rl_step(grad_ckpt=True), "sdpo_step_ckpt": lambda: bench_rl_step("sdpo", grad_ckpt=True),
