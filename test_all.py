@@ -3229,7 +3229,8 @@ def test_sft_chunked_nll_equals_full_logits(tiny_model_dir):
 
 def _check_token_nll(tiny_model_dir, token_nll):
     # float64: the reference runs each sequence alone, the twins a padded batch; in fp32 their gradients differ by
-    # up to 2.5e-5 on values near 1 on some CPUs (the attention kernels' backward; the forwards agree to 1.5e-7).
+    # up to 2.5e-5 on values near 1 on some CPUs (most likely the attention kernels' backward: the forwards agree to
+    # 1.5e-7).
     # In float64 only a bookkeeping error (a shift, a mask, a chunk) can exceed the tolerance
     model, tok = rollout.load_model(tiny_model_dir)
     model.double()
