@@ -36,7 +36,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 from pathlib import Path
 
@@ -53,7 +53,8 @@ class Args:
     CHECKS: ClassVar[dict] = dict(
         n_samples=data.POSITIVE, k=data.POSITIVE, temperature=data.NON_NEGATIVE, top_p=data.FRACTION,
         top_k=data.NON_NEGATIVE, max_new_tokens=data.POSITIVE, limit=data.POSITIVE, backend=data.BACKENDS,
-        batch_size=data.POSITIVE, chunk=data.POSITIVE, thinking=data.THINKING, dtype=data.DTYPES)
+        batch_size=data.POSITIVE, chunk=data.POSITIVE, thinking=data.THINKING, dtype=data.DTYPES,
+        vllm_gpu_memory=data.FRACTION)
     model: str = rollout.EMBEDDED
     """Hugging Face id or directory, or 'smollm2-135m' (embedded)"""
     data: list[str] = field(default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"])
@@ -74,6 +75,8 @@ class Args:
     """first `limit` problems of each benchmark"""
     backend: str = "hf"
     """hf (transformers, CPU/GPU) or vllm (GPU)"""
+    vllm_gpu_memory: float = 0.9
+    """vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"""
     batch_size: int = 64
     """hf backend: sequences decoded together"""
     fast: bool = True
@@ -145,7 +148,8 @@ def answer_part(response: str) -> str:
 def score_problems(backend, problems: list[dict], params: rollout.SamplingParams, chat: dict,
                    progress: bool = True, lenient: bool = False, indices: list[int] | None = None) -> list[dict]:
     """Generate params.n samples per problem and grade them: one record per problem. `indices`: the problems'
-    numbers, their seeds (`rollout.generate`)."""
+    numbers, their seeds (`rollout.generate`). No log-probs are asked of vLLM: grading needs none."""
+    params = replace(params, logprobs=False)
     prompts = [rollout.chat_prompt(backend.tokenizer, data.format_prompt(p["question"]), **chat) for p in problems]
     samples = rollout.generate(backend, prompts, params, progress=progress, indices=indices)
     records = [dict(id=p["id"], question=p["question"], answer=p["answer"], responses=[], scores=[], lengths=[],
@@ -168,12 +172,17 @@ def evaluate(backend, benchmarks: dict[str, list[dict]], params: rollout.Samplin
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     chat = chat or {}
-    summary = {}
-    for name, problems in benchmarks.items():  # each problem seeded by its place: the same samples on any world size
-        indices = rollout.shard(list(range(len(problems))), rank, world)
-        mine = score_problems(backend, [problems[i] for i in indices], params, chat, progress, lenient, indices)
-        allr = rollout.gather_to_rank0(mine, world)
-        summary[name] = summarize(allr, list(ks)) if rank == 0 else None
+    # one generate call for every benchmark (vLLM schedules them together, not one long tail after another); each
+    # problem numbered across the benchmarks: its seed, the same samples on any world size
+    flat = [(name, p) for name, problems in benchmarks.items() for p in problems]
+    indices = rollout.shard(list(range(len(flat))), rank, world)
+    mine = score_problems(backend, [flat[i][1] for i in indices], params, chat, progress, lenient, indices)
+    for i, r in zip(indices, mine):
+        r["benchmark"] = flat[i][0]
+    every = rollout.gather_to_rank0(mine, world)
+    summary = None
+    if rank == 0:
+        summary = {name: summarize([r for r in every if r["benchmark"] == name], list(ks)) for name in benchmarks}
     if world > 1:
         box = [summary]
         dist.broadcast_object_list(box, src=0)  # collective: every rank gets rank 0's summary
@@ -235,7 +244,8 @@ def main(args: Args) -> dict:
         max_len = rollout.engine_length(tok, [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat)
                                               for _, p in pending], args.max_new_tokens, args.model)
     backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
-                                   max_model_len=max_len, seed=args.seed + rank)
+                                   max_model_len=max_len, seed=args.seed + rank,
+                                   gpu_memory_utilization=args.vllm_gpu_memory)
     step = args.chunk * world
     bar = tqdm(total=len(pending), desc="problems", disable=rank != 0)
     for i, start in enumerate(range(0, len(pending), step)):

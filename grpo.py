@@ -249,7 +249,6 @@ def attach_old_logprobs(model, rows: list[dict], args: Args, pad_id: int, device
         old, mask, _ = logprobs(model, micro, args, pad_id, device)
         for r, o, m in zip(micro, old, mask):
             r["old_logp"] = o[:int(m.sum())].tolist()
-    sft.reshard(model)  # FSDP2: no backward follows this forward
 
 
 CLIP_FRACS = ("clip_frac_high", "clip_frac_low", "clip_frac_dual")

@@ -84,7 +84,7 @@ class Args:
         setting=(*SETTINGS, "all"), solution_source=("rollout", "dataset"), n_samples=data.POSITIVE,
         limit=data.POSITIVE, backend=data.BACKENDS, temperature=data.NON_NEGATIVE, top_p=data.FRACTION,
         top_k=data.NON_NEGATIVE, max_new_tokens=data.POSITIVE, batch_size=data.POSITIVE, thinking=data.THINKING,
-        dtype=data.DTYPES)
+        dtype=data.DTYPES, vllm_gpu_memory=data.FRACTION)
     model: str = EMBEDDED
     """Hugging Face id or directory, or 'smollm2-135m' (embedded, offline)"""
     data: str = "synthetic:difficulty=1,n=16"
@@ -101,6 +101,8 @@ class Args:
     """use only the first `limit` problems"""
     backend: str = "hf"
     """hf (transformers, CPU/GPU) or vllm (GPU)"""
+    vllm_gpu_memory: float = 0.9
+    """vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"""
     temperature: float = 0.6
     """sampling temperature (the released analysis scripts: 0.6)"""
     top_p: float = 0.95
@@ -362,6 +364,7 @@ class SamplingParams:
     top_k: int = 0
     max_new_tokens: int = 256
     seed: int = 0
+    logprobs: bool = True  # vllm: return each sampled token's log-prob (the trainers need them; evaluation not)
 
 
 @dataclass
@@ -552,7 +555,7 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
 
 
 def make_vllm(model_path: str, max_model_len: int, tensor_parallel_size: int = 1,
-              gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = False, seed: int = 0,
+              gpu_memory_utilization: float = 0.9, enable_sleep_mode: bool = False, seed: int = 0,
               device="cuda"):
     """A colocated vLLM engine, one per torchrun rank (vLLM 0.33, `external_launcher` executor).
 
@@ -610,7 +613,8 @@ def generate_vllm(backend: Backend, prompts: list[str], params: SamplingParams,
                          f"engine's max_model_len {backend.max_model_len}")
     sps = [VSP(n=params.n, temperature=params.temperature, top_p=params.top_p,
                top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-               seed=request_seed(params.seed, i), logprobs=0) for i in (indices or range(len(prompts)))]
+               seed=request_seed(params.seed, i), logprobs=0 if params.logprobs else None, detokenize=False)
+           for i in (indices or range(len(prompts)))]  # the text is decoded here, from the token ids
     results = backend.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], sps,
                                    use_tqdm=False) if prompts else []
     out = []
@@ -640,12 +644,13 @@ def push_weights_to_vllm(backend: Backend, model, dtype=torch.bfloat16, max_byte
     (`fully_shard`) or plain model. Collective: every rank calls it, parameters in the same order.
       - a sleeping engine (`sleep_engine`) first gets its weight memory back (`wake_up(tags=["weights"])`);
         since level 2 discards the weights, they are always pushed, never reloaded from disk;
-      - each parameter is gathered with `full_tensor()` (DTensor), cast to the engine's dtype (bf16: vLLM's
-        loaders warn on every other dtype, and fp32 copies double the transient memory), and loaded in
+      - each parameter's shard is cast to the engine's dtype (bf16: vLLM's loaders warn on every other dtype, and
+        an fp32 all-gather moves twice the bytes), gathered with `full_tensor()` (DTensor), and loaded in
         batches of at most `max_bytes` through the public `llm.apply_model(lambda m: m.load_weights(...))`
         (the private `llm_engine.model_executor.driver_worker...` path broke across releases);
       - HF names load as they are for dense models (vLLM fuses q/k/v itself); a tied lm_head is skipped;
-      - then the prefix cache is reset (it holds KV of the old weights) and the KV cache woken.
+      - then the prefix cache is reset (it holds KV of the old weights) and the KV cache woken; before each
+        wake-up torch's cache returns the trainer's freed blocks, so that vLLM finds them free.
     """
     llm = backend.llm
     if backend.asleep:
@@ -658,8 +663,8 @@ def push_weights_to_vllm(backend: Backend, model, dtype=torch.bfloat16, max_byte
         name = name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
         if tied and name == "lm_head.weight":
             continue
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p.data  # DTensor shard -> full (collective)
-        full = full.detach().to(dtype)
+        shard = p.detach().to(dtype)  # each rank casts its shard first: the all-gather moves bf16, half of fp32
+        full = shard.full_tensor() if hasattr(shard, "full_tensor") else shard  # DTensor -> full (collective)
         if batch and size + full.numel() * full.element_size() > max_bytes:
             llm.apply_model(lambda m, b=tuple(batch): m.load_weights(b))
             batch, size = [], 0
@@ -669,6 +674,8 @@ def push_weights_to_vllm(backend: Backend, model, dtype=torch.bfloat16, max_byte
         llm.apply_model(lambda m, b=tuple(batch): m.load_weights(b))
     llm.reset_prefix_cache()
     if backend.asleep:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the push's freed transients go back before vLLM allocates its KV cache
         llm.wake_up(tags=["kv_cache"])
         backend.asleep = False
 
@@ -945,7 +952,8 @@ def table1(args: Args) -> dict:
     max_len = 0 if args.backend != "vllm" else settings_engine_length(
         args.model, problems, ["unguided", *chosen], args.solution_source, args.max_new_tokens, chat)
     backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
-                           max_model_len=max_len, seed=args.seed + rank)
+                           max_model_len=max_len, seed=args.seed + rank,
+                           gpu_memory_utilization=args.vllm_gpu_memory)
     params = SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed + rank)
     records = {}
@@ -1004,7 +1012,8 @@ def select(args: SelectArgs) -> list[dict]:
     max_len = 0 if args.backend != "vllm" else settings_engine_length(
         args.model, problems, ["unguided"], "rollout", args.max_new_tokens, chat)
     backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
-                           max_model_len=max_len, seed=args.seed + rank)
+                           max_model_len=max_len, seed=args.seed + rank,
+                           gpu_memory_utilization=args.vllm_gpu_memory)
     params = SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     kept, seen = [], []

@@ -12,15 +12,16 @@ Implements, for arXiv 2603.24472:
     `shard_model` (FSDP2 `fully_shard` over the decoder layers and the root, optional activation
     checkpointing, bf16 mixed precision on GPU), `make_optimizer` (AdamW, App. D Table 8), `lr_at`,
     `apply_update`, `Metrics` (a step's metrics, one all-reduce), `save_checkpoint` / `load_checkpoint`, the EMA
-    teacher's fp32 weights (`ema_weights`, `ema_update`), `--wandb` (`open_wandb`, `log_metrics`).
+    teacher's fp32 weights (`ema_weights`, `ema_update`), `--wandb` (`open_wandb`, `log_metrics`), and the
+    per-GPU memory estimate that refuses a run before it loads (`memory_plan`, `check_memory`).
 
 The loss is `token_nll` over the full logits, or under --fast (the default) fast.token_nll: the LM head on
 response positions only, in chunks recomputed in backward, so (T, V) logits never exist.
 
-Checkpoints: OUT/step_N/ is a Hugging Face directory (config.json, tokenizer, model.safetensors)
-that AutoModelForCausalLM.from_pretrained loads as it is, plus optimizer.pt (full optimizer state,
-loaded with torch.load(weights_only=True), which unpickles no code), rng_state_R.pt and
-trainer_state.json. It is written under a temporary name and renamed, so a kill or a full disk at
+Checkpoints: OUT/step_N/ is a Hugging Face directory (config.json, tokenizer, model.safetensors: the policy, the
+only top-level weights, as vLLM's loader wants) that AutoModelForCausalLM.from_pretrained loads as it is, plus
+optimizer/shard_R.safetensors (each rank's rows of the AdamW state and its RNG state; a resumed run may have another
+number of ranks), SDPO's EMA teacher as a HF directory teacher/, and trainer_state.json; nothing is pickled. It is written under a temporary name and renamed, so a kill or a full disk at
 any moment leaves the previous checkpoint whole. `--resume` continues from the latest one with the
 same data order: on CPU in fp32 the resumed run's metrics equal an uninterrupted run's. `--keep-checkpoints N`
 (default 2) removes complete checkpoints older than the N newest.
@@ -47,6 +48,7 @@ Run it:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -74,7 +76,7 @@ class BuildArgs:
         setting=("unguided", "solution"), solution_source=("rollout", "dataset"), n_samples=data.POSITIVE,
         target=data.POSITIVE, backend=data.BACKENDS, temperature=data.NON_NEGATIVE, top_p=data.FRACTION,
         top_k=data.NON_NEGATIVE, max_new_tokens=data.POSITIVE, batch_size=data.POSITIVE, thinking=data.THINKING,
-        dtype=data.DTYPES)
+        dtype=data.DTYPES, vllm_gpu_memory=data.FRACTION)
     setting: str = "solution"
     """unguided (D_ug, c = {}) or solution (D_sg, c = s)"""
     model: str = rollout.EMBEDDED
@@ -91,6 +93,8 @@ class BuildArgs:
     """grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)"""
     backend: str = "hf"
     """hf or vllm"""
+    vllm_gpu_memory: float = 0.9
+    """vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"""
     temperature: float = 0.6
     """sampling temperature"""
     top_p: float = 0.95
@@ -182,7 +186,7 @@ class RunArgs:
         eval_temperature=data.NON_NEGATIVE, eval_top_p=data.FRACTION, eval_top_k=data.NON_NEGATIVE,
         steps=data.NON_NEGATIVE, thinking=data.THINKING,
         save_every=data.NON_NEGATIVE, keep_checkpoints=data.NON_NEGATIVE, backend=data.BACKENDS,
-        gen_batch_size=data.POSITIVE, vllm_gpu_memory=data.FRACTION, vllm_sleep=(0, 1, 2), micro_batch=data.POSITIVE,
+        gen_batch_size=data.POSITIVE, vllm_gpu_memory=data.UNIT, vllm_sleep=(0, 1, 2), micro_batch=data.POSITIVE,
         chunk=data.NON_NEGATIVE, pack_tokens=data.NON_NEGATIVE)
     out: str = "runs/grpo"
     """output directory: metrics.jsonl, step_N/ checkpoints"""
@@ -222,8 +226,9 @@ class RunArgs:
     """rollouts: hf (transformers, CPU/GPU) or vllm (GPU, weights pushed every step)"""
     gen_batch_size: int = 64
     """hf backend: sequences decoded together"""
-    vllm_gpu_memory: float = 0.5
-    """vllm: share of total GPU memory for the engine"""
+    vllm_gpu_memory: float = 0.0
+    """vllm: share of total GPU memory for the engine; 0 = the largest that fits beside the trainer's weights, AdamW
+    and teacher (`sft.memory_plan`, at most 0.9)"""
     vllm_sleep: int = 2
     """vllm: engine sleep level while the trainer runs (2: weights and KV cache freed, 1: weights in CPU memory, 0:
     never)"""
@@ -293,6 +298,106 @@ def shard_model(model, device, grad_ckpt: bool = False, mixed_precision: bool = 
     return model
 
 
+RESERVE_GB = 4.0  # per GPU, outside every estimate: the CUDA context, NCCL's buffers, the allocator's fragmentation
+
+
+def model_sizes(config) -> dict:
+    """What `memory_plan` needs of a causal LM, from its config alone (the model is built on the meta device): the
+    parameter count, one decoder layer's and the rest's (embeddings, final norm, an untied head), the hidden size,
+    the layers, the vocabulary, and the bytes of KV cache per token in bf16."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    text = config.get_text_config()
+    layers = len(model.model.layers)
+    params = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return dict(params=params, layer=layer, root=params - layer * layers, hidden=text.hidden_size, layers=layers,
+                vocab=text.vocab_size, kv_per_token=2 * layers * kv_heads * head_dim * 2)
+
+
+def memory_plan(sizes: dict, world: int, gpu_gb: float, tokens: int, grad_ckpt: bool = True, chunk: int = 1024,
+                teacher_tokens: int = 0, ema: bool = False, share: float = 0.0, sleep: int = 2,
+                engine_len: int = 0) -> dict:
+    """Per-GPU memory of a run, in GB (1e9 bytes), estimated from the sizes of its parts; an estimate, not a
+    measurement (the README's table for the paper's models comes from here).
+
+    P parameters over `world` ranks: fp32 weights 4P/world, fp32 gradients 4P/world (freed after each update),
+    AdamW's two moments 8P/world; FSDP2 gathers the bf16 root and two layers (one computing, one prefetched).
+    Activations of a micro-batch of `tokens` positions, hidden size H, L layers: 34 bytes per position and
+    hidden unit for a layer (Korthikanti et al. 2022, with fused attention); under --grad-ckpt only each layer's
+    bf16 input (2 bytes) plus one layer recomputed. The LM head: a chunk's fp32 logits, log-probs and their
+    gradient, and the unsharded fp32 head gradient. SDPO (teacher_tokens > 0): the bf16 teacher, whole on every
+    rank, and its no-grad forward over the teacher's longer sequence; --teacher-ema adds fp32 shards.
+
+    During rollouts the trainer keeps its weights, AdamW and the teacher (`resident`) beside the engine's share of
+    the GPU; during training the engine sleeps (levels 1 and 2 free its GPU memory; level 0 keeps it). share 0:
+    the largest share that fits beside the trainer, at most 0.9. A plan whose peaks exceed gpu_gb - RESERVE_GB,
+    or whose engine cannot hold its bf16 weights and one sequence of engine_len tokens, has `problem` set."""
+    p, h, n_layers, v = sizes["params"], sizes["hidden"], sizes["layers"], sizes["vocab"]
+    gb = 1e9
+    part = dict(
+        weights=4 * p / world / gb,
+        adam=8 * p / world / gb,
+        ema=4 * p / world / gb if ema else 0.0,
+        teacher=2 * p / gb if teacher_tokens else 0.0,
+        grads=4 * p / world / gb,
+        gathered=2 * (sizes["root"] + 2 * sizes["layer"]) / gb,
+        activations=tokens * h * (2 * n_layers + 34 if grad_ckpt else 34 * n_layers) / gb,
+        head=(12 * chunk * v + 4 * v * h) / gb,
+        teacher_forward=(34 * teacher_tokens * h + 8 * chunk * v) / gb if teacher_tokens else 0.0,
+    )
+    resident = part["weights"] + part["adam"] + part["ema"] + part["teacher"]
+    training = resident + sum(part[k] for k in ("grads", "gathered", "activations", "head", "teacher_forward"))
+    room = gpu_gb - RESERVE_GB
+    plan = dict(part, resident=resident, training=training, generating=resident, share=0.0, min_share=0.0)
+    if engine_len:  # a colocated vLLM engine of max_model_len engine_len
+        auto = max(0.0, min(0.9, (room - (training if sleep == 0 else resident)) / gpu_gb))
+        share = share or auto
+        engine = share * gpu_gb
+        min_engine = (2 * p + sizes["kv_per_token"] * engine_len) / gb + 2.0  # bf16 weights, a sequence, workspace
+        plan.update(training=training + (engine if sleep == 0 else 0.0), generating=resident + engine, share=share,
+                    min_share=min_engine / gpu_gb)
+    plan["problem"] = None
+    if max(plan["training"], plan["generating"]) > room or plan["share"] < plan["min_share"]:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in part.items() if v)
+        engine = (f"rollouts {plan['generating']:.1f} GB (the trainer's {resident:.1f} + the engine's "
+                  f"{plan['share'] * gpu_gb:.1f} at --vllm-gpu-memory {plan['share']:.2f}, which needs at least "
+                  f"{plan['min_share']:.2f}), " if engine_len else "")
+        plan["problem"] = (
+            f"estimated per-GPU memory on {world} GPU(s) of {gpu_gb:.0f} GB ({RESERVE_GB:.0f} GB kept free): training "
+            f"peak {plan['training']:.1f} GB, {engine}parts in GB: {parts}. Run on more GPUs (weights, gradients "
+            f"and AdamW shard over them), add --grad-ckpt, lower --micro-batch"
+            + (" or set --vllm-gpu-memory" if engine_len else ""))
+    return plan
+
+
+def check_memory(args, model_path: str, device, world: int, engine_len: int = 0) -> float:
+    """Refuse, before loading anything large, a run that `memory_plan` says does not fit on this GPU; returns the
+    engine's share of GPU memory (--vllm-gpu-memory, or the plan's largest that fits when it is 0). On CPU nothing
+    is checked, and a share of 0 becomes 0.5 (only the tests' fake engine runs there)."""
+    share = getattr(args, "vllm_gpu_memory", 0.0)
+    if torch.device(device).type != "cuda":
+        return share or 0.5
+    from transformers import AutoConfig
+
+    sizes = model_sizes(AutoConfig.from_pretrained(rollout.resolve_model_path(model_path)))
+    sdpo = hasattr(args, "teacher_context")
+    seq = args.max_len if hasattr(args, "max_len") else args.max_prompt_len + args.max_new_tokens
+    plan = memory_plan(
+        sizes, world, torch.cuda.get_device_properties(device).total_memory / 1e9, args.micro_batch * seq,
+        args.grad_ckpt, chunk_size(args.chunk, device),
+        teacher_tokens=args.micro_batch * (args.max_reprompt_len + args.max_new_tokens) if sdpo else 0,
+        ema=getattr(args, "teacher_ema", 0) > 0, share=share, sleep=getattr(args, "vllm_sleep", 2),
+        engine_len=engine_len)
+    if plan["problem"]:
+        raise ValueError(plan["problem"])
+    return plan["share"]
+
+
 def chunk_size(chunk: int, device) -> int:
     """Positions per LM-head chunk: `chunk`, or for 0 a size that suits the device. CPU: 256 ((256, V) fp32 logits,
     50 MB at V = 49k, stay in cache-friendly sizes). GPU: 1024 (600 MB at V = 152k: large enough matmuls,
@@ -355,67 +460,141 @@ def _write_json(path: Path, obj):
 
 def save_checkpoint(out, step: int, model, tokenizer, optimizer, state: dict, extra_tensors: dict | None = None,
                     keep: int = 0) -> Path:
-    """Write OUT/step_N atomically: a HF directory + optimizer.pt + rng_state_R.pt + trainer_state.json
-    (+ one NAME.safetensors per entry of extra_tensors, {NAME: {key: tensor}}, written by rank 0).
+    """Write OUT/step_N atomically: a HF directory (config, tokenizer, model.safetensors: the policy alone), each
+    rank's optimizer shard and RNG state (`optimizer/shard_R.safetensors`, `optimizer_shard`), trainer_state.json,
+    and one HF directory NAME/ per entry of extra_tensors ({NAME: {key: tensor}}, e.g. the EMA teacher).
 
-    Collective (every rank calls it). Everything goes to OUT/.step_N.tmp first; the rename to
-    OUT/step_N is the last act, so a kill or an OSError (disk full) leaves earlier checkpoints whole.
+    Why NAME/ and not NAME.safetensors: vLLM's default loader reads every top-level *.safetensors of a directory
+    without model.safetensors.index.json (vllm/model_executor/model_loader/default_loader.py, 0.33), so a second
+    model's weights there would overwrite the policy's. Why per-rank shards: gathering a 7B run's AdamW state onto
+    rank 0 moves 61 GB through one process; each rank writes its own rows instead, and `load_checkpoint` reads
+    them back onto any number of ranks. Everything is safetensors or JSON: nothing is unpickled on load.
+
+    Collective (every rank calls it). Everything goes to OUT/.step_N.tmp first; the rename to OUT/step_N is the
+    last act, so a kill or an OSError (disk full) on any rank leaves earlier checkpoints whole.
     keep > 0: then the complete checkpoints older than the `keep` newest are removed (`prune_checkpoints`)."""
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     rank, world = world_info()
     out = Path(out)
     final, tmp = out / f"step_{step}", out / f".step_{step}.tmp"
     opts = StateDictOptions(full_state_dict=True, cpu_offload=world > 1)
     model_sd = get_model_state_dict(model, options=opts)  # collective: gathers the FSDP shards onto rank 0
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)  # collective
     error = None
     if rank == 0:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            model.config.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if getattr(model.config, "tie_word_embeddings", False):
-                model_sd.pop("lm_head.weight", None)  # tied to embed_tokens; from_pretrained re-ties it
-            save_file({k: v.detach().contiguous() for k, v in model_sd.items()}, tmp / "model.safetensors",
-                      metadata={"format": "pt"})
-            torch.save(optim_sd, tmp / "optimizer.pt")
-            for name, tensors in (extra_tensors or {}).items():
-                save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
+            (tmp / "optimizer").mkdir(parents=True)
         except OSError as e:
             error = e
-    if world > 1:
-        flag = [error is not None]
-        dist.broadcast_object_list(flag, src=0)  # collective: every rank learns whether rank 0's write failed
-        if flag[0] and error is None:
-            error = OSError(f"rank 0 failed to write {tmp}")
-    if error is None:
+    if all_reduce_sum(error is not None) == 0:  # collective: the directory exists for every rank
         try:
-            torch.save(torch.get_rng_state(), tmp / f"rng_state_{rank}.pt")
+            tensors, offsets = optimizer_shard(model, optimizer)
+            save_file(tensors, tmp / "optimizer" / f"shard_{rank}.safetensors", metadata={"offsets": offsets})
+            if rank == 0:
+                save_hf_dir(tmp, model, tokenizer, model_sd)
+                for name, extra in (extra_tensors or {}).items():
+                    save_hf_dir(tmp / name, model, tokenizer, extra)
         except OSError as e:
             error = e
-        if world > 1:
-            dist.barrier()  # every rank's RNG state is written before rank 0 seals the directory
-    if error is None and rank == 0:
+    failed = all_reduce_sum(error is not None) > 0  # collective: every rank learns whether any write failed
+    if not failed and rank == 0:
         try:
-            _write_json(tmp / "trainer_state.json", {**state, "step": step})
+            _write_json(tmp / "trainer_state.json", {**state, "step": step, "world": world})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
         except OSError as e:
             error = e
-    if world > 1:
-        dist.barrier()
-    if error is not None:
+    failed = all_reduce_sum(error is not None) > 0
+    if failed:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"checkpoint step {step} not written ({error}); earlier checkpoints in {out} are intact")
+        raise OSError(f"checkpoint step {step} not written ({error or 'another rank failed'}); earlier checkpoints "
+                      f"in {out} are intact")
     if rank == 0:
         prune_checkpoints(out, keep)
     return final
+
+
+def save_hf_dir(path: Path, model, tokenizer, state_dict: dict) -> None:
+    """A Hugging Face directory of `model`'s config and tokenizer with these weights (rank 0)."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}  # from_pretrained re-ties it
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, path / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+def first_row(p) -> int:
+    """The row of the full tensor where this rank's shard of `p` starts: FSDP2 shards dim 0 as torch.chunk does
+    (chunks of ceil(n / world) rows); a plain tensor starts at 0."""
+    if not hasattr(p, "to_local"):
+        return 0
+    from torch.distributed.tensor import Shard
+
+    if tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"a parameter sharded as {p.placements}; the checkpoint handles FSDP2's Shard(0)")
+    n, world, rank = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+    return min(rank * -(-n // world), n)
+
+
+def optimizer_shard(model, optimizer) -> tuple[dict, str]:
+    """This rank's optimizer state as plain CPU tensors keyed "param/state" (its rows of each), its RNG state under
+    "rng", and a JSON of each tensor's first row in the full tensor (None: a scalar such as `step`)."""
+    tensors, offsets = {"rng": torch.get_rng_state()}, {}
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            local = value.to_local() if hasattr(value, "to_local") else value
+            tensors[f"{name}/{key}"] = local.detach().cpu().contiguous()
+            offsets[f"{name}/{key}"] = first_row(value) if value.dim() else None
+    return tensors, json.dumps(offsets)
+
+
+def load_optimizer_shards(path: Path, model, optimizer) -> None:
+    """Restore the optimizer state from `optimizer_shard`'s files, written on any number of ranks: each rank reads
+    the rows of its own shard from the files that hold them (safetensors slices, no unpickling); and this rank's
+    RNG state, where the writing run had a rank of this number."""
+    from safetensors import safe_open
+
+    rank, _ = world_info()
+    files = sorted((path / "optimizer").glob("shard_*.safetensors"), key=lambda f: int(f.stem[6:]))
+    if not files:
+        raise ValueError(f"{path}: no optimizer/shard_R.safetensors (a checkpoint of an older version?)")
+    with contextlib.ExitStack() as stack:
+        shards = [stack.enter_context(safe_open(f, "pt")) for f in files]
+        offsets = [json.loads(s.metadata()["offsets"]) for s in shards]
+        for name, p in model.named_parameters():
+            state = {}
+            for key in (k for k in offsets[0] if k.rpartition("/")[0] == name):
+                if offsets[0][key] is None:  # a scalar (AdamW's step), the same on every rank
+                    state[key.rpartition("/")[2]] = shards[0].get_tensor(key).to(p.device)
+                    continue
+                local = p.to_local() if hasattr(p, "to_local") else p
+                start, stop = first_row(p), first_row(p) + local.shape[0]
+                pieces = []
+                for shard, offset in zip(shards, offsets):
+                    rows = shard.get_slice(key)
+                    lo, hi = max(start, offset[key]), min(stop, offset[key] + rows.get_shape()[0])
+                    if lo < hi:
+                        pieces.append(rows[lo - offset[key]:hi - offset[key]])
+                value = torch.cat(pieces).to(local.device)
+                if hasattr(p, "to_local"):
+                    from torch.distributed.tensor import DTensor
+
+                    value = DTensor.from_local(value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                state[key.rpartition("/")[2]] = value
+            if state:
+                optimizer.state[p] = state
+        if rank < len(shards):
+            torch.set_rng_state(shards[rank].get_tensor("rng"))
 
 
 def complete_checkpoints(out) -> list[Path]:
@@ -443,19 +622,10 @@ def prune_checkpoints(out, keep: int) -> None:
 
 
 def load_checkpoint(path, model, optimizer) -> dict:
-    """Restore optimizer state (rank 0 reads, broadcast to shards) and this rank's RNG; returns trainer_state.
-
-    The model weights are loaded before sharding, with from_pretrained(path)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    rank, world = world_info()
+    """Restore the optimizer state and this rank's RNG (`load_optimizer_shards`, on any number of ranks); returns
+    trainer_state. The model weights are loaded before sharding, with from_pretrained(path)."""
     path = Path(path)
-    optim_sd = torch.load(path / "optimizer.pt", weights_only=True) if rank == 0 or world == 1 else {}
-    model.zero_grad(set_to_none=True)  # torch.distributed.checkpoint only builds empty optimizer state when no grads exist
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_sd,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1))
-    rng = path / f"rng_state_{rank}.pt"
-    if rng.exists():
-        torch.set_rng_state(torch.load(rng, weights_only=True))
+    load_optimizer_shards(path, model, optimizer)
     return json.loads((path / "trainer_state.json").read_text())
 
 
@@ -532,26 +702,39 @@ def setup(args) -> Run:
     benchmarks = {data.benchmark_name(s): data.load_problems(s, seed=args.seed) for s in args.eval_data}
     ckpt = resume_point(args.out, args.resume)
     start_from = str(ckpt) if ckpt else args.model
-    model, tok = rollout.load_model(start_from, "float32", device)
-    replica = None
-    if args.backend == "hf" and world > 1:
-        replica, _ = rollout.load_model(start_from, "auto", device)
-    backend = rollout.Backend("hf", tok, model=replica if replica is not None else model,
-                              batch_size=args.gen_batch_size, fast=args.fast)
+    tok = rollout.load_tokenizer(start_from)
+    if args.backend not in ("hf", "vllm"):
+        raise ValueError(f"--backend {args.backend!r}: hf or vllm")
+    engine = None
     if args.backend == "vllm":
         max_len = rollout.trainer_engine_length(tok, args.model, problems, benchmarks, dict(
             system=args.system, thinking=args.thinking), args.max_prompt_len, args.max_new_tokens,
             args.eval_max_new_tokens, regenerated=getattr(args, "teacher_context", None) == "regenerated")
-        backend = rollout.Backend("vllm", tok, llm=rollout.make_vllm(
-            rollout.resolve_model_path(start_from), max_len, device=device, gpu_memory_utilization=args.vllm_gpu_memory,
+        share = check_memory(args, start_from, device, world, max_len)  # before anything large is loaded
+        # the engine starts first: vLLM wants its share free at start-up, so the policy must not be on the GPU yet;
+        # asleep (--vllm-sleep 1 or 2) it frees that share while the policy moves in, and wakes with its weights
+        engine = rollout.Backend("vllm", tok, llm=rollout.make_vllm(
+            rollout.resolve_model_path(start_from), max_len, device=device, gpu_memory_utilization=share,
             enable_sleep_mode=args.vllm_sleep > 0, seed=args.seed + rank), max_model_len=max_len,
             sleep_level=args.vllm_sleep)
-    elif args.backend != "hf":
-        raise ValueError(f"--backend {args.backend!r}: hf or vllm")
+        rollout.sleep_engine(engine)
+    else:
+        check_memory(args, start_from, device, world)
+    model, _ = rollout.load_model(start_from, "float32", device)
+    replica = None
+    if args.backend == "hf" and world > 1:
+        replica, _ = rollout.load_model(start_from, "auto", device)
+    if engine is None:
+        backend = rollout.Backend("hf", tok, model=replica if replica is not None else model,
+                                  batch_size=args.gen_batch_size, fast=args.fast)
+    else:
+        backend = engine
     if args.fast and args.segment_attention:
         import fast
         fast.use_segment_attention(model)
     model = shard_model(model, device, args.grad_ckpt, mixed_precision=device.type == "cuda")
+    if backend.asleep:
+        rollout.push_weights_to_vllm(backend, model)  # wakes the engine with the policy's weights (collective)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     start = load_checkpoint(ckpt, model, optimizer)["step"] if ckpt else 0
     out = Path(args.out)
@@ -580,12 +763,15 @@ def fp32_shards(model, saved: dict | None = None) -> dict:
 
 def ema_weights(run: "Run", teacher) -> dict:
     """sdpo.py's EMA teacher (--teacher-ema): its fp32 weights (`fp32_shards`), restored with the teacher from the
-    checkpoint a run resumes (OUT/step_N/teacher.safetensors), and saved inside every checkpoint after."""
-    saved = run.resumed_from / "teacher.safetensors" if run.resumed_from else None
-    if saved is not None and saved.exists():
+    checkpoint a run resumes (OUT/step_N/teacher/, a HF directory of its own), and saved inside every checkpoint
+    after. Never as a second top-level *.safetensors: vLLM would load it over the policy (`save_checkpoint`)."""
+    saved = None
+    if run.resumed_from is not None:
         from safetensors.torch import load_file
-        teacher.load_state_dict(load_file(saved), strict=False)  # the EMA teacher as it was at the checkpoint
-    ema = fp32_shards(run.model, load_file(saved) if saved is not None and saved.exists() else None)
+
+        saved = load_file(run.resumed_from / "teacher" / "model.safetensors")
+        teacher.load_state_dict(saved, strict=False)  # the EMA teacher as it was at the checkpoint
+    ema = fp32_shards(run.model, saved)
     run.checkpoint_extra = lambda: {"teacher": {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
                                                 for k, v in ema.items()}}  # collective; a tied head is not listed
     return ema
@@ -651,7 +837,10 @@ def apply_update(model, optimizer, grad_clip: float, bad: bool) -> float | None:
     """Clip and step, or, when any rank saw a non-finite loss or gradient, skip the update and keep the
     weights. Returns the gradient norm, None when skipped. A parameter with no gradient (no row was trained:
     fast.rows_with_gradient) gets a zero one, so that AdamW still decays and moves on its momentum as it would on
-    the zero gradient of a full forward and backward."""
+    the zero gradient of a full forward and backward. First, FSDP2's root is resharded (`reshard`): a no-grad
+    forward with no backward behind it (generation by the policy itself on one GPU, evaluation, pi_old) leaves its
+    parameters gathered as plain tensors, which clip_grad_norm_ cannot mix with the sharded ones."""
+    reshard(model)
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -761,7 +950,8 @@ def build(args: BuildArgs):
     max_len = 0 if args.backend != "vllm" else rollout.settings_engine_length(
         args.model, problems, ["unguided", args.setting], args.solution_source, args.max_new_tokens, chat)
     backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
-                                   max_model_len=max_len, seed=args.seed + rank)
+                                   max_model_len=max_len, seed=args.seed + rank,
+                                   gpu_memory_utilization=args.vllm_gpu_memory)
     params = rollout.SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                     max_new_tokens=args.max_new_tokens, seed=args.seed + rank)
     contexts = {p["id"]: rollout.unguided_prompt(p["question"]) for p in problems}
@@ -798,6 +988,7 @@ def train(args: TrainArgs):
         raise ValueError(f"--batch-size {args.batch_size} must be a positive multiple of the world size {world}")
     rows = read_sft_rows(args.data)
     ckpt = resume_point(args.out, args.resume)
+    check_memory(args, str(ckpt) if ckpt else args.model, device, world)  # GPU: refused before loading
     model, tok = rollout.load_model(str(ckpt) if ckpt else args.model, "float32", device)
     chat = dict(system=args.system, thinking=args.thinking)
     encoded = [tokenize_sft(tok, r, args.max_len, chat) for r in rows]

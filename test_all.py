@@ -1307,17 +1307,19 @@ benches = {"all": problems, "three": problems[:3]}
 params = rollout.SamplingParams(n=3, max_new_tokens=5, seed=7)
 summary = evaluate.evaluate(rollout.Backend("hf", tok, model=model, batch_size=4), benches, params, ks=(1, 2), lenient=True)
 records = evaluate.score_problems(rollout.Backend("hf", tok, model=model), problems, params, {}, False, True)
+three = evaluate.score_problems(rollout.Backend("hf", tok, model=model), problems[:3], params, {}, False, True,
+                                indices=[4, 5, 6])  # numbered after "all"'s four: seeded by place across benchmarks
 if rank == 0:
-    open(sys.argv[4], "w").write(json.dumps(dict(summary=summary, records=records)))
+    open(sys.argv[4], "w").write(json.dumps(dict(summary=summary, records=records, three=three)))
 if dist.is_initialized():
     dist.destroy_process_group()
 """
 
 
 def test_periodic_evaluate_splits_and_gathers_over_ranks(digit_model_dir, tmp_path):
-    """evaluate() splits each benchmark over the ranks (rank 0: problems 0 and 2, rank 1: 1 and 3) and summarises
-    the records gathered on rank 0: two ranks give one process's summary, which is `summarize` of every
-    problem's records (each problem seeded by its place in the benchmark)."""
+    """evaluate() splits the benchmarks' problems over the ranks (rank 0: places 0, 2, 4, 6, rank 1: 1, 3, 5) and
+    summarises the records gathered on rank 0: two ranks give one process's summary, which is `summarize` of every
+    problem's records (each problem seeded by its place across the benchmarks)."""
     (tmp_path / "ev.py").write_text(EVALUATE_WORKER)
     args = [str(tmp_path / "ev.py"), str(ROOT), digit_model_dir, _digit_problems(tmp_path)]
     run(sys.executable, *args, str(tmp_path / "one.json"), env={"OMP_NUM_THREADS": "1"})
@@ -1326,7 +1328,7 @@ def test_periodic_evaluate_splits_and_gathers_over_ranks(digit_model_dir, tmp_pa
     records = one["records"]
     assert one["summary"] == two["summary"]
     assert one["summary"]["all"] == evaluate.summarize(records, [1, 2]) and one["summary"]["all"]["samples"] == 12
-    assert one["summary"]["three"] == evaluate.summarize(records[:3], [1, 2])
+    assert one["summary"]["three"] == evaluate.summarize(one["three"], [1, 2])
     assert 0 < one["summary"]["all"]["acc"] < 1  # the samples differ: a split that lost or repeated one would show
 
 
@@ -2866,7 +2868,7 @@ def test_sdpo_ema_teacher_and_resume_equal_the_uninterrupted_run(digit_model_dir
     for step in (1, 2, 3):
         student = _weights(out / f"step_{step}")
         teacher = {k: 0.95 * teacher[k] + 0.05 * student[k].double() for k in teacher}
-        saved = load_file(out / f"step_{step}" / "teacher.safetensors")
+        saved = load_file(out / f"step_{step}" / "teacher" / "model.safetensors")
         assert all(torch.allclose(saved[k].double(), teacher[k], rtol=1e-6, atol=1e-7) for k in teacher)
     assert max(float((teacher[k] - _weights(digit_model_dir)[k]).abs().max()) for k in teacher) > 1e-4
     (tmp_path / "resumed").mkdir()
@@ -2874,8 +2876,8 @@ def test_sdpo_ema_teacher_and_resume_equal_the_uninterrupted_run(digit_model_dir
     (m3,), rolls3, out3 = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "resumed", *flags, "--resume", steps=3)
     assert rolls3 == [r for r in rolls if r["step"] == 3]
     _step_metrics_equal(m3, full[2])
-    for name in ("model", "teacher"):
-        a, b = load_file(out3 / "step_3" / f"{name}.safetensors"), load_file(out / "step_3" / f"{name}.safetensors")
+    for name in ("model.safetensors", "teacher/model.safetensors"):
+        a, b = load_file(out3 / "step_3" / name), load_file(out / "step_3" / name)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -2916,11 +2918,12 @@ class FakeLogprob:
 class FakeSamplingParams:
     """vllm.SamplingParams (0.33): the fields we set; top_k 0 (or -1) is off, seed None draws at random."""
 
-    def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=16, seed=None, logprobs=None):
+    def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=16, seed=None, logprobs=None,
+                 detokenize=True):
         if top_k < -1 or not 0 < top_p <= 1 or n < 1:
             raise ValueError(f"bad sampling params n={n} top_k={top_k} top_p={top_p}")
         self.n, self.temperature, self.top_p, self.top_k = n, temperature, top_p, top_k
-        self.max_tokens, self.seed, self.logprobs = max_tokens, seed, logprobs
+        self.max_tokens, self.seed, self.logprobs, self.detokenize = max_tokens, seed, logprobs, detokenize
 
 
 def FakeTokensPrompt(**kw):  # vllm.inputs.TokensPrompt is a TypedDict
@@ -2948,12 +2951,19 @@ class FakeLLM:
       - a request with n samples and seed s seeds its k-th sample with s + k (vllm/v1/engine/parallel_sampling.py);
       - sleep needs enable_sleep_mode; level 2 discards the weights (NaN here), and generating before
         wake_up of both weights and kv_cache fails;
-      - load_weights takes HF names; a tensor not in the engine's dtype is logged as a warning.
+      - load_weights takes HF names; a tensor not in the engine's dtype is logged as a warning;
+      - the default loader reads every top-level *.safetensors of the model directory, in sorted order, each over
+        the last (vllm/model_executor/model_loader/default_loader.py), so a second model's file there wins;
+      - with $FAKE_VLLM_GPU_BYTES set, start-up needs utilization x that total free, and the parameters of every
+        model alive in the process (the trainer's policy, here) count as taken (v1/worker/utils.py request_memory).
     Every call is appended to $FAKE_VLLM_LOG (one JSON line each, with the rank), when set."""
 
     def __init__(self, model, tensor_parallel_size=1, distributed_executor_backend=None, gpu_memory_utilization=0.9,
                  max_model_len=None, enable_sleep_mode=False, seed=0, logprobs_mode="raw_logprobs", dtype="auto"):
+        import gc
+        import warnings
         import torch.distributed as dist
+        from safetensors.torch import load_file
         if distributed_executor_backend == "external_launcher":
             self.rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
             if not dist.is_initialized():
@@ -2961,13 +2971,25 @@ class FakeLLM:
                                    "CPU all-reduces would fail on it")
             t = torch.ones(1)
             dist.all_reduce(t)  # what the trainers do on the group vLLM reuses: it must take CPU tensors
+        if os.environ.get("FAKE_VLLM_GPU_BYTES"):  # start-up: free memory >= utilization x total (v1/worker/utils.py)
+            total = int(os.environ["FAKE_VLLM_GPU_BYTES"])
+            with warnings.catch_warnings():  # isinstance on some of gc's objects warns of deprecated names
+                warnings.simplefilter("ignore")
+                held = {p.data_ptr(): p.numel() * p.element_size() for m in gc.get_objects()
+                        if isinstance(m, torch.nn.Module) for p in m.parameters()}  # this process's models: the "GPU"
+            if total - sum(held.values()) < gpu_memory_utilization * total:
+                raise ValueError(f"Free memory on device ({total - sum(held.values())}/{total}) on startup is less "
+                                 f"than desired GPU memory utilization ({gpu_memory_utilization})")
         self.model, _ = rollout.load_model(model, "float32", "cpu")
+        for f in sorted(Path(model).glob("*.safetensors")):  # the default loader: every top-level file, in order
+            self.model.load_state_dict(load_file(f), strict=False)
         limit = rollout.model_context(model)
         if not isinstance(max_model_len, int) or max_model_len <= 0 or (limit and max_model_len > limit):
             raise ValueError(f"max_model_len {max_model_len} is not in (0, {limit}]")
         self.max_model_len, self.sleep_mode, self.dtype = max_model_len, enable_sleep_mode, getattr(torch, dtype)
         self.logprobs_mode, self.asleep, self.warnings = logprobs_mode, set(), 0
-        self.log("init", max_model_len=max_model_len, logprobs_mode=logprobs_mode, dtype=dtype, seed=seed)
+        self.log("init", max_model_len=max_model_len, logprobs_mode=logprobs_mode, dtype=dtype, seed=seed,
+                 gpu_memory_utilization=gpu_memory_utilization)
 
     def log(self, call, **kw):
         if os.environ.get("FAKE_VLLM_LOG"):
@@ -2992,7 +3014,8 @@ class FakeLLM:
                 outputs.append(FakeCompletion(k, s[0], [{t: FakeLogprob(l)} for t, l in zip(s[0], s[1])]
                                               if sp.logprobs is not None else None, s[2]))
             out.append(FakeRequestOutput(ids, outputs))
-        self.log("generate", requests=len(prompts), seeds=[sp.seed for sp in sps], n=[sp.n for sp in sps])
+        self.log("generate", requests=len(prompts), seeds=[sp.seed for sp in sps], n=[sp.n for sp in sps],
+                 logprobs=sorted({str(sp.logprobs) for sp in sps}), detokenize=sorted({sp.detokenize for sp in sps}))
         return out
 
     def _sample(self, ids, sp, budget, seed):
@@ -3085,8 +3108,10 @@ def _fake_backend(model_dir, max_model_len=512, sleep_level=0):
 
 def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
     """evaluate.py --backend vllm under plain python (no RANK: external_launcher reads it), under torchrun with one
-    rank (RANK set, no group: vLLM would make an nccl-only one) and with two; every problem answered, and the engine
-    sized to the longest prompt plus --max-new-tokens, counted here independently."""
+    rank (RANK set, no group: vLLM would make an nccl-only one) and with two; every problem answered, the engine
+    sized to the longest prompt plus --max-new-tokens, counted here independently, and given 0.9 of the GPU by
+    default; requests ask for no log-probs and no detokenization. rollout.py and sft.py build pass
+    --vllm-gpu-memory to their engines."""
     env, log = fake_vllm
     flags = ["--model", tiny_model_dir, "--backend", "vllm", "--data", "synthetic:types=add,n=5", "--n-samples", "2",
              "--k", "1", "--max-new-tokens", "8", "--chunk", "2"]
@@ -3103,6 +3128,15 @@ def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
         inits = [c for c in _calls(log) if c["call"] == "init"]
         assert len(inits) == (2 if name == "torchrun2" else 1)
         assert all(c["max_model_len"] == longest + 8 and c["logprobs_mode"] == "processed_logprobs" for c in inits)
+        assert all(c["gpu_memory_utilization"] == 0.9 for c in inits)  # nothing else shares the GPU
+        gens = [c for c in _calls(log) if c["call"] == "generate"]
+        assert gens and all(c["logprobs"] == ["None"] and c["detokenize"] == [False] for c in gens)
+    for cmd in (["rollout.py", "select", "--data", "synthetic:types=add,n=2", "--n-samples", "2", "--keep", "1"],
+                ["sft.py", "build", "--setting", "unguided", "--data", "synthetic:types=add,n=2", "--n-samples", "2"]):
+        log.unlink(missing_ok=True)  # every script that makes an engine takes --vllm-gpu-memory
+        run(sys.executable, *cmd, "--model", tiny_model_dir, "--backend", "vllm", "--max-new-tokens", "4",
+            "--vllm-gpu-memory", "0.7", "--out", str(tmp_path / cmd[0] / "out.jsonl"), env=env)
+        assert [c["gpu_memory_utilization"] for c in _calls(log) if c["call"] == "init"] == [0.7]
 
 
 def test_vllm_engine_length_refused_past_the_model_context(tiny_model_dir, tmp_path, fake_vllm):
@@ -3384,14 +3418,25 @@ def _engine_phases(calls: list[dict]) -> str:
                    if c["call"] != "init")
 
 
+def _param_bytes(model_dir) -> int:
+    model, _ = rollout.load_model(model_dir)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 @pytest.mark.parametrize("script,extra", [("grpo.py", []), ("sdpo.py", ["--teacher-context", "regenerated",
-                                                                        "--teacher-ema", "0.05"])])
+                                                                        "--teacher-ema", "0.05", "--save-every", "1"])])
 def test_trainers_with_vllm_backend(tiny_model_dir, tmp_path, fake_vllm, script, extra):
-    """grpo.py and sdpo.py --backend vllm on one process and two: two steps, each one generating, sleeping through
-    training (level 2 discards the engine's weights, so a missing push would generate from NaN), then waking with
-    the trainer's weights in bf16; after the last step the engine holds the checkpoint's weights."""
+    """grpo.py and sdpo.py --backend vllm on one process and two: the engine starts before the policy is loaded
+    (the fake's "GPU" is 1.5x the fp32 policy and the engine asks for 0.6 of it, so a policy loaded first leaves too
+    little free), sleeps at once and wakes with the policy's weights; then two steps, each one generating (with
+    log-probs), sleeping through training (level 2 discards the engine's weights, so a missing push would generate
+    from NaN), then waking with the trainer's weights in bf16; the evaluation asks for no log-probs, nothing is
+    detokenized by the engine, and after the last step the engine holds the checkpoint's weights. Each checkpoint
+    has one model at top level: an engine started on it (as vLLM loads, every top-level *.safetensors) holds the
+    policy, not SDPO's EMA teacher (in teacher/)."""
     env, log = fake_vllm
-    flags = ["--model", tiny_model_dir, "--backend", "vllm", *GRPO_FLAGS, *extra]
+    env = dict(env, FAKE_VLLM_GPU_BYTES=str(int(1.5 * _param_bytes(tiny_model_dir))))
+    flags = ["--model", tiny_model_dir, "--backend", "vllm", *GRPO_FLAGS, "--vllm-gpu-memory", "0.6", *extra]
     for name, launcher in (("one", [sys.executable]),
                            ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
         log.unlink(missing_ok=True)
@@ -3399,18 +3444,215 @@ def test_trainers_with_vllm_backend(tiny_model_dir, tmp_path, fake_vllm, script,
         rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
         assert [r["step"] for r in rows] == [1, 2] and any(k.startswith("eval/") and k.endswith("/acc") for k in rows[-1])
         calls = _calls(log)
+        assert all(c["gpu_memory_utilization"] == 0.6 for c in calls if c["call"] == "init")
         for rank in range(2 if name == "two" else 1):
             mine = [c for c in calls if c["rank"] == rank]
             phases = _engine_phases(mine)
             push = "wl+rk"
             regen = f"({push}g?s)?" if script == "sdpo.py" else ""  # regenerated contexts: woken, used, put back
-            assert re.fullmatch(f"gs{regen}{push}" f"gs{regen}{push}g", phases), phases  # the last g: evaluation
+            assert re.fullmatch(f"s{push}" f"gs{regen}{push}" f"gs{regen}{push}g", phases), phases  # last g: evaluation
+            gens = [c for c in mine if c["call"] == "generate"]
+            assert all(c["detokenize"] == [False] for c in gens)
+            assert [c["logprobs"] for c in gens][-1] == ["None"] and gens[0]["logprobs"] == ["0"]
             loads = [c for c in mine if c["call"] == "load_weights"]
             assert all(c["dtypes"] == ["torch.bfloat16"] and c["warnings"] == 0 for c in loads)
             last_push = phases.rindex("w")  # the batches of the last push, after step 2's update
             pushed = sum(c["checksum"] for c in loads[phases[:last_push].count("l"):])
             assert pushed == pytest.approx(_checkpoint_checksum(tmp_path / name / "step_2"), rel=1e-9, abs=1e-6)
+        for step in (1, 2) if script == "sdpo.py" else (2,):
+            ckpt = tmp_path / name / f"step_{step}"
+            assert [f.name for f in ckpt.glob("*.safetensors")] == ["model.safetensors"]
+            engine = dict(FakeLLM(str(ckpt), max_model_len=64, dtype="bfloat16").model.named_parameters())
+            policy = _weights(ckpt)
+            assert all(torch.equal(engine[k], policy[k]) for k in policy)
+            if script == "sdpo.py":  # the EMA teacher: a HF directory of its own
+                from transformers import AutoModelForCausalLM
+                AutoModelForCausalLM.from_pretrained(ckpt / "teacher")
         if name == "two":  # every request of every call its own seed: none shared between the ranks
             seeds = [set(s for c in calls if c["call"] == "generate" and c["rank"] == r for s in c["seeds"])
                      for r in (0, 1)]
             assert seeds[0] and not seeds[0] & seeds[1]
+
+
+ONE_GPU_HF = """
+import json, sys, torch
+from torch.distributed.tensor import DTensor
+import grpo, rollout, sft
+torch.manual_seed(0)
+model, tok = rollout.load_model(sys.argv[1], "float32", "cpu")
+model = sft.shard_model(model, torch.device("cpu"), mixed_precision=True)  # one process as on one GPU: FSDP2
+if len(sys.argv) > 3:  # the defect, for checking that this script can fail
+    sft.reshard = lambda model: None
+opt = sft.make_optimizer(model, 1e-3)
+prompt = rollout.chat_prompt(tok, "What is 1 + 1?")
+out = []
+for rewards in ([1.0] * 4, [1.0, 0.0, 0.0, 1.0]):  # a step that trains no row, then one that trains all four
+    params = rollout.SamplingParams(n=4, max_new_tokens=4)  # the policy generates: no-grad FSDP2 forwards
+    samples = rollout.generate_hf(model, tok, [prompt], params, progress=False, fast=False)
+    rows = [dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, rollout_logprobs=s.logprobs, reward=r)
+            for s, r in zip(samples, rewards)]
+    for r, a in zip(rows, grpo.group_advantages(rewards, 4).tolist()):
+        r["advantage"] = a
+    m = grpo.train_on_rollouts(model, opt, rows, grpo.Args(rollouts=4, micro_batch=2), 1, torch.device("cpu"),
+                               tok.pad_token_id)
+    out.append(dict(trained_frac=m["trained_frac"], grad_norm=m["grad_norm"], updates=m["updates"]))
+gathered = []  # the dtype each all-gather of the weight push moves
+real = DTensor.full_tensor
+DTensor.full_tensor = lambda self, **kw: gathered.append(str(self.dtype)) or real(self, **kw)
+class Engine:
+    def apply_model(self, func):
+        return [func(type("Model", (), {"load_weights": lambda self, weights: {n for n, _ in weights}})())]
+    def reset_prefix_cache(self):
+        return True
+rollout.push_weights_to_vllm(rollout.Backend("vllm", tok, llm=Engine()), model)
+json.dump(dict(steps=out, gathered=gathered, params=len(list(model.parameters()))), open(sys.argv[2], "w"))
+"""
+
+
+def test_one_gpu_fsdp2_policy_generates_then_steps_without_trainable_rows(tiny_model_dir, tmp_path):
+    """--backend hf on one GPU: the FSDP2 policy generates its own rollouts (no-grad forwards that leave the root
+    gathered as plain tensors), then a step trains no row, then one trains all: apply_update reshards first, else
+    clip_grad_norm_ meets plain tensors beside DTensors. The weight push afterwards casts each shard to bf16 before
+    its all-gather."""
+    script = tmp_path / "one_gpu.py"
+    script.write_text(ONE_GPU_HF)
+    run(sys.executable, str(script), tiny_model_dir, str(tmp_path / "out.json"),
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    out = json.loads((tmp_path / "out.json").read_text())
+    (none, every) = out["steps"]
+    assert none["trained_frac"] == 0 and none["updates"] == 1 and every["trained_frac"] == 1 and every["grad_norm"] > 0
+    assert out["gathered"] == ["torch.bfloat16"] * out["params"]
+    p = subprocess.run([sys.executable, str(script), tiny_model_dir, str(tmp_path / "bad.json"), "defect"], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode != 0 and "mixed torch.Tensor and DTensor" in p.stderr, p.stderr[-2000:]
+
+
+def test_weight_push_empties_the_cache_before_each_wake_up(tiny_model_dir, fake_vllm, monkeypatch):
+    backend = _fake_backend(tiny_model_dir, sleep_level=2)
+    model, _ = rollout.load_model(tiny_model_dir)
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    wake = backend.llm.wake_up
+    monkeypatch.setattr(backend.llm, "wake_up", lambda tags=None: events.append(tags[0]) or wake(tags))
+    rollout.sleep_engine(backend)
+    rollout.push_weights_to_vllm(backend, model)
+    assert events == ["empty_cache", "weights", "empty_cache", "kv_cache"]
+
+
+def test_periodic_evaluation_generates_every_benchmark_in_one_call(tiny_model_dir, fake_vllm, monkeypatch):
+    """The trainers' evaluation: one generate call for all benchmarks, no log-probs asked, every problem its own
+    seed (numbered across benchmarks), and each benchmark's summary over its own problems."""
+    backend = _fake_backend(tiny_model_dir)
+    calls, real = [], rollout.generate
+    monkeypatch.setattr(rollout, "generate", lambda b, prompts, params, **kw: calls.append((len(prompts), params,
+                                                                                           kw["indices"])) or
+                        real(b, prompts, params, **kw))
+    benchmarks = {"a": data.load_problems("synthetic:types=add,n=3"), "b": data.load_problems("synthetic:types=sub,n=2")}
+    summary = evaluate.evaluate(backend, benchmarks, rollout.SamplingParams(n=2, max_new_tokens=4, temperature=1.0))
+    assert [(n, params.logprobs, list(ix)) for n, params, ix in calls] == [(5, False, [0, 1, 2, 3, 4])]
+    assert summary["a"]["problems"] == 3 and summary["b"]["problems"] == 2
+    assert summary["a"]["samples"] == 6 and summary["b"]["samples"] == 4
+
+
+def _resume_across(tiny_model_dir, tmp_path, name, first, second):
+    """sft.py train: step 1 on `first` (1 or 2 processes), saved; resumed for step 2 on `second`."""
+    d = _sft_file(tmp_path / "d.jsonl")
+    _train(tiny_model_dir, d, tmp_path / name, "--steps", "1", "--save-every", "1", torchrun=first == 2)
+    ckpt = tmp_path / name / "step_1"
+    assert sorted(f.name for f in (ckpt / "optimizer").iterdir()) == [f"shard_{r}.safetensors" for r in range(first)]
+    assert not [f for f in ckpt.rglob("*") if f.suffix in (".pt", ".pkl", ".bin")]  # nothing to unpickle
+    _train(tiny_model_dir, d, tmp_path / name, "--steps", "2", "--save-every", "1", "--resume", torchrun=second == 2)
+    return [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")], _weights(tmp_path / name / "step_2")
+
+
+def test_checkpoint_optimizer_shards_resume_on_another_number_of_ranks(tiny_model_dir, tmp_path):
+    """Each rank writes its own rows of the AdamW state (safetensors, no pickle); a run saved on one process resumes
+    on two, and one saved on two resumes on one, with the same next step as an uninterrupted run."""
+    d = _sft_file(tmp_path / "d.jsonl")
+    straight = _train(tiny_model_dir, d, tmp_path / "a", "--steps", "2", "--save-every", "2")
+    want = _weights(tmp_path / "a" / "step_2")
+    from safetensors import safe_open
+    with safe_open(tmp_path / "a" / "step_2" / "optimizer" / "shard_0.safetensors", "pt") as f:
+        moments = {k for k in f.keys() if k.endswith("/exp_avg")}
+    assert len(moments) == len(want)  # every parameter's state (the tied head is one parameter)
+    for name, first, second in (("one_then_two", 1, 2), ("two_then_one", 2, 1)):
+        metrics, got = _resume_across(tiny_model_dir, tmp_path, name, first, second)
+        assert [r["step"] for r in metrics] == [1, 2]
+        for a, b in zip(straight, metrics):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        for k in want:
+            assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
+    with safe_open(tmp_path / "two_then_one" / "step_1" / "optimizer" / "shard_1.safetensors", "pt") as f:
+        rows = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("/exp_avg")}
+    assert all(shape[0] <= -(-want[k.rpartition("/")[0]].shape[0] // 2) for k, shape in rows.items())  # half each
+
+
+def _paper_models() -> dict:
+    """The paper's two models, from their published config.json (sizes only; built on the meta device)."""
+    from transformers import Qwen2Config, Qwen3Config
+    return {"R1-Distill-Qwen-7B": Qwen2Config(
+                hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=131072),
+            "Qwen3-8B": Qwen3Config(
+                hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+                max_position_embeddings=40960)}
+
+
+def _memory_table() -> str:
+    """The README's memory table: Table 8's recipe (--grad-ckpt --micro-batch 1, 2,048 + 20,480 tokens, the LM head
+    in chunks of 1,024), SDPO's teacher over --max-reprompt-len 22,528 + 20,480, the engine at the trainers'
+    evaluation length (38,912 + a 2,048-token prompt). `python -c "import test_all; print(test_all._memory_table())"`"""
+    lines = ["| model | run | GPUs | trainer during rollouts, GB | training peak, GB | --vllm-gpu-memory on 80 GB "
+             "| on 141 GB |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, cfg in _paper_models().items():
+        sizes = sft.model_sizes(cfg)
+        for run_name, teacher in (("GRPO", 0), ("SDPO", 22528 + 20480)):
+            for world in (1, 4, 8):
+                plans = [sft.memory_plan(sizes, world, gpu, 2048 + 20480, teacher_tokens=teacher,
+                                         engine_len=2048 + 38912) for gpu in (80, 141)]
+                fits = ["does not fit" if p["problem"] else f"{p['share']:.2f}" for p in plans]
+                lines.append(f"| {name} | {run_name} | {world} | {plans[0]['resident']:.1f} | "
+                             f"{plans[0]['training']:.1f} | {fits[0]} | {fits[1]} |")
+    return "\n".join(lines)
+
+
+def test_memory_plan_against_the_readme_table_and_by_hand(tmp_path, monkeypatch):
+    """The README's table is memory_plan's; the parts by hand for R1-Distill-Qwen-7B (8 x 80 GB, GRPO: fp32
+    weights, gradients and AdamW over 8 ranks are 16 P / 8 bytes, P counted from the config by hand); a run that
+    cannot fit is refused before loading, naming the numbers and what to change."""
+    readme = (ROOT / "README.md").read_text()
+    assert _memory_table() in readme
+    cfg = _paper_models()["R1-Distill-Qwen-7B"]
+    h, i, layers, v, kv = 3584, 18944, 28, 152064, 4 * 128
+    layer = h * h + h + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k, v (biased), o, MLP, two norms
+    p = 2 * v * h + layers * layer + h
+    sizes = sft.model_sizes(cfg)
+    assert sizes["params"] == p and sizes["layer"] == layer and sizes["kv_per_token"] == 2 * layers * kv * 2
+    plan = sft.memory_plan(sizes, 8, 80, 22528, engine_len=40960)
+    assert (plan["weights"] + plan["grads"] + plan["adam"]) * 1e9 == pytest.approx(16 * p / 8)
+    assert plan["activations"] * 1e9 == pytest.approx(22528 * h * (2 * layers + 34))
+    assert plan["training"] == pytest.approx(sum(plan[k] for k in ("weights", "grads", "adam", "gathered",
+                                                                   "activations", "head")))
+    assert plan["share"] == pytest.approx(0.9 if 0.9 * 80 + plan["resident"] <= 76 else (76 - plan["resident"]) / 80)
+    assert plan["problem"] is None and sft.memory_plan(sizes, 1, 80, 22528, engine_len=40960)["problem"]
+    (tmp_path / "config.json").write_text(cfg.to_json_string())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80e9})())
+    args = grpo.Args(micro_batch=1, max_new_tokens=20480, grad_ckpt=True)
+    with pytest.raises(ValueError, match=r"on 1 GPU\(s\) of 80 GB.*training peak 1\d\d\.\d GB.*more GPUs"):
+        sft.check_memory(args, str(tmp_path), "cuda", 1, engine_len=40960)
+    assert sft.check_memory(args, str(tmp_path), "cuda", 8, engine_len=40960) == pytest.approx(plan["share"], abs=0.01)
+    args.vllm_gpu_memory = 0.95  # more than fits beside the trainer
+    with pytest.raises(ValueError, match="--vllm-gpu-memory 0.95"):
+        sft.check_memory(args, str(tmp_path), "cuda", 8, engine_len=40960)
+
+
+def test_requirements_pin_the_transformers_that_vllm_brings():
+    """vllm 0.33.0 requires transformers>=5.16.1,<5.21.0 (its wheel's METADATA): the CPU install pins that range, so
+    these tests run the transformers a GPU user gets."""
+    import transformers
+    from packaging.specifiers import SpecifierSet
+    spec = next(line.split("transformers", 1)[1] for line in (ROOT / "requirements.txt").read_text().splitlines()
+                if line.startswith("transformers"))
+    assert SpecifierSet(spec) == SpecifierSet(">=5.16.1,<5.21.0") and transformers.__version__ in SpecifierSet(spec)
