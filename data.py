@@ -4,8 +4,8 @@ Implements, for "Why Does Self-Distillation (Sometimes) Degrade the Reasoning Ca
 (arXiv 2603.24472):
   - the paper's prompt (Sec. 3 "Prompts", App. D): `{question}\\nPlease reason step by step, and put
     your final answer within \\boxed{}.` -> `format_prompt`
-  - DAPO-Math-17k's "Answer: $Answer" prompt rewritten into that boxed prompt (App. D), with the
-    ~100 copies of every prompt in the raw parquet removed -> `load_problems("dapo.parquet")`
+  - DAPO-Math-17k's "Answer: $Answer" prompt rewritten into that boxed prompt (App. D), keeping the ~100 copies of
+    every prompt as the released pipeline does (`dedup=True` drops them) -> `load_problems("dapo.parquet")`
   - Sec. 3's selection rule (base accuracy in [0.125, 0.5] over 8 rollouts) -> `select_by_accuracy`
   - the task-coverage subsets |D| in {1, 8, 64, 128, 512} of Sec. 6.2 -> `coverage_subset`
   - the reward (App. D): last \\boxed{} of the response, exact match, then math-verify, 5 s bound
@@ -18,12 +18,15 @@ Implements, for "Why Does Self-Distillation (Sometimes) Degrade the Reasoning Ca
     with hesitation, optional checks and corrected slips in the paper's markers; `sft.py train` on them turns the
     embedded model into a small thinking model (README, "A reasoning model in miniature").
 
-Where this departs from the reference code (lasgroup/SDPO `verl/utils/reward_score/feedback/math.py`)
+Where this departs from the paper's released reward (beanie00/self-distillation-analysis,
+`verl/utils/reward_score/feedback/math.py`; lasgroup/SDPO's later version also normalises, deleting every comma)
 and why:
-  1. The reference looks for \\boxed only in the last 100 characters of the response; we search the
-     whole response, so a long final answer is not graded wrong for its length.
-  2. The reference deletes every comma before its exact match ("(1,2)" == "(12)"); we only drop
-     thousands separators ("1,000" -> "1000").
+  1. The released reward looks for `\\boxed{` only in the last 100 characters of the response: the trainers do the
+     same (`grade(..., window=100)`, --reward-window); evaluation and the Sec. 3 analyses search the whole response.
+  2. The released exact match compares the raw boxed string with the answer (no comma is removed), then math-verify
+     parses both; we normalise both first (spaces, $, \\left/\\right, \\dfrac, \\text{}, a trailing period,
+     thousands separators "1,000" -> "1000"), which finds most equal answers without sympy, and also read
+     `\\boxed 7` and `\\fbox{7}`, which the released reward scores 0.
   3. The reference's 5 s bound is SIGALRM, which only works in the main thread. Ours runs
      math-verify in a child process and kills it past the bound, so it holds in worker threads,
      under torchrun and in notebooks alike.
@@ -445,7 +448,7 @@ def _read_rows(path: Path) -> list[dict]:
     raise ValueError(f"{path}: unknown file type {suffix!r}; use .parquet, .jsonl or .json")
 
 
-def _row_to_problem(row, i: int, path: Path) -> tuple[dict, bool]:
+def _row_to_problem(row, i: int, path: Path) -> dict:
     where = f"{path}: row {i}"
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
@@ -469,7 +472,7 @@ def _row_to_problem(row, i: int, path: Path) -> tuple[dict, bool]:
             answer = row.get("answer")
         if answer is None:
             raise ValueError(f"{where}: missing answer (field 'reward_model.ground_truth' or 'answer')")
-        question, was_dapo = rewrite_dapo_prompt(text)
+        question, _ = rewrite_dapo_prompt(text)
         question = strip_prompt_suffix(question)
         solution = extra.get("solution") or row.get("solution")
         pid = row.get("problem_id") or extra.get("index")
@@ -480,7 +483,7 @@ def _row_to_problem(row, i: int, path: Path) -> tuple[dict, bool]:
         answer = row.get("answer")
         if answer is None:
             raise ValueError(f"{where}: missing answer (field 'answer')")
-        question, was_dapo = strip_prompt_suffix(question), False
+        question = strip_prompt_suffix(question)
         solution, pid = row.get("solution"), row.get("id")
     answer = str(answer).strip()
     if not answer:
@@ -488,26 +491,25 @@ def _row_to_problem(row, i: int, path: Path) -> tuple[dict, bool]:
     return dict(id=f"{path.stem}-{i}", question=question, answer=answer,
                 solution=solution if isinstance(solution, str) and solution.strip() else None,
                 source=str(path), problem_id=None if pid is None else str(pid),
-                data_source=row.get("data_source")), was_dapo
+                data_source=row.get("data_source"))
 
 
-def load_file(path) -> list[dict]:
-    """Problems from a .parquet/.jsonl/.json file; raw DAPO-Math-17k prompts are rewritten and deduplicated."""
+def load_file(path, dedup: bool = False) -> list[dict]:
+    """Problems from a .parquet/.jsonl/.json file, every row (raw DAPO-Math-17k prompts rewritten); dedup: the
+    first row of each question only."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such file")
     rows = _read_rows(path)
     if not rows:
         raise ValueError(f"{path}: the file holds no rows")
-    problems, seen = [], set()
-    for i, row in enumerate(rows):
-        problem, was_dapo = _row_to_problem(row, i, path)
-        if was_dapo:  # DAPO ships ~100 copies of every prompt: keep the first of each
-            if problem["question"] in seen:
-                continue
-            seen.add(problem["question"])
-        problems.append(problem)
-    return problems
+    problems = [_row_to_problem(row, i, path) for i, row in enumerate(rows)]
+    if not dedup:
+        return problems
+    first = {}
+    for p in problems:
+        first.setdefault(p["question"], p)
+    return list(first.values())
 
 
 def _parse_source(source: str) -> tuple[str, dict]:
@@ -522,7 +524,7 @@ def _parse_source(source: str) -> tuple[str, dict]:
     return name, options
 
 
-def load_problems(source: str, limit: int | None = None, seed: int = 0, **options) -> list[dict]:
+def load_problems(source: str, limit: int | None = None, seed: int = 0, dedup: bool = False, **options) -> list[dict]:
     """Problems as dicts with id, question (without the instruction), answer, solution (or None), source.
 
     source: a .parquet/.jsonl/.json path (verl/SDPO layout, plain {question|problem, answer, solution?}
@@ -531,10 +533,11 @@ def load_problems(source: str, limit: int | None = None, seed: int = 0, **option
                  slip=0.25,check=0.6,hesitate=0.5,seed=K]
       champ[:category=Combinatorics]
     limit: keep the first `limit` problems (files and champ keep their order; synthetic is generated
-    in order). seed: synthetic generation seed.
+    in order). seed: synthetic generation seed. dedup: a file's first row of each question only (DAPO-Math-17k
+    repeats each ~100 times; the released pipeline keeps them).
     """
     if os.path.splitext(source)[1].lower() in (".parquet", ".jsonl", ".json"):
-        problems = load_file(source)
+        problems = load_file(source, dedup)
     else:
         name, spec_options = _parse_source(source)
         spec_options.update(options)
@@ -689,14 +692,19 @@ def last_number(text: str) -> str | None:
     return m[-1] if m else None
 
 
-def grade(response: str, answer: str, timeout: float = GRADE_TIMEOUT_S, lenient: bool = False) -> float:
+def grade(response: str, answer: str, timeout: float = GRADE_TIMEOUT_S, lenient: bool = False,
+          window: int = 0) -> float:
     """1.0 if the last \\boxed{} of `response` equals `answer` (exact, then math-verify), else 0.0.
 
     Never raises; never waits much longer than `timeout` seconds for math-verify; never executes
     anything from the response (the comparison runs in a child process on an ANTLR LaTeX parser).
     lenient: a response with no \\boxed{} is graded on its last number instead. NOT the paper's
-    reward: an opt-in for the embedded 135M model, which rarely boxes (see README)."""
+    reward: an opt-in for the embedded 135M model, which rarely boxes (see README).
+    window > 0: only the last `window` characters are searched, as the released training reward does with 100
+    (verl/utils/reward_score/feedback/math.py): a box that starts earlier is not seen; 0: the whole response."""
     try:
+        if window > 0:
+            response = response[-window:]
         pred = last_boxed(response)
         if pred is None and lenient:
             pred = last_number(response)

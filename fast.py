@@ -539,10 +539,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: i
         return tok, lp.gather(-1, tok[:, None]).squeeze(-1)
     z, idx = logits.float() / temperature, None  # idx: candidate -> vocabulary id, None = the identity
     if 0 < top_k < z.shape[-1]:
-        z, idx = torch.topk(z, top_k, dim=-1)  # sorted, descending
+        z, idx = torch.topk(z, top_k, dim=-1)
+        idx, by_id = idx.sort(dim=-1)  # tied logits (bf16 has many) in vocabulary order, as rollout.sample_next's
+        z, order = z.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)  # stable argsort draws them
+        idx = idx.gather(-1, order)
     if top_p < 1.0:
         if idx is None:
-            z, idx = torch.sort(z, dim=-1, descending=True)
+            z, idx = torch.sort(z, dim=-1, descending=True, stable=True)
         p = torch.softmax(z, dim=-1)
         z = z.masked_fill(p.cumsum(-1) - p > top_p, float("-inf"))  # keep the smallest prefix reaching top_p
     lp = torch.log_softmax(z, dim=-1)

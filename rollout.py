@@ -54,6 +54,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import heapq
 import importlib.util
 import json
 import os
@@ -689,15 +690,17 @@ def sync_replica(replica, model) -> None:
         params[name].copy_(full)
 
 
-def score_rollouts(samples, problems: list[dict], lenient: bool, tokenizer=None) -> list[dict]:
-    """One row per sample: ids, log-probs, reward (App. D grader), length, E(y), truncation, and with a tokenizer
-    answer_length: the tokens of the text after </think> (re-tokenized; all of it without </think>)."""
+def score_rollouts(samples, problems: list[dict], lenient: bool, tokenizer=None, window: int = 0) -> list[dict]:
+    """One row per sample: ids, log-probs, reward (App. D grader over the last `window` characters, 0 = all), length,
+    E(y), truncation, and with a tokenizer answer_length: the tokens of the text after </think> (re-tokenized; all of
+    it without </think>)."""
     rows = []
     for s in samples:
         p = problems[s.prompt_index]
         answer = epistemic.split_think(s.text)[1] if "</think>" in s.text else None
         rows.append(dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, rollout_logprobs=s.logprobs,
-                         reward=data.grade(s.text, p["answer"], lenient=lenient), length=len(s.response_ids),
+                         reward=data.grade(s.text, p["answer"], lenient=lenient, window=window),
+                         length=len(s.response_ids),
                          epistemic=epistemic.epistemic_count(s.text), truncated=s.finish_reason == "length",
                          text=s.text, answer_length=len(s.response_ids) if answer is None or tokenizer is None
                          else min(len(tokenizer(answer, add_special_tokens=False)["input_ids"]), len(s.response_ids))))
@@ -758,12 +761,51 @@ def make_backend(kind: str, model_path: str, device, dtype: str = "auto", batch_
 # --------------------------------------------------------------------------------------------
 # SDPO's teacher contexts (Sec. 5: c = s, c = s\\think, the dataset's solution, y_r)
 # --------------------------------------------------------------------------------------------
-def balanced_positions(lengths: list[int]) -> list[int]:
-    """Each sequence's position in the order verl's _balance_batch gives a batch on one GPU (ray_trainer.py, before
-    the teacher batch is built): sorted by workload 24576 L + L^2 (L = prompt + response tokens), ties by index,
-    then the even places ascending and the odd ones descending (short sequences at both ends)."""
-    ranked = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))  # the workload grows with L
-    order = ranked[0::2] + ranked[1::2][::-1]
+def karmarkar_karp(values: list[int], k: int) -> list[list[int]]:
+    """verl's split of `values` into k sets of len / k items each with near-equal sums (the largest differencing
+    method, verl/utils/seqlen_balancing.py get_seqlen_balanced_partitions with equal_size=True), ties broken as there.
+
+    The values, sorted ascending with their indices, are cut into runs of k; each run is a state of k one-item sets.
+    Then, repeatedly, the two states with the largest spread (largest set sum minus smallest; ties: the larger
+    largest set) merge, the i-th largest set of one with the i-th smallest of the other, until one state is left.
+    A set compares by (sum, item count, its (index, value) items). Returns its k sets, largest sum first, each as
+    sorted indices."""
+    if k < 1 or len(values) % k:
+        raise ValueError(f"{len(values)} sequences do not split into {k} equal parts")
+
+    def by_size(s):
+        return s[0], len(s[1]), s[1]
+
+    class State:  # k sets (sum, [(index, value), ...]), largest first
+        def __init__(self, sets):
+            self.sets = sorted(sets, key=by_size, reverse=True)
+            self.spread = self.sets[0][0] - self.sets[-1][0]
+
+        def __lt__(self, other):  # heapq pops the smallest: here the largest spread, then the largest first set
+            if self.spread != other.spread:
+                return self.spread > other.spread
+            return by_size(self.sets[0]) > by_size(other.sets[0])
+
+    ranked = sorted((v, i) for i, v in enumerate(values))
+    heap = [State([(v, [(i, v)]) for v, i in ranked[j:j + k]]) for j in range(0, len(ranked), k)]
+    heapq.heapify(heap)
+    while len(heap) > 1:
+        a, b = heapq.heappop(heap), heapq.heappop(heap)
+        heapq.heappush(heap, State([(x[0] + y[0], x[1] + y[1]) for x, y in zip(a.sets, reversed(b.sets))]))
+    return [sorted(i for i, _ in s[1]) for s in heap[0].sets] if heap else [[] for _ in range(k)]
+
+
+def balanced_positions(lengths: list[int], ranks: int = 4) -> list[int]:
+    """Each sequence's position in the order verl's _balance_batch gives a step's batch (ray_trainer.py, before the
+    teacher batch is built) with `ranks` data-parallel ranks (the released runs: 4 GPUs): workloads
+    24576 L + L^2 (L = prompt + response tokens) split into `ranks` equal-size parts (`karmarkar_karp`), each part
+    sorted by (workload, index) and laid out even places ascending, odd ones descending (short ones at both ends),
+    the parts one after another."""
+    work = [24576 * n + n * n for n in lengths]
+    order = []
+    for part in karmarkar_karp(work, ranks):
+        part = sorted(part, key=lambda i: (work[i], i))
+        order += part[0::2] + part[1::2][::-1]
     positions = [0] * len(lengths)
     for p, i in enumerate(order):
         positions[i] = p
@@ -808,14 +850,15 @@ def regenerated_contexts(run, rows, problems, args) -> list[str | None]:
     y_r = {}
     for s in samples:
         g = groups[s.prompt_index]
-        if data.grade(s.text, problems[g]["answer"], lenient=args.lenient) >= args.success_threshold:
+        if data.grade(s.text, problems[g]["answer"], lenient=args.lenient, window=args.reward_window) >= \
+                args.success_threshold:
             y_r[g] = s.text
     return [y_r.get(i // args.rollouts) for i in range(len(rows))]
 
 
-def sibling_order(rows: list[dict], world: int) -> list[int]:
-    """This rank's rows' positions in `balanced_positions` of the whole step's batch (every rank's rows, by their
-    "place"): the same choice on any number of ranks. Collective."""
+def sibling_order(rows: list[dict], world: int, ranks: int = 4) -> list[int]:
+    """This rank's rows' positions in `balanced_positions` (over `ranks` verl ranks) of the whole step's batch (every
+    rank's rows, by their "place"): the same choice on any number of processes here. Collective."""
     mine = [(r["place"], len(r["prompt_ids"]) + len(r["response_ids"])) for r in rows]
     every = mine
     if world > 1:
@@ -823,7 +866,7 @@ def sibling_order(rows: list[dict], world: int) -> list[int]:
         dist.all_gather_object(parts, mine)  # collective
         every = [x for part in parts for x in part]
     every.sort()
-    positions = dict(zip((place for place, _ in every), balanced_positions([n for _, n in every])))
+    positions = dict(zip((place for place, _ in every), balanced_positions([n for _, n in every], ranks)))
     return [positions[place] for place, _ in mine]
 
 
@@ -834,7 +877,7 @@ def attach_teacher_prompts(run, rows: list[dict], problems: list[dict], args) ->
     if args.teacher_context == "regenerated":
         contexts = regenerated_contexts(run, rows, problems, args)
     else:
-        order = sibling_order(rows, run.world) if args.sibling == "balanced" else None
+        order = sibling_order(rows, run.world, args.sibling_dp) if args.sibling == "balanced" else None
         contexts = teacher_contexts(rows, problems, args.rollouts, args.teacher_context, args.success_threshold, order)
     chat = dict(system=args.system, thinking="on" if args.teacher_thinking else args.thinking)
     for i, (r, c) in enumerate(zip(rows, contexts)):

@@ -22,7 +22,9 @@ Departures, and why:
   1. A teacher prompt longer than --max-reprompt-len is masked, not truncated (which can cut the solution).
   2. "regenerated" contexts (not in the reference trainer) are Sec. 3's y_r, drawn under c = s each step.
   3. No environment feedback (math has none beyond right/wrong). GRPO-only flags have no effect here.
-  4. verl's sibling order depends on its number of GPUs; we use its one-GPU order on any number of ranks.
+  4. verl's sibling order depends on its number of GPUs: we use its order on the released runs' 4 (--sibling-dp), on
+     any number of processes. On the embedded model's rollouts its one-GPU order chose siblings 4.7% and 1.0%
+     shorter than the average success (two sets of 4-6 steps); its 4-GPU order +1.3% and -0.7%.
   5. Logits are upcast to fp32 before the top-k; the reference works on bf16 logits.
   6. --fast (the default) computes Eq. 1 from hidden states, the LM head in chunks (fast.distillation_terms),
      and skips rows without a context: the same update up to float rounding.
@@ -51,7 +53,7 @@ from rollout import balanced_positions, strip_think, teacher_contexts  # noqa: F
 class Args(grpo.Args):
     CHECKS: ClassVar[dict] = dict(grpo.Args.CHECKS, alpha=data.UNIT, topk=data.NON_NEGATIVE, is_clip=data.POSITIVE,
         teacher_context=("sibling", "sibling-no-think", "dataset", "regenerated"), reprompt=("sdpo", "uncertainty"),
-        sibling=("balanced", "first"), success_threshold=data.UNIT, teacher_ema=data.UNIT, pg_coef=data.NON_NEGATIVE,
+        sibling=("balanced", "first"), sibling_dp=data.POSITIVE, success_threshold=data.UNIT, teacher_ema=data.UNIT, pg_coef=data.NON_NEGATIVE,
         distill_prefix=data.NON_NEGATIVE, max_reprompt_len=data.POSITIVE)
     out: str = "runs/sdpo"
     """output directory: metrics.jsonl, step_N/ checkpoints"""
@@ -68,7 +70,11 @@ class Args(grpo.Args):
     teacher_context: str = "sibling"
     """c: sibling (c = s, Sec. 5) | sibling-no-think (c = s\\think) | dataset (OPSD) | regenerated (y_r)"""
     sibling: str = "balanced"
-    """which successful sibling: balanced (first in verl's length-balanced order on one GPU) or first (rollout order)"""
+    """which successful sibling: balanced (first in verl's length-balanced order, `rollout.balanced_positions`) or
+    first (rollout order)"""
+    sibling_dp: int = 4
+    """balanced: the data-parallel ranks verl balanced the batch over (the released runs: 4 GPUs); the step's
+    rollouts must split evenly over them"""
     reprompt: str = "sdpo"
     """teacher instruction: sdpo ('Correctly solve the original question.') or uncertainty (App. C)"""
     success_threshold: float = 0.5
@@ -286,6 +292,9 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
 def sdpo_train_step(run: sft.Run):
     """The teacher (the initial policy, frozen or EMA), and the update grpo.run_loop calls with each step's rollouts."""
     args = run.args
+    if args.sibling == "balanced" and args.prompts_per_step * args.rollouts % args.sibling_dp:
+        raise ValueError(f"--sibling-dp {args.sibling_dp}: verl splits a step's {args.prompts_per_step} x "
+                         f"{args.rollouts} rollouts evenly over its ranks; choose a divisor")
     teacher = sft.timed(sft.frozen_model(args.model, args, run.device))
     ema = sft.ema_weights(run, teacher) if args.teacher_ema > 0 else None  # fp32, saved with each checkpoint
     variants = epistemic.marker_tokens(run.tokenizer)  # token id -> surface form (" Wait", ...)

@@ -5,10 +5,12 @@ second formula); smoke tests run the scripts as a user would. The paper's benchm
 benchmarks/.
 """
 import copy
+import functools
 import importlib.util
 import json
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -112,6 +114,20 @@ def test_lenient_grading(response, answer, strict, lenient):
     assert data.grade(response, answer) == strict and data.grade(response, answer, lenient=True) == lenient
 
 
+def test_reward_window_reads_only_the_last_characters():
+    """The released training reward searches the last 100 characters for `\\boxed{`: a box that starts before them
+    is not seen (window=0: the whole response, as evaluation grades)."""
+    early = "\\boxed{12}" + " so." * 24  # 10 + 96 characters: the box starts 6 before the last 100
+    late = "\\boxed{12}" + " so." * 22  # 10 + 88: inside them
+    assert data.grade(early, "12") == 1.0 and data.grade(early, "12", window=100) == 0.0
+    assert data.grade(late, "12", window=100) == 1.0 and data.grade("x" * 500 + late, "12", window=100) == 1.0
+    assert data.grade(early, "12", window=len(early)) == 1.0 and data.grade(early, "12", window=len(early) - 1) == 0.0
+    sample = rollout.Sample(0, [1], [2, 3], early, "stop", [-1.0, -1.0])
+    problem = [dict(answer="12")]
+    assert [r["reward"] for r in rollout.score_rollouts([sample], problem, False)] == [1.0]
+    assert [r["reward"] for r in rollout.score_rollouts([sample], problem, False, window=100)] == [0.0]
+
+
 def test_last_boxed_extraction():
     assert data.last_boxed("a \\boxed{\\frac{a}{b^{2}}} b") == "\\frac{a}{b^{2}}"
     assert data.last_boxed("\\boxed{1} \\fbox{2}") == "2"
@@ -136,36 +152,41 @@ def test_grade_never_executes_response(tmp_path):
     assert not target.exists()
 
 
+def _overrun_kills_the_worker(response, answer) -> tuple[float, bool]:
+    """Grade a comparison that sympy would run for minutes, with a 1 s bound: (the score, whether the math-verify
+    child that took it was killed, not waited for)."""
+    data.grade("\\boxed{x+1}", "1+x")  # the child is running
+    child, t = data._worker.proc, time.time()
+    score = data.grade(response, answer, timeout=1.0)
+    bounded = time.time() - t < 60  # 1 s, far inside 60 even on a busy machine; sympy alone takes minutes
+    return score, bounded and child.poll() is not None and data._worker.proc is not child
+
+
 def test_grade_hostile_and_huge_inputs_are_bounded():
-    t = time.time()
-    assert data.grade("\\boxed{9^{9^{9^{9}}}}", "5", timeout=1.0) == 0.0  # sympy would run for minutes
-    assert time.time() - t < 5.0
+    score, killed = _overrun_kills_the_worker("\\boxed{9^{9^{9^{9}}}}", "5")
+    assert score == 0.0 and killed
     # the worker is restarted after the kill and still answers
     assert data.grade("\\boxed{0.5}", "\\frac{1}{2}") == 1.0
     long_text = "x" * 2_000_000 + " \\boxed{12}"
-    t = time.time()
     assert data.grade(long_text, "12") == 1.0
     assert data.grade("\\boxed{" + "1+" * 5000 + "1}", "5001") == 0.0  # oversized boxed answer: rejected
     assert data.grade("{" * 100_000 + "\\boxed{" + "{" * 100_000, "1") == 0.0
-    assert time.time() - t < 10.0
     assert data.grade(None, "1") == 0.0  # never raises
     assert data.grade("\\boxed{1}", None) == 0.0
 
 
 def test_grade_time_bound_holds_in_worker_threads():
+    """SIGALRM (the reference's bound) works in the main thread only: the child-process bound holds in a thread."""
     out = {}
 
     def work():
-        t = time.time()
-        out["score"] = data.grade("\\boxed{9^{9^{9^{9}}}}", "7", timeout=1.0)
+        out["score"], out["killed"] = _overrun_kills_the_worker("\\boxed{9^{9^{9^{9}}}}", "7")
         out["ok"] = data.grade("\\boxed{\\frac{2}{4}}", "0.5")
-        out["elapsed"] = time.time() - t
 
     th = threading.Thread(target=work)
     th.start()
-    th.join(60)
-    assert out["score"] == 0.0 and out["ok"] == 1.0
-    assert out["elapsed"] < 10.0
+    th.join(120)
+    assert out == dict(score=0.0, killed=True, ok=1.0)
 
 
 # ============================================================================================
@@ -200,9 +221,12 @@ def test_dapo_rewrite_and_dedup(tmp_path):
                              extra_info=dict(index=f"id{i}-{rep}")))
     path = tmp_path / "dapo-math-17k.parquet"
     _write_parquet(path, rows)
-    problems = data.load_problems(str(path))
-    assert [p["question"] for p in problems] == questions
-    assert [p["answer"] for p in problems] == ["2", "3"]
+    problems = data.load_problems(str(path))  # every row, as the released pipeline samples them
+    assert [p["question"] for p in problems] == questions * 3 and len({p["id"] for p in problems}) == 6
+    unique = data.load_problems(str(path), dedup=True)  # --dedup: the first row of each question
+    assert [p["question"] for p in unique] == questions and [p["id"] for p in unique] == [problems[0]["id"],
+                                                                                       problems[1]["id"]]
+    assert [p["answer"] for p in unique] == ["2", "3"]
     assert data.format_prompt(problems[0]["question"]) == \
         "What is $1+1$?\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -675,6 +699,18 @@ def test_sample_next_matches_full_vocabulary_definition(temperature, top_p, top_
         assert int(torch.isfinite(ref).sum()) <= top_k
 
 
+@pytest.mark.parametrize("top_p,top_k", [(1.0, 20), (0.95, 20), (0.9, 0), (1.0, 3)])
+def test_sample_next_twins_draw_the_same_tokens_on_tied_logits(top_p, top_k):
+    """bf16-rounded logits tie often: the twins must order tied candidates alike (by vocabulary id) to draw the same
+    tokens from the same uniforms; a hand-made tie at the top-k boundary too."""
+    logits = torch.randn(3000, 500, generator=torch.Generator().manual_seed(0)).mul(3).to(torch.bfloat16).float()
+    logits[:, 7] = logits[:, 11] = logits[:, 3] = logits.max() + 1  # three tied at the top
+    tok, lp = rollout.sample_next(logits, 0.7, top_p, top_k, torch.Generator().manual_seed(1))
+    tok_f, lp_f = fast.sample_next(logits, 0.7, top_p, top_k, torch.Generator().manual_seed(1), rollout.sample_tokens)
+    assert torch.equal(tok, tok_f) and torch.allclose(lp, lp_f, atol=1e-6)
+    assert float((logits.sort(-1).values.diff(dim=-1) == 0).float().mean()) > 0.1  # ties are common
+
+
 def _forward_logprobs(model, sample, params):
     ids = torch.tensor([sample.prompt_ids + sample.response_ids])
     with torch.no_grad():
@@ -952,8 +988,9 @@ def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path):
         (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()[:1]  # two ranks, the same first pick
     assert {json.loads(l)["index"] for l in open(tmp_path / "sel2" / "samples.jsonl")} < {0, 1, 2, 3}  # stopped early
 
-    given = tmp_path / "given.jsonl"  # every problem, s = its answer written out
-    given.write_text("".join(json.dumps(dict(question=p["question"], answer=p["answer"], solution=p["answer"])) + "\n"
+    given = tmp_path / "given.jsonl"  # every problem, s = a think block, then its answer: s\think is the answer
+    given.write_text("".join(json.dumps(dict(question=p["question"], answer=p["answer"],
+                                             solution=f"<think>Wait, {p['answer']}?</think>\n {p['answer']}")) + "\n"
                              for p in DIGIT_PROBLEMS))
     selected = [json.loads(l) for l in open(given)]
     out = run(sys.executable, "rollout.py", "--model", digit_model_dir, "--setting", "all", "--data", str(given),
@@ -971,9 +1008,10 @@ def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path):
     assert any(not any(r["score"] for r in by["solution"] if r["id"] == i) for i in first)  # a y_r fell back
     hint = lambda q, c: f"{data.format_prompt(q)}\n\nCorrect solution: {c}\n\nCorrectly solve the original question."
     s_of = {i: s["solution"] for i, s in ids.items()}
+    no_think = {i: s["answer"] for i, s in ids.items()}  # the pair and the whitespace after it removed
     for setting, given, context in (
             ("unguided", {i: None for i in ids}, lambda q, c: data.format_prompt(q)),
-            ("solution", s_of, hint), ("solution-no-think", s_of, hint), ("regenerated", y_r, hint),
+            ("solution", s_of, hint), ("solution-no-think", no_think, hint), ("regenerated", y_r, hint),
             ("uncertainty", s_of, lambda q, c: rollout.reprompt(q, c, template="uncertainty"))):
         assert sorted({r["id"] for r in by[setting]}) == sorted(ids) and len(by[setting]) == 3 * len(ids)
         assert all(r["context"] == context(ids[r["id"]]["question"], given[r["id"]]) for r in by[setting])
@@ -1217,7 +1255,7 @@ def test_sft_one_and_two_processes_equal_the_gradient_by_hand(tiny_model_dir, tm
         (m,) = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl") if "step" in json.loads(l)]
         assert m["tokens"] == n and m["loss"] == pytest.approx(loss, rel=1e-5)
         assert m["grad_norm"] == pytest.approx(norm, rel=1e-5)
-        _assert_same_gradient(_gradient_from_sgd_step(tiny_model_dir, tmp_path / name), grads)
+        _assert_same_gradient(_gradient_from_sgd_step(tiny_model_dir, tmp_path / name), grads, weights=_weights(tiny_model_dir))
 
 
 def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monkeypatch):
@@ -1283,17 +1321,60 @@ def test_sft_torchrun_embedded_model(tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "e" / "step_2")
 
 
-def test_sft_build_keeps_only_correct(tmp_path):
-    out = tmp_path / "d_ug.jsonl"
-    run(sys.executable, "sft.py", "build", "--setting", "unguided", "--data", "synthetic:types=add,n=6",
-        "--n-samples", "8", "--lenient", "--max-new-tokens", "48", "--out", str(out))
+def _selected(path, problems):
+    """A `rollout.py select` output: question, answer, solution (s) per problem."""
+    path.write_text("".join(json.dumps(dict(id=f"p{i}", question=q, answer=a, solution=s)) + "\n"
+                            for i, (q, a, s) in enumerate(problems)))
+    return str(path)
+
+
+def test_sft_build_sets_as_released(tmp_path, monkeypatch, embedded_tokenizer):
+    """Table 2's sets as make_sft_dataset.py builds them, by construction (the samples are given): D_ug is each
+    selected problem's s; D_sg each problem's FIRST correct response under c = s (Table 1's hint prompt), none for a
+    problem without one; a problem without s is in neither."""
+    selected = _selected(tmp_path / "selected.jsonl", [("What is 1 + 1?", "2", "s0 \\boxed{2}"),
+                                                       ("What is 2 + 2?", "4", "s1 \\boxed{4}"),
+                                                       ("What is 3 + 3?", "6", None), ("What is 4 + 4?", "8", "s3")])
+    drawn = {0: ["\\boxed{3}", "A \\boxed{2}", "B \\boxed{2}"], 1: ["\\boxed{5}"] * 3, 2: ["x", "y", "C \\boxed{8}"]}
+    seen = {}
+
+    def generate(backend, prompts, params, **kw):
+        seen.update(prompts=prompts, params=params, indices=list(kw["indices"]))
+        return [rollout.Sample(i, [1], [2] * (k + 1), t, "stop") for i in range(len(prompts))
+                for k, t in enumerate(drawn[i])]
+    monkeypatch.setattr(rollout, "make_backend", lambda *a, **kw: rollout.Backend("hf", embedded_tokenizer))
+    monkeypatch.setattr(rollout, "generate", generate)
+    monkeypatch.setattr(rollout, "load_tokenizer", lambda *a: embedded_tokenizer)
+    for setting in ("unguided", "solution"):
+        sft.build(sft.BuildArgs(setting=setting, data=selected, n_samples=3, out=str(tmp_path / f"{setting}.jsonl")))
+    ug = [json.loads(l) for l in open(tmp_path / "unguided.jsonl")]
+    sg = [json.loads(l) for l in open(tmp_path / "solution.jsonl")]
+    assert [(r["id"], r["response"]) for r in ug] == [("selected-0", "s0 \\boxed{2}"), ("selected-1", "s1 \\boxed{4}"),
+                                                     ("selected-3", "s3")]
+    assert [(r["id"], r["response"], r["length"]) for r in sg] == [("selected-0", "A \\boxed{2}", 2),
+                                                                   ("selected-3", "C \\boxed{8}", 3)]
+    hint = "What is 1 + 1?\nPlease reason step by step, and put your final answer within \\boxed{}.\n\nCorrect solution: " \
+           "s0 \\boxed{2}\n\nCorrectly solve the original question."
+    assert sg[0]["context"] == hint and seen["prompts"][0] == rollout.chat_prompt(embedded_tokenizer, hint)
+    assert ug[0]["context"] == data.format_prompt("What is 1 + 1?") and ug[0]["setting"] == "unguided"
+    p = seen["params"]
+    assert (p.n, p.temperature, p.top_p, p.top_k, seen["indices"]) == (3, 0.6, 0.95, 20, [0, 1, 2])
+    with pytest.raises(ValueError, match="no problem has a `solution`"):
+        sft.build(sft.BuildArgs(data=_selected(tmp_path / "none.jsonl", [("q", "1", None)]), out=str(tmp_path / "x")))
+
+
+def test_sft_build_runs_on_the_embedded_model(tmp_path):
+    selected = _selected(tmp_path / "selected.jsonl", [(f"What is {a} + {b}?", str(a + b), f"{a} + {b} = \\boxed{{{a + b}}}")
+                                                       for a, b in ((1, 1), (2, 3), (4, 4))])
+    out = tmp_path / "d_sg.jsonl"
+    run(sys.executable, "sft.py", "build", "--data", selected, "--n-samples", "4", "--lenient", "--max-new-tokens", "24",
+        "--out", str(out))
     rows = [json.loads(l) for l in open(out)]
-    assert rows, "the embedded model gets some single-digit sums right under lenient grading"
+    assert len({r["id"] for r in rows}) == len(rows) <= 3  # at most one per problem
     for r in rows:
-        assert data.grade(r["response"], r["answer"], lenient=True) == 1.0
-        assert r["setting"] == "unguided" and r["epistemic"] == epistemic.epistemic_count(r["response"])
-        assert r["context"] == rollout.unguided_prompt(r["question"])
-    sft.read_sft_rows(out)  # and it is valid SFT input
+        assert data.grade(r["response"], r["answer"], lenient=True) == 1.0 and r["setting"] == "solution"
+        assert r["epistemic"] == epistemic.epistemic_count(r["response"])
+    sft.read_sft_rows(out) if rows else None  # and it is valid SFT input
 
 
 EVALUATE_WORKER = """import json, sys
@@ -1807,9 +1888,18 @@ def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
         out = grpo.train_on_rollouts(m, torch.optim.SGD(m.parameters(), lr=1.0), [dict(r) for r in rows],
                                      grpo.Args(rollouts=4, micro_batch=4), 1, "cpu", tok.pad_token_id)
         return torch.cat([p.detach().flatten() for p in m.parameters()]) - w0, out["loss"]
+    calls = {id(model): 0, id(ckpt): 0}  # decoder-layer forwards: a checkpointed layer runs again in backward
+    for m in (model, ckpt):  # counted in forward itself: the recomputation runs no module hooks
+
+        def counted(*a, _forward, _key, **kw):
+            calls[_key] += 1
+            return _forward(*a, **kw)
+        for layer in m.model.layers:
+            layer.forward = functools.partial(counted, _forward=layer.forward, _key=id(m))
     (d0, l0), (d1, l1) = update(model), update(ckpt)
     scale = float(d0.abs().max())
     assert scale > 0 and float((d1 - d0).abs().max()) < 1e-5 * scale and abs(l1 - l0) < 1e-6
+    assert calls[id(model)] > 0 and calls[id(ckpt)] == 2 * calls[id(model)]
 
 
 GRPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "12",
@@ -1910,11 +2000,16 @@ def _gradient_from_sgd_step(model_dir, out) -> dict:
     return {k: init[k] - new[k] for k in init}
 
 
-def _assert_same_gradient(got: dict, want: dict, rel=1e-4):
+def _assert_same_gradient(got: dict, want: dict, rel=1e-4, weights: dict | None = None):
+    """Each parameter's gradient within `rel` of its own largest entry, plus a floor of rel / 100 of the largest
+    entry over all parameters. weights: the fp32 weights `got` was recovered from by an SGD step (w - w'), which
+    holds it only to their precision: one fp32 epsilon of each parameter's largest weight is added."""
     scale = max(float(w.abs().max()) for w in want.values())
     assert scale > 1e-3, "the step has no gradient to compare"
-    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
-    assert worst < rel * scale, (worst, scale)
+    for k in want:
+        own, worst = float(want[k].abs().max()), float((got[k] - want[k]).abs().max())
+        floor = rel / 100 * scale + (1.2e-7 * float(weights[k].abs().max()) if k in (weights or {}) else 0.0)
+        assert worst <= rel * own + floor, (k, worst, own, scale)
 
 
 def _response_logits(model, prompt_ids, response_ids):
@@ -1966,8 +2061,9 @@ def _step_metrics_equal(a: dict, b: dict):
     skip = lambda k: k.startswith("t_") or k.endswith("_tok_s") or k == "peak_mem_gb"
     assert {k for k in a if not skip(k)} == {k for k in b if not skip(k)}
     for k in a:
-        if not skip(k):
-            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+        if not skip(k):  # None (a step with no trainable row has no loss) equals None only
+            assert (a[k] is None) == (b[k] is None) and (a[k] is None or a[k] == pytest.approx(b[k], rel=1e-6,
+                                                                                              abs=1e-9)), k
 
 
 @pytest.mark.parametrize("loss_agg", grpo.LOSS_AGGS)
@@ -2000,7 +2096,7 @@ def test_grpo_one_and_two_processes_equal_the_gradient_by_hand(digit_model_dir, 
         assert m["clip_frac_high"] == m["clip_frac_low"] == m["clip_frac_dual"] == 0.0  # on-policy: ratio 1
         assert m["degenerate_groups"] == float((groups.max(1).values == groups.min(1).values).sum()) / 4
         assert 0.01 < m["peak_mem_gb"] < 8
-        _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads)
+        _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads, weights=_weights(digit_model_dir))
         AutoModelForCausalLM.from_pretrained(out / "step_1")
     for m in (one2, two2):  # the evaluation after the last step, on the held-out set
         assert {"eval/digits/acc", "eval/digits/length", "eval/digits/epistemic"} <= set(m)
@@ -2104,7 +2200,7 @@ def test_rollout_is_weight_cap_and_kl_term_by_hand(tiny_model_dir):
                                tok.pad_token_id, ref_model=ref)
     assert m["loss"] == pytest.approx(want_loss, rel=1e-5) and m["kl"] == pytest.approx(by_hand.kl, rel=1e-5)
     assert by_hand.kl > 1e-4
-    _assert_same_gradient({k: before[k] - v.detach() for k, v in model.named_parameters()}, grads)
+    _assert_same_gradient({k: before[k] - v.detach() for k, v in model.named_parameters()}, grads, weights=before)
 
 
 def test_sync_replica_copies_the_trainer_weights(tiny_model_dir):
@@ -2118,9 +2214,86 @@ def test_sync_replica_copies_the_trainer_weights(tiny_model_dir):
     assert all(torch.equal(a, b) for a, b in zip(replica.state_dict().values(), model.state_dict().values()))
 
 
+class _Bin:
+    """verl's seqlen_balancing Set, ported independently: a sum and its (index, value) items."""
+
+    def __init__(self):
+        self.sum, self.items = 0, []
+
+    def put(self, idx, val):
+        self.items.append((idx, val))
+        self.sum += val
+
+    def key(self):
+        return (self.sum, len(self.items), self.items)
+
+
+class _Partial:
+    """verl's seqlen_balancing State: k bins, largest first; compared for a min-heap that pops the largest spread."""
+
+    def __init__(self, items, k):
+        self.k, self.bins = k, [_Bin() for _ in range(k)]
+        for b, (idx, val) in zip(self.bins, items):
+            b.put(idx, val)
+        self.bins.sort(key=_Bin.key, reverse=True)
+
+    def absorb(self, other):
+        for i in range(self.k):
+            for idx, val in other.bins[self.k - 1 - i].items:
+                self.bins[i].put(idx, val)
+        self.bins.sort(key=_Bin.key, reverse=True)
+
+    def spread(self):
+        return self.bins[0].sum - self.bins[-1].sum
+
+    def __lt__(self, other):
+        if self.spread() != other.spread():
+            return self.spread() > other.spread()
+        return self.bins[0].key() > other.bins[0].key()
+
+
+def _verl_partitions(values, k):
+    """get_seqlen_balanced_partitions(values, k, equal_size=True), as verl computes it."""
+    import heapq
+    ranked = sorted((v, i) for i, v in enumerate(values))
+    heap = []
+    for j in range(0, len(ranked), k):
+        heapq.heappush(heap, _Partial([(i, v) for v, i in ranked[j:j + k]], k))
+    while len(heap) > 1:
+        first = heapq.heappop(heap)
+        first.absorb(heapq.heappop(heap))
+        heapq.heappush(heap, first)
+    return [sorted(i for i, _ in b.items) for b in heap[0].bins]
+
+
+def test_karmarkar_karp_partition_against_verls():
+    """rollout.karmarkar_karp against an independent port of verl's (equal-size LDM, ties included), by hand on
+    four items, and on random lengths for 1, 2, 4 and 8 ranks; then the order _balance_batch builds from it."""
+    # (1, 2) and (3, 4) spread 1 each: the larger first set pops first; 4 + 1 and 3 + 2 tie on sum and size, and
+    # the items [(3, 4), (0, 1)] come before [(2, 3), (1, 2)]
+    assert rollout.karmarkar_karp([1, 2, 3, 4], 2) == [[0, 3], [1, 2]]
+    rng = random.Random(0)
+    for case in range(60):
+        k = (1, 2, 4, 8)[case % 4]
+        values = [rng.choice((rng.randint(1, 6), rng.randint(1, 5000))) for _ in range(k * rng.randint(1, 12))]
+        assert rollout.karmarkar_karp(values, k) == _verl_partitions(values, k), (values, k)
+    lengths = [rng.randint(50, 4000) for _ in range(64)]
+    work = [24576 * n + n * n for n in lengths]
+    order = []
+    for part in _verl_partitions(work, 4):  # _balance_batch: each part by (workload, index), evens up, odds down
+        part = sorted(part, key=lambda i: (work[i], i))
+        order += part[0::2] + part[1::2][::-1]
+    positions = rollout.balanced_positions(lengths)
+    assert [positions[i] for i in order] == list(range(64))
+    with pytest.raises(ValueError, match="do not split into 4"):
+        rollout.balanced_positions([5, 6, 7], 4)
+
+
 def test_balanced_sibling_order_by_hand():
-    # lengths 5 3 9 3 7: sorted (3@1, 3@3, 5@0, 7@4, 9@2); even places 1, 0, 2 ascend, odd ones 3, 4 descend
-    assert sdpo.balanced_positions([5, 3, 9, 3, 7]) == [1, 0, 2, 4, 3]
+    # one rank: lengths 5 3 9 3 7 sorted (3@1, 3@3, 5@0, 7@4, 9@2); even places 1, 0, 2 ascend, odd ones 3, 4 descend
+    assert sdpo.balanced_positions([5, 3, 9, 3, 7], ranks=1) == [1, 0, 2, 4, 3]
+    # two ranks: the parts {0, 3} and {1, 2} (as `karmarkar_karp([1, 2, 3, 4], 2)`), each short-to-long
+    assert sdpo.balanced_positions([1, 2, 3, 4], ranks=2) == [0, 2, 3, 1]
     rows = [dict(text=t, reward=1.0) for t in "abcd"]
     assert sdpo.teacher_contexts(rows, [{}], 4, "sibling", order=[3, 2, 1, 0]) == ["d", "d", "d", "c"]
     assert sdpo.teacher_contexts(rows, [{}], 4, "sibling") == ["b", "a", "a", "a"]
@@ -2191,7 +2364,7 @@ def _wandb_history(out: Path) -> list[dict]:
 def test_wandb_offline_run_logs_what_metrics_jsonl_holds(digit_model_dir, tmp_path):
     """--wandb PROJECT in wandb's offline mode: one run under OUT/wandb whose history holds, step by step, every
     value metrics.jsonl holds (sdpo.py, so grpo.py's loop and SDPO's own metrics both)."""
-    pytest.importorskip("wandb")  # the README's test install brings it
+    import wandb  # noqa: F401  (the README's test install brings it: a missing one fails here, not skips)
     out, probs = tmp_path / "wb", _digit_problems(tmp_path)
     run(sys.executable, "sdpo.py", "--model", digit_model_dir, "--data", probs, "--steps", "2", "--prompts-per-step",
         "2", "--rollouts", "4", "--max-new-tokens", "6", "--lenient", "--eval-data", probs, "--eval-n", "1",
@@ -2233,6 +2406,10 @@ def test_no_fast_runs_without_fast_py_and_trains_as_fast(digit_model_dir, tmp_pa
     rows = {k: [json.loads(l) for l in open(v / "metrics.jsonl") if '"step"' in l][0] for k, v in out.items()}
     for key in ("score", "length", "epistemic"):
         assert rows["plain"][key] == rows["fast"][key]  # the same rollouts
+    # SDPO's metrics over the distilled positions, twin by twin (GRPO's entropy is over the rows each path trains)
+    for key in ("kl", "entropy", "teacher_entropy", "distill_loss", "masked_frac") if script == "sdpo.py" else ():
+        a, b = rows["plain"].get(key), rows["fast"].get(key)
+        assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-4, abs=1e-7)), key
     # fp32 rounding of two summation orders; on-policy GRPO's loss is sum A w / |y|, ~0 in each group (|A| ~ 0.3)
     loss = rows["fast"]["loss"]
     assert rows["plain"]["trained_frac"] == 1.0 and abs(rows["plain"]["loss"] - loss) < 1e-6 + 1e-4 * abs(loss)
@@ -2721,7 +2898,7 @@ def test_sdpo_one_and_two_processes_and_skipped_rows_equal_the_gradient_by_hand(
     for m, out in ((one, o1), (two, o2), (full, o3)):
         assert m["masked_frac"] == 0.5 and m["loss"] == pytest.approx(loss, rel=1e-5)
         assert m["grad_norm"] == pytest.approx(norm, rel=1e-5) and m["kl"] == pytest.approx(kl, rel=1e-4)
-        _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads)
+        _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads, weights=_weights(digit_model_dir))
     assert one["trained_frac"] == 0.5 and full["trained_frac"] == 1.0
     assert 0.5 < two["trained_frac"] < 1.0  # rank 1 runs filler rows (zero loss) to match rank 0's collectives
     assert one["teacher_tokens"] < full["teacher_tokens"] and one["train_tokens"] < full["train_tokens"]
@@ -2740,10 +2917,15 @@ def test_sdpo_sibling_contexts_and_remedies_equal_the_gradient_by_hand(digit_mod
     (m,), rolls, out = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "sib", "--pg-coef", "0.5", "--entropy-weight",
                                   sgd=True)
     rewards = _rewards_by_hand(rolls)
-    # --sibling balanced: verl's batch order on one GPU, by prompt + response length, short ones at both ends
+    # --sibling balanced: verl's batch order on its 4 ranks (the independent port of its partition), each rank's
+    # part by workload, short ones at both ends
     lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in rolls]
-    ranked = sorted(range(len(rolls)), key=lambda i: (lengths[i], i))
-    place = {i: p for p, i in enumerate(ranked[0::2] + ranked[1::2][::-1])}
+    work = [24576 * n + n * n for n in lengths]
+    order = []
+    for part in _verl_partitions(work, 4):
+        ranked = sorted(part, key=lambda i: (work[i], i))
+        order += ranked[0::2] + ranked[1::2][::-1]
+    place = {i: p for p, i in enumerate(order)}
     contexts, in_rollout_order = [], []
     for i, r in enumerate(rolls):
         succ = [j for j in range(i // 4 * 4, i // 4 * 4 + 4) if j != i and rewards[j] >= 0.5]
@@ -2761,7 +2943,7 @@ def test_sdpo_sibling_contexts_and_remedies_equal_the_gradient_by_hand(digit_mod
     assert m["pg_loss"] == pytest.approx(float(pg), abs=1e-6) and m["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
     assert m["distill_loss"] == pytest.approx(loss - 0.5 * float(pg), rel=1e-4)  # fp32 JSDs against fp64
     assert m["masked_frac"] == sum(c is None for c in contexts) / len(rolls)
-    _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads)
+    _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads, weights=_weights(digit_model_dir))
     wait_id, = tok(" Wait", add_special_tokens=False)["input_ids"]
     at_wait = [k for t, k in stats if t == wait_id]
     assert at_wait and m["kl/' Wait'"] == pytest.approx(sum(at_wait) / len(at_wait), rel=1e-4)
@@ -2808,7 +2990,7 @@ def test_sdpo_remedy_and_prompt_flags_reach_the_loss(digit_model_dir, tmp_path):
         s, model, tok, rolls, contexts, template="uncertainty", thinking="on", protected=wait_id))
     assert m["loss"] == pytest.approx(loss, rel=1e-5)
     # short rows' few distilled tokens weigh up to 1/1 each: fp32 rounding reaches ~1.3e-4 of the largest entry here
-    _assert_same_gradient(_gradient_from_sgd_step(model_dir, out), grads, rel=5e-4)
+    _assert_same_gradient(_gradient_from_sgd_step(model_dir, out), grads, rel=5e-4, weights=_weights(model_dir))
 
 
 def test_sdpo_regenerated_contexts_equal_the_gradient_by_hand(digit_model_dir, tmp_path):
@@ -2830,7 +3012,7 @@ def test_sdpo_regenerated_contexts_equal_the_gradient_by_hand(digit_model_dir, t
     model, tok = rollout.load_model(digit_model_dir)
     loss, grads = _grads_by_hand(digit_model_dir, lambda s: _sdpo_loss_by_hand(s, model, tok, rolls, contexts))
     assert m["loss"] == pytest.approx(loss, rel=1e-5)
-    _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads)
+    _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads, weights=_weights(digit_model_dir))
 
 
 def test_regenerated_contexts_keep_only_correct_draws(embedded_tokenizer, monkeypatch):
@@ -3015,7 +3197,8 @@ class FakeLLM:
                                               if sp.logprobs is not None else None, s[2]))
             out.append(FakeRequestOutput(ids, outputs))
         self.log("generate", requests=len(prompts), seeds=[sp.seed for sp in sps], n=[sp.n for sp in sps],
-                 logprobs=sorted({str(sp.logprobs) for sp in sps}), detokenize=sorted({sp.detokenize for sp in sps}))
+                 logprobs=sorted({str(sp.logprobs) for sp in sps}), detokenize=sorted({sp.detokenize for sp in sps}),
+                 top_k=sorted({sp.top_k for sp in sps}))
         return out
 
     def _sample(self, ids, sp, budget, seed):
@@ -3132,7 +3315,7 @@ def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
         gens = [c for c in _calls(log) if c["call"] == "generate"]
         assert gens and all(c["logprobs"] == ["None"] and c["detokenize"] == [False] for c in gens)
     for cmd in (["rollout.py", "select", "--data", "synthetic:types=add,n=2", "--n-samples", "2", "--keep", "1"],
-                ["sft.py", "build", "--setting", "unguided", "--data", "synthetic:types=add,n=2", "--n-samples", "2"]):
+                ["sft.py", "build", "--setting", "solution", "--data", "synthetic:types=add,n=2", "--n-samples", "2"]):
         log.unlink(missing_ok=True)  # every script that makes an engine takes --vllm-gpu-memory
         run(sys.executable, *cmd, "--model", tiny_model_dir, "--backend", "vllm", "--max-new-tokens", "4",
             "--vllm-gpu-memory", "0.7", "--out", str(tmp_path / cmd[0] / "out.jsonl"), env=env)
@@ -3454,6 +3637,7 @@ def test_trainers_with_vllm_backend(tiny_model_dir, tmp_path, fake_vllm, script,
             gens = [c for c in mine if c["call"] == "generate"]
             assert all(c["detokenize"] == [False] for c in gens)
             assert [c["logprobs"] for c in gens][-1] == ["None"] and gens[0]["logprobs"] == ["0"]
+            assert gens[-1]["top_k"] == [-1]  # the evaluation: no top-k, as the released validation (vLLM's off: -1)
             loads = [c for c in mine if c["call"] == "load_weights"]
             assert all(c["dtypes"] == ["torch.bfloat16"] and c["warnings"] == 0 for c in loads)
             last_push = phases.rindex("w")  # the batches of the last push, after step 2's update
