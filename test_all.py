@@ -863,6 +863,31 @@ def test_generate_hf_same_with_lean_decoding(tiny, monkeypatch):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
 
 
+def test_lean_decoding_past_its_first_256_positions(tiny, monkeypatch):
+    """LeanDecoder preallocates 256 positions: a 300-token greedy rollout (no EOS can end it) grows them and gives
+    the model's own forward's tokens."""
+    model, tok = tiny
+    monkeypatch.setattr(rollout, "eos_ids", lambda *a: {-1})  # never sampled: every row decodes 300 tokens
+    prompts = [rollout.chat_prompt(tok, "Count.")]
+    params = rollout.SamplingParams(n=1, temperature=0.0, max_new_tokens=300, seed=0)
+    lean = rollout.generate_hf(model, tok, prompts, params, progress=False)
+    monkeypatch.setattr(fast, "lean_decoding", lambda m: False)
+    plain = rollout.generate_hf(model, tok, prompts, params, progress=False)
+    assert len(lean[0].response_ids) == 300 and lean[0].response_ids == plain[0].response_ids
+    assert max(abs(x - y) for x, y in zip(lean[0].logprobs, plain[0].logprobs)) < 1e-4
+
+
+def test_bfloat16_model_generates_in_bfloat16(tiny_model_dir):
+    """--dtype bfloat16 (evaluate.py, rollout.py, sft.py build): the model's weights in bf16, rollouts with finite
+    log-probs through the fast path and the plain one."""
+    model, tok = rollout.load_model(tiny_model_dir, "bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    params = rollout.SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=6, seed=0)
+    for quick in (True, False):
+        out = rollout.generate_hf(model, tok, [rollout.chat_prompt(tok, "Hi")], params, progress=False, fast=quick)
+        assert len(out) == 2 and all(s.response_ids and all(math.isfinite(x) for x in s.logprobs) for s in out)
+
+
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 5)])
 def test_generate_hf_plain_twin_draws_the_same_rollouts(tiny, temperature, top_p, top_k):
     """--no-fast decoding (the model's forward on its KV cache, rollout.sample_next over the whole vocabulary) and
@@ -2289,6 +2314,33 @@ def test_karmarkar_karp_partition_against_verls():
         rollout.balanced_positions([5, 6, 7], 4)
 
 
+SIBLING_ORDER_WORKER = """
+import json, sys, torch.distributed as dist
+import rollout
+rank, _, world, _ = rollout.init_distributed()
+lengths = [(37 * i) % 101 + 5 for i in range(16)]  # 16 rollouts of a step, in their places 0..15
+rows = [dict(place=p, prompt_ids=[0] * 3, response_ids=[0] * (lengths[p] - 3)) for p in range(16)]
+mine = rows[rank * 4:rank * 4 + 4] + rows[8 + rank * 4:8 + rank * 4 + 4]  # each rank: its prompts' rollouts
+order = rollout.sibling_order(mine, world, ranks=4)
+every = [None] * world
+dist.all_gather_object(every, [(r["place"], o) for r, o in zip(mine, order)])
+if rank == 0:
+    json.dump(dict(sorted(x for part in every for x in part)), open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_sibling_order_is_gathered_across_ranks(tmp_path):
+    """Under torchrun each rank holds some of a step's rollouts: sibling_order gathers every rank's lengths, so each
+    rollout gets its place in verl's order of the whole step, as balanced_positions gives it on one process."""
+    (tmp_path / "w.py").write_text(SIBLING_ORDER_WORKER)
+    run(*TORCHRUN2, str(tmp_path / "w.py"), str(tmp_path / "out.json"), env={"OMP_NUM_THREADS": "1",
+                                                                               "PYTHONPATH": str(ROOT)})
+    got = {int(k): v for k, v in json.loads((tmp_path / "out.json").read_text()).items()}
+    want = rollout.balanced_positions([(37 * i) % 101 + 5 for i in range(16)], 4)
+    assert got == dict(enumerate(want)) and sorted(want) == list(range(16))
+
+
 def test_balanced_sibling_order_by_hand():
     # one rank: lengths 5 3 9 3 7 sorted (3@1, 3@3, 5@0, 7@4, 9@2); even places 1, 0, 2 ascend, odd ones 3, 4 descend
     assert sdpo.balanced_positions([5, 3, 9, 3, 7], ranks=1) == [1, 0, 2, 4, 3]
@@ -2697,6 +2749,17 @@ def test_fsdp2_chunked_losses_gradients_equal_one_process(tiny_model_dir, tmp_pa
     assert out["scale"] > 1e-3 and out["diff"] < 1e-5 * max(1.0, out["scale"]), out
 
 
+def test_bench_rows_are_the_documented_ones_and_grade_runs():
+    """bench.py (figures go to PERFORMANCE.md): every row its docstring names exists, and the cheapest one runs."""
+    import bench
+    named = {row for line in bench.__doc__.splitlines() if line.startswith("    python bench.py ")
+             for row in line.split("#")[0].split()[2:]}
+    assert named and named <= set(bench.ROWS), named - set(bench.ROWS)
+    out = bench.bench_grade(n=24)
+    wrong = sum(r.startswith(("Thus", "I think")) for r, _ in bench.mixed_responses(24))  # a + 1, and no box
+    assert out["row"] == "grade" and out["responses"] == 24 and out["mean_score"] == round(1 - wrong / 24, 3)
+
+
 def test_bootstrap_against_its_exact_distribution():
     # 2 seeds x 2 problems: 16 equally likely replicates (6.25% each), so the 2.5% and 97.5% points are the smallest
     # and largest: seed 0 with problem 0 twice (0.2), seed 1 with problem 1 twice (1.0)
@@ -2735,6 +2798,9 @@ def test_report_from_fake_runs(tmp_path):
     md = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope", "B=sdpo,gone"],
                                              last=1, boot=400))
     assert md == (tmp_path / "rep" / "REPORT.md").read_text()
+    run(sys.executable, "evaluate.py", "report", str(root), "--out", str(tmp_path / "cli"), "--groups",
+        "A=grpo,sdpo,nope", "B=sdpo,gone", "--last", "1", "--boot", "400")  # the command the README runs
+    assert (tmp_path / "cli" / "REPORT.md").read_text() == md.replace(str(tmp_path / "rep"), str(tmp_path / "cli"))
     cells = lambda run, after: [c.strip() for c in md[md.index(after):].split(f"| {run} ")[1].split("\n")[0]
                                 .strip("|").split("|")]
     sdpo = cells("sdpo", "## Training runs")
@@ -3102,8 +3168,10 @@ class FakeSamplingParams:
 
     def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=16, seed=None, logprobs=None,
                  detokenize=True):
-        if top_k < -1 or not 0 < top_p <= 1 or n < 1:
-            raise ValueError(f"bad sampling params n={n} top_k={top_k} top_p={top_p}")
+        # vllm/sampling_params.py _verify_args, 0.33
+        if top_k < -1 or not 0 < top_p <= 1 or n < 1 or not 0 <= temperature <= 2 or max_tokens < 1:
+            raise ValueError(f"bad sampling params n={n} top_k={top_k} top_p={top_p} temperature={temperature} "
+                             f"max_tokens={max_tokens}")
         self.n, self.temperature, self.top_p, self.top_k = n, temperature, top_p, top_k
         self.max_tokens, self.seed, self.logprobs, self.detokenize = max_tokens, seed, logprobs, detokenize
 
@@ -3202,19 +3270,32 @@ class FakeLLM:
         return out
 
     def _sample(self, ids, sp, budget, seed):
-        """One sample of `budget` tokens at most, from the engine's weights, with a generator seeded `seed`."""
+        """One sample of `budget` tokens at most, from the engine's weights, with a generator seeded `seed`; each
+        token's log-prob under the processed distribution (logprobs_mode="processed_logprobs": after temperature,
+        top-k and top-p), computed here in float64 without the project's sampler."""
         eos = rollout.eos_ids(self._tok(), self.model)
         gen = torch.Generator().manual_seed(seed)
         toks, lps, x = [], [], torch.tensor([ids])
         with torch.no_grad():
             for _ in range(budget):
-                logits = self.model(input_ids=x, use_cache=False).logits[:, -1]
-                t, l = rollout.sample_next(logits, sp.temperature, sp.top_p, max(sp.top_k, 0), gen)
-                toks.append(int(t))
-                lps.append(float(l))
-                if int(t) in eos:
+                z = self.model(input_ids=x, use_cache=False).logits[0, -1].double()
+                if sp.temperature == 0:  # greedy; the raw log-softmax
+                    logp = torch.log_softmax(z, -1)
+                    t = int(logp.argmax())
+                else:
+                    z = z / sp.temperature
+                    if sp.top_k > 0:  # the k largest
+                        z = torch.where(z >= z.topk(min(sp.top_k, len(z))).values[-1], z, float("-inf"))
+                    if sp.top_p < 1:  # the smallest most-probable set whose mass reaches top_p
+                        p, order = torch.softmax(z, -1).sort(descending=True)
+                        z[order[(p.cumsum(-1) - p) > sp.top_p]] = float("-inf")
+                    logp = torch.log_softmax(z, -1)
+                    t = int(torch.multinomial(logp.exp(), 1, generator=gen))
+                toks.append(t)
+                lps.append(float(logp[t]))
+                if t in eos:
                     return toks, lps, "stop"
-                x = torch.cat([x, t.view(1, 1)], dim=1)
+                x = torch.cat([x, torch.tensor([[t]])], dim=1)
         return toks, lps, "length"
 
     def _tok(self):
@@ -3353,6 +3434,17 @@ def test_duplicate_prompts_draw_different_rollouts(tiny, tiny_model_dir, fake_vl
     assert a == [tuple(s.response_ids) for s in rollout.generate(backend, prompts, params)]  # seeded: reproducible
     seeds = [rollout.request_seed(5, i) for i in range(3)] + [rollout.request_seed(6, i) for i in range(3)]
     assert min(abs(x - y) for x, y in itertools.combinations(seeds, 2)) > 2 ** 20  # s + k never meets another
+
+
+def test_vllm_logprobs_are_the_trainers_sampling_logprobs(tiny, tiny_model_dir, fake_vllm):
+    """The fake engine's processed log-probs (its own float64 sampler, as vLLM computes them) equal the project's
+    `sampling_logprobs` of the model's forward at the sampled tokens: the contract the trainers' IS weights rely on."""
+    model, tok = tiny
+    params = rollout.SamplingParams(n=2, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=6, seed=3)
+    samples = rollout.generate(_fake_backend(tiny_model_dir), [rollout.chat_prompt(tok, "What is 2 + 2?")], params)
+    for s in samples:
+        assert len(s.logprobs) == len(s.response_ids) > 0
+        assert torch.allclose(torch.tensor(s.logprobs), _forward_logprobs(model, s, params), atol=1e-5)
 
 
 def test_vllm_weight_push_casts_and_batches_by_bytes(tiny_model_dir, fake_vllm):
@@ -3505,6 +3597,20 @@ def test_scripts_refuse_bad_flags_before_any_work(tmp_path):
         p = subprocess.run([sys.executable, script, flag, value, "--out", str(tmp_path)], cwd=ROOT,
                            capture_output=True, text=True)
         assert p.returncode == 2 and f"{flag} " in p.stderr and not (tmp_path / "metrics.jsonl").exists(), p.stderr
+
+
+def test_batch_sizes_that_do_not_split_over_the_ranks_are_refused(monkeypatch, tmp_path):
+    """--prompts-per-step (RL) and --batch-size (SFT) must split evenly over the ranks, and SDPO's step over
+    --sibling-dp; each refusal names its flag, before any model is loaded."""
+    monkeypatch.setattr(sft, "init_distributed", lambda: (0, 0, 2, torch.device("cpu")))  # as rank 0 of 2
+    monkeypatch.setattr(rollout, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="--prompts-per-step 3 must be a multiple of the world size 2"):
+        sft.setup(grpo.Args(prompts_per_step=3, out=str(tmp_path)))
+    with pytest.raises(ValueError, match="--batch-size 5 must be a positive multiple of the world size 2"):
+        sft.train(sft.TrainArgs(batch_size=5, data=_sft_file(tmp_path / "d.jsonl"), out=str(tmp_path)))
+    run_ = type("Run", (), {"args": sdpo.Args(prompts_per_step=3, rollouts=2, sibling_dp=4)})()
+    with pytest.raises(ValueError, match="--sibling-dp 4"):
+        sdpo.sdpo_train_step(run_)
 
 
 def test_chunk_size_suits_the_device():
