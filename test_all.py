@@ -2228,6 +2228,51 @@ def test_rollout_is_weight_cap_and_kl_term_by_hand(tiny_model_dir):
     _assert_same_gradient({k: before[k] - v.detach() for k, v in model.named_parameters()}, grads, weights=before)
 
 
+@pytest.mark.parametrize("lr", [0.5])
+def test_off_policy_updates_against_the_step_start(tiny_model_dir, lr):
+    """--mini-batch 1 over two groups: two SGD updates a step. The second's ratio is exp(logp - old) against the
+    log-probs before the step's FIRST update, clipped to [1 - clip_low, 1 + clip_high] (asymmetric here, 0.05 and
+    0.5, so that swapping them shows; dual clip 3 where A < 0), times the rollout IS weight: the weights after the
+    step equal that surrogate written out in float64, and some of the second update's ratios lie outside the clip
+    range (so a step that took old = logp.detach() would differ)."""
+    model, tok = rollout.load_model(tiny_model_dir)
+    rows = _rows(tok, 8, lambda i: float(i in (0, 3, 4, 5, 7)))  # groups [1, 0, 0, 1] and [1, 1, 0, 1]
+    m64 = copy.deepcopy(model).double()
+
+    def logps(m, r):
+        y = torch.tensor(r["response_ids"])[:, None]
+        return torch.log_softmax(_response_logits(m, r["prompt_ids"], r["response_ids"]).double(), -1).gather(-1, y)[:, 0]
+    with torch.no_grad():
+        old = [logps(m64, r) for r in rows]
+    for r, o in zip(rows, old):  # rollout log-probs a little off the policy's: IS weights exp(0.1), and the cap
+        r["rollout_logprobs"] = [float(x) - (0.1 if t % 2 else 1.0) for t, x in enumerate(o)]
+    opt, ratios = torch.optim.SGD(m64.parameters(), lr=lr), []
+    for u in (0, 1):
+        part, n, loss = range(4 * u, 4 * u + 4), sum(len(rows[i]["response_ids"]) for i in range(4 * u, 4 * u + 4)), 0.0
+        for i in part:
+            r, lp = rows[i], logps(m64, rows[i])
+            ratio, a = torch.exp(lp - old[i]), r["advantage"]
+            w = torch.clamp(torch.exp(old[i] - torch.tensor(r["rollout_logprobs"], dtype=torch.float64)), max=2.0)
+            per = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 0.95, 1.5))
+            per = torch.minimum(per, torch.full_like(per, -a * 3.0)) if a < 0 else per
+            loss = loss + (per * w).sum() / n
+            ratios += ratio.detach().tolist() if u else []
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if u else {k: p.detach().clone() for k, p in m64.named_parameters()}  # after update 1
+    args = grpo.Args(rollouts=4, mini_batch=1, micro_batch=4, grad_clip=1e9, loss_agg="token-mean", clip_low=0.05,
+                     clip_high=0.5)
+    m = grpo.train_on_rollouts(model, torch.optim.SGD(model.parameters(), lr=lr), rows, args, 1, "cpu", tok.pad_token_id)
+    # the second update's ratios on both sides of each bound: 1.094 in (1.05, 1.5) and 0.908 in (0.5, 0.95)
+    assert m["updates"] == 2 and any(r > 1.5 for r in ratios) and any(1.05 < r < 1.5 for r in ratios), ratios
+    assert any(0.5 < r < 0.95 for r in ratios), ratios
+    want = {k: p.detach() for k, p in m64.named_parameters()}
+    second = max(float((want[k] - first[k]).abs().max()) for k in want)  # how far the second update moved
+    worst = max(float((p.detach().double() - want[k]).abs().max()) for k, p in model.named_parameters())
+    assert second > 0 and worst < 1e-3 * second, (worst, second)
+
+
 def test_sync_replica_copies_the_trainer_weights(tiny_model_dir):
     model, _ = rollout.load_model(tiny_model_dir)
     replica = copy.deepcopy(model)
