@@ -2260,7 +2260,8 @@ def test_off_policy_updates_against_the_step_start(tiny_model_dir, lr):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = first if u else {k: p.detach().clone() for k, p in m64.named_parameters()}  # after update 1
+        if u == 0:
+            first = {k: p.detach().clone() for k, p in m64.named_parameters()}  # after update 1
     args = grpo.Args(rollouts=4, mini_batch=1, micro_batch=4, grad_clip=1e9, loss_agg="token-mean", clip_low=0.05,
                      clip_high=0.5)
     m = grpo.train_on_rollouts(model, torch.optim.SGD(model.parameters(), lr=lr), rows, args, 1, "cpu", tok.pad_token_id)
