@@ -22,10 +22,10 @@ response positions only, in chunks recomputed in backward, so (T, V) logits neve
 Checkpoints: OUT/step_N/ is a Hugging Face directory (config.json, tokenizer, model.safetensors: the policy, the
 only top-level weights, as vLLM's loader wants) that AutoModelForCausalLM.from_pretrained loads as it is, plus
 optimizer/shard_R.safetensors (each rank's rows of the AdamW state and its RNG state; a resumed run may have another
-number of ranks), SDPO's EMA teacher as a HF directory teacher/, and trainer_state.json; nothing is pickled. It is written under a temporary name and renamed, so a kill or a full disk at
-any moment leaves the previous checkpoint whole. `--resume` continues from the latest one with the
-same data order: on CPU in fp32 the resumed run's metrics equal an uninterrupted run's. `--keep-checkpoints N`
-(default 2) removes complete checkpoints older than the N newest.
+number of ranks), SDPO's EMA teacher as a HF directory teacher/, and trainer_state.json; nothing is pickled. It is
+written under a temporary name and renamed, so a kill or a full disk at any moment leaves the previous checkpoint
+whole. `--resume` continues from the latest one with the same data order: on CPU in fp32 the resumed run's metrics
+equal an uninterrupted run's. `--keep-checkpoints N` (default 2) removes complete checkpoints older than the N newest.
 
 Departures, and why:
   1. App. D gives no SFT hyperparameters for Sec. 4; defaults here are LR 1e-5 (SDPO's, Table 10),
@@ -775,7 +775,7 @@ def ema_weights(run: "Run", teacher) -> dict:
     checkpoint a run resumes (OUT/step_N/teacher/, a HF directory of its own), and saved inside every checkpoint
     after. Never as a second top-level *.safetensors: vLLM would load it over the policy (`save_checkpoint`)."""
     saved = None
-    if run.resumed_from is not None:
+    if run.resumed_from is not None and (run.resumed_from / "teacher" / "model.safetensors").exists():
         from safetensors.torch import load_file
 
         saved = load_file(run.resumed_from / "teacher" / "model.safetensors")
@@ -971,7 +971,8 @@ def build(args: BuildArgs):
     if args.setting == "unguided":  # D_ug: s itself, generated unguided by `rollout.py select`
         tok = rollout.load_tokenizer(args.model)
         kept = [dict(index=i, problem=p, context=rollout.unguided_prompt(p["question"]), response=p["solution"],
-                     length=len(tok(p["solution"], add_special_tokens=False)["input_ids"])) for i, p in zip(indices, mine)]
+                     length=len(tok(p["solution"], add_special_tokens=False)["input_ids"]))
+                for i, p in zip(indices, mine)]
     else:  # D_sg: the first correct of n responses under c = s
         contexts = {p["id"]: rollout.context_for("solution", p["question"], p["solution"]) for p in mine}
         max_len = 0 if args.backend != "vllm" else rollout.settings_engine_length(
