@@ -3937,7 +3937,7 @@ def _paper_models() -> dict:
 
 
 def _memory_table() -> str:
-    """The README's memory table: Table 8's recipe (--grad-ckpt --micro-batch 1, 2,048 + 20,480 tokens, the LM head
+    """PERFORMANCE.md's memory table: Table 8's recipe (--grad-ckpt --micro-batch 1, 2,048 + 20,480 tokens, the LM head
     in chunks of 1,024), SDPO's teacher over --max-reprompt-len 22,528 + 20,480, the engine at the trainers'
     evaluation length (38,912 + a 2,048-token prompt). `python -c "import test_all; print(test_all._memory_table())"`"""
     lines = ["| model | run | GPUs | trainer during rollouts, GB | training peak, GB | --vllm-gpu-memory on 80 GB "
@@ -3955,11 +3955,10 @@ def _memory_table() -> str:
 
 
 def test_memory_plan_against_the_readme_table_and_by_hand(tmp_path, monkeypatch):
-    """The README's table is memory_plan's; the parts by hand for R1-Distill-Qwen-7B (8 x 80 GB, GRPO: fp32
+    """PERFORMANCE.md's table is memory_plan's; the parts by hand for R1-Distill-Qwen-7B (8 x 80 GB, GRPO: fp32
     weights, gradients and AdamW over 8 ranks are 16 P / 8 bytes, P counted from the config by hand); a run that
     cannot fit is refused before loading, naming the numbers and what to change."""
-    readme = (ROOT / "README.md").read_text()
-    assert _memory_table() in readme
+    assert _memory_table() in (ROOT / "PERFORMANCE.md").read_text()
     cfg = _paper_models()["R1-Distill-Qwen-7B"]
     h, i, layers, v, kv = 3584, 18944, 28, 152064, 4 * 128
     layer = h * h + h + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k, v (biased), o, MLP, two norms
