@@ -215,7 +215,8 @@ def check_args(args: Args):
         raise ValueError(f"--k {bad}: pass@k needs 1 <= k <= n, and --n-samples is {args.n_samples}")
 
 
-def main(args: Args) -> dict:
+def evaluate_model(args: Args) -> dict:
+    """`evaluate.py`'s job: every benchmark of --data, resumable, written to --out."""
     check_args(args)
     rank, _, world, device = rollout.init_distributed()
     benchmarks = {data.benchmark_name(s): data.load_problems(s, limit=args.limit, seed=args.seed) for s in args.data}
@@ -552,14 +553,22 @@ def report(args: ReportArgs) -> str:
     return text
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """`evaluate.py ...` (the benchmarks) or `evaluate.py report RUNS ...` (the CPU reproduction's report)."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        if sys.argv[1:2] == ["report"]:
-            report(data.parse_args(ReportArgs, sys.argv[2:], positional=("runs",)))
+        if argv[:1] == ["report"]:
+            report(data.parse_args(ReportArgs, argv[1:], positional=("runs",)))
         else:
-            main(data.parse_args(Args))
+            evaluate_model(data.parse_args(Args, argv))
+        if dist.is_initialized():
+            dist.barrier()  # every rank done before any closes the group
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -357,7 +357,7 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
                                          top_k=args.eval_top_k, max_new_tokens=args.eval_max_new_tokens,
                                          seed=args.seed + 500_000_000)  # its own seeds
     bar = tqdm(range(run.start, args.steps), desc=loss_name, disable=run.rank != 0, initial=run.start, total=args.steps)
-    metrics = {}
+    metrics, ev = {}, {}
     for step in bar:
         t0 = time.time()
         sft.peak_memory_gb(run.device)  # a new window: this step's peak only
@@ -383,14 +383,17 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         if run.rank == 0:
             sft.log_metrics(run.out / "metrics.jsonl", metrics, run.wandb)
             bar.set_postfix(score=f"{metrics['score']:.3f}", len=f"{metrics['length']:.0f}",
-                            E=f"{metrics['epistemic']:.2f}", loss=f"{metrics['loss'] or 0:.4f}")
+                            E=f"{metrics['epistemic']:.2f}", gnorm=f"{metrics.get('grad_norm') or 0:.3f}")
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             sft.save_checkpoint(run.out, step + 1, run.model, run.tokenizer, run.optimizer,
                                 dict(args=asdict(args), loss=loss_name), keep=args.keep_checkpoints,
                                 extra_tensors=run.checkpoint_extra() if run.checkpoint_extra else None)
-    held_out = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/"))  # the last eval
-    rollout.print0(f"done: {held_out or 'no steps run'}; metrics in {run.out / 'metrics.jsonl'}; checkpoint "
-                   f"{sft.latest_checkpoint(run.out) or 'none (--save-every 0)'}")
+    lines = [f"{loss_name}: trained to step {args.steps}."]
+    lines += [f"  {name}: held-out accuracy {s['acc']:.2f} on {s['problems']} problems ({s['samples']} responses), "
+              f"{s['length']:.0f} tokens, E(y) {s['epistemic']:.2f}" for name, s in ev.items()]  # the last evaluation
+    lines += [f"  metrics: {run.out / 'metrics.jsonl'}",
+              f"  checkpoint: {sft.latest_checkpoint(run.out) or 'none (--save-every 0)'}"]
+    rollout.print0("\n".join(lines))
     sft.finish(run)
 
 

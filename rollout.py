@@ -1097,13 +1097,21 @@ def select(args: SelectArgs) -> list[dict]:
     return kept
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """`rollout.py select ...` (Sec. 3's problem selection) or `rollout.py ...` (Table 1)."""
     import sys
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        if sys.argv[1:2] == ["select"]:
-            select(data.parse_args(SelectArgs, sys.argv[2:]))
+        if argv[:1] == ["select"]:
+            select(data.parse_args(SelectArgs, argv[1:]))
         else:
-            table1(data.parse_args(Args))
+            table1(data.parse_args(Args, argv))
+        if dist.is_initialized():
+            dist.barrier()  # every rank done before any closes the group
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -264,6 +264,8 @@ def run_main(job) -> None:
     not a traceback; the process group is destroyed either way."""
     try:
         job()
+        if dist.is_initialized():  # every rank done before any closes the group: one that closed while another
+            dist.barrier()  # still ran was seen to abort ("terminate called without an active exception")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     finally:
