@@ -15,6 +15,7 @@
 
 Each row is measured in a fresh process so rows don't share caches or memory peaks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,27 +32,36 @@ def mixed_responses(n: int = 1000, seed: int = 0) -> list[tuple[str, str]]:
     """(response, answer) pairs: a realistic mix of exact hits, equivalent forms, wrong, unboxed, long."""
     rng = random.Random(seed)
     kinds = [
-        lambda a: (f"Adding gives {a}. The answer is \\boxed{{{a}}}.", str(a)),                     # exact
-        lambda a: (f"So x = \\boxed{{\\frac{{{2 * a}}}{{2}}}}", str(a)),                            # equivalent form
-        lambda a: (f"Thus \\boxed{{{a + 1}}}.", str(a)),                                             # wrong
-        lambda a: (f"I think it is {a}.", str(a)),                                                   # no box
-        lambda a: ("Wait, let me check. " * 200 + f"\\boxed{{{a}.0}}", str(a)),                     # long
-        lambda a: (f"\\boxed{{\\left({a}, {a + 1}\\right)}}", f"({a},{a + 1})"),                    # tuple
-        lambda a: (f"\\boxed{{{a / 4}}}", f"\\frac{{{a}}}{{4}}"),                                   # decimal vs frac
-        lambda a: (f"\\boxed{{\\frac{{{a}\\sqrt{{2}}}}{{2}}}}", f"\\frac{{{a}}}{{\\sqrt{{2}}}}"),       # symbolic: math-verify
+        lambda a: (f"Adding gives {a}. The answer is \\boxed{{{a}}}.", str(a)),  # exact
+        lambda a: (f"So x = \\boxed{{\\frac{{{2 * a}}}{{2}}}}", str(a)),  # equivalent form
+        lambda a: (f"Thus \\boxed{{{a + 1}}}.", str(a)),  # wrong
+        lambda a: (f"I think it is {a}.", str(a)),  # no box
+        lambda a: ("Wait, let me check. " * 200 + f"\\boxed{{{a}.0}}", str(a)),  # long
+        lambda a: (f"\\boxed{{\\left({a}, {a + 1}\\right)}}", f"({a},{a + 1})"),  # tuple
+        lambda a: (f"\\boxed{{{a / 4}}}", f"\\frac{{{a}}}{{4}}"),  # decimal vs frac
+        lambda a: (
+            f"\\boxed{{\\frac{{{a}\\sqrt{{2}}}}{{2}}}}",
+            f"\\frac{{{a}}}{{\\sqrt{{2}}}}",
+        ),  # symbolic: math-verify
     ]
     return [rng.choice(kinds)(rng.randint(1, 999)) for _ in range(n)]
 
 
 def bench_grade(n: int = 1000) -> dict:
     import data
+
     pairs = mixed_responses(n)
     data.grade("\\boxed{1/2}", "0.5")  # start the math-verify child outside the timing
     t = time.perf_counter()
     scores = [data.grade(r, a) for r, a in pairs]
     dt = time.perf_counter() - t
-    return dict(row="grade", responses=n, seconds=round(dt, 3), responses_per_s=round(n / dt, 1),
-                mean_score=round(sum(scores) / n, 3))
+    return dict(
+        row="grade",
+        responses=n,
+        seconds=round(dt, 3),
+        responses_per_s=round(n / dt, 1),
+        mean_score=round(sum(scores) / n, 3),
+    )
 
 
 def bench_generate(batch: int = 16, new_tokens: int = 128, reps: int = 2, dtype: str = "float32") -> dict:
@@ -61,6 +71,7 @@ def bench_generate(batch: int = 16, new_tokens: int = 128, reps: int = 2, dtype:
     import torch
     import data
     import rollout
+
     model, tok = rollout.load_model(dtype=dtype)
     qs = [p["question"] for p in data.load_problems(f"synthetic:difficulty=1,n={batch}")]
     prompts = [rollout.chat_prompt(tok, data.format_prompt(q)) for q in qs]
@@ -75,7 +86,7 @@ def bench_generate(batch: int = 16, new_tokens: int = 128, reps: int = 2, dtype:
             out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens)
         dt = time.perf_counter() - t
         n = 0
-        for row in out[:, enc.input_ids.shape[1]:].tolist():
+        for row in out[:, enc.input_ids.shape[1] :].tolist():
             n += next((i + 1 for i, x in enumerate(row) if x in eos), len(row))
         plain.append(n / dt)
     ours = []
@@ -84,10 +95,13 @@ def bench_generate(batch: int = 16, new_tokens: int = 128, reps: int = 2, dtype:
         t = time.perf_counter()
         samples = rollout.generate_hf(model, tok, prompts, params, batch_size=batch, progress=False)
         ours.append(sum(len(s.response_ids) for s in samples) / (time.perf_counter() - t))
-    return dict(row=f"generate batch={batch} new_tokens={new_tokens} {dtype}",
-                plain_generate_tok_s=round(max(plain), 1),
-                hf_backend_tok_s=round(max(ours), 1), speedup=round(max(ours) / max(plain), 2),
-                threads=torch.get_num_threads())
+    return dict(
+        row=f"generate batch={batch} new_tokens={new_tokens} {dtype}",
+        plain_generate_tok_s=round(max(plain), 1),
+        hf_backend_tok_s=round(max(ours), 1),
+        speedup=round(max(ours) / max(plain), 2),
+        threads=torch.get_num_threads(),
+    )
 
 
 def bench_sdpo_memory(chunk: int | None = 256, T: int = 4096, V: int = 151_936, H: int = 64, k: int = 100) -> dict:
@@ -96,6 +110,7 @@ def bench_sdpo_memory(chunk: int | None = 256, T: int = 4096, V: int = 151_936, 
     import torch
     import fast
     import sdpo
+
     torch.manual_seed(0)
     w = (torch.randn(V, H) * 0.02).requires_grad_()
     hs, ht = torch.randn(T, H, requires_grad=True), torch.randn(T, H)
@@ -103,31 +118,55 @@ def bench_sdpo_memory(chunk: int | None = 256, T: int = 4096, V: int = 151_936, 
     base = peak_rss_gb()
     t = time.perf_counter()
     if chunk:
-        loss = fast.chunked_distillation(hs, ht, y, w, w.detach(), topk=k, chunk=chunk, divergence=sdpo.divergence,
-                                         finish_support=sdpo.finish_support)["divergence"].mean()
+        loss = fast.chunked_distillation(
+            hs,
+            ht,
+            y,
+            w,
+            w.detach(),
+            topk=k,
+            chunk=chunk,
+            divergence=sdpo.divergence,
+            finish_support=sdpo.finish_support,
+        )["divergence"].mean()
     else:
         loss = sdpo.self_distillation_loss(hs @ w.T, (ht @ w.T).detach(), topk=k).mean()
     loss.backward()
-    return dict(row=f"sdpo loss T={T} V={V} k={k} {'chunk=' + str(chunk) if chunk else 'unchunked'}",
-                seconds=round(time.perf_counter() - t, 2), peak_above_baseline_gb=round(peak_rss_gb() - base, 2),
-                loss=round(float(loss.detach()), 6))
+    return dict(
+        row=f"sdpo loss T={T} V={V} k={k} {'chunk=' + str(chunk) if chunk else 'unchunked'}",
+        seconds=round(time.perf_counter() - t, 2),
+        peak_above_baseline_gb=round(peak_rss_gb() - base, 2),
+        loss=round(float(loss.detach()), 6),
+    )
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     """Best fp32 GFLOP/s of an n x n matmul on this machine (the MFU denominator), best of `reps`."""
     import torch
+
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     best = 0.0
     for _ in range(reps):
         t = time.perf_counter()
         a @ b
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
     return best
 
 
-RL_CONFIG = dict(prompts_per_step=4, rollouts=4, max_new_tokens=128, lr=1e-6, kl_coef=0.0, clip_high=0.28, warmup=0,
-                 data="synthetic:difficulty=1,types=add,n=64", eval_data=[], save_every=0, lenient=True)
+RL_CONFIG = dict(
+    prompts_per_step=4,
+    rollouts=4,
+    max_new_tokens=128,
+    lr=1e-6,
+    kl_coef=0.0,
+    clip_high=0.28,
+    warmup=0,
+    data="synthetic:difficulty=1,types=add,n=64",
+    eval_data=[],
+    save_every=0,
+    lenient=True,
+)
 
 
 def n_parameters(model_dir) -> int:
@@ -135,10 +174,11 @@ def n_parameters(model_dir) -> int:
     import math
     from pathlib import Path
     from safetensors import safe_open
+
     total = 0
     for f in Path(model_dir).glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
-            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118 (safe_open is not iterable)
     return total
 
 
@@ -159,6 +199,7 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     import grpo
     import rollout
     import sdpo
+
     peak = matmul_peak_gflops()
     with tempfile.TemporaryDirectory() as out:
         if trainer == "grpo":
@@ -167,7 +208,8 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
         else:
             args = sdpo.Args(**{**RL_CONFIG, **overrides}, steps=steps, out=out)
             grpo.run_loop(args, "sdpo", sdpo.sdpo_train_step)
-        rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"step"' in line]
+        with open(f"{out}/metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f if '"step"' in line]
     m = rows[-1]
     P = n_parameters(rollout.embedded_model_dir())
     n = RL_CONFIG["prompts_per_step"] * RL_CONFIG["rollouts"]
@@ -175,16 +217,28 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     train_flops = 6 * P * m["train_tokens"] + 2 * P * m.get("teacher_tokens", 0)
     t_teacher = m.get("t_teacher", 0.0)
     tag = "".join(f" {k}={v}" for k, v in overrides.items())
-    return dict(row=f"{trainer} step (4x4, 128 tokens){tag}", step=m["step"], rollouts=n, response_tokens=round(m["length"] * n),
-                score=m["score"], trained_frac=m["trained_frac"], t_steps=[round(r["t_step"], 2) for r in rows],
-                rollout_tok_s=round(m["rollout_tok_s"], 1), t_generate=round(m["t_generate"], 2),
-                t_score=round(m["t_score"], 2), t_old_logprobs=round(m.get("t_old_logprobs", 0.0), 2),
-                t_teacher=round(t_teacher, 2), t_train=round(m["t_train"] - t_teacher, 2), t_step=round(m["t_step"], 2),
-                # the trainer resets the kernel's high-water mark each step (sft.peak_memory_gb), ru_maxrss with it:
-                # the peak is the largest step's, model loading excluded
-                peak_rss_gb=round(max(r.get("peak_mem_gb") or 0.0 for r in rows), 2),
-                matmul_peak_gflops=round(peak, 1), mfu=round((gen_flops + train_flops) / (m["t_step"] * peak * 1e9), 3),
-                mfu_train=round(train_flops / (m["t_train"] * peak * 1e9), 3))
+    return dict(
+        row=f"{trainer} step (4x4, 128 tokens){tag}",
+        step=m["step"],
+        rollouts=n,
+        response_tokens=round(m["length"] * n),
+        score=m["score"],
+        trained_frac=m["trained_frac"],
+        t_steps=[round(r["t_step"], 2) for r in rows],
+        rollout_tok_s=round(m["rollout_tok_s"], 1),
+        t_generate=round(m["t_generate"], 2),
+        t_score=round(m["t_score"], 2),
+        t_old_logprobs=round(m.get("t_old_logprobs", 0.0), 2),
+        t_teacher=round(t_teacher, 2),
+        t_train=round(m["t_train"] - t_teacher, 2),
+        t_step=round(m["t_step"], 2),
+        # the trainer resets the kernel's high-water mark each step (sft.peak_memory_gb), ru_maxrss with it:
+        # the peak is the largest step's, model loading excluded
+        peak_rss_gb=round(max(r.get("peak_mem_gb") or 0.0 for r in rows), 2),
+        matmul_peak_gflops=round(peak, 1),
+        mfu=round((gen_flops + train_flops) / (m["t_step"] * peak * 1e9), 3),
+        mfu_train=round(train_flops / (m["t_train"] * peak * 1e9), 3),
+    )
 
 
 def bench_trl_step(trainer: str = "grpo", steps: int = 2) -> dict:
@@ -198,27 +252,55 @@ def bench_trl_step(trainer: str = "grpo", steps: int = 2) -> dict:
     import tempfile
     import data
     import rollout
+
     path = str(rollout.embedded_model_dir())  # TRL takes a str id or a model, not a Path
     problems = data.load_problems(RL_CONFIG["data"])
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": data.format_prompt(p["question"])}],
-                             "answer": p["answer"]} for p in problems])
+    ds = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": data.format_prompt(p["question"])}], "answer": p["answer"]}
+            for p in problems
+        ]
+    )
 
     def reward(completions, answer, **_):
-        return [data.grade(c[-1]["content"] if isinstance(c, list) else c, a, lenient=True)
-                for c, a in zip(completions, answer)]
-    common = dict(per_device_train_batch_size=16, num_generations=4, max_completion_length=128, learning_rate=1e-6,
-                  beta=0.0, epsilon_high=0.28, max_steps=steps, use_cpu=True, report_to=[], logging_steps=1,
-                  save_strategy="no", bf16=False, lr_scheduler_type="constant", seed=0)
+        return [
+            data.grade(c[-1]["content"] if isinstance(c, list) else c, a, lenient=True)
+            for c, a in zip(completions, answer)
+        ]
+
+    common = dict(
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=128,
+        learning_rate=1e-6,
+        beta=0.0,
+        epsilon_high=0.28,
+        max_steps=steps,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        bf16=False,
+        lr_scheduler_type="constant",
+        seed=0,
+    )
     with tempfile.TemporaryDirectory() as out:
         if trainer == "grpo":
             from trl import GRPOConfig, GRPOTrainer
-            t = GRPOTrainer(model=path, reward_funcs=reward, args=GRPOConfig(output_dir=out, **common), train_dataset=ds)
+
+            t = GRPOTrainer(
+                model=path, reward_funcs=reward, args=GRPOConfig(output_dir=out, **common), train_dataset=ds
+            )
         else:
             from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
-            t = SDPOTrainer(model=path, reward_funcs=reward, args=SDPOConfig(output_dir=out, **common), train_dataset=ds)
+
+            t = SDPOTrainer(
+                model=path, reward_funcs=reward, args=SDPOConfig(output_dir=out, **common), train_dataset=ds
+            )
         import torch
         from transformers import TrainerCallback
         import sft
+
         times, peaks, lengths = [], [], []
         t0 = time.perf_counter()
 
@@ -233,13 +315,19 @@ def bench_trl_step(trainer: str = "grpo", steps: int = 2) -> dict:
             def on_log(self, args, state, control, logs=None, **k):
                 if logs and "completions/mean_length" in logs:
                     lengths.append(float(logs["completions/mean_length"]))
+
         t.add_callback(Timer())
         t.train()
     steps_s = [b - a for a, b in zip([t0] + times[:-1], times)]
     # TRL's GRPOConfig turns gradient checkpointing on by default (SDPOConfig inherits it); left as TRL ships it
-    return dict(row=f"trl {trainer} step (4x4, 128 tokens)", t_step=round(steps_s[-1], 2), t_first=round(steps_s[0], 2),
-                response_tokens=round(lengths[-1] * 16) if lengths else None,
-                peak_rss_gb=round(max(p or 0.0 for p in peaks), 2), gradient_checkpointing=t.args.gradient_checkpointing)
+    return dict(
+        row=f"trl {trainer} step (4x4, 128 tokens)",
+        t_step=round(steps_s[-1], 2),
+        t_first=round(steps_s[0], 2),
+        response_tokens=round(lengths[-1] * 16) if lengths else None,
+        peak_rss_gb=round(max(p or 0.0 for p in peaks), 2),
+        gradient_checkpointing=t.args.gradient_checkpointing,
+    )
 
 
 def peak_rss_gb() -> float:
@@ -247,20 +335,30 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-ROWS = {"grade": bench_grade, "generate": bench_generate, "generate64": lambda: bench_generate(batch=64),
-        "generate64_bf16": lambda: bench_generate(batch=64, dtype="bfloat16"),
-        "sdpo_chunked": bench_sdpo_memory, "sdpo_unchunked": lambda: bench_sdpo_memory(chunk=None),
-        "grpo_step": bench_rl_step, "sdpo_step": lambda: bench_rl_step("sdpo"),
-        "grpo_step_ckpt": lambda: bench_rl_step(grad_ckpt=True), "sdpo_step_ckpt": lambda: bench_rl_step("sdpo", grad_ckpt=True),
-        "grpo_step_unpacked": lambda: bench_rl_step(pack_tokens=0),
-        "sdpo_step_unpacked": lambda: bench_rl_step("sdpo", pack_tokens=0),
-        "grpo_step_mb8": lambda: bench_rl_step(micro_batch=8), "sdpo_step_mb8": lambda: bench_rl_step("sdpo", micro_batch=8),
-        "grpo_step_all_rows": lambda: bench_rl_step(skip_zero_rows=False),
-        "sdpo_step_all_rows": lambda: bench_rl_step("sdpo", skip_zero_rows=False),
-        "grpo_step_plain": lambda: bench_rl_step(fast=False), "sdpo_step_plain": lambda: bench_rl_step("sdpo", fast=False),
-        "grpo_step_all_rows_block_mask": lambda: bench_rl_step(skip_zero_rows=False, segment_attention=False),
-        "sdpo_step_all_rows_block_mask": lambda: bench_rl_step("sdpo", skip_zero_rows=False, segment_attention=False),
-        "trl_grpo_step": bench_trl_step, "trl_sdpo_step": lambda: bench_trl_step("sdpo")}
+ROWS = {
+    "grade": bench_grade,
+    "generate": bench_generate,
+    "generate64": lambda: bench_generate(batch=64),
+    "generate64_bf16": lambda: bench_generate(batch=64, dtype="bfloat16"),
+    "sdpo_chunked": bench_sdpo_memory,
+    "sdpo_unchunked": lambda: bench_sdpo_memory(chunk=None),
+    "grpo_step": bench_rl_step,
+    "sdpo_step": lambda: bench_rl_step("sdpo"),
+    "grpo_step_ckpt": lambda: bench_rl_step(grad_ckpt=True),
+    "sdpo_step_ckpt": lambda: bench_rl_step("sdpo", grad_ckpt=True),
+    "grpo_step_unpacked": lambda: bench_rl_step(pack_tokens=0),
+    "sdpo_step_unpacked": lambda: bench_rl_step("sdpo", pack_tokens=0),
+    "grpo_step_mb8": lambda: bench_rl_step(micro_batch=8),
+    "sdpo_step_mb8": lambda: bench_rl_step("sdpo", micro_batch=8),
+    "grpo_step_all_rows": lambda: bench_rl_step(skip_zero_rows=False),
+    "sdpo_step_all_rows": lambda: bench_rl_step("sdpo", skip_zero_rows=False),
+    "grpo_step_plain": lambda: bench_rl_step(fast=False),
+    "sdpo_step_plain": lambda: bench_rl_step("sdpo", fast=False),
+    "grpo_step_all_rows_block_mask": lambda: bench_rl_step(skip_zero_rows=False, segment_attention=False),
+    "sdpo_step_all_rows_block_mask": lambda: bench_rl_step("sdpo", skip_zero_rows=False, segment_attention=False),
+    "trl_grpo_step": bench_trl_step,
+    "trl_sdpo_step": lambda: bench_trl_step("sdpo"),
+}
 
 
 def main():

@@ -41,6 +41,7 @@ Run it:
     python data.py benchmarks/aime24.parquet --limit 3
     python data.py --list-types
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,7 +108,8 @@ def strip_prompt_suffix(text: str) -> str:
 
 _DAPO_HEAD = re.compile(
     r"^Solve the following math problem step by step\.\s*The last line of your response should be of the form "
-    r"Answer: \$Answer \(without quotes\) where \$Answer is the answer to the problem\.\s*")
+    r"Answer: \$Answer \(without quotes\) where \$Answer is the answer to the problem\.\s*"
+)
 _DAPO_TAIL = re.compile(r"\s*Remember to put your answer on its own line after \"Answer:\"\.?\s*$")
 
 
@@ -116,7 +118,7 @@ def rewrite_dapo_prompt(text: str) -> tuple[str, bool]:
     head = _DAPO_HEAD.match(text)
     if not head:
         return text, False
-    return _DAPO_TAIL.sub("", text[head.end():]).strip(), True
+    return _DAPO_TAIL.sub("", text[head.end() :]).strip(), True
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def rewrite_dapo_prompt(text: str) -> tuple[str, bool]:
 # time at temperature 1.0); each level adds a digit.
 # --------------------------------------------------------------------------------------------
 def _num(rng: random.Random, d: int, low: int = 1) -> int:
-    return rng.randint(low, 10 ** d - 1)
+    return rng.randint(low, 10**d - 1)
 
 
 def _boxed(steps: list[str], answer) -> str:
@@ -137,87 +139,133 @@ def _boxed(steps: list[str], answer) -> str:
 # (plan, "a op b", value) with op in + - * / (plan: a sentence said before the step, or ""), or a plain sentence.
 def _gen_add(rng, d):
     a, b = _num(rng, d), _num(rng, d)
-    return (f"What is {a} + {b}?", a + b, _boxed([f"We add {a} and {b}: {a} + {b} = {a + b}."], a + b),
-            [(f"I need to add {a} and {b}.", f"{a} + {b}", a + b)])
+    return (
+        f"What is {a} + {b}?",
+        a + b,
+        _boxed([f"We add {a} and {b}: {a} + {b} = {a + b}."], a + b),
+        [(f"I need to add {a} and {b}.", f"{a} + {b}", a + b)],
+    )
 
 
 def _gen_sub(rng, d):
     a, b = _num(rng, d), _num(rng, d)
     a, b = max(a, b), min(a, b)
-    return (f"What is {a} - {b}?", a - b, _boxed([f"We subtract {b} from {a}: {a} - {b} = {a - b}."], a - b),
-            [(f"I need to subtract {b} from {a}.", f"{a} - {b}", a - b)])
+    return (
+        f"What is {a} - {b}?",
+        a - b,
+        _boxed([f"We subtract {b} from {a}: {a} - {b} = {a - b}."], a - b),
+        [(f"I need to subtract {b} from {a}.", f"{a} - {b}", a - b)],
+    )
 
 
 def _gen_mul(rng, d):
     a, b = _num(rng, d), _num(rng, max(1, d - 1), low=2)
-    return (f"What is {a} * {b}?", a * b, _boxed([f"We multiply {a} by {b}: {a} * {b} = {a * b}."], a * b),
-            [(f"I need to multiply {a} by {b}.", f"{a} * {b}", a * b)])
+    return (
+        f"What is {a} * {b}?",
+        a * b,
+        _boxed([f"We multiply {a} by {b}: {a} * {b} = {a * b}."], a * b),
+        [(f"I need to multiply {a} by {b}.", f"{a} * {b}", a * b)],
+    )
 
 
 def _gen_div(rng, d):
     b, q = _num(rng, max(1, d - 1), low=2), _num(rng, d)
     a = b * q
-    return (f"What is {a} divided by {b}?", q,
-            _boxed([f"We need q with {b} * q = {a}.", f"Since {b} * {q} = {a}, q = {q}."], q),
-            [(f"I need the number that gives {a} when multiplied by {b}.", f"{a} / {b}", q)])
+    return (
+        f"What is {a} divided by {b}?",
+        q,
+        _boxed([f"We need q with {b} * q = {a}.", f"Since {b} * {q} = {a}, q = {q}."], q),
+        [(f"I need the number that gives {a} when multiplied by {b}.", f"{a} / {b}", q)],
+    )
 
 
 def _gen_mod(rng, d):
     a, b = _num(rng, d + 1), _num(rng, d, low=2)
     r = a % b
-    return (f"What is the remainder when {a} is divided by {b}?", r,
-            _boxed([f"{a} = {b} * {a // b} + {r}, and 0 <= {r} < {b}."], r),
-            [(f"I need the largest multiple of {b} that is at most {a}.", f"{a // b} * {b}", a // b * b),
-             ("Then I subtract it.", f"{a} - {a // b * b}", r)])
+    return (
+        f"What is the remainder when {a} is divided by {b}?",
+        r,
+        _boxed([f"{a} = {b} * {a // b} + {r}, and 0 <= {r} < {b}."], r),
+        [
+            (f"I need the largest multiple of {b} that is at most {a}.", f"{a // b} * {b}", a // b * b),
+            ("Then I subtract it.", f"{a} - {a // b * b}", r),
+        ],
+    )
 
 
 def _gen_linear(rng, d):
     a, x, b = _num(rng, max(1, d - 1), low=2), _num(rng, d), _num(rng, d)
     c = a * x + b
-    return (f"Solve for x: {a}x + {b} = {c}.", x,
-            _boxed([f"Subtract {b} from both sides: {a}x = {c - b}.", f"Divide by {a}: x = {x}."], x),
-            [(f"First I subtract {b} from both sides.", f"{c} - {b}", c - b),
-             (f"Then I divide by {a}.", f"{c - b} / {a}", x)])
+    return (
+        f"Solve for x: {a}x + {b} = {c}.",
+        x,
+        _boxed([f"Subtract {b} from both sides: {a}x = {c - b}.", f"Divide by {a}: x = {x}."], x),
+        [
+            (f"First I subtract {b} from both sides.", f"{c} - {b}", c - b),
+            (f"Then I divide by {a}.", f"{c - b} / {a}", x),
+        ],
+    )
 
 
 def _gen_sequence(rng, d):
     start, step = _num(rng, d), _num(rng, d)
     terms = [start + i * step for i in range(4)]
     nxt = start + 4 * step
-    return (f"What is the next term of the arithmetic sequence {', '.join(map(str, terms))}, ...?", nxt,
-            _boxed([f"Each term adds {step}.", f"The next term is {terms[-1]} + {step} = {nxt}."], nxt),
-            [("The terms go up by the same amount.", f"{terms[1]} - {terms[0]}", step),
-             ("The next term adds it to the last one.", f"{terms[-1]} + {step}", nxt)])
+    return (
+        f"What is the next term of the arithmetic sequence {', '.join(map(str, terms))}, ...?",
+        nxt,
+        _boxed([f"Each term adds {step}.", f"The next term is {terms[-1]} + {step} = {nxt}."], nxt),
+        [
+            ("The terms go up by the same amount.", f"{terms[1]} - {terms[0]}", step),
+            ("The next term adds it to the last one.", f"{terms[-1]} + {step}", nxt),
+        ],
+    )
 
 
 def _gen_percent(rng, d):
     p = rng.choice([10, 20, 25, 50, 75]) if d == 1 else rng.randint(1, 99)
     n = (20 if d == 1 else 100) * _num(rng, d)  # p * n / 100 is a whole number
     ans = p * n // 100
-    return (f"What is {p}% of {n}?", ans,
-            _boxed([f"{p}% of {n} is {p}/100 * {n} = {ans}."], ans),
-            [(f"The percent means {p} out of 100.", f"{p} * {n}", p * n), ("", f"{p * n} / 100", ans)])
+    return (
+        f"What is {p}% of {n}?",
+        ans,
+        _boxed([f"{p}% of {n} is {p}/100 * {n} = {ans}."], ans),
+        [(f"The percent means {p} out of 100.", f"{p} * {n}", p * n), ("", f"{p * n} / 100", ans)],
+    )
 
 
 def _gen_gcd(rng, d):
     g = _num(rng, max(1, d - 1), low=2)
     a, b = g * _num(rng, d), g * _num(rng, d)
     ans = math.gcd(a, b)
-    return (f"What is the greatest common divisor of {a} and {b}?", ans,
-            _boxed([f"Both {a} and {b} are divisible by {ans}, and {a // ans} and {b // ans} share no common factor."],
-                   ans),
-            [(f"I need the largest number dividing both {a} and {b}. Both are divisible by {ans}.", f"{a} / {ans}",
-              a // ans), ("", f"{b} / {ans}", b // ans),
-             f"{a // ans} and {b // ans} share no common factor, so the greatest common divisor is {ans}."])
+    return (
+        f"What is the greatest common divisor of {a} and {b}?",
+        ans,
+        _boxed(
+            [f"Both {a} and {b} are divisible by {ans}, and {a // ans} and {b // ans} share no common factor."], ans
+        ),
+        [
+            (
+                f"I need the largest number dividing both {a} and {b}. Both are divisible by {ans}.",
+                f"{a} / {ans}",
+                a // ans,
+            ),
+            ("", f"{b} / {ans}", b // ans),
+            f"{a // ans} and {b // ans} share no common factor, so the greatest common divisor is {ans}.",
+        ],
+    )
 
 
 def _gen_word(rng, d):
     name = rng.choice(["Tom", "Ana", "Li", "Sam", "Mia", "Omar"])
     item = rng.choice(["apples", "pencils", "stamps", "marbles", "books"])
     a, b = _num(rng, d), _num(rng, d)
-    return (f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?", a + b,
-            _boxed([f"{name} starts with {a} and gains {b}: {a} + {b} = {a + b}."], a + b),
-            [(f"{name} starts with {a} {item} and gains {b}.", f"{a} + {b}", a + b)])
+    return (
+        f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?",
+        a + b,
+        _boxed([f"{name} starts with {a} and gains {b}: {a} + {b} = {a + b}."], a + b),
+        [(f"{name} starts with {a} {item} and gains {b}.", f"{a} + {b}", a + b)],
+    )
 
 
 # Held out for OOD evaluation: never used for training by default (Sec. 6: evaluation is on
@@ -226,10 +274,19 @@ def _gen_lcm(rng, d):
     a, b = _num(rng, d, low=2), _num(rng, d, low=2)
     g = math.gcd(a, b)
     ans = a * b // g
-    return (f"What is the least common multiple of {a} and {b}?", ans,
-            _boxed([f"gcd({a}, {b}) = {g}, so lcm = {a} * {b} / {g} = {ans}."], ans),
-            [(f"The least common multiple is the product divided by the greatest common divisor, which is {g}.",
-              f"{a} * {b}", a * b), ("", f"{a * b} / {g}", ans)])
+    return (
+        f"What is the least common multiple of {a} and {b}?",
+        ans,
+        _boxed([f"gcd({a}, {b}) = {g}, so lcm = {a} * {b} / {g} = {ans}."], ans),
+        [
+            (
+                f"The least common multiple is the product divided by the greatest common divisor, which is {g}.",
+                f"{a} * {b}",
+                a * b,
+            ),
+            ("", f"{a * b} / {g}", ans),
+        ],
+    )
 
 
 def _gen_mean(rng, d):
@@ -241,24 +298,37 @@ def _gen_mean(rng, d):
         last = k * _num(rng, d) - sum(xs)
     xs.append(last)
     ans = sum(xs) // k
-    return (f"What is the average of {', '.join(map(str, xs))}?", ans,
-            _boxed([f"The sum is {sum(xs)}.", f"Dividing by {k} gives {ans}."], ans),
-            [("The average is the sum divided by 3.", f"{xs[0]} + {xs[1]}", xs[0] + xs[1]),
-             ("", f"{xs[0] + xs[1]} + {xs[2]}", sum(xs)), ("Then I divide by 3.", f"{sum(xs)} / 3", ans)])
+    return (
+        f"What is the average of {', '.join(map(str, xs))}?",
+        ans,
+        _boxed([f"The sum is {sum(xs)}.", f"Dividing by {k} gives {ans}."], ans),
+        [
+            ("The average is the sum divided by 3.", f"{xs[0]} + {xs[1]}", xs[0] + xs[1]),
+            ("", f"{xs[0] + xs[1]} + {xs[2]}", sum(xs)),
+            ("Then I divide by 3.", f"{sum(xs)} / 3", ans),
+        ],
+    )
 
 
 def _gen_two_step(rng, d):
     a, b, c = _num(rng, d), _num(rng, d), _num(rng, max(1, d - 1), low=2)
     ans = a + b * c
-    return (f"What is {a} + {b} * {c}?", ans,
-            _boxed([f"Multiplication first: {b} * {c} = {b * c}.", f"Then {a} + {b * c} = {ans}."], ans),
-            [("The multiplication comes first.", f"{b} * {c}", b * c), ("Then the addition.", f"{a} + {b * c}", ans)])
+    return (
+        f"What is {a} + {b} * {c}?",
+        ans,
+        _boxed([f"Multiplication first: {b} * {c} = {b * c}.", f"Then {a} + {b * c} = {ans}."], ans),
+        [("The multiplication comes first.", f"{b} * {c}", b * c), ("Then the addition.", f"{a} + {b * c}", ans)],
+    )
 
 
 def _gen_square(rng, d):
     a = _num(rng, d)
-    return (f"What is {a} squared?", a * a, _boxed([f"{a} squared is {a} * {a} = {a * a}."], a * a),
-            [(f"{a} squared is {a} times itself.", f"{a} * {a}", a * a)])
+    return (
+        f"What is {a} squared?",
+        a * a,
+        _boxed([f"{a} squared is {a} * {a} = {a * a}."], a * a),
+        [(f"{a} squared is {a} times itself.", f"{a} * {a}", a * a)],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +369,10 @@ def think_trace(steps: list, answer, rng: random.Random, slip: bool, check: floa
         if slip and not slipped:
             slipped, wrong = True, _slip(rng, expr, value)
             inverse, result, want = _inverse(expr, wrong)
-            parts.append(f"{expr} = {wrong}. Wait, let me check: {inverse} = {result}, not {want}. "
-                         f"I made a mistake: {expr} = {value}.")
+            parts.append(
+                f"{expr} = {wrong}. Wait, let me check: {inverse} = {result}, not {want}. "
+                f"I made a mistake: {expr} = {value}."
+            )
         else:
             parts.append(f"{expr} = {value}.")
             if rng.random() < check:
@@ -312,17 +384,32 @@ def think_trace(steps: list, answer, rng: random.Random, slip: bool, check: floa
 
 
 TRAIN_TYPES = {
-    "add": _gen_add, "sub": _gen_sub, "mul": _gen_mul, "div": _gen_div, "mod": _gen_mod,
-    "linear": _gen_linear, "sequence": _gen_sequence, "percent": _gen_percent, "gcd": _gen_gcd,
+    "add": _gen_add,
+    "sub": _gen_sub,
+    "mul": _gen_mul,
+    "div": _gen_div,
+    "mod": _gen_mod,
+    "linear": _gen_linear,
+    "sequence": _gen_sequence,
+    "percent": _gen_percent,
+    "gcd": _gen_gcd,
     "word": _gen_word,
 }
 OOD_TYPES = {"lcm": _gen_lcm, "mean": _gen_mean, "two_step": _gen_two_step, "square": _gen_square}
 ALL_TYPES = {**TRAIN_TYPES, **OOD_TYPES}
 
 
-def synthetic_problems(n: int = 1000, seed: int = 0, difficulty: int = 1, types=None, split: str = "train",
-                       style: str = "plain", slip: float = 0.25, check: float = 0.6,
-                       hesitate: float = 0.5) -> list[dict]:
+def synthetic_problems(
+    n: int = 1000,
+    seed: int = 0,
+    difficulty: int = 1,
+    types=None,
+    split: str = "train",
+    style: str = "plain",
+    slip: float = 0.25,
+    check: float = 0.6,
+    hesitate: float = 0.5,
+) -> list[dict]:
     """n distinct generated problems, round-robin over the chosen types, deterministic by seed.
 
     split: "train" (the 10 training types), "ood" (the 4 held-out types), "all". `types` (a list
@@ -353,8 +440,10 @@ def synthetic_problems(n: int = 1000, seed: int = 0, difficulty: int = 1, types=
     seen, out, live, misses = set(), [], list(types), {t: 0 for t in types}
     while len(out) < n:
         if not live:
-            raise ValueError(f"synthetic: only {len(out)} distinct problems exist for types={types} "
-                             f"difficulty={difficulty}; ask for fewer or raise the difficulty")
+            raise ValueError(
+                f"synthetic: only {len(out)} distinct problems exist for types={types} "
+                f"difficulty={difficulty}; ask for fewer or raise the difficulty"
+            )
         kind = live[len(out) % len(live)]
         question, answer, solution, steps = ALL_TYPES[kind](rng, difficulty)
         if question in seen:
@@ -366,18 +455,33 @@ def synthetic_problems(n: int = 1000, seed: int = 0, difficulty: int = 1, types=
         seen.add(question)
         if style == "think":
             i = len(out)
-            solution = think_trace(steps, answer, random.Random(f"think/{seed}/{difficulty}/{i}/{question}"),
-                                   slip=math.floor((i + 1) * slip) > math.floor(i * slip), check=check,
-                                   hesitate=hesitate)
-        out.append(dict(id=f"synthetic-{kind}-{len(out)}", question=question, answer=str(answer),
-                        solution=solution, source="synthetic", type=kind, difficulty=difficulty,
-                        split="ood" if kind in OOD_TYPES else "train"))
+            solution = think_trace(
+                steps,
+                answer,
+                random.Random(f"think/{seed}/{difficulty}/{i}/{question}"),
+                slip=math.floor((i + 1) * slip) > math.floor(i * slip),
+                check=check,
+                hesitate=hesitate,
+            )
+        out.append(
+            dict(
+                id=f"synthetic-{kind}-{len(out)}",
+                question=question,
+                answer=str(answer),
+                solution=solution,
+                source="synthetic",
+                type=kind,
+                difficulty=difficulty,
+                split="ood" if kind in OOD_TYPES else "train",
+            )
+        )
     return out
 
 
 def champ_problems() -> list[dict]:
     """The 270 CHAMP problems (champ-dataset wheel), with step-by-step solutions and categories."""
     import importlib.util
+
     spec = importlib.util.find_spec("champ_dataset")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("source 'champ' needs the champ-dataset package: pip install champ-dataset")
@@ -387,9 +491,16 @@ def champ_problems() -> list[dict]:
     for key in sorted(raw, key=lambda k: (raw[k]["category"], int(k.rsplit("_", 1)[1]))):
         p = raw[key]
         steps = [s["_text"] for s in p["solution"]["steps"]]
-        out.append(dict(id=p["identifier"], question=p["_text"], answer=p["_answer"],
-                        solution=" ".join(steps) + f" The answer is \\boxed{{{p['_answer']}}}.",
-                        source="champ", type=p["category"]))
+        out.append(
+            dict(
+                id=p["identifier"],
+                question=p["_text"],
+                answer=p["_answer"],
+                solution=" ".join(steps) + f" The answer is \\boxed{{{p['_answer']}}}.",
+                source="champ",
+                type=p["category"],
+            )
+        )
     return out
 
 
@@ -488,10 +599,15 @@ def _row_to_problem(row, i: int, path: Path) -> dict:
     answer = str(answer).strip()
     if not answer:
         raise ValueError(f"{where}: empty answer")
-    return dict(id=f"{path.stem}-{i}", question=question, answer=answer,
-                solution=solution if isinstance(solution, str) and solution.strip() else None,
-                source=str(path), problem_id=None if pid is None else str(pid),
-                data_source=row.get("data_source"))
+    return dict(
+        id=f"{path.stem}-{i}",
+        question=question,
+        answer=answer,
+        solution=solution if isinstance(solution, str) and solution.strip() else None,
+        source=str(path),
+        problem_id=None if pid is None else str(pid),
+        data_source=row.get("data_source"),
+    )
 
 
 def load_file(path, dedup: bool = False) -> list[dict]:
@@ -544,8 +660,10 @@ def load_problems(source: str, limit: int | None = None, seed: int = 0, dedup: b
         if name == "synthetic":
             allowed = {"n", "difficulty", "types", "split", "style", "slip", "check", "hesitate", "seed"}
             if set(spec_options) - allowed:
-                raise ValueError(f"source {source!r}: unknown option(s) {sorted(set(spec_options) - allowed)}; "
-                                 f"synthetic takes {sorted(allowed)}")
+                raise ValueError(
+                    f"source {source!r}: unknown option(s) {sorted(set(spec_options) - allowed)}; "
+                    f"synthetic takes {sorted(allowed)}"
+                )
             if limit is not None and "n" not in spec_options:
                 spec_options["n"] = limit
             seed = int(spec_options.pop("seed", seed))  # seed=K in the source: the same problems under any --seed
@@ -555,16 +673,18 @@ def load_problems(source: str, limit: int | None = None, seed: int = 0, dedup: b
             if "category" in spec_options:
                 problems = [p for p in problems if p["type"] == spec_options["category"]]
         else:
-            raise ValueError(f"unknown source {source!r}: give a .parquet/.jsonl/.json path, "
-                             f"'synthetic[:options]' or 'champ'")
+            raise ValueError(
+                f"unknown source {source!r}: give a .parquet/.jsonl/.json path, 'synthetic[:options]' or 'champ'"
+            )
     return problems if limit is None else problems[:limit]
 
 
 # --------------------------------------------------------------------------------------------
 # Subsets
 # --------------------------------------------------------------------------------------------
-def select_by_accuracy(problems: list[dict], accuracy: dict, low: float = 0.125, high: float = 0.5,
-                       limit: int | None = None) -> list[dict]:
+def select_by_accuracy(
+    problems: list[dict], accuracy: dict, low: float = 0.125, high: float = 0.5, limit: int | None = None
+) -> list[dict]:
     """Sec. 3: keep problems whose base-model accuracy (over 8 rollouts in the paper) lies in [low, high].
 
     accuracy maps problem id -> mean correctness. The paper keeps 100 such problems (limit=100)."""
@@ -597,7 +717,7 @@ def last_boxed(text: str) -> str | None:
             for j in range(i, len(text)):
                 depth += {"{": 1, "}": -1}.get(text[j], 0)
                 if depth == 0:
-                    return text[i + 1:j]
+                    return text[i + 1 : j]
             continue  # unbalanced: try an earlier box
         if i > m.end():  # "\boxed 5": up to the next space or $
             token = re.match(r"[^\s$]+", text[i:])
@@ -675,9 +795,15 @@ class _VerifyWorker:
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
                 env = dict(os.environ, OMP_NUM_THREADS="1")
-                self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-                                             text=True, bufsize=1)
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", _WORKER_CODE],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    env=env,
+                    text=True,
+                    bufsize=1,
+                )
                 # start-up (importing sympy) is not counted against the bound of the real question
                 if self._ask("1", "1", 60.0) is None:
                     return False
@@ -692,8 +818,9 @@ def last_number(text: str) -> str | None:
     return m[-1] if m else None
 
 
-def grade(response: str, answer: str, timeout: float = GRADE_TIMEOUT_S, lenient: bool = False,
-          window: int = 0) -> float:
+def grade(
+    response: str, answer: str, timeout: float = GRADE_TIMEOUT_S, lenient: bool = False, window: int = 0
+) -> float:
     """1.0 if the last \\boxed{} of `response` equals `answer` (exact, then math-verify), else 0.0.
 
     Never raises; never waits much longer than `timeout` seconds for math-verify; never executes
@@ -731,7 +858,7 @@ def main(args: Args):
         return
     problems = load_problems(args.source, seed=args.seed)
     print(f"{len(problems)} problems from {args.source}")
-    for p in problems[:args.limit]:
+    for p in problems[: args.limit]:
         print(json.dumps({k: p[k] for k in ("id", "question", "answer", "solution") if k in p}, ensure_ascii=False))
 
 
@@ -767,12 +894,16 @@ def parse_args(cls, argv=None, positional=()):
     """Turn a dataclass's fields into kebab-case flags; the docstring under each field is its help."""
     import dataclasses
     import inspect
+
     helps = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's docs win
         helps.update(re.findall(r"^    (\w+):[^\n]*\n    \"\"\"(.*?)\"\"\"", inspect.getsource(klass), re.M | re.S))
     doc = sys.modules[cls.__module__].__doc__ or ""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0], epilog="\n".join(doc.split("\n")[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n")[0],
+        epilog="\n".join(doc.split("\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for f in dataclasses.fields(cls):
         kind = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -783,7 +914,10 @@ def parse_args(cls, argv=None, positional=()):
         if kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         elif kind.startswith("list[") or kind.startswith("tuple["):
-            kw.update(nargs="+" if f.name not in positional else "*", type={"int": int, "float": float}.get(kind[5:].split(",")[0].strip("]"), str))
+            kw.update(
+                nargs="+" if f.name not in positional else "*",
+                type={"int": int, "float": float}.get(kind[5:].split(",")[0].strip("]"), str),
+            )
         else:
             kw["type"] = {"int": int, "float": float}.get(kind, str)
         parser.add_argument(name, **kw)

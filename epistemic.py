@@ -25,6 +25,7 @@ Run it:
 Each jsonl row holds a response under "response" (or a list under "responses" /
 "generated_responses", the released code's key); `--key` picks another field.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,7 +91,7 @@ def split_think(text: str) -> tuple[str, str]:
         return "", text
     head = head.lstrip()
     if head.startswith("<think>"):
-        head = head[len("<think>"):]
+        head = head[len("<think>") :]
     return head.strip(), tail.strip()
 
 
@@ -123,7 +124,10 @@ def word_frequency_shift(base_responses: list[str], responses: list[str]) -> dic
     delta = {w: mu.get(w, 0.0) - mu_base[w] for w in mu_base}
     markers = [w for w in MARKERS if w in delta]
     rest = [d for w, d in delta.items() if w not in MARKERS]
-    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else 0.0
+
     return dict(
         delta=delta,
         marker_delta={w: delta[w] for w in markers},
@@ -162,25 +166,40 @@ def read_responses(path: str, key: str | None = None) -> list[str]:
 
 def format_table(rows: list[tuple], header: tuple) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"
+
+    def line(r):
+        return "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"
+
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n".join(__doc__.split("\n")[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="\n".join(__doc__.split("\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("responses", help="jsonl file of responses")
     p.add_argument("--base", default=None, help="jsonl of the base model's responses: adds the App. B.4 shift table")
-    p.add_argument("--key", default=None, help="field that holds the response (default: response / responses / "
-                                               "generated_responses)")
-    p.add_argument("--whole-words", action="store_true", help="count whole words only (default: substrings, as the paper)")
-    p.add_argument("--part", choices=["all", "think", "answer"], default="all",
-                   help="count over the whole response (paper), its <think> part, or the text after </think>")
+    p.add_argument(
+        "--key",
+        default=None,
+        help="field that holds the response (default: response / responses / generated_responses)",
+    )
+    p.add_argument(
+        "--whole-words", action="store_true", help="count whole words only (default: substrings, as the paper)"
+    )
+    p.add_argument(
+        "--part",
+        choices=["all", "think", "answer"],
+        default="all",
+        help="count over the whole response (paper), its <think> part, or the text after </think>",
+    )
     args = p.parse_args(argv)
     try:
         report(args)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
 
 
 def report(args):
@@ -190,16 +209,24 @@ def report(args):
     if args.base:
         columns.insert(0, ("base", [pick(r) for r in read_responses(args.base, args.key)]))
     stats = {name: marker_breakdown(rs, args.whole_words) for name, rs in columns}
-    print(f"mean count per response ({len(responses)} responses"
-          f"{', ' + str(len(columns[0][1])) + ' base' if args.base else ''})")
-    print(format_table([(m, *(f"{stats[name][m]:.2f}" for name, _ in columns)) for m in (*MARKERS, "total")],
-                       ("marker", *(name for name, _ in columns))))
+    print(
+        f"mean count per response ({len(responses)} responses"
+        f"{', ' + str(len(columns[0][1])) + ' base' if args.base else ''})"
+    )
+    print(
+        format_table(
+            [(m, *(f"{stats[name][m]:.2f}" for name, _ in columns)) for m in (*MARKERS, "total")],
+            ("marker", *(name for name, _ in columns)),
+        )
+    )
     if args.base:
         shift = word_frequency_shift(columns[0][1], responses)
         print(f"\nApp. B.4 word-frequency shift (vocabulary of the base responses: {shift['vocab_size']} words)")
         print(format_table([(w, f"{d:+.2f}") for w, d in shift["marker_delta"].items()], ("marker", "Delta")))
-        print(f"mean Delta over markers: {shift['mean_marker_delta']:+.3f} (|.| {shift['mean_abs_marker_delta']:.3f}); "
-              f"over the other words: {shift['mean_rest_delta']:+.3f} (|.| {shift['mean_abs_rest_delta']:.3f})")
+        print(
+            f"mean Delta over markers: {shift['mean_marker_delta']:+.3f} (|.| {shift['mean_abs_marker_delta']:.3f}); "
+            f"over the other words: {shift['mean_rest_delta']:+.3f} (|.| {shift['mean_abs_rest_delta']:.3f})"
+        )
 
 
 if __name__ == "__main__":

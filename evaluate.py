@@ -30,6 +30,7 @@ Run it:
         --max-new-tokens 38912 --out runs/eval-r1
     torchrun --nproc_per_node 8 evaluate.py ...        # problems split across ranks, gathered on rank 0
 """
+
 from __future__ import annotations
 
 import json
@@ -51,10 +52,20 @@ import rollout
 @dataclass
 class Args:
     CHECKS: ClassVar[dict] = dict(
-        n_samples=data.POSITIVE, k=data.POSITIVE, temperature=data.NON_NEGATIVE, top_p=data.FRACTION,
-        top_k=data.NON_NEGATIVE, max_new_tokens=data.POSITIVE, limit=data.POSITIVE, backend=data.BACKENDS,
-        batch_size=data.POSITIVE, chunk=data.POSITIVE, thinking=data.THINKING, dtype=data.DTYPES,
-        vllm_gpu_memory=data.FRACTION)
+        n_samples=data.POSITIVE,
+        k=data.POSITIVE,
+        temperature=data.NON_NEGATIVE,
+        top_p=data.FRACTION,
+        top_k=data.NON_NEGATIVE,
+        max_new_tokens=data.POSITIVE,
+        limit=data.POSITIVE,
+        backend=data.BACKENDS,
+        batch_size=data.POSITIVE,
+        chunk=data.POSITIVE,
+        thinking=data.THINKING,
+        dtype=data.DTYPES,
+        vllm_gpu_memory=data.FRACTION,
+    )
     model: str = rollout.EMBEDDED
     """Hugging Face id or directory, or 'smollm2-135m' (embedded)"""
     data: list[str] = field(default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"])
@@ -116,12 +127,18 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
     samples = [i for r in records for i in range(len(r["scores"]))]
     if not records:
         return dict(problems=0, samples=0)
-    flat = lambda key: [x for r in records for x in r[key]]
-    out = dict(problems=len(records), samples=len(samples),
-               acc=sum(flat("scores")) / len(samples),  # acc@n: mean correctness over all n samples
-               length=sum(flat("lengths")) / len(samples),
-               epistemic=sum(flat("epistemic")) / len(samples),
-               truncated=sum(f == "length" for f in flat("finish_reasons")) / len(samples))
+
+    def flat(key):
+        return [x for r in records for x in r[key]]
+
+    out = dict(
+        problems=len(records),
+        samples=len(samples),
+        acc=sum(flat("scores")) / len(samples),  # acc@n: mean correctness over all n samples
+        length=sum(flat("lengths")) / len(samples),
+        epistemic=sum(flat("epistemic")) / len(samples),
+        truncated=sum(f == "length" for f in flat("finish_reasons")) / len(samples),
+    )
     for k in ks:
         out[f"pass@{k}"] = sum(pass_at_k(len(r["scores"]), int(sum(r["scores"])), k) for r in records) / len(records)
     return out
@@ -129,8 +146,11 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
 
 def format_summary(summary: dict, ks: list[int]) -> str:
     cols = ["acc", *(f"pass@{k}" for k in ks), "length", "epistemic", "truncated"]
-    rows = [(name, s["problems"], *(f"{s[c]:.3f}" if c not in ("length", "epistemic") else f"{s[c]:.1f}" for c in cols))
-            for name, s in summary.items() if s.get("samples")]
+    rows = [
+        (name, s["problems"], *(f"{s[c]:.3f}" if c not in ("length", "epistemic") else f"{s[c]:.1f}" for c in cols))
+        for name, s in summary.items()
+        if s.get("samples")
+    ]
     return epistemic.format_table(rows, ("benchmark", "problems", *cols))
 
 
@@ -142,18 +162,36 @@ def answer_part(response: str) -> str:
     otherwise all of it. As the reference's eval/eval.py, which does so with --enable_thinking; R1-Distill's
     responses, whose template opens the tag, carry no pair and are graded whole there and here."""
     pair = re.search(r"<think>(.*?)</think>", response, flags=re.S)
-    return response[pair.end():].strip() if pair else response
+    return response[pair.end() :].strip() if pair else response
 
 
-def score_problems(backend, problems: list[dict], params: rollout.SamplingParams, chat: dict,
-                   progress: bool = True, lenient: bool = False, indices: list[int] | None = None) -> list[dict]:
+def score_problems(
+    backend,
+    problems: list[dict],
+    params: rollout.SamplingParams,
+    chat: dict,
+    progress: bool = True,
+    lenient: bool = False,
+    indices: list[int] | None = None,
+) -> list[dict]:
     """Generate params.n samples per problem and grade them: one record per problem. `indices`: the problems'
     numbers, their seeds (`rollout.generate`). No log-probs are asked of vLLM: grading needs none."""
     params = replace(params, logprobs=False)
     prompts = [rollout.chat_prompt(backend.tokenizer, data.format_prompt(p["question"]), **chat) for p in problems]
     samples = rollout.generate(backend, prompts, params, progress=progress, indices=indices)
-    records = [dict(id=p["id"], question=p["question"], answer=p["answer"], responses=[], scores=[], lengths=[],
-                    epistemic=[], finish_reasons=[]) for p in problems]
+    records = [
+        dict(
+            id=p["id"],
+            question=p["question"],
+            answer=p["answer"],
+            responses=[],
+            scores=[],
+            lengths=[],
+            epistemic=[],
+            finish_reasons=[],
+        )
+        for p in problems
+    ]
     for s in tqdm(samples, desc="grade", disable=not progress, leave=False):
         r = records[s.prompt_index]
         r["responses"].append(s.text)
@@ -164,8 +202,15 @@ def score_problems(backend, problems: list[dict], params: rollout.SamplingParams
     return records
 
 
-def evaluate(backend, benchmarks: dict[str, list[dict]], params: rollout.SamplingParams, ks=(1,),
-             chat: dict | None = None, progress: bool = False, lenient: bool = False) -> dict:
+def evaluate(
+    backend,
+    benchmarks: dict[str, list[dict]],
+    params: rollout.SamplingParams,
+    ks=(1,),
+    chat: dict | None = None,
+    progress: bool = False,
+    lenient: bool = False,
+) -> dict:
     """Periodic evaluation for the trainers: {benchmark: summary}, the same on every rank.
 
     Problems are split across ranks; records are gathered on rank 0, summarised there and broadcast."""
@@ -221,9 +266,18 @@ def evaluate_model(args: Args) -> dict:
     rank, _, world, device = rollout.init_distributed()
     benchmarks = {data.benchmark_name(s): data.load_problems(s, limit=args.limit, seed=args.seed) for s in args.data}
     out = Path(args.out)
-    config = dict(model=args.model, n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  max_new_tokens=args.max_new_tokens, thinking=args.thinking, system=args.system, seed=args.seed,
-                  lenient=args.lenient)
+    config = dict(
+        model=args.model,
+        n=args.n_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        thinking=args.thinking,
+        system=args.system,
+        seed=args.seed,
+        lenient=args.lenient,
+    )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if (out / "config.json").exists() and json.loads((out / "config.json").read_text()) != config:
@@ -242,17 +296,35 @@ def evaluate_model(args: Args) -> dict:
     max_len = 0
     if args.backend == "vllm":  # sized from the longest prompt: vLLM cuts longer requests silently
         tok = rollout.load_tokenizer(args.model)
-        max_len = rollout.engine_length(tok, [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat)
-                                              for _, p in pending], args.max_new_tokens, args.model)
-    backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
-                                   max_model_len=max_len, seed=args.seed + rank,
-                                   gpu_memory_utilization=args.vllm_gpu_memory)
+        max_len = rollout.engine_length(
+            tok,
+            [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat) for _, p in pending],
+            args.max_new_tokens,
+            args.model,
+        )
+    backend = rollout.make_backend(
+        args.backend,
+        args.model,
+        device,
+        args.dtype,
+        args.batch_size,
+        fast=args.fast,
+        max_model_len=max_len,
+        seed=args.seed + rank,
+        gpu_memory_utilization=args.vllm_gpu_memory,
+    )
     step = args.chunk * world
     bar = tqdm(total=len(pending), desc="problems", disable=rank != 0)
     for i, start in enumerate(range(0, len(pending), step)):
-        mine = rollout.shard(pending[start:start + step], rank, world)
-        params = rollout.SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                        max_new_tokens=args.max_new_tokens, seed=args.seed + 1000003 * i + rank)
+        mine = rollout.shard(pending[start : start + step], rank, world)
+        params = rollout.SamplingParams(
+            n=args.n_samples,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed + 1000003 * i + rank,
+        )
         records = score_problems(backend, [p for _, p in mine], params, chat, rank == 0, args.lenient) if mine else []
         for (name, _), r in zip(mine, records):
             r["benchmark"] = name
@@ -275,7 +347,6 @@ def evaluate_model(args: Args) -> dict:
     return summary
 
 
-
 # --------------------------------------------------------------------------------------------
 # The reproduction report (README, "Reproduction on CPU")
 # --------------------------------------------------------------------------------------------
@@ -292,10 +363,14 @@ class ReportArgs:
     """a run's training figures: the mean over its last this many steps"""
     boot: int = 2000
     """bootstrap replicates for the 95% intervals"""
-    groups: list[str] = field(default_factory=lambda: [
-        "GRPO vs SDPO (Fig. 3-5)=grpo,sdpo,sdpo_nothink", "Fixed vs EMA teacher (Fig. 6)=sdpo,sdpo_ema",
-        "Task coverage |D| (Fig. 7/8)=grpo_d1,grpo,sdpo_d1,sdpo",
-        "Remedies (beyond the paper)=grpo,sdpo,sdpo_protect,sdpo_pg,sdpo_entw"])
+    groups: list[str] = field(
+        default_factory=lambda: [
+            "GRPO vs SDPO (Fig. 3-5)=grpo,sdpo,sdpo_nothink",
+            "Fixed vs EMA teacher (Fig. 6)=sdpo,sdpo_ema",
+            "Task coverage |D| (Fig. 7/8)=grpo_d1,grpo,sdpo_d1,sdpo",
+            "Remedies (beyond the paper)=grpo,sdpo,sdpo_protect,sdpo_pg,sdpo_entw",
+        ]
+    )
     """comparisons, each 'title=run,run,...'; runs that are absent are left out, and so is a plot whose runs an
     earlier one showed"""
 
@@ -303,7 +378,7 @@ class ReportArgs:
 def read_metrics(path: Path) -> list[dict]:
     """The per-step rows of a metrics.jsonl, one per step (a resumed run's repeated steps: the last wins)."""
     rows = {}
-    for i, line in enumerate(open(path, encoding="utf-8")):
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -317,14 +392,18 @@ def read_samples(path: Path) -> dict:
     """Per-problem means over a samples.jsonl's responses, keyed (benchmark, id): acc, length, E(y), format (the
     share that close </think> and box an answer) and truncated."""
     out = {}
-    for i, line in enumerate(open(path, encoding="utf-8")):
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
         try:
             r = json.loads(line)
             n = len(r["scores"])
             out[(r["benchmark"], r["id"])] = dict(
-                acc=sum(r["scores"]) / n, length=sum(r["lengths"]) / n, epistemic=sum(r["epistemic"]) / n,
-                format=sum("</think>" in x and data.last_boxed(answer_part(x)) is not None for x in r["responses"]) / n,
-                truncated=sum(f == "length" for f in r["finish_reasons"]) / n)
+                acc=sum(r["scores"]) / n,
+                length=sum(r["lengths"]) / n,
+                epistemic=sum(r["epistemic"]) / n,
+                format=sum("</think>" in x and data.last_boxed(answer_part(x)) is not None for x in r["responses"])
+                / n,
+                truncated=sum(f == "length" for f in r["finish_reasons"]) / n,
+            )
         except (json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError) as e:
             raise ValueError(f"{path}: row {i}: not a samples.jsonl record ({e!r})") from None
     return out
@@ -336,6 +415,7 @@ def bootstrap(a, b=None, reps: int = 2000, seed: int = 0) -> tuple[float, float,
     problems for every seed (they share them). With b, the difference a - b: the two runs' seeds drawn apart, their
     problems together (paired)."""
     import numpy as np
+
     rng = np.random.default_rng(seed)
     a = np.asarray(a, dtype=float)
     b = None if b is None else np.asarray(b, dtype=float)
@@ -366,8 +446,9 @@ def eval_matrix(evals: dict, key: str, ids: list) -> list[list[float]]:
 def training_matrix(seeds: dict, key: str, last: int, first: bool = False) -> list[list[float]] | None:
     """(seeds, 1): per seed, the first step's figure, or the mean over those of its last `last` steps that have one
     (a step logs None where nothing was measured, e.g. SDPO's KL without a context); None where a seed has none."""
-    values = [[r[key] for r in (rows[:1] if first else rows[-last:]) if r.get(key) is not None]
-              for rows in seeds.values()]
+    values = [
+        [r[key] for r in (rows[:1] if first else rows[-last:]) if r.get(key) is not None] for rows in seeds.values()
+    ]
     return [[sum(v) / len(v)] for v in values] if all(values) else None
 
 
@@ -376,20 +457,27 @@ def plot_group(title: str, runs: dict, evals: dict, base: dict | None, path: Pat
     accuracy with its 95% interval. False when matplotlib is missing (an optional extra)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    keys = {"score": "training score", "length": "response length (tokens)", "epistemic": "epistemic count E(y)",
-            "think_length": "tokens inside <think>"}
+    keys = {
+        "score": "training score",
+        "length": "response length (tokens)",
+        "epistemic": "epistemic count E(y)",
+        "think_length": "tokens inside <think>",
+    }
     fig, axes = plt.subplots(1, 5, figsize=(21, 3.6))
     for name, seeds in runs.items():
         for ax, key in zip(axes, keys):
             steps = sorted({r["step"] for rows in seeds.values() for r in rows if key in r})
             if not steps:
                 continue
-            stats = [bootstrap([[r[key]] for rows in seeds.values() for r in rows if r["step"] == t], reps=boot)
-                     for t in steps]
+            stats = [
+                bootstrap([[r[key]] for rows in seeds.values() for r in rows if r["step"] == t], reps=boot)
+                for t in steps
+            ]
             ax.plot(steps, [s[0] for s in stats], marker="o", markersize=3, label=name)
             ax.fill_between(steps, [s[1] for s in stats], [s[2] for s in stats], alpha=0.2)
             ax.set_xlabel("step")
@@ -418,11 +506,27 @@ def _problem_table(samples: dict, reps: int) -> str:
     rows = []
     for bench in sorted({b for b, _ in samples}):
         ids = sorted(k for k in samples if k[0] == bench)
-        col = lambda key, fmt=".3f": ci(bootstrap([[samples[i][key] for i in ids]], reps=reps), fmt)
-        rows.append((bench, len(ids), col("acc"), col("epistemic", ".2f"), col("length", ".1f"), col("format"),
-                     col("truncated")))
-    return epistemic.format_table(rows, ("benchmark", "problems", "acc", "E(y)", "length", "closes </think> and boxes",
-                                         "truncated")) + "\n"
+
+        def col(key, fmt=".3f", ids=ids):
+            return ci(bootstrap([[samples[i][key] for i in ids]], reps=reps), fmt)
+
+        rows.append(
+            (
+                bench,
+                len(ids),
+                col("acc"),
+                col("epistemic", ".2f"),
+                col("length", ".1f"),
+                col("format"),
+                col("truncated"),
+            )
+        )
+    return (
+        epistemic.format_table(
+            rows, ("benchmark", "problems", "acc", "E(y)", "length", "closes </think> and boxes", "truncated")
+        )
+        + "\n"
+    )
 
 
 def _table2(root: Path, boot: int) -> str | None:
@@ -432,18 +536,37 @@ def _table2(root: Path, boot: int) -> str | None:
         d, ev = root / "sft" / f"d_{setting}.jsonl", root / "sft" / setting / "eval" / "samples.jsonl"
         if not (d.exists() and ev.exists()):
             continue
-        rows = [json.loads(line) for line in open(d, encoding="utf-8") if line.strip()]
+        rows = [json.loads(line) for line in d.read_text(encoding="utf-8").splitlines() if line.strip()]
         s = read_samples(ev)
         ids = sorted(s)
-        mean = lambda key: sum(r[key] for r in rows) / max(len(rows), 1)
-        col = lambda key, fmt=".3f": ci(bootstrap([[s[i][key] for i in ids]], reps=boot), fmt)
-        sft_rows.append((f"SFT on {name}", len(rows), f"{mean('length'):.1f}", f"{mean('epistemic'):.2f}",
-                         col("acc"), col("length", ".1f"), col("epistemic", ".2f")))
+
+        def mean(key, rows=rows):
+            return sum(r[key] for r in rows) / max(len(rows), 1)
+
+        def col(key, fmt=".3f", s=s, ids=ids):
+            return ci(bootstrap([[s[i][key] for i in ids]], reps=boot), fmt)
+
+        sft_rows.append(
+            (
+                f"SFT on {name}",
+                len(rows),
+                f"{mean('length'):.1f}",
+                f"{mean('epistemic'):.2f}",
+                col("acc"),
+                col("length", ".1f"),
+                col("epistemic", ".2f"),
+            )
+        )
     if not sft_rows:
         return None
-    return "## Table 2: SFT on D_ug vs D_sg\n\n" + epistemic.format_table(
-        sft_rows, ("model", "train rows", "train length", "train E(y)", "held-out acc", "held-out length",
-                   "held-out E(y)")) + "\n"
+    return (
+        "## Table 2: SFT on D_ug vs D_sg\n\n"
+        + epistemic.format_table(
+            sft_rows,
+            ("model", "train rows", "train length", "train E(y)", "held-out acc", "held-out length", "held-out E(y)"),
+        )
+        + "\n"
+    )
 
 
 def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) -> list[str]:
@@ -465,39 +588,108 @@ def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) ->
         return md
     table, acc_ci = [], {}
     for name, seeds in runs.items():
-        tm = lambda key, first=False: (lambda m: m and bootstrap(m, reps=reps))(training_matrix(seeds, key, last,
-                                                                                                first))
-        em = lambda key: bootstrap(eval_matrix(evals[name], key, shared), reps=reps) if name in evals else None
+
+        def tm(key, first=False, seeds=seeds):
+            return (lambda m: m and bootstrap(m, reps=reps))(training_matrix(seeds, key, last, first))
+
+        def em(key, name=name):
+            return bootstrap(eval_matrix(evals[name], key, shared), reps=reps) if name in evals else None
+
         acc_ci[name] = em("acc")
-        table.append((name, len(seeds), ci(tm("score")), ci(tm("length", True), ".1f"), ci(tm("length"), ".1f"),
-                      ci(tm("epistemic", True), ".2f"), ci(tm("epistemic"), ".2f"), ci(tm("think_length"), ".1f"),
-                      ci(tm("answer_length"), ".1f"),
-                      ci(tm("kl") if all("kl_epistemic" in r[-1] for r in seeds.values()) else None, ".3f"),  # SDPO
-                      ci(acc_ci[name]), ci(em("length"), ".1f"), ci(em("epistemic"), ".2f")))
-    md.append(f"## Training runs\n\nTraining figures: step 1, and the mean over the last {last} steps, one value "
-              f"per seed (their intervals draw seeds only). Held-out: the final checkpoint on {len(shared)} "
-              f"held-out problems.\n\n" + epistemic.format_table(
-                  table, ("run", "seeds", "score (last)", "length 1st", "length (last)", "E(y) 1st",
-                          "E(y) (last)", "think length (last)", "answer length (last)", "teacher KL (last)",
-                          "held-out acc", "held-out length", "held-out E(y)")) + "\n")
+        table.append(
+            (
+                name,
+                len(seeds),
+                ci(tm("score")),
+                ci(tm("length", True), ".1f"),
+                ci(tm("length"), ".1f"),
+                ci(tm("epistemic", True), ".2f"),
+                ci(tm("epistemic"), ".2f"),
+                ci(tm("think_length"), ".1f"),
+                ci(tm("answer_length"), ".1f"),
+                ci(tm("kl") if all("kl_epistemic" in r[-1] for r in seeds.values()) else None, ".3f"),  # SDPO
+                ci(acc_ci[name]),
+                ci(em("length"), ".1f"),
+                ci(em("epistemic"), ".2f"),
+            )
+        )
+    md.append(
+        f"## Training runs\n\nTraining figures: step 1, and the mean over the last {last} steps, one value "
+        f"per seed (their intervals draw seeds only). Held-out: the final checkpoint on {len(shared)} "
+        f"held-out problems.\n\n"
+        + epistemic.format_table(
+            table,
+            (
+                "run",
+                "seeds",
+                "score (last)",
+                "length 1st",
+                "length (last)",
+                "E(y) 1st",
+                "E(y) (last)",
+                "think length (last)",
+                "answer length (last)",
+                "teacher KL (last)",
+                "held-out acc",
+                "held-out length",
+                "held-out E(y)",
+            ),
+        )
+        + "\n"
+    )
     if args.baseline in runs:
         b_seeds = runs[args.baseline]
         diffs = []
         for name, seeds in runs.items():
             if name == args.baseline:
                 continue
-            td = lambda key: (lambda m, n: m and n and bootstrap(m, n, reps=reps))(
-                training_matrix(seeds, key, last), training_matrix(b_seeds, key, last))
-            ed = lambda key: bootstrap(eval_matrix(evals[name], key, shared),
-                                       eval_matrix(evals[args.baseline], key, shared), reps=reps) \
-                if name in evals and args.baseline in evals else None
-            diffs.append((name, len(seeds), ci(td("length"), ".1f", True), ci(td("epistemic"), ".2f", True),
-                          ci(td("think_length"), ".1f", True), ci(ed("acc"), ".3f", True),
-                          ci(ed("length"), ".1f", True), ci(ed("epistemic"), ".2f", True)))
+
+            def td(key, seeds=seeds):
+                return (lambda m, n: m and n and bootstrap(m, n, reps=reps))(
+                    training_matrix(seeds, key, last), training_matrix(b_seeds, key, last)
+                )
+
+            def ed(key, name=name):
+                return (
+                    bootstrap(
+                        eval_matrix(evals[name], key, shared),
+                        eval_matrix(evals[args.baseline], key, shared),
+                        reps=reps,
+                    )
+                    if name in evals and args.baseline in evals
+                    else None
+                )
+
+            diffs.append(
+                (
+                    name,
+                    len(seeds),
+                    ci(td("length"), ".1f", True),
+                    ci(td("epistemic"), ".2f", True),
+                    ci(td("think_length"), ".1f", True),
+                    ci(ed("acc"), ".3f", True),
+                    ci(ed("length"), ".1f", True),
+                    ci(ed("epistemic"), ".2f", True),
+                )
+            )
         note = "A run of one seed has no spread over seeds in its intervals: they understate its noise.\n\n"
-        md.append(f"## Each run minus {args.baseline}\n\n{note}" + epistemic.format_table(
-            diffs, ("run", "seeds", "length (last)", "E(y) (last)", "think length (last)", "held-out acc",
-                    "held-out length", "held-out E(y)")) + "\n")
+        md.append(
+            f"## Each run minus {args.baseline}\n\n{note}"
+            + epistemic.format_table(
+                diffs,
+                (
+                    "run",
+                    "seeds",
+                    "length (last)",
+                    "E(y) (last)",
+                    "think length (last)",
+                    "held-out acc",
+                    "held-out length",
+                    "held-out E(y)",
+                ),
+            )
+            + "\n"
+        )
     drawn = set()
     for spec in args.groups:
         title, _, names = spec.partition("=")
@@ -513,11 +705,26 @@ def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) ->
     for name, seeds in runs.items():
         for t in sorted({r["step"] for rows in seeds.values() for r in rows}):
             at = [r for rows in seeds.values() for r in rows if r["step"] == t]
-            mean = lambda key, fmt: f"{sum(r.get(key, 0) for r in at) / len(at):{fmt}}"
-            per_step.append((name, len(at), t, mean("score", ".3f"), mean("length", ".1f"),
-                             mean("think_length", ".1f"), mean("epistemic", ".2f")))
-    md.append("## Per step (mean over seeds)\n\n" + epistemic.format_table(
-        per_step, ("run", "seeds", "step", "score", "length", "think length", "E(y)")) + "\n")
+
+            def mean(key, fmt, at=at):
+                return f"{sum(r.get(key, 0) for r in at) / len(at):{fmt}}"
+
+            per_step.append(
+                (
+                    name,
+                    len(at),
+                    t,
+                    mean("score", ".3f"),
+                    mean("length", ".1f"),
+                    mean("think_length", ".1f"),
+                    mean("epistemic", ".2f"),
+                )
+            )
+    md.append(
+        "## Per step (mean over seeds)\n\n"
+        + epistemic.format_table(per_step, ("run", "seeds", "step", "score", "length", "think length", "E(y)"))
+        + "\n"
+    )
     return md
 
 
@@ -529,18 +736,23 @@ def report(args: ReportArgs) -> str:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory (run the README's reproduction block first)")
     out.mkdir(parents=True, exist_ok=True)
-    md = [f"# CPU-scale reproduction report\n\nFrom `{root}` (the README's reproduction block). Every interval is a "
-          f"95% percentile bootstrap ({args.boot} replicates) over seeds and problems; * marks a difference whose "
-          f"interval excludes 0.\n"]
+    md = [
+        f"# CPU-scale reproduction report\n\nFrom `{root}` (the README's reproduction block). Every interval is a "
+        f"95% percentile bootstrap ({args.boot} replicates) over seeds and problems; * marks a difference whose "
+        f"interval excludes 0.\n"
+    ]
     if (root / "organism" / "samples.jsonl").exists():
-        md.append("## The organism (warm start), strict reward\n\n" + _problem_table(
-            read_samples(root / "organism" / "samples.jsonl"), args.boot))
+        md.append(
+            "## The organism (warm start), strict reward\n\n"
+            + _problem_table(read_samples(root / "organism" / "samples.jsonl"), args.boot)
+        )
     base = None
     if (root / "base" / "samples.jsonl").exists():
         base_samples = read_samples(root / "base" / "samples.jsonl")
         base = dict(acc=sum(v["acc"] for v in base_samples.values()) / len(base_samples))
-        md.append("## Before training: the organism at the evaluation sampling\n\n" + _problem_table(base_samples,
-                                                                                                   args.boot))
+        md.append(
+            "## Before training: the organism at the evaluation sampling\n\n" + _problem_table(base_samples, args.boot)
+        )
     if (root / "table1" / "table.md").exists():
         md.append("## Table 1: conditioning settings\n\n" + (root / "table1" / "table.md").read_text())
     table2 = _table2(root, args.boot)

@@ -17,6 +17,7 @@ when a model is set up. Imports torch and transformers only.
   rollout.generate_hf's step       LeanDecoder, skinny_linear,   the decoding step written out over the weights,
                                    preallocate_kv                x @ W.T ordered for few rows, KV appended in place
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,7 +71,11 @@ def pack_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device, lim
     window = torch.zeros((len(seqs), R), dtype=torch.long)
     j = torch.arange(R)
     for g, (p, _, members) in enumerate(rows):
-        ids[g, :len(p)], pos[g, :len(p)], seg[g, :len(p)] = torch.tensor(p, dtype=torch.long), torch.arange(len(p)), 0
+        ids[g, : len(p)], pos[g, : len(p)], seg[g, : len(p)] = (
+            torch.tensor(p, dtype=torch.long),
+            torch.arange(len(p)),
+            0,
+        )
         o = len(p)
         for k, i in enumerate(members, 1):
             r = seqs[i][1]
@@ -92,12 +97,20 @@ def pack_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device, lim
             segments.append((len(p), list(zip(starts[:-1], starts[1:]))))
     targets = torch.tensor([(r + [pad_id] * R)[:R] for _, r in seqs], dtype=torch.long)
     mask = (j[None, :] < torch.tensor([[len(r)] for _, r in seqs])).float()
-    return (ids.to(device), pos.to(device), attn.to(device), window.to(device), targets.to(device), mask.to(device),
-            segments)
+    return (
+        ids.to(device),
+        pos.to(device),
+        attn.to(device),
+        window.to(device),
+        targets.to(device),
+        mask.to(device),
+        segments,
+    )
 
 
-def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                      segments=None, **kwargs):
+def segment_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, segments=None, **kwargs
+):
     """transformers' sdpa attention, but a packed row (`pack_batch`'s segments) is attended one response at a
     time: the prompt's queries see the prompt causally, and each response's queries see [prompt, that response]
     under an (L, p + L) causal mask. Padding gets zeros, which no query reads. query (G, Hq, W, D), key and value
@@ -116,17 +129,20 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     Registered with transformers as "sdpa_segments" by `use_segment_attention`."""
     if segments is None or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias")):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     W, gqa = query.shape[2], query.shape[1] != key.shape[1]
 
     def attend(q, k, v, **kw):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, enable_gqa=gqa, **kw)
+
     rows = []
     for g, (p, responses) in enumerate(segments):
         sizes = [p] + [e - o for o, e in responses]
         sizes.append(W - sum(sizes))  # padding
-        qs, ks, vs = (t[g:g + 1].split(sizes, dim=2) for t in (query, key, value))
+        qs, ks, vs = (t[g : g + 1].split(sizes, dim=2) for t in (query, key, value))
         parts = [attend(qs[0], ks[0], vs[0], is_causal=True)]
         for i, n in enumerate(sizes[1:-1], 1):
             if n:
@@ -149,6 +165,7 @@ def use_segment_attention(model):
     saved with checkpoints (config.json holds no attention implementation). Returns the model."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     if SEGMENT_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
         ALL_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, segment_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, sdpa_mask)  # masks as for sdpa (a 4D one as it is)
@@ -174,8 +191,12 @@ def plain_lm_head(model) -> bool:
     """True when the logits are exactly hidden @ W.T: a bias-free Linear head with no soft-capping or
     logit scaling (Llama, Qwen2/3, OLMo, SmolLM). Other heads take the full-logits path."""
     head, cfg = model.get_output_embeddings(), model.config
-    return (type(head) is torch.nn.Linear and head.bias is None and not getattr(cfg, "final_logit_softcapping", None)
-            and getattr(cfg, "logit_scale", None) in (None, 1.0))
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and not getattr(cfg, "final_logit_softcapping", None)
+        and getattr(cfg, "logit_scale", None) in (None, 1.0)
+    )
 
 
 def last_hidden_state(model, **inputs) -> torch.Tensor:
@@ -189,6 +210,7 @@ def last_hidden_state(model, **inputs) -> torch.Tensor:
 
     def keep(module, args, out):  # returns None: the output goes on unchanged
         caught["x"] = out[0]
+
     hook = model.get_decoder().register_forward_hook(keep)
     try:
         model(**inputs, use_cache=False, logits_to_keep=1)
@@ -209,7 +231,10 @@ def response_states(model, seqs: list[tuple[list[int], list[int]]], pad_id: int,
     forward (the default for the root), so W read after the forward is the full weight, and the gradient
     that reaches it is reduce-scattered with the root's other gradients when backward ends."""
     ids, pos, attn, window, targets, mask, segments = pack_batch(seqs, pad_id, device, packing_limit(model, pack))
-    at = lambda h: h.reshape(-1, h.shape[-1])[window]  # (G, W, D) -> (B, R, D)
+
+    def at(h):
+        return h.reshape(-1, h.shape[-1])[window]  # (G, W, D) -> (B, R, D)
+
     rows = dict(input_ids=ids, attention_mask=attn, position_ids=pos)
     if segments is not None:  # read by `segment_attention`; sdpa itself ignores them
         rows["segments"] = segments
@@ -218,8 +243,9 @@ def response_states(model, seqs: list[tuple[list[int], list[int]]], pad_id: int,
     return at(last_hidden_state(model, **rows)), model.get_output_embeddings().weight, targets, mask
 
 
-def chunked_logprobs(x: torch.Tensor, targets: torch.Tensor, w=None, temperature: float = 1.0,
-                     chunk: int = 256) -> torch.Tensor:
+def chunked_logprobs(
+    x: torch.Tensor, targets: torch.Tensor, w=None, temperature: float = 1.0, chunk: int = 256
+) -> torch.Tensor:
     """(N, 2): log pi(target) and the entropy (detached) of softmax(x @ w.T / T), or of x / T when w is None.
 
     Why chunks: the log-prob of one token needs only its logit and the logsumexp; chunks of `chunk`
@@ -239,6 +265,7 @@ def chunked_logprobs(x: torch.Tensor, targets: torch.Tensor, w=None, temperature
 
     def vjp(z, start, grad, y):  # the entropy is detached: only grad[:, 0] reaches z
         return log_softmax_vjp(z, lse_of[start], temperature, y[:, None], grad[:, :1])
+
     return ChunkedHead.apply(x, w, piece, vjp, chunk, 2, targets)
 
 
@@ -292,8 +319,10 @@ class ChunkedHead(torch.autograd.Function):
     def forward(ctx, x, w, piece, vjp, chunk, width, *args):
         ctx.piece, ctx.vjp, ctx.chunk = piece, vjp, chunk
         ctx.save_for_backward(x, w, *args)
-        outs = [piece(x[c:c + chunk] @ w.T if w is not None else x[c:c + chunk], c, *[a[c:c + chunk] for a in args])
-                for c in range(0, x.shape[0], chunk)]
+        outs = [
+            piece(x[c : c + chunk] @ w.T if w is not None else x[c : c + chunk], c, *[a[c : c + chunk] for a in args])
+            for c in range(0, x.shape[0], chunk)
+        ]
         return torch.cat(outs) if outs else x.new_zeros(0, width, dtype=torch.promote_types(x.dtype, torch.float32))
 
     @staticmethod
@@ -303,7 +332,7 @@ class ChunkedHead(torch.autograd.Function):
         acc = None if w is None else torch.promote_types(w.dtype, torch.float32)  # bf16 -> fp32; fp32, fp64 stay
         dw = torch.zeros(w.shape, dtype=acc, device=w.device) if w is not None and ctx.needs_input_grad[1] else None
         for c in range(0, x.shape[0], ctx.chunk):
-            xc, gc, ac = x[c:c + ctx.chunk], grad[c:c + ctx.chunk], [a[c:c + ctx.chunk] for a in args]
+            xc, gc, ac = x[c : c + ctx.chunk], grad[c : c + ctx.chunk], [a[c : c + ctx.chunk] for a in args]
             if ctx.vjp is not None:
                 dz = ctx.vjp(xc @ w.T if w is not None else xc.clone(), c, gc, *ac)
             else:
@@ -312,17 +341,25 @@ class ChunkedHead(torch.autograd.Function):
                     out = ctx.piece(z, c, *ac)
                 (dz,) = torch.autograd.grad(out, z, gc.to(out.dtype))
             if w is None:
-                dx[c:c + ctx.chunk] = dz
+                dx[c : c + ctx.chunk] = dz
                 continue
             dz = dz.to(w.dtype)
-            dx[c:c + ctx.chunk] = dz @ w
+            dx[c : c + ctx.chunk] = dz @ w
             if dw is not None:
                 dw.addmm_(dz.T.to(acc), xc.to(acc))
         return dx, None if dw is None else dw.to(w.dtype), None, None, None, None, *[None] * len(args)
 
 
-def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, temperature: float, device,
-                   with_entropy: bool = False, chunk: int = 256, pack: int = 0):
+def token_logprobs(
+    model,
+    seqs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    temperature: float,
+    device,
+    with_entropy: bool = False,
+    chunk: int = 256,
+    pack: int = 0,
+):
     """log pi(y_t | x, y_<t) under log_softmax(logits / T) for the response tokens of each (prompt, response).
 
     Returns logp (B, R), mask (B, R), entropy (B, R) or None, with R the longest response; padding is 0.
@@ -344,8 +381,21 @@ def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, 
 TERMS = ("divergence", "logp", "kl", "entropy", "teacher_entropy")  # sdpo.distillation_terms' fields
 
 
-def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_w=None, topk=100, alpha=0.5,
-                         add_tail=True, temperature=1.0, chunk=256, *, divergence, finish_support) -> dict:
+def chunked_distillation(
+    student_x,
+    teacher_x,
+    targets,
+    student_w=None,
+    teacher_w=None,
+    topk=100,
+    alpha=0.5,
+    add_tail=True,
+    temperature=1.0,
+    chunk=256,
+    *,
+    divergence,
+    finish_support,
+) -> dict:
     """Per position, (N,) each (`TERMS`): the divergence D (Eq. 1), the student's log-prob of `targets`, KL(S||T)
     on the support, the student's entropy and the teacher's entropy / log V (the last three detached).
     `divergence` and `finish_support` are sdpo.py's (passed in: this file imports no algorithm file).
@@ -373,8 +423,9 @@ def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_
         if torch.is_grad_enabled():  # ChunkedHead's backward, topk=0 only: autograd through the full log_softmax
             s = torch.log_softmax(z, dim=-1)
             loss = divergence(s, torch.log_softmax(teacher_logits(tx), dim=-1), alpha)
-            return torch.cat([torch.stack([loss, s.gather(-1, y[:, None]).squeeze(-1)], dim=-1), s.new_zeros(len(s), 3)],
-                             dim=-1)
+            return torch.cat(
+                [torch.stack([loss, s.gather(-1, y[:, None]).squeeze(-1)], dim=-1), s.new_zeros(len(s), 3)], dim=-1
+            )
         zt = teacher_logits(tx)
         lse, entropy = softmax_stats(z)
         lse_t, entropy_t = softmax_stats(zt)
@@ -386,8 +437,16 @@ def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_
         else:
             s_sup, t_sup = z - lse[:, None], zt - lse_t[:, None]
         logp = z.gather(-1, y[:, None]).squeeze(-1) - lse
-        return torch.stack([divergence(s_sup, t_sup, alpha), logp, divergence(s_sup, t_sup, 1.0), entropy,
-                            entropy_t / math.log(zt.shape[-1])], dim=-1)  # the teacher's entropy: in [0, 1]
+        return torch.stack(
+            [
+                divergence(s_sup, t_sup, alpha),
+                logp,
+                divergence(s_sup, t_sup, 1.0),
+                entropy,
+                entropy_t / math.log(zt.shape[-1]),
+            ],
+            dim=-1,
+        )  # the teacher's entropy: in [0, 1]
 
     def vjp(z, start, grad, tx, y):  # top-k only; z is ChunkedHead's fresh (c, V) logits, overwritten here
         idx, t_sup, lse = support[start]
@@ -397,12 +456,14 @@ def chunked_distillation(student_x, teacher_x, targets, student_w=None, teacher_
             out = torch.stack([divergence(finish_support(s[:, :-1], add_tail), t_sup, alpha), s[:, -1]], dim=-1)
             (g,) = torch.autograd.grad(out, s, grad[:, :2].to(out.dtype))
         return log_softmax_vjp(z, lse, temperature, both, g)
+
     out = ChunkedHead.apply(student_x, student_w, piece, vjp if topk else None, chunk, 5, teacher_x.detach(), targets)
     return dict(zip(TERMS, out.unbind(-1)))
 
 
-def distillation_terms(model, teacher, student_seqs, teacher_seqs, pad_id: int, device, pack: int = 0,
-                       chunk: int = 256, **loss) -> dict:
+def distillation_terms(
+    model, teacher, student_seqs, teacher_seqs, pad_id: int, device, pack: int = 0, chunk: int = 256, **loss
+) -> dict:
     """sdpo.distillation_terms from `response_states` (packed rows, hidden states) and `chunked_distillation`
     (`loss`: its topk, alpha, add_tail, temperature, divergence, finish_support): the same dict, the same order
     of positions (each row's response tokens in turn)."""
@@ -426,10 +487,16 @@ def by_length(rows: list[dict], by_prompt: bool = False) -> list[dict]:
     Why: a micro-batch pads every row to its longest, and rollouts run from 20 to 128 tokens here (~25% of a
     random batch's positions are padding). The loss is a sum over tokens divided by the update's token count,
     so the order changes float rounding only; longest first also meets the memory peak at once."""
-    size = lambda r: len(r["prompt_ids"]) + len(r["response_ids"])
+
+    def size(r):
+        return len(r["prompt_ids"]) + len(r["response_ids"])
+
     if not by_prompt:
         return sorted(rows, key=size, reverse=True)
-    prompt = lambda r: tuple(r["prompt_ids"])
+
+    def prompt(r):
+        return tuple(r["prompt_ids"])
+
     longest, first = {}, {}  # per prompt: its longest row, and where it first appears (breaks ties)
     for i, r in enumerate(rows):
         longest[prompt(r)] = max(longest.get(prompt(r), 0), size(r))
@@ -449,8 +516,13 @@ def rows_with_gradient(update: list[dict], has_gradient, micro_batch: int, by_pr
     those of the whole update up to float rounding; sft.apply_update steps AdamW on a zero gradient when no row
     is left on any rank."""
     keep = [bool(has_gradient(r)) for r in update]
-    kept = lambda: [r for r, k in zip(update, keep) if k]
-    count = lambda: len(micro_batches(kept(), micro_batch, by_prompt))
+
+    def kept():
+        return [r for r, k in zip(update, keep) if k]
+
+    def count():
+        return len(micro_batches(kept(), micro_batch, by_prompt))
+
     n_micro = int(all_reduce_max(count()))
     for i in reversed(range(len(update))):  # a row adds at most one micro-batch
         if count() >= n_micro:
@@ -459,8 +531,9 @@ def rows_with_gradient(update: list[dict], has_gradient, micro_batch: int, by_pr
     return kept()
 
 
-def micro_batches(rows: list[dict], micro_batch: int, by_prompt: bool = False,
-                  ranks_even: bool = False) -> list[list[dict]]:
+def micro_batches(
+    rows: list[dict], micro_batch: int, by_prompt: bool = False, ranks_even: bool = False
+) -> list[list[dict]]:
     """Consecutive micro-batches of at most `micro_batch` rows. by_prompt (packed rows, in `by_length(by_prompt=
     True)` order): a micro-batch also ends where the prompt changes, so that it is one packed row. ranks_even
     (a collective): a rank with fewer micro-batches than another splits its largest ones in two until it has as
@@ -481,7 +554,7 @@ def micro_batches(rows: list[dict], micro_batch: int, by_prompt: bool = False,
     n = int(all_reduce_max(len(out))) if ranks_even else len(out)
     while len(out) < n:
         i = max(range(len(out)), key=lambda j: len(out[j]))
-        out[i:i + 1] = [out[i][:(len(out[i]) + 1) // 2], out[i][(len(out[i]) + 1) // 2:]]
+        out[i : i + 1] = [out[i][: (len(out[i]) + 1) // 2], out[i][(len(out[i]) + 1) // 2 :]]
     return out
 
 
@@ -495,8 +568,9 @@ def schedule(update: list[dict], micro_batch: int, has_gradient=None, packed: bo
     return micro_batches(update, micro_batch, packed, ranks_even=True)
 
 
-def token_nll(model, ids: list[list[int]], masks: list[list[int]], pad_id: int, device,
-              chunk: int = 256) -> tuple[torch.Tensor, int]:
+def token_nll(
+    model, ids: list[list[int]], masks: list[list[int]], pad_id: int, device, chunk: int = 256
+) -> tuple[torch.Tensor, int]:
     """Sum of -log p(y_t | x, y_<t) over masked (response) tokens of a right-padded micro-batch, and their count.
 
     Memory: the LM head runs on the response positions only, `chunk` at a time, each chunk's (chunk, V) logits
@@ -509,24 +583,30 @@ def token_nll(model, ids: list[list[int]], masks: list[list[int]], pad_id: int, 
     sel = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)[:, 1:].bool()  # (B, T-1)
     targets = input_ids[:, 1:][sel]  # (N,)
     if plain_lm_head(model):
-        x, w = last_hidden_state(model, input_ids=input_ids, attention_mask=attn)[:, :-1][sel], \
-            model.get_output_embeddings().weight  # (N, H), (V, H)
+        x, w = (
+            last_hidden_state(model, input_ids=input_ids, attention_mask=attn)[:, :-1][sel],
+            model.get_output_embeddings().weight,
+        )  # (N, H), (V, H)
     else:
         x, w = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits[:, :-1][sel], None  # (N, V)
-    nll = lambda xc, yc: torch.nn.functional.cross_entropy((xc @ w.T if w is not None else xc).float(), yc,
-                                                           reduction="sum")
+
+    def nll(xc, yc):
+        return torch.nn.functional.cross_entropy((xc @ w.T if w is not None else xc).float(), yc, reduction="sum")
+
     total = x.sum() * 0.0  # keeps a backward through the model when no position is trained
     for c in range(0, x.shape[0], chunk):
-        total = total + torch.utils.checkpoint.checkpoint(nll, x[c:c + chunk], targets[c:c + chunk],
-                                                          use_reentrant=False)  # (chunk, V) logits recomputed
+        total = total + torch.utils.checkpoint.checkpoint(
+            nll, x[c : c + chunk], targets[c : c + chunk], use_reentrant=False
+        )  # (chunk, V) logits recomputed
     return total, int(sel.sum().item())
 
 
 # --------------------------------------------------------------------------------------------
 # CPU decoding (rollout.generate_hf)
 # --------------------------------------------------------------------------------------------
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gen,
-                draw) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gen, draw
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its log-prob under `sampling_logprobs`' distribution. (B, V) -> (B,), (B,)
     `gen` and `draw`: rollout.sample_tokens and its generator (one uniform per row, inverse CDF).
 
@@ -579,6 +659,7 @@ def skinny_linear(model, max_rows: int = 32):
                 return stock(x)
             y = (mod.weight @ x.reshape(rows, -1).T).T.contiguous().reshape(*x.shape[:-1], mod.weight.shape[0])
             return y if mod.bias is None else y + mod.bias
+
         return forward
 
     for mod in model.modules():
@@ -609,16 +690,19 @@ def preallocate_kv(cache, room: int = 256) -> None:
         def update(k, v, *args, L=layer, **kwargs):
             end = L.length + k.shape[-2]
             if end > L.kbuf.shape[-2]:  # full: double the room
-                grow = lambda b: torch.cat([b, b.new_empty((*b.shape[:-2], b.shape[-2], b.shape[-1]))], dim=-2)
+
+                def grow(b):
+                    return torch.cat([b, b.new_empty((*b.shape[:-2], b.shape[-2], b.shape[-1]))], dim=-2)
+
                 L.kbuf, L.vbuf = grow(L.kbuf), grow(L.vbuf)
-            L.kbuf[..., L.length:end, :], L.vbuf[..., L.length:end, :] = k, v
+            L.kbuf[..., L.length : end, :], L.vbuf[..., L.length : end, :] = k, v
             L.length = end
             L.keys, L.values = L.kbuf[..., :end, :], L.vbuf[..., :end, :]
             return L.keys, L.values
 
         def select(indices, L=layer):
             L.kbuf, L.vbuf = L.kbuf[indices], L.vbuf[indices]
-            L.keys, L.values = L.kbuf[..., :L.length, :], L.vbuf[..., :L.length, :]
+            L.keys, L.values = L.kbuf[..., : L.length, :], L.vbuf[..., : L.length, :]
 
         layer.update, layer.batch_select_indices = update, select
 
@@ -630,13 +714,25 @@ def lean_decoding(model) -> bool:
     Every linear it reads must be a plain nn.Linear with no hook and no patched forward (LoRA layers, a
     biased head in a test), else the model's own forward decodes. So do other models, and every GPU."""
     cfg = model.config
-    if not (next(model.parameters()).device.type == "cpu" and cfg.model_type in ("llama", "qwen2", "qwen3")
-            and getattr(cfg, "hidden_act", None) == "silu" and getattr(cfg, "_attn_implementation", None) in SDPA
-            and not getattr(cfg, "use_sliding_window", False) and not getattr(cfg, "mlp_bias", False)
-            and model.get_output_embeddings().bias is None):
+    if not (
+        next(model.parameters()).device.type == "cpu"
+        and cfg.model_type in ("llama", "qwen2", "qwen3")
+        and getattr(cfg, "hidden_act", None) == "silu"
+        and getattr(cfg, "_attn_implementation", None) in SDPA
+        and not getattr(cfg, "use_sliding_window", False)
+        and not getattr(cfg, "mlp_bias", False)
+        and model.get_output_embeddings().bias is None
+    ):
         return False
-    plain = lambda mod: (type(mod) is torch.nn.Linear and "forward" not in mod.__dict__ and not mod._forward_hooks
-                         and not mod._forward_pre_hooks)
+
+    def plain(mod):
+        return (
+            type(mod) is torch.nn.Linear
+            and "forward" not in mod.__dict__
+            and not mod._forward_hooks
+            and not mod._forward_pre_hooks
+        )
+
     linears = [model.get_output_embeddings()]
     for layer in model.model.layers:
         linears += [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
@@ -665,10 +761,10 @@ class LeanDecoder:
         for layer in cache.layers:
             k = layer.keys.new_empty((*layer.keys.shape[:2], self.length + room, layer.keys.shape[-1]))
             v = torch.empty_like(k)
-            k[:, :, :self.length], v[:, :, :self.length] = layer.keys, layer.values
+            k[:, :, : self.length], v[:, :, : self.length] = layer.keys, layer.values
             self.kv.append((k, v))
         self.seen = attention_mask.new_zeros((attention_mask.shape[0], self.length + room), dtype=torch.bool)
-        self.seen[:, :self.length] = attention_mask.bool()  # the prompt's left padding stays unseen
+        self.seen[:, : self.length] = attention_mask.bool()  # the prompt's left padding stays unseen
 
     def select(self, rows: torch.Tensor) -> None:
         self.kv = [(k[rows], v[rows]) for k, v in self.kv]
@@ -698,7 +794,7 @@ class LeanDecoder:
         m, B, lin = self.model.model, ids.shape[0], self.linear
         x = m.embed_tokens(ids)  # (B, H)
         cos, sin = m.rotary_emb(x, pos[:, None])  # (B, 1, d)
-        seen = self.seen[:, :self.length]
+        seen = self.seen[:, : self.length]
         mask = None if bool(seen.all()) else seen.contiguous()[:, None, None, :]  # no mask: sdpa's fastest path
         for layer, (K, V) in zip(m.layers, self.kv):
             a = layer.self_attn
@@ -709,12 +805,11 @@ class LeanDecoder:
                 q, k = self.norm(q, a.q_norm), self.norm(k, a.k_norm)
             K[:, :, t], V[:, :, t] = self.rope(k, cos, sin), lin(a.v_proj, h).view(B, self.kv_heads, -1)
             q = self.rope(q, cos, sin).view(B, self.kv_heads, self.heads // self.kv_heads, -1)
-            o = torch.nn.functional.scaled_dot_product_attention(q, K[:, :, :self.length], V[:, :, :self.length],
-                                                                 attn_mask=mask, scale=a.scaling)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, K[:, :, : self.length], V[:, :, : self.length], attn_mask=mask, scale=a.scaling
+            )
             x = x + lin(a.o_proj, o.reshape(B, -1).T)
             h = self.norm(x, layer.post_attention_layernorm).T
             mlp = layer.mlp
             x = x + lin(mlp.down_proj, (torch.nn.functional.silu(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h)).T)
         return lin(self.model.lm_head, self.norm(x, m.norm).T)
-
-

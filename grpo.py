@@ -34,6 +34,7 @@ Run it:
     python grpo.py --lenient --steps 20 --resume                    # continue the run in --out
     torchrun --nproc_per_node 8 grpo.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm ...  # README
 """
+
 from __future__ import annotations
 
 import time
@@ -53,12 +54,27 @@ LOSS_AGGS = ("seq-mean-token-mean", "token-mean")  # --loss-agg; `loss_denominat
 
 @dataclass
 class Args(sft.RunArgs):
-    CHECKS: ClassVar[dict] = dict(sft.RunArgs.CHECKS,  # data.check_args: values outside these are refused
-        coverage=data.NON_NEGATIVE, prompts_per_step=data.POSITIVE, rollouts=data.POSITIVE, lr=data.NON_NEGATIVE,
-        ppo_epochs=data.POSITIVE, mini_batch=data.NON_NEGATIVE, warmup=data.NON_NEGATIVE, max_prompt_len=data.POSITIVE,
-        weight_decay=data.NON_NEGATIVE, grad_clip=data.POSITIVE, clip_low=(lambda v: 0 <= v < 1, "in [0, 1)"),
-        clip_high=data.NON_NEGATIVE, clip_c=(lambda v: v > 1, "> 1"), rollout_is_clip=data.POSITIVE,
-        kl_coef=data.NON_NEGATIVE, loss_agg=LOSS_AGGS, temperature=data.POSITIVE, max_new_tokens=data.POSITIVE)
+    CHECKS: ClassVar[dict] = dict(
+        sft.RunArgs.CHECKS,  # data.check_args: values outside these are refused
+        coverage=data.NON_NEGATIVE,
+        prompts_per_step=data.POSITIVE,
+        rollouts=data.POSITIVE,
+        lr=data.NON_NEGATIVE,
+        ppo_epochs=data.POSITIVE,
+        mini_batch=data.NON_NEGATIVE,
+        warmup=data.NON_NEGATIVE,
+        max_prompt_len=data.POSITIVE,
+        weight_decay=data.NON_NEGATIVE,
+        grad_clip=data.POSITIVE,
+        clip_low=(lambda v: 0 <= v < 1, "in [0, 1)"),
+        clip_high=data.NON_NEGATIVE,
+        clip_c=(lambda v: v > 1, "> 1"),
+        rollout_is_clip=data.POSITIVE,
+        kl_coef=data.NON_NEGATIVE,
+        loss_agg=LOSS_AGGS,
+        temperature=data.POSITIVE,
+        max_new_tokens=data.POSITIVE,
+    )
     # data
     model: str = rollout.EMBEDDED
     """initial policy: Hugging Face id or directory, or 'smollm2-135m'"""
@@ -137,8 +153,19 @@ def loss_denominator(mask, loss_agg: str = "token-mean", token_count=None, seq_c
     raise ValueError(f"--loss-agg {loss_agg!r}: choose one of {', '.join(LOSS_AGGS)}")
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.28,
-                clip_c: float = 3.0, is_weight=None, token_count=None, loss_agg: str = "token-mean", seq_count=None):
+def policy_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    clip_c: float = 3.0,
+    is_weight=None,
+    token_count=None,
+    loss_agg: str = "token-mean",
+    seq_count=None,
+):
     """The clipped surrogate with dual clip, summed over `mask` and divided as `loss_denominator` says. logp,
     old_logp, mask: (B, T); advantages: (B,) or (B, T); is_weight: (B, T) detached rollout IS weights or None;
     token_count may be a tensor that broadcasts to (B, T). Returns (loss, metrics)."""
@@ -155,11 +182,16 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_hi
     mask = mask.float()
     loss = (per_token * mask / loss_denominator(mask, loss_agg, token_count, seq_count)).sum()
     with torch.no_grad():
-        m = lambda x: float((x.float() * mask).sum() / mask.sum().clamp(min=1))
-        metrics = dict(clip_frac_high=m((adv > 0) & (ratio > 1 + clip_high)),
-                       clip_frac_low=m((adv < 0) & (ratio < 1 - clip_low)),
-                       clip_frac_dual=m((adv < 0) & (clipped > loss3)),
-                       ratio_mean=m(ratio))
+
+        def m(x):
+            return float((x.float() * mask).sum() / mask.sum().clamp(min=1))
+
+        metrics = dict(
+            clip_frac_high=m((adv > 0) & (ratio > 1 + clip_high)),
+            clip_frac_low=m((adv < 0) & (ratio < 1 - clip_low)),
+            clip_frac_dual=m((adv < 0) & (clipped > loss3)),
+            ratio_mean=m(ratio),
+        )
     return loss, metrics
 
 
@@ -167,8 +199,6 @@ def k3_kl(logp, ref_logp) -> torch.Tensor:
     """k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1, clamped as verl."""
     d = torch.clamp(ref_logp - logp, -20.0, 20.0)
     return torch.clamp(torch.exp(d) - d - 1.0, -10.0, 10.0)
-
-
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -190,8 +220,9 @@ def response_logits(model, seqs: list[tuple[list[int], list[int]]], pad_id: int,
     return logits, targets, mask
 
 
-def token_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, temperature: float, device,
-                   with_entropy: bool = False):
+def token_logprobs(
+    model, seqs: list[tuple[list[int], list[int]]], pad_id: int, temperature: float, device, with_entropy: bool = False
+):
     """log pi(y_t | x, y_<t) under log_softmax(logits / T), for each (prompt, response)'s response tokens.
     Returns logp (B, R), mask (B, R) and the entropy (B, R; detached) or None; padding is 0. fast.token_logprobs
     is its twin."""
@@ -211,18 +242,32 @@ def logprobs(model, rows: list[dict], args: Args, pad_id: int, device, with_entr
     if not args.fast:
         return token_logprobs(model, seqs, pad_id, args.temperature, device, with_entropy)
     import fast
-    return fast.token_logprobs(model, seqs, pad_id, args.temperature, device, with_entropy,
-                               sft.chunk_size(args.chunk, device), args.pack_tokens)
+
+    return fast.token_logprobs(
+        model,
+        seqs,
+        pad_id,
+        args.temperature,
+        device,
+        with_entropy,
+        sft.chunk_size(args.chunk, device),
+        args.pack_tokens,
+    )
 
 
 def micro_batches(update: list[dict], args: Args, model, has_gradient=None) -> list[list[dict]]:
     """One update's micro-batches of --micro-batch consecutive rows, as many on every rank; under --fast,
     fast.schedule's (rows by length, a prompt's rows packed, with --skip-zero-rows none of zero gradient)."""
     if not args.fast:
-        return [update[i:i + args.micro_batch] for i in range(0, len(update), args.micro_batch)]
+        return [update[i : i + args.micro_batch] for i in range(0, len(update), args.micro_batch)]
     import fast
-    return fast.schedule(update, args.micro_batch, has_gradient if args.skip_zero_rows else None,
-                         fast.packing_limit(model, args.pack_tokens) > 0)
+
+    return fast.schedule(
+        update,
+        args.micro_batch,
+        has_gradient if args.skip_zero_rows else None,
+        fast.packing_limit(model, args.pack_tokens) > 0,
+    )
 
 
 def trained_positions(micros: list[list[dict]]) -> int:
@@ -239,7 +284,7 @@ def update_plan(n_rows: int, args: Args, world: int) -> tuple[int, bool]:
 
 def padded(values: list[list[float]], like: torch.Tensor) -> torch.Tensor:
     """Per-row lists of per-token values, zero-padded to `like`'s (B, R)."""
-    return torch.tensor([(v + [0.0] * like.shape[1])[:like.shape[1]] for v in values]).to(like)
+    return torch.tensor([(v + [0.0] * like.shape[1])[: like.shape[1]] for v in values]).to(like)
 
 
 @torch.no_grad()
@@ -251,26 +296,30 @@ def attach_old_logprobs(model, rows: list[dict], args: Args, pad_id: int, device
     for micro in micro_batches(rows, args, model, has_gradient):
         old, mask, _ = logprobs(model, micro, args, pad_id, device)
         for r, o, m in zip(micro, old, mask):
-            r["old_logp"] = o[:int(m.sum())].tolist()
+            r["old_logp"] = o[: int(m.sum())].tolist()
 
 
 CLIP_FRACS = ("clip_frac_high", "clip_frac_low", "clip_frac_dual")
 
 
-def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: int, device, pad_id: int,
-                      ref_model=None) -> dict:
+def train_on_rollouts(
+    model, optimizer, batch: list[dict], args: Args, world: int, device, pad_id: int, ref_model=None
+) -> dict:
     """GRPO's updates on one step's rollouts (rows with prompt_ids, response_ids, rollout_logprobs, advantage);
     returns the step's metrics. Every rank holds as many rows."""
     per_update, on_policy = update_plan(len(batch), args, world)
     with_kl = ref_model is not None and args.kl_coef > 0
-    has_gradient = lambda r: with_kl or r["advantage"] != 0
+
+    def has_gradient(r):
+        return with_kl or r["advantage"] != 0
+
     acc, t0 = sft.Metrics(), time.time()
     if not on_policy:  # on-policy, pi_old is the current policy detached (departure 1)
         attach_old_logprobs(model, batch, args, pad_id, device, has_gradient)
     acc.add(ranks=1, t_old_logprobs=time.time() - t0)
     for _ in range(args.ppo_epochs):
         for u in range(0, len(batch), per_update):
-            update = batch[u:u + per_update]
+            update = batch[u : u + per_update]
             # every row of the mini-batch counts in its means, on every rank; / world: FSDP2 averages gradients
             # over ranks, so world * (local sum / global count) = the global mean
             local_tokens = sum(len(r["response_ids"]) for r in update)
@@ -284,8 +333,19 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                 rollout_logp = padded([r["rollout_logprobs"] for r in micro], logp)  # (B, R)
                 is_weight = torch.clamp(torch.exp(old - rollout_logp), max=args.rollout_is_clip) * mask  # (B, R)
                 adv = torch.tensor([r["advantage"] for r in micro], device=device)  # (B,)
-                loss, m = policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high, args.clip_c, is_weight,
-                                      tokens, args.loss_agg, seqs)
+                loss, m = policy_loss(
+                    logp,
+                    old,
+                    adv,
+                    mask,
+                    args.clip_low,
+                    args.clip_high,
+                    args.clip_c,
+                    is_weight,
+                    tokens,
+                    args.loss_agg,
+                    seqs,
+                )
                 if with_kl:
                     with torch.no_grad():
                         ref, _, _ = logprobs(ref_model, micro, args, pad_id, device)
@@ -295,13 +355,27 @@ def train_on_rollouts(model, optimizer, batch: list[dict], args: Args, world: in
                 bad = bad or not torch.isfinite(loss)  # backward still runs (FSDP2 collectives); no update then
                 loss.backward()
                 n = float(mask.sum())
-                acc.add(loss=loss.detach(), entropy=(entropy * mask).sum(), entropy_tokens=n, trained_frac=len(micro),
-                        **{k: m[k] * n for k in CLIP_FRACS})
+                acc.add(
+                    loss=loss.detach(),
+                    entropy=(entropy * mask).sum(),
+                    entropy_tokens=n,
+                    trained_frac=len(micro),
+                    **{k: m[k] * n for k in CLIP_FRACS},
+                )
             grad_norm = sft.apply_update(model, optimizer, args.grad_clip, bad)  # None: skipped, not finite
             acc.add(updates=grad_norm is not None, nonfinite_updates=grad_norm is None, grad_norm=grad_norm or 0.0)
-    return acc.reduce(loss="n_updates", kl="n_updates", entropy="entropy_tokens", grad_norm="updates", updates="ranks",
-                      nonfinite_updates="ranks", trained_frac="rows", train_tokens=None, t_old_logprobs="ranks",
-                      **dict.fromkeys(CLIP_FRACS, "tokens"))
+    return acc.reduce(
+        loss="n_updates",
+        kl="n_updates",
+        entropy="entropy_tokens",
+        grad_norm="updates",
+        updates="ranks",
+        nonfinite_updates="ranks",
+        trained_frac="rows",
+        train_tokens=None,
+        t_old_logprobs="ranks",
+        **dict.fromkeys(CLIP_FRACS, "tokens"),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,12 +387,18 @@ def collect_rollouts(run: sft.Run, step: int) -> tuple[list[dict], list[dict], d
     picked = sft.rows_for_step(len(run.problems), step, args.prompts_per_step, args.seed)
     indices = rollout.shard(list(range(len(picked))), run.rank, run.world)  # this rank's prompts' places
     mine = [run.problems[picked[i]] for i in indices]
-    prompts = [rollout.chat_prompt(tok, data.format_prompt(p["question"]), system=args.system, thinking=args.thinking)
-               for p in mine]
+    prompts = [
+        rollout.chat_prompt(tok, data.format_prompt(p["question"]), system=args.system, thinking=args.thinking)
+        for p in mine
+    ]
     if any(len(tok(p, add_special_tokens=False)["input_ids"]) > args.max_prompt_len for p in prompts):
         raise ValueError(f"a prompt of step {step} is longer than --max-prompt-len {args.max_prompt_len}")
-    params = rollout.SamplingParams(n=args.rollouts, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                    seed=args.seed * 1_000_003 + step * 1009)
+    params = rollout.SamplingParams(
+        n=args.rollouts,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed * 1_000_003 + step * 1009,
+    )
     # each prompt seeded by its place in the step: the same rollouts on any number of ranks
     samples = rollout.generate(run.backend, prompts, params, progress=False, indices=indices)
     rollout.sleep_engine(run.backend)  # vllm: its memory goes to training until the weights are pushed
@@ -334,9 +414,18 @@ def rollout_metrics(rows: list[dict], group_size: int) -> dict:
     """The step's rollouts over all ranks: score, lengths (inside and after <think>), E(y), format, groups."""
     acc = sft.Metrics()
     for x in rows:
-        acc.add(n=1, score=x["reward"], length=x["length"], gen_tokens=x["length"], answer_length=x["answer_length"],
-                think_length=x["length"] - x["answer_length"], epistemic=x["epistemic"], truncated=x["truncated"],
-                closed_think="</think>" in x["text"], seq_tokens=len(x["prompt_ids"]) + x["length"])  # bench.py's FLOPs
+        acc.add(
+            n=1,
+            score=x["reward"],
+            length=x["length"],
+            gen_tokens=x["length"],
+            answer_length=x["answer_length"],
+            think_length=x["length"] - x["answer_length"],
+            epistemic=x["epistemic"],
+            truncated=x["truncated"],
+            closed_think="</think>" in x["text"],
+            seq_tokens=len(x["prompt_ids"]) + x["length"],
+        )  # bench.py's FLOPs
     groups = torch.tensor([x["reward"] for x in rows]).view(-1, group_size)
     acc.add(groups=len(groups), degenerate_groups=(groups.max(1).values == groups.min(1).values).sum())
     means = ("score", "length", "think_length", "answer_length", "epistemic", "closed_think", "truncated")
@@ -345,18 +434,26 @@ def rollout_metrics(rows: list[dict], group_size: int) -> dict:
 
 def grpo_train_step(run: sft.Run):  # GRPO's update, with a frozen reference policy when --kl-coef > 0
     ref_model = sft.frozen_model(run.args.model, run.args, run.device) if run.args.kl_coef > 0 else None
-    return lambda rows, step_problems: train_on_rollouts(run.model, run.optimizer, rows, run.args, run.world,
-                                                         run.device, run.tokenizer.pad_token_id, ref_model)
+    return lambda rows, step_problems: train_on_rollouts(
+        run.model, run.optimizer, rows, run.args, run.world, run.device, run.tokenizer.pad_token_id, ref_model
+    )
 
 
 def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_step):
     """The RL loop; sdpo.py passes its `make_train_step` (the self-distillation loss) and keeps the rest."""
     run = sft.setup(args)
     train_step = make_train_step(run)
-    eval_params = rollout.SamplingParams(n=args.eval_n, temperature=args.eval_temperature, top_p=args.eval_top_p,
-                                         top_k=args.eval_top_k, max_new_tokens=args.eval_max_new_tokens,
-                                         seed=args.seed + 500_000_000)  # its own seeds
-    bar = tqdm(range(run.start, args.steps), desc=loss_name, disable=run.rank != 0, initial=run.start, total=args.steps)
+    eval_params = rollout.SamplingParams(
+        n=args.eval_n,
+        temperature=args.eval_temperature,
+        top_p=args.eval_top_p,
+        top_k=args.eval_top_k,
+        max_new_tokens=args.eval_max_new_tokens,
+        seed=args.seed + 500_000_000,
+    )  # its own seeds
+    bar = tqdm(
+        range(run.start, args.steps), desc=loss_name, disable=run.rank != 0, initial=run.start, total=args.steps
+    )
     metrics, ev = {}, {}
     for step in bar:
         t0 = time.time()
@@ -370,29 +467,59 @@ def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_ste
         if args.save_rollouts:
             rollout.save_rollouts(run.out / "rollouts.jsonl", step + 1, rows, step_problems, args.rollouts, run.world)
         rollout.refresh_weights(run.backend, run.model)  # vllm: push (and wake); a generation replica: copy
-        metrics = dict(step=step + 1, lr=run.optimizer.param_groups[0]["lr"], **rollout_metrics(rows, args.rollouts),
-                       **train_metrics, **times, t_train=t_train)
-        metrics.update(rollout_tok_s=metrics["gen_tokens"] / max(times["t_generate"], 1e-9) / run.world,
-                       train_tok_s=metrics["train_tokens"] / max(t_train, 1e-9) / run.world)  # positions
+        metrics = dict(
+            step=step + 1,
+            lr=run.optimizer.param_groups[0]["lr"],
+            **rollout_metrics(rows, args.rollouts),
+            **train_metrics,
+            **times,
+            t_train=t_train,
+        )
+        metrics.update(
+            rollout_tok_s=metrics["gen_tokens"] / max(times["t_generate"], 1e-9) / run.world,
+            train_tok_s=metrics["train_tokens"] / max(t_train, 1e-9) / run.world,
+        )  # positions
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            ev = evaluate.evaluate(run.backend, run.benchmarks, eval_params, ks=(1,), lenient=args.lenient,
-                                   chat=dict(system=args.system, thinking=args.thinking))
+            ev = evaluate.evaluate(
+                run.backend,
+                run.benchmarks,
+                eval_params,
+                ks=(1,),
+                lenient=args.lenient,
+                chat=dict(system=args.system, thinking=args.thinking),
+            )
             for name, s in ev.items():
                 metrics.update({f"eval/{name}/{k}": v for k, v in s.items() if k in ("acc", "length", "epistemic")})
         metrics.update(t_step=time.time() - t0, peak_mem_gb=sft.peak_memory_gb(run.device))  # eval included
         if run.rank == 0:
             sft.log_metrics(run.out / "metrics.jsonl", metrics, run.wandb)
-            bar.set_postfix(score=f"{metrics['score']:.3f}", len=f"{metrics['length']:.0f}",
-                            E=f"{metrics['epistemic']:.2f}", gnorm=f"{metrics.get('grad_norm') or 0:.3f}")
+            bar.set_postfix(
+                score=f"{metrics['score']:.3f}",
+                len=f"{metrics['length']:.0f}",
+                E=f"{metrics['epistemic']:.2f}",
+                gnorm=f"{metrics.get('grad_norm') or 0:.3f}",
+            )
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            sft.save_checkpoint(run.out, step + 1, run.model, run.tokenizer, run.optimizer,
-                                dict(args=asdict(args), loss=loss_name), keep=args.keep_checkpoints,
-                                extra_tensors=run.checkpoint_extra() if run.checkpoint_extra else None)
+            sft.save_checkpoint(
+                run.out,
+                step + 1,
+                run.model,
+                run.tokenizer,
+                run.optimizer,
+                dict(args=asdict(args), loss=loss_name),
+                keep=args.keep_checkpoints,
+                extra_tensors=run.checkpoint_extra() if run.checkpoint_extra else None,
+            )
     lines = [f"{loss_name}: trained to step {args.steps}."]
-    lines += [f"  {name}: held-out accuracy {s['acc']:.2f} on {s['problems']} problems ({s['samples']} responses), "
-              f"{s['length']:.0f} tokens, E(y) {s['epistemic']:.2f}" for name, s in ev.items()]  # the last evaluation
-    lines += [f"  metrics: {run.out / 'metrics.jsonl'}",
-              f"  checkpoint: {sft.latest_checkpoint(run.out) or 'none (--save-every 0)'}"]
+    lines += [
+        f"  {name}: held-out accuracy {s['acc']:.2f} on {s['problems']} problems ({s['samples']} responses), "
+        f"{s['length']:.0f} tokens, E(y) {s['epistemic']:.2f}"
+        for name, s in ev.items()
+    ]  # the last evaluation
+    lines += [
+        f"  metrics: {run.out / 'metrics.jsonl'}",
+        f"  checkpoint: {sft.latest_checkpoint(run.out) or 'none (--save-every 0)'}",
+    ]
     rollout.print0("\n".join(lines))
     sft.finish(run)
 

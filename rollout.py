@@ -48,6 +48,7 @@ Run it:
         --data runs/select-r1/selected.jsonl --setting all --n-samples 8 --max-new-tokens 32768   # Table 1
     torchrun --nproc_per_node 8 rollout.py ...                                    # prompts split by rank
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,10 +83,20 @@ SETTINGS = ("unguided", "solution", "solution-no-think", "regenerated", "uncerta
 @dataclass
 class Args:
     CHECKS: ClassVar[dict] = dict(
-        setting=(*SETTINGS, "all"), solution_source=("rollout", "dataset"), n_samples=data.POSITIVE,
-        limit=data.POSITIVE, backend=data.BACKENDS, temperature=data.NON_NEGATIVE, top_p=data.FRACTION,
-        top_k=data.NON_NEGATIVE, max_new_tokens=data.POSITIVE, batch_size=data.POSITIVE, thinking=data.THINKING,
-        dtype=data.DTYPES, vllm_gpu_memory=data.FRACTION)
+        setting=(*SETTINGS, "all"),
+        solution_source=("rollout", "dataset"),
+        n_samples=data.POSITIVE,
+        limit=data.POSITIVE,
+        backend=data.BACKENDS,
+        temperature=data.NON_NEGATIVE,
+        top_p=data.FRACTION,
+        top_k=data.NON_NEGATIVE,
+        max_new_tokens=data.POSITIVE,
+        batch_size=data.POSITIVE,
+        thinking=data.THINKING,
+        dtype=data.DTYPES,
+        vllm_gpu_memory=data.FRACTION,
+    )
     model: str = EMBEDDED
     """Hugging Face id or directory, or 'smollm2-135m' (embedded, offline)"""
     data: str = "synthetic:difficulty=1,n=16"
@@ -133,8 +144,14 @@ class Args:
 @dataclass
 class SelectArgs(Args):
     """`rollout.py select`: Sec. 3's problems, as the released eval_dapo_dataset.py picks them."""
-    CHECKS: ClassVar[dict] = dict(Args.CHECKS, min_correct=data.NON_NEGATIVE, max_correct=data.NON_NEGATIVE,
-                                  keep=data.POSITIVE, chunk=data.POSITIVE)
+
+    CHECKS: ClassVar[dict] = dict(
+        Args.CHECKS,
+        min_correct=data.NON_NEGATIVE,
+        max_correct=data.NON_NEGATIVE,
+        keep=data.POSITIVE,
+        chunk=data.POSITIVE,
+    )
     data: str = "synthetic:difficulty=1,n=64"
     """the pool, read in file order (the paper: DAPO-Math-17k)"""
     n_samples: int = 8
@@ -159,7 +176,9 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     (FSDP2) and gloo for CPU ones: the trainers' scalar all-reduces (sft.all_reduce_sum) and object collectives
     are CPU tensors, which nccl alone refuses ("No backend type associated with device type cpu"). The
     per-device backend string is torch.distributed.init_process_group's documented form. CPU: gloo."""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank, world = (
+        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))
+    )
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -191,8 +210,9 @@ def one_rank_group(device) -> None:
         with socket.socket() as s:  # a free port on this machine, for the one-rank store
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    dist.init_process_group(process_group_backend(device), rank=0, world_size=1,
-                            timeout=datetime.timedelta(minutes=60))
+    dist.init_process_group(
+        process_group_backend(device), rank=0, world_size=1, timeout=datetime.timedelta(minutes=60)
+    )
 
 
 def print0(*a, **kw):
@@ -224,6 +244,7 @@ def embedded_model_dir(cache_dir: str | None = None) -> Path:
         for stale in cache.glob(".convert-*"):  # left by a killed conversion; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".convert-"))
         try:
             tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
@@ -248,9 +269,11 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str = EMBEDDED):
     """The tokenizer of a Hugging Face id or directory, or of the embedded model; a pad token set."""
     from transformers import AutoTokenizer
+
     path = resolve_model_path(name_or_path)
-    if (path.startswith((".", "/", "~")) or os.sep in path and not re.fullmatch(r"[\w.-]+/[\w.-]+", path)) \
-            and not Path(path).expanduser().exists():
+    if (
+        path.startswith((".", "/", "~")) or os.sep in path and not re.fullmatch(r"[\w.-]+/[\w.-]+", path)
+    ) and not Path(path).expanduser().exists():
         raise FileNotFoundError(f"model path {path!r} does not exist")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
@@ -261,6 +284,7 @@ def load_tokenizer(name_or_path: str = EMBEDDED):
 def load_model(name_or_path: str = EMBEDDED, dtype: str = "auto", device: str | torch.device = "cpu"):
     """(model, tokenizer) from a Hugging Face id or directory, or the embedded alias. eval() mode."""
     from transformers import AutoModelForCausalLM
+
     tok = load_tokenizer(name_or_path)
     device = torch.device(device)
     if dtype == "auto":
@@ -272,6 +296,7 @@ def load_model(name_or_path: str = EMBEDDED, dtype: str = "auto", device: str | 
 def model_context(name_or_path: str) -> int | None:
     """The longest sequence the model's config allows (max_position_embeddings or its synonyms), None if unsaid."""
     from transformers import AutoConfig
+
     cfg = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -280,8 +305,15 @@ def model_context(name_or_path: str) -> int | None:
     return None
 
 
-def engine_length(tokenizer, prompts: list[str], max_new_tokens: int, model: str, extra: int = 0,
-                  flag: str = "--max-new-tokens", cap: int | None = None) -> int:
+def engine_length(
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    model: str,
+    extra: int = 0,
+    flag: str = "--max-new-tokens",
+    cap: int | None = None,
+) -> int:
     """vLLM's max_model_len for an engine that serves `prompts`: the longest one (at most `cap`: longer ones are
     refused before they reach the engine), plus `extra` tokens (room for a solution that is only drawn later),
     plus the response budget; the same on every rank (max over ranks).
@@ -299,8 +331,10 @@ def engine_length(tokenizer, prompts: list[str], max_new_tokens: int, model: str
     limit = model_context(model)
     if limit is not None and need > limit:
         room = f" + {extra} for a solution" if extra else ""
-        raise ValueError(f"{flag} {max_new_tokens}: the longest prompt ({longest} tokens{room}) plus the response "
-                         f"budget is {need} tokens, over the model's context of {limit}")
+        raise ValueError(
+            f"{flag} {max_new_tokens}: the longest prompt ({longest} tokens{room}) plus the response "
+            f"budget is {need} tokens, over the model's context of {limit}"
+        )
     return need
 
 
@@ -310,7 +344,9 @@ def chat_prompt(tokenizer, user: str, system: str | None = None, thinking: str =
     thinking: "on"/"off" pass enable_thinking to Qwen3-style templates ("off" makes Qwen3 emit an empty
     <think></think>); "auto" leaves the template's default. DeepSeek-R1-Distill's template opens
     <think> itself; OLMo-3 takes its system prompt here."""
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": user}
+    ]
     kwargs = {} if thinking == "auto" else {"enable_thinking": thinking == "on"}
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
@@ -320,9 +356,11 @@ def chat_prompt(tokenizer, user: str, system: str | None = None, thinking: str =
 # --------------------------------------------------------------------------------------------
 REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
 HINT_TEMPLATE = "{prompt}\n\nCorrect solution: {solution}\n\nCorrectly solve the original question."  # Table 1
-UNCERTAINTY_TEMPLATE = ("{prompt}{solution}{feedback}\n\nSolve the original question from scratch with a full, detailed "
-                        "reasoning trace, without skipping any steps, and include as much uncertainty or ambiguity in "
-                        "the explanation.")
+UNCERTAINTY_TEMPLATE = (
+    "{prompt}{solution}{feedback}\n\nSolve the original question from scratch with a full, detailed "
+    "reasoning trace, without skipping any steps, and include as much uncertainty or ambiguity in "
+    "the explanation."
+)
 SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{attempt}"
 FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}"
 
@@ -340,9 +378,11 @@ def reprompt(question: str, solution: str | None, feedback: str | None = None, t
     if template == "hint":
         return HINT_TEMPLATE.format(prompt=data.format_prompt(question), solution=solution)
     body = {"sdpo": REPROMPT_TEMPLATE, "uncertainty": UNCERTAINTY_TEMPLATE}[template]
-    return body.format(prompt=data.format_prompt(question),
-                       solution=SOLUTION_TEMPLATE.format(attempt=solution) if solution else "",
-                       feedback=FEEDBACK_TEMPLATE.format(feedback=feedback) if feedback else "")
+    return body.format(
+        prompt=data.format_prompt(question),
+        solution=SOLUTION_TEMPLATE.format(attempt=solution) if solution else "",
+        feedback=FEEDBACK_TEMPLATE.format(feedback=feedback) if feedback else "",
+    )
 
 
 def strip_think(text: str) -> str:
@@ -423,8 +463,9 @@ def sample_tokens(logp: torch.Tensor, gen) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                gen) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gen
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its log-prob under `sampling_logprobs`' distribution, drawn by `sample_tokens` (greedy
     at temperature 0). (B, V) -> (B,), (B,). With top-k or top-p the draw runs over the tokens sorted by
     probability (descending), else in vocabulary order, so that fast.sample_next, its twin, draws the same tokens."""
@@ -464,6 +505,7 @@ def cache_kwarg(model) -> str:
     """The forward's name for the KV cache: `cache` in current transformers (which warn on the old name),
     `past_key_values` in the releases before it."""
     import inspect
+
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -473,8 +515,16 @@ def kv_cache(output):
 
 
 @torch.no_grad()
-def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, batch_size: int = 64,
-                progress: bool = True, indices: list[int] | None = None, fast: bool = True) -> list[Sample]:
+def generate_hf(
+    model,
+    tokenizer,
+    prompts: list[str],
+    params: SamplingParams,
+    batch_size: int = 64,
+    progress: bool = True,
+    indices: list[int] | None = None,
+    fast: bool = True,
+) -> list[Sample]:
     """Sample params.n responses per prompt with transformers: left padding, KV cache, rows leave when done.
 
     Prompts are strings that already carry the chat template (see `chat_prompt`). The k-th sample of prompt i
@@ -490,24 +540,35 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop[0])
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     indices = range(len(prompts)) if indices is None else indices
-    jobs = [(i, ids, random.Random(request_seed(params.seed, indices[i]) + k))
-            for i, ids in enumerate(encoded) for k in range(params.n)]
+    jobs = [
+        (i, ids, random.Random(request_seed(params.seed, indices[i]) + k))
+        for i, ids in enumerate(encoded)
+        for k in range(params.n)
+    ]
     jobs.sort(key=lambda j: len(j[1]))  # similar lengths together: less padding (stable: sample k stays k-th)
     speed = importlib.import_module("fast") if fast else None
     use_lean = speed is not None and speed.lean_decoding(model)  # before skinny_linear patches the linears
-    sample = (lambda z, streams: speed.sample_next(z, params.temperature, params.top_p, params.top_k, streams,
-                                                   sample_tokens)) if speed else \
-        (lambda z, streams: sample_next(z, params.temperature, params.top_p, params.top_k, streams))
+    sample = (
+        (
+            lambda z, streams: speed.sample_next(
+                z, params.temperature, params.top_p, params.top_k, streams, sample_tokens
+            )
+        )
+        if speed
+        else (lambda z, streams: sample_next(z, params.temperature, params.top_p, params.top_k, streams))
+    )
     out: list[Sample] = []
     bar = tqdm(total=len(jobs), desc="generate", disable=not progress, leave=False)
     with speed.skinny_linear(model) if speed else contextlib.nullcontext(), eval_mode(model):
         for start in range(0, len(jobs), batch_size):
-            batch = jobs[start:start + batch_size]
+            batch = jobs[start : start + batch_size]
             width = max(len(ids) for _, ids, _ in batch)
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids, _ in batch], device=device)
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in batch], device=device)
             position = (mask.cumsum(-1) - 1).clamp(min=0)
-            res = model(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+            res = model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1
+            )
             cache, logits = kv_cache(res), res.logits[:, -1]
             room = min(params.max_new_tokens, 256)
             lean = None
@@ -524,9 +585,9 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
                 streams = [batch[row][2] for row in active.tolist()]
                 nxt, chosen = sample(logits, streams)
                 done = torch.isin(nxt, stop)
-                for row, tok, l, d in zip(active.tolist(), nxt.tolist(), chosen.tolist(), done.tolist()):
+                for row, tok, lp, d in zip(active.tolist(), nxt.tolist(), chosen.tolist(), done.tolist()):
                     tokens[row].append(tok)
-                    logps[row].append(l)
+                    logps[row].append(lp)
                     if d:
                         reason[row] = "stop"
                 keep = (~done).nonzero().squeeze(-1)
@@ -543,21 +604,40 @@ def generate_hf(model, tokenizer, prompts: list[str], params: SamplingParams, ba
                     logits = lean.step(nxt, pos)
                     continue
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-                res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                            **{cache_kwarg(model): cache}, use_cache=True)
+                res = model(
+                    input_ids=nxt[:, None],
+                    attention_mask=mask,
+                    position_ids=pos[:, None],
+                    **{cache_kwarg(model): cache},
+                    use_cache=True,
+                )
                 cache, logits = kv_cache(res), res.logits[:, -1]
             for row, (pi, ids, _) in enumerate(batch):
-                out.append(Sample(pi, ids, tokens[row], tokenizer.decode(tokens[row], skip_special_tokens=True),
-                                  reason[row], logps[row]))
+                out.append(
+                    Sample(
+                        pi,
+                        ids,
+                        tokens[row],
+                        tokenizer.decode(tokens[row], skip_special_tokens=True),
+                        reason[row],
+                        logps[row],
+                    )
+                )
             bar.update(len(batch))
     bar.close()
     out.sort(key=lambda s: s.prompt_index)  # stable: the n samples of a prompt stay in order
     return out
 
 
-def make_vllm(model_path: str, max_model_len: int, tensor_parallel_size: int = 1,
-              gpu_memory_utilization: float = 0.9, enable_sleep_mode: bool = False, seed: int = 0,
-              device="cuda"):
+def make_vllm(
+    model_path: str,
+    max_model_len: int,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    enable_sleep_mode: bool = False,
+    seed: int = 0,
+    device="cuda",
+):
     """A colocated vLLM engine, one per torchrun rank (vLLM 0.33, `external_launcher` executor).
 
     Assumptions (read from the vLLM 0.33.0 source; exercised on CPU against the tests' contract fake, never on
@@ -579,10 +659,18 @@ def make_vllm(model_path: str, max_model_len: int, tensor_parallel_size: int = 1
     """
     one_rank_group(device)
     from vllm import LLM  # GPU-only extra: imported here, never at module import
-    return LLM(model=model_path, tensor_parallel_size=tensor_parallel_size,
-               distributed_executor_backend="external_launcher", gpu_memory_utilization=gpu_memory_utilization,
-               max_model_len=max_model_len, enable_sleep_mode=enable_sleep_mode, seed=seed,
-               logprobs_mode="processed_logprobs", dtype="bfloat16")
+
+    return LLM(
+        model=model_path,
+        tensor_parallel_size=tensor_parallel_size,
+        distributed_executor_backend="external_launcher",
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        enable_sleep_mode=enable_sleep_mode,
+        seed=seed,
+        logprobs_mode="processed_logprobs",
+        dtype="bfloat16",
+    )
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -597,12 +685,14 @@ def request_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-def generate_vllm(backend: Backend, prompts: list[str], params: SamplingParams,
-                  indices: list[int] | None = None) -> list[Sample]:
+def generate_vllm(
+    backend: Backend, prompts: list[str], params: SamplingParams, indices: list[int] | None = None
+) -> list[Sample]:
     """The same contract as `generate_hf`, through vLLM's offline engine (GPU only): one request per prompt,
     n samples each, every request with its own seed (`request_seed` of its index). A request that does not fit in the
     engine's max_model_len is refused here: vLLM would end it early without saying so."""
     from vllm import SamplingParams as VSP, TokensPrompt
+
     if params.max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0 (got {params.max_new_tokens})")
     if backend.asleep:
@@ -610,21 +700,43 @@ def generate_vllm(backend: Backend, prompts: list[str], params: SamplingParams,
     encoded = [backend.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     too_long = [len(ids) for ids in encoded if len(ids) + params.max_new_tokens > backend.max_model_len]
     if too_long:
-        raise ValueError(f"a prompt of {max(too_long)} tokens plus {params.max_new_tokens} new tokens exceeds the "
-                         f"engine's max_model_len {backend.max_model_len}")
-    sps = [VSP(n=params.n, temperature=params.temperature, top_p=params.top_p,
-               top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-               seed=request_seed(params.seed, i), logprobs=0 if params.logprobs else None, detokenize=False)
-           for i in (indices or range(len(prompts)))]  # the text is decoded here, from the token ids
-    results = backend.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], sps,
-                                   use_tqdm=False) if prompts else []
+        raise ValueError(
+            f"a prompt of {max(too_long)} tokens plus {params.max_new_tokens} new tokens exceeds the "
+            f"engine's max_model_len {backend.max_model_len}"
+        )
+    sps = [
+        VSP(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            max_tokens=params.max_new_tokens,
+            seed=request_seed(params.seed, i),
+            logprobs=0 if params.logprobs else None,
+            detokenize=False,
+        )
+        for i in (indices or range(len(prompts)))
+    ]  # the text is decoded here, from the token ids
+    results = (
+        backend.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], sps, use_tqdm=False)
+        if prompts
+        else []
+    )
     out = []
     for i, (ids, res) in enumerate(zip(encoded, results)):
         for o in res.outputs:
             toks = list(o.token_ids)
             lps = [o.logprobs[t][tok].logprob for t, tok in enumerate(toks)] if o.logprobs else []
-            out.append(Sample(i, ids, toks, backend.tokenizer.decode(toks, skip_special_tokens=True),
-                              "stop" if o.finish_reason == "stop" else "length", lps))
+            out.append(
+                Sample(
+                    i,
+                    ids,
+                    toks,
+                    backend.tokenizer.decode(toks, skip_special_tokens=True),
+                    "stop" if o.finish_reason == "stop" else "length",
+                    lps,
+                )
+            )
     return out
 
 
@@ -698,30 +810,53 @@ def score_rollouts(samples, problems: list[dict], lenient: bool, tokenizer=None,
     for s in samples:
         p = problems[s.prompt_index]
         answer = epistemic.split_think(s.text)[1] if "</think>" in s.text else None
-        rows.append(dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, rollout_logprobs=s.logprobs,
-                         reward=data.grade(s.text, p["answer"], lenient=lenient, window=window),
-                         length=len(s.response_ids),
-                         epistemic=epistemic.epistemic_count(s.text), truncated=s.finish_reason == "length",
-                         text=s.text, answer_length=len(s.response_ids) if answer is None or tokenizer is None
-                         else min(len(tokenizer(answer, add_special_tokens=False)["input_ids"]), len(s.response_ids))))
+        rows.append(
+            dict(
+                prompt_ids=s.prompt_ids,
+                response_ids=s.response_ids,
+                rollout_logprobs=s.logprobs,
+                reward=data.grade(s.text, p["answer"], lenient=lenient, window=window),
+                length=len(s.response_ids),
+                epistemic=epistemic.epistemic_count(s.text),
+                truncated=s.finish_reason == "length",
+                text=s.text,
+                answer_length=len(s.response_ids)
+                if answer is None or tokenizer is None
+                else min(len(tokenizer(answer, add_special_tokens=False)["input_ids"]), len(s.response_ids)),
+            )
+        )
     return rows
 
 
 def save_rollouts(path: Path, step: int, rows: list[dict], problems: list[dict], group_size: int, world: int) -> None:
     """Append one JSON line per rollout of every rank to `path`, in the step's order (their "place"; rank 0 writes;
     collective)."""
-    keep = ("prompt_ids", "response_ids", "rollout_logprobs", "text", "reward", "advantage", "length", "epistemic",
-            "truncated")
-    mine = [dict(step=step, prompt=r["place"] // group_size, sample=r["place"] % group_size,
-                 problem=problems[i // group_size].get("id"), **{k: r[k] for k in keep},
-                 **({"context": r["context"], "distilled": sum(r["distill"])} if "distill" in r else {}))
-            for i, r in enumerate(rows)]
+    keep = (
+        "prompt_ids",
+        "response_ids",
+        "rollout_logprobs",
+        "text",
+        "reward",
+        "advantage",
+        "length",
+        "epistemic",
+        "truncated",
+    )
+    mine = [
+        dict(
+            step=step,
+            prompt=r["place"] // group_size,
+            sample=r["place"] % group_size,
+            problem=problems[i // group_size].get("id"),
+            **{k: r[k] for k in keep},
+            **({"context": r["context"], "distilled": sum(r["distill"])} if "distill" in r else {}),
+        )
+        for i, r in enumerate(rows)
+    ]
     everything = gather_to_rank0(mine, world)
     if everything is not None:
         with open(path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in sorted(everything, key=lambda r: (r["prompt"], r["sample"])))
-
-
 
 
 def refresh_weights(backend: Backend, model) -> None:
@@ -733,20 +868,34 @@ def refresh_weights(backend: Backend, model) -> None:
         sync_replica(backend.model, model)
 
 
-def generate(backend: Backend, prompts: list[str], params: SamplingParams, progress: bool = True,
-             indices: list[int] | None = None) -> list[Sample]:
+def generate(
+    backend: Backend,
+    prompts: list[str],
+    params: SamplingParams,
+    progress: bool = True,
+    indices: list[int] | None = None,
+) -> list[Sample]:
     """n samples per prompt, flattened in prompt order, from the hf or the vllm backend. `indices`: the prompts'
     numbers across ranks (their seeds); default 0, 1, ..."""
     if backend.kind == "hf":
-        return generate_hf(backend.model, backend.tokenizer, prompts, params, backend.batch_size, progress, indices,
-                           backend.fast)
+        return generate_hf(
+            backend.model, backend.tokenizer, prompts, params, backend.batch_size, progress, indices, backend.fast
+        )
     if backend.kind == "vllm":
         return generate_vllm(backend, prompts, params, indices)
     raise ValueError(f"unknown backend {backend.kind!r}; use hf or vllm")
 
 
-def make_backend(kind: str, model_path: str, device, dtype: str = "auto", batch_size: int = 64,
-                 max_model_len: int = 0, fast: bool = True, **vllm_kwargs) -> Backend:
+def make_backend(
+    kind: str,
+    model_path: str,
+    device,
+    dtype: str = "auto",
+    batch_size: int = 64,
+    max_model_len: int = 0,
+    fast: bool = True,
+    **vllm_kwargs,
+) -> Backend:
     """hf: the model itself on `device`. vllm: a colocated engine of `max_model_len` (see `engine_length`) and
     the tokenizer alone (the engine holds the weights; a second copy would take 15 GB of a 7B model's GPU)."""
     if kind not in ("hf", "vllm"):
@@ -787,7 +936,7 @@ def karmarkar_karp(values: list[int], k: int) -> list[list[int]]:
             return by_size(self.sets[0]) > by_size(other.sets[0])
 
     ranked = sorted((v, i) for i, v in enumerate(values))
-    heap = [State([(v, [(i, v)]) for v, i in ranked[j:j + k]]) for j in range(0, len(ranked), k)]
+    heap = [State([(v, [(i, v)]) for v, i in ranked[j : j + k]]) for j in range(0, len(ranked), k)]
     heapq.heapify(heap)
     while len(heap) > 1:
         a, b = heapq.heappop(heap), heapq.heappop(heap)
@@ -812,20 +961,28 @@ def balanced_positions(lengths: list[int], ranks: int = 4) -> list[int]:
     return positions
 
 
-def teacher_contexts(rows: list[dict], problems: list[dict], group_size: int, mode: str = "sibling",
-                     threshold: float = 0.5, order: list[int] | None = None) -> list[str | None]:
+def teacher_contexts(
+    rows: list[dict],
+    problems: list[dict],
+    group_size: int,
+    mode: str = "sibling",
+    threshold: float = 0.5,
+    order: list[int] | None = None,
+) -> list[str | None]:
     """c for each rollout (rows in groups of `group_size`, one group per problem); None = no loss.
 
     sibling: the first OTHER rollout of the same group with reward >= threshold, first in `order` (a key per
     row, e.g. `balanced_positions`; default: rollout order), as the reference's solution_idxs[0];
     sibling-no-think: the same through strip_think; dataset: the problem's reference solution."""
     out = []
-    for i, row in enumerate(rows):
+    for i in range(len(rows)):
         g = i // group_size
         if mode == "dataset":
             out.append(problems[g].get("solution"))
             continue
-        siblings = [j for j in range(g * group_size, (g + 1) * group_size) if j != i and rows[j]["reward"] >= threshold]
+        siblings = [
+            j for j in range(g * group_size, (g + 1) * group_size) if j != i and rows[j]["reward"] >= threshold
+        ]
         siblings.sort(key=lambda j: j if order is None else order[j])
         s = rows[siblings[0]]["text"] if siblings else None
         out.append(strip_think(s) if s is not None and mode == "sibling-no-think" else s)
@@ -841,8 +998,12 @@ def regenerated_contexts(run, rows, problems, args) -> list[str | None]:
     groups = sorted(firsts)
     chat = dict(system=args.system, thinking=args.thinking)
     prompts = [chat_prompt(run.tokenizer, reprompt(problems[g]["question"], firsts[g]), **chat) for g in groups]
-    params = SamplingParams(n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                    seed=args.seed + 7919 * len(rows) + run.rank)
+    params = SamplingParams(
+        n=1,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed + 7919 * len(rows) + run.rank,
+    )
     if run.backend.asleep:  # vllm, put to sleep after the step's rollouts: wake it with the same weights (collective)
         push_weights_to_vllm(run.backend, run.model)
     samples = generate(run.backend, prompts, params, progress=False)  # every rank, prompts or not
@@ -850,8 +1011,10 @@ def regenerated_contexts(run, rows, problems, args) -> list[str | None]:
     y_r = {}
     for s in samples:
         g = groups[s.prompt_index]
-        if data.grade(s.text, problems[g]["answer"], lenient=args.lenient, window=args.reward_window) >= \
-                args.success_threshold:
+        if (
+            data.grade(s.text, problems[g]["answer"], lenient=args.lenient, window=args.reward_window)
+            >= args.success_threshold
+        ):
             y_r[g] = s.text
     return [y_r.get(i // args.rollouts) for i in range(len(rows))]
 
@@ -883,8 +1046,9 @@ def attach_teacher_prompts(run, rows: list[dict], problems: list[dict], args) ->
     for i, (r, c) in enumerate(zip(rows, contexts)):
         r["teacher_prompt_ids"] = r["context"] = None
         if c is not None:
-            text = chat_prompt(run.tokenizer, reprompt(problems[i // args.rollouts]["question"], c,
-                                                       template=args.reprompt), **chat)
+            text = chat_prompt(
+                run.tokenizer, reprompt(problems[i // args.rollouts]["question"], c, template=args.reprompt), **chat
+            )
             ids = run.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) <= args.max_reprompt_len:
                 r["teacher_prompt_ids"], r["context"] = ids, c
@@ -910,12 +1074,23 @@ def gather_to_rank0(items: list, world: int) -> list | None:
 def summarize(records: list[dict]) -> dict:
     """Table 1's columns over a list of per-sample records: avg score, length (tokens), epistemic count."""
     n = max(len(records), 1)
-    return dict(samples=len(records), score=sum(r["score"] for r in records) / n,
-                length=sum(r["length"] for r in records) / n, epistemic=sum(r["epistemic"] for r in records) / n)
+    return dict(
+        samples=len(records),
+        score=sum(r["score"] for r in records) / n,
+        length=sum(r["length"] for r in records) / n,
+        epistemic=sum(r["epistemic"] for r in records) / n,
+    )
 
 
-def run_setting(backend, problems: list[dict], contexts: dict, setting: str, params: SamplingParams,
-                chat: dict, lenient: bool = False) -> list[dict]:
+def run_setting(
+    backend,
+    problems: list[dict],
+    contexts: dict,
+    setting: str,
+    params: SamplingParams,
+    chat: dict,
+    lenient: bool = False,
+) -> list[dict]:
     """Generate and grade one setting. contexts maps problem id -> user prompt text."""
     todo = [p for p in problems if p["id"] in contexts]
     prompts = [chat_prompt(backend.tokenizer, contexts[p["id"]], **chat) for p in todo]
@@ -923,16 +1098,29 @@ def run_setting(backend, problems: list[dict], contexts: dict, setting: str, par
     records = []
     for s in samples:
         p = todo[s.prompt_index]
-        records.append(dict(setting=setting, id=p["id"], answer=p["answer"], context=contexts[p["id"]],
-                            response=s.text, score=data.grade(s.text, p["answer"], lenient=lenient),
-                            length=len(s.response_ids),
-                            epistemic=epistemic.epistemic_count(s.text), finish_reason=s.finish_reason))
+        records.append(
+            dict(
+                setting=setting,
+                id=p["id"],
+                answer=p["answer"],
+                context=contexts[p["id"]],
+                response=s.text,
+                score=data.grade(s.text, p["answer"], lenient=lenient),
+                length=len(s.response_ids),
+                epistemic=epistemic.epistemic_count(s.text),
+                finish_reason=s.finish_reason,
+            )
+        )
     return records
 
 
-SETTING_NAMES = {"unguided": "(1) Unguided", "solution": "(2) Solution-Guided (c = s)",
-                 "solution-no-think": "(3) Solution-Guided (c = s\\think)", "regenerated": "(4) Regeneration-Conditioned",
-                 "uncertainty": "App. C: Solution-Guided (w/ encouraged uncertainty)"}
+SETTING_NAMES = {
+    "unguided": "(1) Unguided",
+    "solution": "(2) Solution-Guided (c = s)",
+    "solution-no-think": "(3) Solution-Guided (c = s\\think)",
+    "regenerated": "(4) Regeneration-Conditioned",
+    "uncertainty": "App. C: Solution-Guided (w/ encouraged uncertainty)",
+}
 
 
 def context_for(setting: str, question: str, s: str | None) -> str:
@@ -947,31 +1135,49 @@ def context_for(setting: str, question: str, s: str | None) -> str:
     return reprompt(question, s, template="hint")  # "solution" (c = s) and "regenerated" (c = y_r)
 
 
-def settings_engine_length(model: str, problems: list[dict], settings: list[str], solution_source: str,
-                           max_new_tokens: int, chat: dict) -> int:
+def settings_engine_length(
+    model: str, problems: list[dict], settings: list[str], solution_source: str, max_new_tokens: int, chat: dict
+) -> int:
     """`engine_length` for the settings of Table 1 (and `sft.py build`): every setting's prompt for every
     problem. Where s is drawn from the model (a rollout, or y_r), it is not known yet: room for one more
     response of max_new_tokens is added."""
     tok = load_tokenizer(model)
     dataset = solution_source == "dataset"
-    prompts = [chat_prompt(tok, context_for(s, p["question"], (p.get("solution") or "x") if dataset else "x"), **chat)
-               for s in settings for p in problems]
+    prompts = [
+        chat_prompt(tok, context_for(s, p["question"], (p.get("solution") or "x") if dataset else "x"), **chat)
+        for s in settings
+        for p in problems
+    ]
     drawn = any(s != "unguided" for s in settings) and (not dataset or "regenerated" in settings)
     return engine_length(tok, prompts, max_new_tokens, model, extra=max_new_tokens if drawn else 0)
 
 
-def trainer_engine_length(tok, model: str, problems: list[dict], benchmarks: dict, chat: dict, max_prompt_len: int,
-                          max_new_tokens: int, eval_max_new_tokens: int, regenerated: bool = False) -> int:
+def trainer_engine_length(
+    tok,
+    model: str,
+    problems: list[dict],
+    benchmarks: dict,
+    chat: dict,
+    max_prompt_len: int,
+    max_new_tokens: int,
+    eval_max_new_tokens: int,
+    regenerated: bool = False,
+) -> int:
     """`engine_length` for grpo.py and sdpo.py: a training prompt (at most max_prompt_len), for SDPO's
     regenerated contexts a solution of up to max_new_tokens inside it, and max_new_tokens; or an evaluation
     prompt and eval_max_new_tokens, whichever is longer."""
-    prompts = lambda ps: [chat_prompt(tok, data.format_prompt(p["question"]), **chat) for p in ps]
+
+    def prompts(ps):
+        return [chat_prompt(tok, data.format_prompt(p["question"]), **chat) for p in ps]
+
     solution = 0  # the reprompt's own words and the solution
     if regenerated:
         solution = len(tok(reprompt("", "x"), add_special_tokens=False)["input_ids"]) + max_new_tokens
     evals = [p for ps in benchmarks.values() for p in ps]
-    return max(engine_length(tok, prompts(problems), max_new_tokens, model, solution, cap=max_prompt_len),
-               engine_length(tok, prompts(evals), eval_max_new_tokens, model, flag="--eval-max-new-tokens"))
+    return max(
+        engine_length(tok, prompts(problems), max_new_tokens, model, solution, cap=max_prompt_len),
+        engine_length(tok, prompts(evals), eval_max_new_tokens, model, flag="--eval-max-new-tokens"),
+    )
 
 
 def first_correct(records: list[dict], or_first: bool = False) -> dict[str, str]:
@@ -992,19 +1198,41 @@ def table1(args: Args) -> dict:
     chosen = list(SETTINGS) if args.setting == "all" else [args.setting]
     problems = shard(data.load_problems(args.data, limit=args.limit, seed=args.seed), rank, world)
     chat = dict(system=args.system, thinking=args.thinking)
-    max_len = 0 if args.backend != "vllm" else settings_engine_length(
-        args.model, problems, ["unguided", *chosen], args.solution_source, args.max_new_tokens, chat)
-    backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
-                           max_model_len=max_len, seed=args.seed + rank,
-                           gpu_memory_utilization=args.vllm_gpu_memory)
-    params = SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed + rank)
+    max_len = (
+        0
+        if args.backend != "vllm"
+        else settings_engine_length(
+            args.model, problems, ["unguided", *chosen], args.solution_source, args.max_new_tokens, chat
+        )
+    )
+    backend = make_backend(
+        args.backend,
+        args.model,
+        device,
+        args.dtype,
+        args.batch_size,
+        fast=args.fast,
+        max_model_len=max_len,
+        seed=args.seed + rank,
+        gpu_memory_utilization=args.vllm_gpu_memory,
+    )
+    params = SamplingParams(
+        n=args.n_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed + rank,
+    )
     records = {}
 
     def run(setting: str, given: dict):
         print0(SETTING_NAMES[setting])
-        contexts = {p["id"]: context_for(setting, p["question"], given.get(p["id"])) for p in problems
-                    if setting == "unguided" or p["id"] in given}
+        contexts = {
+            p["id"]: context_for(setting, p["question"], given.get(p["id"]))
+            for p in problems
+            if setting == "unguided" or p["id"] in given
+        }
         records[setting] = run_setting(backend, problems, contexts, setting, params, chat, args.lenient)
 
     need_s = chosen != ["unguided"]
@@ -1019,7 +1247,9 @@ def table1(args: Args) -> dict:
     if "solution-no-think" in chosen:
         run("solution-no-think", solution)
     if "regenerated" in chosen:
-        run("regenerated", first_correct(records["solution"], or_first=True))  # y_r ~ pi(.|x, s): correct, else the first
+        run(
+            "regenerated", first_correct(records["solution"], or_first=True)
+        )  # y_r ~ pi(.|x, s): correct, else the first
     if "uncertainty" in chosen:
         run("uncertainty", solution)
     flat = gather_to_rank0([r for s in chosen for r in records.get(s, [])], world)
@@ -1033,9 +1263,18 @@ def table1(args: Args) -> dict:
     n_problems = len(data.load_problems(args.data, limit=args.limit, seed=args.seed))
     rows = {s: summarize([r for r in flat if r["setting"] == s]) for s in chosen}
     table = epistemic.format_table(
-        [(SETTING_NAMES[s], f"{rows[s]['samples'] // max(args.n_samples, 1)}/{n_problems}", f"{rows[s]['score']:.2f}",
-          f"{rows[s]['length']:.1f}", f"{rows[s]['epistemic']:.2f}") for s in chosen],
-        ("setting", "problems", "Avg. Score", "Avg. Length", "Epistemic Token Count"))
+        [
+            (
+                SETTING_NAMES[s],
+                f"{rows[s]['samples'] // max(args.n_samples, 1)}/{n_problems}",
+                f"{rows[s]['score']:.2f}",
+                f"{rows[s]['length']:.1f}",
+                f"{rows[s]['epistemic']:.2f}",
+            )
+            for s in chosen
+        ],
+        ("setting", "problems", "Avg. Score", "Avg. Length", "Epistemic Token Count"),
+    )
     (out / "table.md").write_text(table + "\n")
     (out / "table.json").write_text(json.dumps(rows, indent=1))
     print0(table)
@@ -1052,21 +1291,44 @@ def select(args: SelectArgs) -> list[dict]:
     rank, _, world, device = init_distributed()
     problems = data.load_problems(args.data, limit=args.limit, seed=args.seed)
     chat = dict(system=args.system, thinking=args.thinking)
-    max_len = 0 if args.backend != "vllm" else settings_engine_length(
-        args.model, problems, ["unguided"], "rollout", args.max_new_tokens, chat)
-    backend = make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
-                           max_model_len=max_len, seed=args.seed + rank,
-                           gpu_memory_utilization=args.vllm_gpu_memory)
-    params = SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    max_len = (
+        0
+        if args.backend != "vllm"
+        else settings_engine_length(args.model, problems, ["unguided"], "rollout", args.max_new_tokens, chat)
+    )
+    backend = make_backend(
+        args.backend,
+        args.model,
+        device,
+        args.dtype,
+        args.batch_size,
+        fast=args.fast,
+        max_model_len=max_len,
+        seed=args.seed + rank,
+        gpu_memory_utilization=args.vllm_gpu_memory,
+    )
+    params = SamplingParams(
+        n=args.n_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
     kept, seen = [], []
     bar = tqdm(total=args.keep, desc="select", disable=rank != 0)
     for start in range(0, len(problems), args.chunk):
         indices = shard(list(range(start, min(start + args.chunk, len(problems)))), rank, world)
         prompts = [chat_prompt(backend.tokenizer, unguided_prompt(problems[i]["question"]), **chat) for i in indices]
-        mine = [dict(index=indices[s.prompt_index], response=s.text, length=len(s.response_ids),
-                     score=data.grade(s.text, problems[indices[s.prompt_index]]["answer"], lenient=args.lenient))
-                for s in generate(backend, prompts, params, progress=False, indices=indices)]
+        mine = [
+            dict(
+                index=indices[s.prompt_index],
+                response=s.text,
+                length=len(s.response_ids),
+                score=data.grade(s.text, problems[indices[s.prompt_index]]["answer"], lenient=args.lenient),
+            )
+            for s in generate(backend, prompts, params, progress=False, indices=indices)
+        ]
         every = gather_to_rank0(mine, world)
         box = [None]
         if rank == 0:
@@ -1076,8 +1338,14 @@ def select(args: SelectArgs) -> list[dict]:
                 scores = [r for r in every if r["index"] == i]
                 correct = [r["response"] for r in scores if r["score"] == 1.0]
                 if args.min_correct <= len(correct) <= args.max_correct and len(kept) < args.keep:
-                    kept.append(dict(problems[i], solution=correct[0] if correct else None, correct=len(correct),
-                                     samples=len(scores)))
+                    kept.append(
+                        dict(
+                            problems[i],
+                            solution=correct[0] if correct else None,
+                            correct=len(correct),
+                            samples=len(scores),
+                        )
+                    )
                     bar.update(1)
             box = [len(kept) >= args.keep]
         if world > 1:
@@ -1091,8 +1359,10 @@ def select(args: SelectArgs) -> list[dict]:
         with open(out / "samples.jsonl", "w") as f:
             f.writelines(json.dumps(dict(r, id=problems[r["index"]]["id"])) + "\n" for r in seen)
         with open(out / "selected.jsonl", "w") as f:
-            f.writelines(json.dumps({k: p[k] for k in ("id", "question", "answer", "solution", "correct", "samples")})
-                         + "\n" for p in kept)
+            f.writelines(
+                json.dumps({k: p[k] for k in ("id", "question", "answer", "solution", "correct", "samples")}) + "\n"
+                for p in kept
+            )
         print0(f"kept {len(kept)} of {len({r['index'] for r in seen})} problems -> {out / 'selected.jsonl'}")
     return kept
 
@@ -1100,6 +1370,7 @@ def select(args: SelectArgs) -> list[dict]:
 def main(argv=None):
     """`rollout.py select ...` (Sec. 3's problem selection) or `rollout.py ...` (Table 1)."""
     import sys
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["select"]:

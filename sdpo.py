@@ -33,6 +33,7 @@ Run it (the paper's GPU commands: README):
     python sdpo.py --lenient --teacher-context sibling-no-think  # c = s\\think; --teacher-ema 0.05: Fig. 6
     torchrun --nproc_per_node 2 sdpo.py --lenient --steps 2 --no-fast  # two ranks, the plain code only
 """
+
 from __future__ import annotations
 
 import math
@@ -51,10 +52,22 @@ from rollout import balanced_positions, strip_think, teacher_contexts  # noqa: F
 
 @dataclass
 class Args(grpo.Args):
-    CHECKS: ClassVar[dict] = dict(grpo.Args.CHECKS, alpha=data.UNIT, topk=data.NON_NEGATIVE, is_clip=data.POSITIVE,
-        teacher_context=("sibling", "sibling-no-think", "dataset", "regenerated"), reprompt=("sdpo", "uncertainty"),
-        sibling=("balanced", "first"), sibling_dp=data.POSITIVE, success_threshold=data.UNIT, teacher_ema=data.UNIT, pg_coef=data.NON_NEGATIVE,
-        distill_prefix=data.NON_NEGATIVE, max_reprompt_len=data.POSITIVE)
+    CHECKS: ClassVar[dict] = dict(
+        grpo.Args.CHECKS,
+        alpha=data.UNIT,
+        topk=data.NON_NEGATIVE,
+        is_clip=data.POSITIVE,
+        teacher_context=("sibling", "sibling-no-think", "dataset", "regenerated"),
+        reprompt=("sdpo", "uncertainty"),
+        sibling=("balanced", "first"),
+        sibling_dp=data.POSITIVE,
+        success_threshold=data.UNIT,
+        teacher_ema=data.UNIT,
+        pg_coef=data.NON_NEGATIVE,
+        distill_prefix=data.NON_NEGATIVE,
+        max_reprompt_len=data.POSITIVE,
+        kl_coef=(lambda v: v == 0, "0: SDPO's loss has no KL term (grpo.py's --kl-coef)"),
+    )
     out: str = "runs/sdpo"
     """output directory: metrics.jsonl, step_N/ checkpoints"""
     lr: float = 1e-5
@@ -119,7 +132,10 @@ def finish_support(logp_k: torch.Tensor, add_tail: bool = True) -> torch.Tensor:
 
 def divergence(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
     """Per-token divergence over the support (last dim) of normalised log-probs s (student), t (teacher)."""
-    kl = lambda p, q: (p.exp() * (p - q)).sum(-1)  # KL(p || q), from log-probs
+
+    def kl(p, q):
+        return (p.exp() * (p - q)).sum(-1)  # KL(p || q), from log-probs
+
     if alpha == 0.0:
         return kl(t, s)  # forward KL(T || S)
     if alpha == 1.0:
@@ -129,8 +145,14 @@ def divergence(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.lerp(kl(s, m), kl(t, m), a)  # (1-a) KL(S || M) + a KL(T || M)
 
 
-def self_distillation_loss(student_logits, teacher_logits, topk: int | None = 100, alpha: float = 0.5,
-                           add_tail: bool = True, temperature: float = 1.0) -> torch.Tensor:
+def self_distillation_loss(
+    student_logits,
+    teacher_logits,
+    topk: int | None = 100,
+    alpha: float = 0.5,
+    add_tail: bool = True,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Eq. 1 per token from logits (..., V): shape (...). topk=None (or 0) = the full vocabulary.
     The teacher is detached (stopgrad)."""
     s = torch.log_softmax(grpo.upcast(student_logits) / temperature, dim=-1)
@@ -138,8 +160,18 @@ def self_distillation_loss(student_logits, teacher_logits, topk: int | None = 10
     return divergence(*topk_support(s, t, topk, add_tail), alpha)
 
 
-def distillation_terms(model, teacher, student_seqs, teacher_seqs, pad_id: int, device, topk: int | None = 100,
-                       alpha: float = 0.5, add_tail: bool = True, temperature: float = 1.0) -> dict:
+def distillation_terms(
+    model,
+    teacher,
+    student_seqs,
+    teacher_seqs,
+    pad_id: int,
+    device,
+    topk: int | None = 100,
+    alpha: float = 0.5,
+    add_tail: bool = True,
+    temperature: float = 1.0,
+) -> dict:
     """Per response position (row by row), (N,) each: Eq. 1's D, the student's log-prob of its token, KL(S||T) on
     the support, the entropies of the student and of the teacher / log V (the last three detached); its token, its
     row, and `anchor`, a zero that keeps a backward through the model when N = 0. fast.distillation_terms: its twin."""
@@ -150,17 +182,39 @@ def distillation_terms(model, teacher, student_seqs, teacher_seqs, pad_id: int, 
     s_sel, t_sel = s[sel], t[sel]  # (N, V)
     logp_s = torch.log_softmax(grpo.upcast(s_sel) / temperature, dim=-1)  # (N, V)
     logp_t = torch.log_softmax(grpo.upcast(t_sel) / temperature, dim=-1)
-    entropy = lambda lp: -(lp.exp() * lp).sum(-1).detach()
-    return dict(divergence=self_distillation_loss(s_sel, t_sel, topk, alpha, add_tail, temperature),  # Eq. 1
-                kl=self_distillation_loss(s_sel, t_sel, topk, 1.0, add_tail, temperature).detach(),  # App. B.6
-                logp=logp_s.gather(-1, targets[sel][:, None]).squeeze(-1), entropy=entropy(logp_s),
-                teacher_entropy=entropy(logp_t) / math.log(t.shape[-1]), targets=targets[sel],
-                row=torch.arange(len(mask), device=mask.device)[:, None].expand_as(mask)[sel], anchor=0.0 * s.sum())
+
+    def entropy(lp):
+        return -(lp.exp() * lp).sum(-1).detach()
+
+    return dict(
+        divergence=self_distillation_loss(s_sel, t_sel, topk, alpha, add_tail, temperature),  # Eq. 1
+        kl=self_distillation_loss(s_sel, t_sel, topk, 1.0, add_tail, temperature).detach(),  # App. B.6
+        logp=logp_s.gather(-1, targets[sel][:, None]).squeeze(-1),
+        entropy=entropy(logp_s),
+        teacher_entropy=entropy(logp_t) / math.log(t.shape[-1]),
+        targets=targets[sel],
+        row=torch.arange(len(mask), device=mask.device)[:, None].expand_as(mask)[sel],
+        anchor=0.0 * s.sum(),
+    )
 
 
-def sdpo_loss(div, logp, old_logp, rollout_logp, distill, n_distill: float, is_clip: float = 2.0,
-              rollout_is_clip: float = 2.0, teacher_entropy=None, pg_coef: float = 0.0, advantages=None,
-              n_tokens: float | None = None, clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float = 3.0):
+def sdpo_loss(
+    div,
+    logp,
+    old_logp,
+    rollout_logp,
+    distill,
+    n_distill: float,
+    is_clip: float = 2.0,
+    rollout_is_clip: float = 2.0,
+    teacher_entropy=None,
+    pg_coef: float = 0.0,
+    advantages=None,
+    n_tokens: float | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    clip_c: float = 3.0,
+):
     """The SDPO objective on one micro-batch's response positions, all inputs (N,). Returns (loss, metrics).
     w_t    = min(exp(clamp(logp - old_logp, -20, 20)), is_clip) * min(exp(old_logp - rollout_logp), rollout_is_clip)
     L      = sum_t distill_t w_t e_t D_t / n_distill_t                       (Eq. 1 as the reference computes it)
@@ -177,9 +231,20 @@ def sdpo_loss(div, logp, old_logp, rollout_logp, distill, n_distill: float, is_c
     metrics = dict(distill_loss=float(distill_loss.detach()))
     if not pg_coef:
         return distill_loss, metrics
-    n_tokens = torch.as_tensor(float(len(logp)) if n_tokens is None else n_tokens, dtype=logp.dtype, device=logp.device)
-    pg, _ = grpo.policy_loss(logp[None], old_logp[None], advantages[None], torch.ones_like(logp)[None], clip_low,
-                             clip_high, clip_c, rollout_w[None], token_count=n_tokens)
+    n_tokens = torch.as_tensor(
+        float(len(logp)) if n_tokens is None else n_tokens, dtype=logp.dtype, device=logp.device
+    )
+    pg, _ = grpo.policy_loss(
+        logp[None],
+        old_logp[None],
+        advantages[None],
+        torch.ones_like(logp)[None],
+        clip_low,
+        clip_high,
+        clip_c,
+        rollout_w[None],
+        token_count=n_tokens,
+    )
     metrics["pg_loss"] = float(pg.detach())
     return distill_loss + pg_coef * pg, metrics
 
@@ -212,30 +277,66 @@ def attach_distill_positions(rows: list[dict], args: Args, tokenizer) -> int:
 
 def terms_of(model, teacher, micro: list[dict], args: Args, pad_id: int, device) -> dict:
     """`distillation_terms` (fast.py's under --fast): the student on (x, y), the teacher on (x with c, y)."""
-    seqs = ([(r["prompt_ids"], r["response_ids"]) for r in micro],  # the teacher's: the student's prompt without c
-            [(r["teacher_prompt_ids"] or r["prompt_ids"], r["response_ids"]) for r in micro], pad_id, device)
+    seqs = (
+        [(r["prompt_ids"], r["response_ids"]) for r in micro],  # the teacher's: the student's prompt without c
+        [(r["teacher_prompt_ids"] or r["prompt_ids"], r["response_ids"]) for r in micro],
+        pad_id,
+        device,
+    )
     loss = dict(topk=args.topk or None, alpha=args.alpha, add_tail=args.add_tail, temperature=args.temperature)
     if not args.fast:
         return distillation_terms(model, teacher, *seqs, **loss)
     import fast
-    return fast.distillation_terms(model, teacher, *seqs, args.pack_tokens, sft.chunk_size(args.chunk, device),
-                                   divergence=divergence, finish_support=finish_support, **loss)
+
+    return fast.distillation_terms(
+        model,
+        teacher,
+        *seqs,
+        args.pack_tokens,
+        sft.chunk_size(args.chunk, device),
+        divergence=divergence,
+        finish_support=finish_support,
+        **loss,
+    )
 
 
 def micro_loss(terms: dict, micro: list[dict], n: dict, args: Args, on_policy: bool):
     """`sdpo_loss` on a micro-batch's positions; n: the mini-batch's counts. Returns (loss, metrics, distill)."""
     dtype, device = terms["logp"].dtype, terms["logp"].device
-    flat = lambda key: torch.cat([torch.as_tensor(r[key], dtype=dtype) for r in micro]).to(device)  # (N,)
+
+    def flat(key):
+        return torch.cat([torch.as_tensor(r[key], dtype=dtype) for r in micro]).to(device)  # (N,)
+
     distill = flat("distill")
     old = terms["logp"].detach() if on_policy else flat("old_logp")
     adv = torch.cat([torch.full((len(r["response_ids"]),), float(r["advantage"]), dtype=dtype) for r in micro])
     weight = terms["teacher_entropy"] if args.entropy_weight else None  # remedy 3
-    per_row = lambda counts: torch.tensor(counts, dtype=dtype, device=device).clamp(min=1)[terms["row"]] * n["rows"]
-    d_den, pg_den = (n["distill"], n["tokens"]) if args.loss_agg == "token-mean" else \
-        (per_row([sum(r["distill"]) for r in micro]), per_row([len(r["response_ids"]) for r in micro]))  # seq-mean
-    loss, parts = sdpo_loss(terms["divergence"], terms["logp"], old, flat("rollout_logprobs"), distill, d_den,
-                            args.is_clip, args.rollout_is_clip, weight, args.pg_coef, adv.to(device), pg_den,
-                            args.clip_low, args.clip_high, args.clip_c)
+
+    def per_row(counts):
+        return torch.tensor(counts, dtype=dtype, device=device).clamp(min=1)[terms["row"]] * n["rows"]
+
+    d_den, pg_den = (
+        (n["distill"], n["tokens"])
+        if args.loss_agg == "token-mean"
+        else (per_row([sum(r["distill"]) for r in micro]), per_row([len(r["response_ids"]) for r in micro]))
+    )  # seq-mean
+    loss, parts = sdpo_loss(
+        terms["divergence"],
+        terms["logp"],
+        old,
+        flat("rollout_logprobs"),
+        distill,
+        d_den,
+        args.is_clip,
+        args.rollout_is_clip,
+        weight,
+        args.pg_coef,
+        adv.to(device),
+        pg_den,
+        args.clip_low,
+        args.clip_high,
+        args.clip_c,
+    )
     return loss + terms["anchor"], parts, distill.bool()
 
 
@@ -245,19 +346,31 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
     rollout.attach_teacher_prompts(run, rows, problems, args)  # contexts c (Sec. 5)
     n_protected = attach_distill_positions(rows, args, run.tokenizer)
     per_update, on_policy = grpo.update_plan(len(rows), args, world)
-    has_gradient = lambda r: any(r["distill"]) or (args.pg_coef and r["advantage"] != 0)
+
+    def has_gradient(r):
+        return any(r["distill"]) or (args.pg_coef and r["advantage"] != 0)
+
     if not on_policy:
         grpo.attach_old_logprobs(run.model, rows, args, pad, device, has_gradient)
     acc, with_c = sft.Metrics(), [r for r in rows if r["context"] is not None]
-    acc.add(ranks=1, protected_frac=n_protected, protectable=n_protected + sum(sum(r["distill"]) for r in rows),
-            rows=len(rows), masked_frac=len(rows) - len(with_c), with_c=len(with_c),
-            teacher_context_len=sum(len(r["teacher_prompt_ids"]) for r in with_c))
+    acc.add(
+        ranks=1,
+        protected_frac=n_protected,
+        protectable=n_protected + sum(sum(r["distill"]) for r in rows),
+        rows=len(rows),
+        masked_frac=len(rows) - len(with_c),
+        with_c=len(with_c),
+        teacher_context_len=sum(len(r["teacher_prompt_ids"]) for r in with_c),
+    )
     for _ in range(args.ppo_epochs):
         for u in range(0, len(rows), per_update):
-            update = rows[u:u + per_update]
+            update = rows[u : u + per_update]
             # every row counts, with zero loss without a context (verl); / world: FSDP2 averages over ranks
-            n = dict(distill=sum(sum(r["distill"]) for r in update), rows=len(update),
-                     tokens=sum(len(r["response_ids"]) for r in update))
+            n = dict(
+                distill=sum(sum(r["distill"]) for r in update),
+                rows=len(update),
+                tokens=sum(len(r["response_ids"]) for r in update),
+            )
             n = {k: sft.all_reduce_sum(v) / world for k, v in n.items()}
             acc.add(n_updates=1, update_rows=len(update))
             micros, bad = grpo.micro_batches(update, args, run.model, has_gradient), False
@@ -267,34 +380,60 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
                 loss, parts, d = micro_loss(terms, micro, n, args, on_policy)  # Eq. 1 (+ remedies)
                 bad = bad or not torch.isfinite(loss)  # the update is then skipped on every rank
                 loss.backward()
-                acc.add(loss=loss.detach(), distill_loss=parts["distill_loss"], pg_loss=parts.get("pg_loss", 0.0),
-                        trained_frac=len(micro), tokens=d.sum(), **{k: terms[k][d].sum() for k in DISTILLED},
-                        teacher_tokens=sum(len(r["teacher_prompt_ids"] or r["prompt_ids"]) + len(r["response_ids"])
-                                           for r in micro))
+                acc.add(
+                    loss=loss.detach(),
+                    distill_loss=parts["distill_loss"],
+                    pg_loss=parts.get("pg_loss", 0.0),
+                    trained_frac=len(micro),
+                    tokens=d.sum(),
+                    **{k: terms[k][d].sum() for k in DISTILLED},
+                    teacher_tokens=sum(
+                        len(r["teacher_prompt_ids"] or r["prompt_ids"]) + len(r["response_ids"]) for r in micro
+                    ),
+                )
                 for token, kl in zip(terms["targets"][d].tolist(), terms["kl"][d].tolist()):  # App. B.6
                     if token in variants:
-                        acc.add(**{"kl_epistemic": kl, "n_epi": 1, f"kl/{variants[token]!r}": kl,
-                                   f"n/{variants[token]!r}": 1})
+                        acc.add(
+                            **{
+                                "kl_epistemic": kl,
+                                "n_epi": 1,
+                                f"kl/{variants[token]!r}": kl,
+                                f"n/{variants[token]!r}": 1,
+                            }
+                        )
             grad_norm = sft.apply_update(run.model, run.optimizer, args.grad_clip, bad)  # None: skipped
             acc.add(updates=grad_norm is not None, nonfinite_updates=grad_norm is None, grad_norm=grad_norm or 0.0)
     if ema is not None:  # once per step, after all its updates (verl: once per update_policy call)
         sft.ema_update(ema, teacher, run.model, args.teacher_ema)
     acc.add(t_teacher=sft.forward_seconds(teacher))
-    out = acc.reduce(**dict.fromkeys(("loss", "distill_loss", "pg_loss"), "n_updates"),
-                     **dict.fromkeys(DISTILLED, "tokens"), protected_frac="protectable",
-                     masked_frac="rows", kl_epistemic="n_epi", teacher_context_len="with_c", grad_norm="updates",
-                     updates="ranks", nonfinite_updates="ranks", teacher_tokens=None, train_tokens=None,
-                     trained_frac="update_rows", t_teacher="ranks",
-                     **{f"kl/{v!r}": f"n/{v!r}" for v in sorted(set(variants.values()))})
+    out = acc.reduce(
+        **dict.fromkeys(("loss", "distill_loss", "pg_loss"), "n_updates"),
+        **dict.fromkeys(DISTILLED, "tokens"),
+        protected_frac="protectable",
+        masked_frac="rows",
+        kl_epistemic="n_epi",
+        teacher_context_len="with_c",
+        grad_norm="updates",
+        updates="ranks",
+        nonfinite_updates="ranks",
+        teacher_tokens=None,
+        train_tokens=None,
+        trained_frac="update_rows",
+        t_teacher="ranks",
+        **{f"kl/{v!r}": f"n/{v!r}" for v in sorted(set(variants.values()))},
+    )
     return {k: v for k, v in out.items() if not (k.startswith("kl/") and v is None)}
 
 
 def sdpo_train_step(run: sft.Run):
-    """The teacher (the initial policy, frozen or EMA), and the update grpo.run_loop calls with each step's rollouts."""
+    """The teacher (the initial policy, frozen or EMA), and the update grpo.run_loop calls with each step's
+    rollouts."""
     args = run.args
     if args.sibling == "balanced" and args.prompts_per_step * args.rollouts % args.sibling_dp:
-        raise ValueError(f"--sibling-dp {args.sibling_dp}: verl splits a step's {args.prompts_per_step} x "
-                         f"{args.rollouts} rollouts evenly over its ranks; choose a divisor")
+        raise ValueError(
+            f"--sibling-dp {args.sibling_dp}: verl splits a step's {args.prompts_per_step} x "
+            f"{args.rollouts} rollouts evenly over its ranks; choose a divisor"
+        )
     teacher = sft.timed(sft.frozen_model(args.model, args, run.device))
     ema = sft.ema_weights(run, teacher) if args.teacher_ema > 0 else None  # fp32, saved with each checkpoint
     variants = epistemic.marker_tokens(run.tokenizer)  # token id -> surface form (" Wait", ...)

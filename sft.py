@@ -47,6 +47,7 @@ Run it:
     torchrun --nproc_per_node 8 sft.py train --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --data d_sg.jsonl \\
         --max-len 34816 --grad-ckpt --micro-batch 1 --steps 25 --out runs/sft_sg
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,10 +81,20 @@ class BuildArgs:
     unguided response); D_sg, its first correct response under c = s (Table 1's hint prompt; problems without one
     are left out). The released generation (eval_dapo_dataset.py, eval_with_hint.py): 8 samples at temperature 0.6,
     top-p 0.95, top-k 20, 32,768 new tokens."""
+
     CHECKS: ClassVar[dict] = dict(
-        setting=("unguided", "solution"), n_samples=data.POSITIVE, backend=data.BACKENDS,
-        temperature=data.NON_NEGATIVE, top_p=data.FRACTION, top_k=data.NON_NEGATIVE, max_new_tokens=data.POSITIVE,
-        batch_size=data.POSITIVE, thinking=data.THINKING, dtype=data.DTYPES, vllm_gpu_memory=data.FRACTION)
+        setting=("unguided", "solution"),
+        n_samples=data.POSITIVE,
+        backend=data.BACKENDS,
+        temperature=data.NON_NEGATIVE,
+        top_p=data.FRACTION,
+        top_k=data.NON_NEGATIVE,
+        max_new_tokens=data.POSITIVE,
+        batch_size=data.POSITIVE,
+        thinking=data.THINKING,
+        dtype=data.DTYPES,
+        vllm_gpu_memory=data.FRACTION,
+    )
     setting: str = "solution"
     """unguided (D_ug: each problem's s) or solution (D_sg: the first correct response under c = s)"""
     model: str = rollout.EMBEDDED
@@ -125,10 +136,20 @@ class BuildArgs:
 @dataclass
 class TrainArgs:
     CHECKS: ClassVar[dict] = dict(
-        steps=data.NON_NEGATIVE, batch_size=data.POSITIVE, micro_batch=data.POSITIVE, lr=data.NON_NEGATIVE,
-        warmup=data.NON_NEGATIVE, weight_decay=data.NON_NEGATIVE, grad_clip=data.POSITIVE, max_len=data.POSITIVE,
-        save_every=data.NON_NEGATIVE, thinking=data.THINKING, dtype=data.DTYPES, chunk=data.NON_NEGATIVE,
-        keep_checkpoints=data.NON_NEGATIVE)
+        steps=data.NON_NEGATIVE,
+        batch_size=data.POSITIVE,
+        micro_batch=data.POSITIVE,
+        lr=data.NON_NEGATIVE,
+        warmup=data.NON_NEGATIVE,
+        weight_decay=data.NON_NEGATIVE,
+        grad_clip=data.POSITIVE,
+        max_len=data.POSITIVE,
+        save_every=data.NON_NEGATIVE,
+        thinking=data.THINKING,
+        dtype=data.DTYPES,
+        chunk=data.NON_NEGATIVE,
+        keep_checkpoints=data.NON_NEGATIVE,
+    )
     data: str = "runs/d_sg.jsonl"
     """SFT jsonl with 'question' (or 'prompt') and 'response' per row (e.g. from `sft.py build`), or an embedded
     source whose solutions are the responses (synthetic:style=think,n=512: the reasoning warm start)"""
@@ -184,13 +205,27 @@ class TrainArgs:
 class RunArgs:
     """The flags every RL trainer shares beside its algorithm's (grpo.Args and sdpo.Args extend it): the run, the
     chat template, held-out evaluation, output and checkpoints, the generation backend, memory and speed."""
+
     CHECKS: ClassVar[dict] = dict(  # data.check_args: a value outside these is refused, naming its flag
-        eval_every=data.NON_NEGATIVE, eval_n=data.POSITIVE, eval_max_new_tokens=data.POSITIVE,
-        eval_temperature=data.NON_NEGATIVE, eval_top_p=data.FRACTION, eval_top_k=data.NON_NEGATIVE,
-        steps=data.NON_NEGATIVE, thinking=data.THINKING,
-        save_every=data.NON_NEGATIVE, keep_checkpoints=data.NON_NEGATIVE, backend=data.BACKENDS,
-        gen_batch_size=data.POSITIVE, vllm_gpu_memory=data.UNIT, vllm_sleep=(0, 1, 2), micro_batch=data.POSITIVE,
-        chunk=data.NON_NEGATIVE, pack_tokens=data.NON_NEGATIVE, reward_window=data.NON_NEGATIVE)
+        eval_every=data.NON_NEGATIVE,
+        eval_n=data.POSITIVE,
+        eval_max_new_tokens=data.POSITIVE,
+        eval_temperature=data.NON_NEGATIVE,
+        eval_top_p=data.FRACTION,
+        eval_top_k=data.NON_NEGATIVE,
+        steps=data.NON_NEGATIVE,
+        thinking=data.THINKING,
+        save_every=data.NON_NEGATIVE,
+        keep_checkpoints=data.NON_NEGATIVE,
+        backend=data.BACKENDS,
+        gen_batch_size=data.POSITIVE,
+        vllm_gpu_memory=data.UNIT,
+        vllm_sleep=(0, 1, 2),
+        micro_batch=data.POSITIVE,
+        chunk=data.NON_NEGATIVE,
+        pack_tokens=data.NON_NEGATIVE,
+        reward_window=data.NON_NEGATIVE,
+    )
     out: str = "runs/grpo"
     """output directory: metrics.jsonl, step_N/ checkpoints"""
     steps: int = 10
@@ -273,7 +308,7 @@ def run_main(job) -> None:
             dist.destroy_process_group()
 
 
-def finish(run: "Run") -> None:
+def finish(run: Run) -> None:
     """The end of a run: the Weights & Biases run closed (--wandb)."""
     if run.wandb is not None:
         run.wandb.finish()
@@ -301,8 +336,12 @@ def shard_model(model, device, grad_ckpt: bool = False, mixed_precision: bool = 
         return model
     rollout.one_rank_group(device)  # no-op under torchrun with several ranks
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
         else MixedPrecisionPolicy()
+    )
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -326,13 +365,30 @@ def model_sizes(config) -> dict:
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return dict(params=params, layer=layer, root=params - layer * layers, hidden=text.hidden_size, layers=layers,
-                vocab=text.vocab_size, kv_per_token=2 * layers * kv_heads * head_dim * 2)
+    return dict(
+        params=params,
+        layer=layer,
+        root=params - layer * layers,
+        hidden=text.hidden_size,
+        layers=layers,
+        vocab=text.vocab_size,
+        kv_per_token=2 * layers * kv_heads * head_dim * 2,
+    )
 
 
-def memory_plan(sizes: dict, world: int, gpu_gb: float, tokens: int, grad_ckpt: bool = True, chunk: int = 1024,
-                teacher_tokens: int = 0, ema: bool = False, share: float = 0.0, sleep: int = 2,
-                engine_len: int = 0) -> dict:
+def memory_plan(
+    sizes: dict,
+    world: int,
+    gpu_gb: float,
+    tokens: int,
+    grad_ckpt: bool = True,
+    chunk: int = 1024,
+    teacher_tokens: int = 0,
+    ema: bool = False,
+    share: float = 0.0,
+    sleep: int = 2,
+    engine_len: int = 0,
+) -> dict:
     """Per-GPU memory of a run, in GB (1e9 bytes), estimated from the sizes of its parts; an estimate, not a
     measurement (the README's table for the paper's models comes from here).
 
@@ -370,19 +426,28 @@ def memory_plan(sizes: dict, world: int, gpu_gb: float, tokens: int, grad_ckpt: 
         share = share or auto
         engine = share * gpu_gb
         min_engine = (2 * p + sizes["kv_per_token"] * engine_len) / gb + 2.0  # bf16 weights, a sequence, workspace
-        plan.update(training=training + (engine if sleep == 0 else 0.0), generating=resident + engine, share=share,
-                    min_share=min_engine / gpu_gb)
+        plan.update(
+            training=training + (engine if sleep == 0 else 0.0),
+            generating=resident + engine,
+            share=share,
+            min_share=min_engine / gpu_gb,
+        )
     plan["problem"] = None
     if max(plan["training"], plan["generating"]) > room or plan["share"] < plan["min_share"]:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in part.items() if v)
-        engine = (f"rollouts {plan['generating']:.1f} GB (the trainer's {resident:.1f} + the engine's "
-                  f"{plan['share'] * gpu_gb:.1f} at --vllm-gpu-memory {plan['share']:.2f}, which needs at least "
-                  f"{plan['min_share']:.2f}), " if engine_len else "")
+        engine = (
+            f"rollouts {plan['generating']:.1f} GB (the trainer's {resident:.1f} + the engine's "
+            f"{plan['share'] * gpu_gb:.1f} at --vllm-gpu-memory {plan['share']:.2f}, which needs at least "
+            f"{plan['min_share']:.2f}), "
+            if engine_len
+            else ""
+        )
         plan["problem"] = (
             f"estimated per-GPU memory on {world} GPU(s) of {gpu_gb:.0f} GB ({RESERVE_GB:.0f} GB kept free): training "
             f"peak {plan['training']:.1f} GB, {engine}parts in GB: {parts}. Run on more GPUs (weights, gradients "
             f"and AdamW shard over them), add --grad-ckpt, lower --micro-batch"
-            + (" or set --vllm-gpu-memory" if engine_len else ""))
+            + (" or set --vllm-gpu-memory" if engine_len else "")
+        )
     return plan
 
 
@@ -399,11 +464,18 @@ def check_memory(args, model_path: str, device, world: int, engine_len: int = 0)
     sdpo = hasattr(args, "teacher_context")
     seq = args.max_len if hasattr(args, "max_len") else args.max_prompt_len + args.max_new_tokens
     plan = memory_plan(
-        sizes, world, torch.cuda.get_device_properties(device).total_memory / 1e9, args.micro_batch * seq,
-        args.grad_ckpt, chunk_size(args.chunk, device),
+        sizes,
+        world,
+        torch.cuda.get_device_properties(device).total_memory / 1e9,
+        args.micro_batch * seq,
+        args.grad_ckpt,
+        chunk_size(args.chunk, device),
         teacher_tokens=args.micro_batch * (args.max_reprompt_len + args.max_new_tokens) if sdpo else 0,
-        ema=getattr(args, "teacher_ema", 0) > 0, share=share, sleep=getattr(args, "vllm_sleep", 2),
-        engine_len=engine_len)
+        ema=getattr(args, "teacher_ema", 0) > 0,
+        share=share,
+        sleep=getattr(args, "vllm_sleep", 2),
+        engine_len=engine_len,
+    )
     if plan["problem"]:
         raise ValueError(plan["problem"])
     return plan["share"]
@@ -437,8 +509,9 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.01):
     per step against 0.65-1.0 s, and no 0.5 GB transient; the weights agree within 1e-9. FSDP2's sharded
     (DTensor) parameters take the fused kernel too."""
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8,
-                             fused=fused)
+    return torch.optim.AdamW(
+        model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8, fused=fused
+    )
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
@@ -469,8 +542,9 @@ def _write_json(path: Path, obj):
         os.fsync(f.fileno())
 
 
-def save_checkpoint(out, step: int, model, tokenizer, optimizer, state: dict, extra_tensors: dict | None = None,
-                    keep: int = 0) -> Path:
+def save_checkpoint(
+    out, step: int, model, tokenizer, optimizer, state: dict, extra_tensors: dict | None = None, keep: int = 0
+) -> Path:
     """Write OUT/step_N atomically: a HF directory (config, tokenizer, model.safetensors: the policy alone), each
     rank's optimizer shard and RNG state (`optimizer/shard_R.safetensors`, `optimizer_shard`), trainer_state.json,
     and one HF directory NAME/ per entry of extra_tensors ({NAME: {key: tensor}}, e.g. the EMA teacher).
@@ -522,8 +596,10 @@ def save_checkpoint(out, step: int, model, tokenizer, optimizer, state: dict, ex
     if failed:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"checkpoint step {step} not written ({error or 'another rank failed'}); earlier checkpoints "
-                      f"in {out} are intact")
+        raise OSError(
+            f"checkpoint step {step} not written ({error or 'another rank failed'}); earlier checkpoints "
+            f"in {out} are intact"
+        )
     if rank == 0:
         prune_checkpoints(out, keep)
     return final
@@ -540,8 +616,11 @@ def save_hf_dir(path: Path, model, tokenizer, state_dict: dict) -> None:
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}  # from_pretrained re-ties it
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, path / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in state_dict.items()},
+        path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
 def first_row(p) -> int:
@@ -595,7 +674,7 @@ def load_optimizer_shards(path: Path, model, optimizer) -> None:
                     rows = shard.get_slice(key)
                     lo, hi = max(start, offset[key]), min(stop, offset[key] + rows.get_shape()[0])
                     if lo < hi:
-                        pieces.append(rows[lo - offset[key]:hi - offset[key]])
+                        pieces.append(rows[lo - offset[key] : hi - offset[key]])
                 value = torch.cat(pieces).to(local.device)
                 if hasattr(p, "to_local"):
                     from torch.distributed.tensor import DTensor
@@ -652,8 +731,9 @@ def resume_point(out, resume: bool) -> Path | None:
 def append_metrics(path: Path, row: dict, resumed_from: int | None = None):
     """metrics.jsonl on rank 0. On resume, rows past the checkpoint's step are dropped first."""
     if resumed_from is not None and path.exists():
-        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resumed_from]
-        path.write_text("".join(l + "\n" for l in keep))
+        lines = path.read_text().splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= resumed_from]
+        path.write_text("".join(line + "\n" for line in keep))
     if row:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -677,13 +757,15 @@ class Metrics:
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.SUM)  # collective: all of the step's metrics at once
         total = dict(zip(keys, t.tolist()))
-        return {k: total[k] if d is None else total[k] / total[d] if total[d] else None
-                for k, d in denominators.items()}
+        return {
+            k: total[k] if d is None else total[k] / total[d] if total[d] else None for k, d in denominators.items()
+        }
 
 
 @dataclass
 class Run:
     """What a training loop holds, built by `setup`; sdpo.py's train step reads it."""
+
     args: object  # grpo.Args or sdpo.Args
     rank: int
     world: int
@@ -718,16 +800,34 @@ def setup(args) -> Run:
         raise ValueError(f"--backend {args.backend!r}: hf or vllm")
     engine = None
     if args.backend == "vllm":
-        max_len = rollout.trainer_engine_length(tok, args.model, problems, benchmarks, dict(
-            system=args.system, thinking=args.thinking), args.max_prompt_len, args.max_new_tokens,
-            args.eval_max_new_tokens, regenerated=getattr(args, "teacher_context", None) == "regenerated")
+        max_len = rollout.trainer_engine_length(
+            tok,
+            args.model,
+            problems,
+            benchmarks,
+            dict(system=args.system, thinking=args.thinking),
+            args.max_prompt_len,
+            args.max_new_tokens,
+            args.eval_max_new_tokens,
+            regenerated=getattr(args, "teacher_context", None) == "regenerated",
+        )
         share = check_memory(args, start_from, device, world, max_len)  # before anything large is loaded
         # the engine starts first: vLLM wants its share free at start-up, so the policy must not be on the GPU yet;
         # asleep (--vllm-sleep 1 or 2) it frees that share while the policy moves in, and wakes with its weights
-        engine = rollout.Backend("vllm", tok, llm=rollout.make_vllm(
-            rollout.resolve_model_path(start_from), max_len, device=device, gpu_memory_utilization=share,
-            enable_sleep_mode=args.vllm_sleep > 0, seed=args.seed + rank), max_model_len=max_len,
-            sleep_level=args.vllm_sleep)
+        engine = rollout.Backend(
+            "vllm",
+            tok,
+            llm=rollout.make_vllm(
+                rollout.resolve_model_path(start_from),
+                max_len,
+                device=device,
+                gpu_memory_utilization=share,
+                enable_sleep_mode=args.vllm_sleep > 0,
+                seed=args.seed + rank,
+            ),
+            max_model_len=max_len,
+            sleep_level=args.vllm_sleep,
+        )
         rollout.sleep_engine(engine)
     else:
         check_memory(args, start_from, device, world)
@@ -736,12 +836,14 @@ def setup(args) -> Run:
     if args.backend == "hf" and world > 1:
         replica, _ = rollout.load_model(start_from, "auto", device)
     if engine is None:
-        backend = rollout.Backend("hf", tok, model=replica if replica is not None else model,
-                                  batch_size=args.gen_batch_size, fast=args.fast)
+        backend = rollout.Backend(
+            "hf", tok, model=replica if replica is not None else model, batch_size=args.gen_batch_size, fast=args.fast
+        )
     else:
         backend = engine
     if args.fast and args.segment_attention:
         import fast
+
         fast.use_segment_attention(model)
     model = shard_model(model, device, args.grad_ckpt, mixed_precision=device.type == "cuda")
     if backend.asleep:
@@ -754,14 +856,29 @@ def setup(args) -> Run:
         append_metrics(out / "metrics.jsonl", {}, resumed_from=start)
         if ckpt:
             print(f"resumed from {ckpt} (step {start})")
-    return Run(args, rank, world, device, problems, benchmarks, model, tok, backend, optimizer, start, out, ckpt,
-               wandb=open_wandb(args.wandb, args, out))
+    return Run(
+        args,
+        rank,
+        world,
+        device,
+        problems,
+        benchmarks,
+        model,
+        tok,
+        backend,
+        optimizer,
+        start,
+        out,
+        ckpt,
+        wandb=open_wandb(args.wandb, args, out),
+    )
 
 
 def fp32_shards(model, saved: dict | None = None) -> dict:
     """An fp32 copy of the model's parameters, sharded as they are (FSDP2): theirs, or the `saved` full tensors
     (sdpo.py's EMA teacher, which a bf16 copy would not hold)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
+
     out = {}
     for name, p in model.named_parameters():
         if saved is None or name not in saved:
@@ -772,7 +889,7 @@ def fp32_shards(model, saved: dict | None = None) -> dict:
     return out
 
 
-def ema_weights(run: "Run", teacher) -> dict:
+def ema_weights(run: Run, teacher) -> dict:
     """sdpo.py's EMA teacher (--teacher-ema): its fp32 weights (`fp32_shards`), restored with the teacher from the
     checkpoint a run resumes (OUT/step_N/teacher/, a HF directory of its own), and saved inside every checkpoint
     after. Never as a second top-level *.safetensors: vLLM would load it over the policy (`save_checkpoint`)."""
@@ -783,8 +900,9 @@ def ema_weights(run: "Run", teacher) -> dict:
         saved = load_file(run.resumed_from / "teacher" / "model.safetensors")
         teacher.load_state_dict(saved, strict=False)  # the EMA teacher as it was at the checkpoint
     ema = fp32_shards(run.model, saved)
-    run.checkpoint_extra = lambda: {"teacher": {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
-                                                for k, v in ema.items()}}  # collective; a tied head is not listed
+    run.checkpoint_extra = lambda: {
+        "teacher": {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in ema.items()}
+    }  # collective; a tied head is not listed
     return ema
 
 
@@ -805,11 +923,13 @@ def forward_seconds(model) -> float:
 
 
 def timed(model):
-    """Count the seconds of each forward of `model` into model.seconds_in_forward (hooks; read by `forward_seconds`)."""
+    """Count the seconds of each forward of `model` into model.seconds_in_forward (hooks; read by
+    `forward_seconds`)."""
     model.seconds_in_forward = 0.0
     model.register_forward_pre_hook(lambda *_: setattr(model, "forward_started", time.time()))
-    model.register_forward_hook(lambda *_: setattr(model, "seconds_in_forward", model.seconds_in_forward + time.time()
-                                                   - model.forward_started))
+    model.register_forward_hook(
+        lambda *_: setattr(model, "seconds_in_forward", model.seconds_in_forward + time.time() - model.forward_started)
+    )
     return model
 
 
@@ -820,6 +940,7 @@ def frozen_model(name_or_path: str, args, device):
     model.requires_grad_(False)
     if args.fast and args.segment_attention:
         import fast
+
         fast.use_segment_attention(model)
     return model
 
@@ -882,7 +1003,6 @@ def peak_memory_gb(device) -> float | None:
         return peak
     except (OSError, StopIteration):
         return None
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -960,41 +1080,86 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
 # Commands
 # --------------------------------------------------------------------------------------------
 def build(args: BuildArgs):
-    """D_ug / D_sg (Sec. 4, Table 2), one correct response per problem of `rollout.py select`'s output (`BuildArgs`)."""
+    """D_ug / D_sg (Sec. 4, Table 2), one correct response per problem of `rollout.py select`'s output
+    (`BuildArgs`)."""
     data.check_args(args)
     rank, _, world, device = init_distributed()
     problems = [p for p in data.load_problems(args.data) if p.get("solution")]
     if not problems:
-        raise ValueError(f"{args.data}: no problem has a `solution`; D_ug and D_sg are built from `rollout.py "
-                         f"select`'s selected.jsonl (each problem's first correct response)")
+        raise ValueError(
+            f"{args.data}: no problem has a `solution`; D_ug and D_sg are built from `rollout.py "
+            f"select`'s selected.jsonl (each problem's first correct response)"
+        )
     indices = rollout.shard(list(range(len(problems))), rank, world)
     mine = [problems[i] for i in indices]
     chat = dict(system=args.system, thinking=args.thinking)
     if args.setting == "unguided":  # D_ug: s itself, generated unguided by `rollout.py select`
         tok = rollout.load_tokenizer(args.model)
-        kept = [dict(index=i, problem=p, context=rollout.unguided_prompt(p["question"]), response=p["solution"],
-                     length=len(tok(p["solution"], add_special_tokens=False)["input_ids"]))
-                for i, p in zip(indices, mine)]
+        kept = [
+            dict(
+                index=i,
+                problem=p,
+                context=rollout.unguided_prompt(p["question"]),
+                response=p["solution"],
+                length=len(tok(p["solution"], add_special_tokens=False)["input_ids"]),
+            )
+            for i, p in zip(indices, mine)
+        ]
     else:  # D_sg: the first correct of n responses under c = s
         contexts = {p["id"]: rollout.context_for("solution", p["question"], p["solution"]) for p in mine}
-        max_len = 0 if args.backend != "vllm" else rollout.settings_engine_length(
-            args.model, mine, ["solution"], "dataset", args.max_new_tokens, chat)
-        backend = rollout.make_backend(args.backend, args.model, device, args.dtype, args.batch_size, fast=args.fast,
-                                       max_model_len=max_len, seed=args.seed + rank,
-                                       gpu_memory_utilization=args.vllm_gpu_memory)
-        params = rollout.SamplingParams(n=args.n_samples, temperature=args.temperature, top_p=args.top_p,
-                                        top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        max_len = (
+            0
+            if args.backend != "vllm"
+            else rollout.settings_engine_length(args.model, mine, ["solution"], "dataset", args.max_new_tokens, chat)
+        )
+        backend = rollout.make_backend(
+            args.backend,
+            args.model,
+            device,
+            args.dtype,
+            args.batch_size,
+            fast=args.fast,
+            max_model_len=max_len,
+            seed=args.seed + rank,
+            gpu_memory_utilization=args.vllm_gpu_memory,
+        )
+        params = rollout.SamplingParams(
+            n=args.n_samples,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
         prompts = [rollout.chat_prompt(backend.tokenizer, contexts[p["id"]], **chat) for p in mine]
         kept, done = [], set()
         for s in rollout.generate(backend, prompts, params, indices=indices):  # a problem's samples in order
             p = mine[s.prompt_index]
             if s.prompt_index not in done and data.grade(s.text, p["answer"], lenient=args.lenient) == 1.0:
                 done.add(s.prompt_index)
-                kept.append(dict(index=indices[s.prompt_index], problem=p, context=contexts[p["id"]],
-                                 response=s.text, length=len(s.response_ids)))
-    rows = [dict(id=k["problem"]["id"], question=k["problem"]["question"], answer=k["problem"]["answer"],
-                 response=k["response"], setting=args.setting, context=k["context"], length=k["length"],
-                 epistemic=epistemic.epistemic_count(k["response"]), index=k["index"]) for k in kept]
+                kept.append(
+                    dict(
+                        index=indices[s.prompt_index],
+                        problem=p,
+                        context=contexts[p["id"]],
+                        response=s.text,
+                        length=len(s.response_ids),
+                    )
+                )
+    rows = [
+        dict(
+            id=k["problem"]["id"],
+            question=k["problem"]["question"],
+            answer=k["problem"]["answer"],
+            response=k["response"],
+            setting=args.setting,
+            context=k["context"],
+            length=k["length"],
+            epistemic=epistemic.epistemic_count(k["response"]),
+            index=k["index"],
+        )
+        for k in kept
+    ]
     rows = rollout.gather_to_rank0(rows, world)
     if rank != 0:
         return
@@ -1003,9 +1168,11 @@ def build(args: BuildArgs):
     with open(args.out, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     n = max(len(rows), 1)
-    print0(f"D_{'sg' if args.setting == 'solution' else 'ug'}: {len(rows)} responses from {len(problems)} problems "
-           f"-> {args.out}; mean length {sum(r['length'] for r in rows) / n:.1f} tokens, mean E(y) "
-           f"{sum(r['epistemic'] for r in rows) / n:.2f}")
+    print0(
+        f"D_{'sg' if args.setting == 'solution' else 'ug'}: {len(rows)} responses from {len(problems)} problems "
+        f"-> {args.out}; mean length {sum(r['length'] for r in rows) / n:.1f} tokens, mean E(y) "
+        f"{sum(r['epistemic'] for r in rows) / n:.2f}"
+    )
 
 
 def train(args: TrainArgs):
@@ -1019,7 +1186,9 @@ def train(args: TrainArgs):
     model, tok = rollout.load_model(str(ckpt) if ckpt else args.model, "float32", device)
     chat = dict(system=args.system, thinking=args.thinking)
     encoded = [tokenize_sft(tok, r, args.max_len, chat) for r in rows]
-    model = shard_model(model, device, args.grad_ckpt, mixed_precision=device.type == "cuda" and args.dtype != "float32")
+    model = shard_model(
+        model, device, args.grad_ckpt, mixed_precision=device.type == "cuda" and args.dtype != "float32"
+    )
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     start = 0
     out = Path(args.out)
@@ -1040,10 +1209,11 @@ def train(args: TrainArgs):
             group["lr"] = lr_at(step, args.lr, args.warmup)
         loss_sum = 0.0
         for k in range(0, len(mine), args.micro_batch):
-            micro = mine[k:k + args.micro_batch]
+            micro = mine[k : k + args.micro_batch]
             batch = ([encoded[i][0] for i in micro], [encoded[i][1] for i in micro], tok.pad_token_id, device)
             if args.fast:
                 import fast
+
                 nll, _ = fast.token_nll(model, *batch, chunk_size(args.chunk, device))
             else:
                 nll, _ = token_nll(model, *batch)
@@ -1054,8 +1224,14 @@ def train(args: TrainArgs):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss = all_reduce_sum(loss_sum) / max(global_tokens, 1)
-        row = dict(step=step + 1, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
-                   tokens=int(global_tokens), seconds=time.time() - t0)
+        row = dict(
+            step=step + 1,
+            loss=loss,
+            lr=optimizer.param_groups[0]["lr"],
+            grad_norm=grad_norm,
+            tokens=int(global_tokens),
+            seconds=time.time() - t0,
+        )
         if rank == 0:
             log_metrics(out / "metrics.jsonl", row, wandb_run)
             bar.set_postfix(loss=f"{loss:.4f}", gnorm=f"{grad_norm:.2f}")
@@ -1068,15 +1244,22 @@ def train(args: TrainArgs):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    usage = ("usage: sft.py build [--setting unguided|solution ...] | sft.py train --data D.jsonl [...]  "
-             "(add -h after the command for its flags)")
+    usage = (
+        "usage: sft.py build [--setting unguided|solution ...] | sft.py train --data D.jsonl [...]  "
+        "(add -h after the command for its flags)"
+    )
     if argv[:1] in (["-h"], ["--help"]):
         print(usage)
         return
     if not argv or argv[0] not in ("build", "train"):
         sys.exit(usage)
-    run_main(lambda: build(data.parse_args(BuildArgs, argv[1:])) if argv[0] == "build" else
-             train(data.parse_args(TrainArgs, argv[1:])))
+    run_main(
+        lambda: (
+            build(data.parse_args(BuildArgs, argv[1:]))
+            if argv[0] == "build"
+            else train(data.parse_args(TrainArgs, argv[1:]))
+        )
+    )
 
 
 if __name__ == "__main__":

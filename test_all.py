@@ -4,6 +4,7 @@ Unit tests pin the math against values computed independently (by hand, by brute
 second formula); smoke tests run the scripts as a user would. The paper's benchmark files ship in
 benchmarks/.
 """
+
 import copy
 import functools
 import importlib.util
@@ -31,10 +32,18 @@ BENCHMARKS = ROOT / "benchmarks"
 
 def run(*cmd, timeout=600, env=None):
     """Run a command from the repo root; fail with its output if it fails."""
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **(env or {})})
-    assert p.returncode == 0, f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}"
+    p = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+    assert p.returncode == 0, (
+        f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}"
+    )
     return p.stdout
+
+
+def _jsonl(path) -> list[dict]:
+    """The rows of a JSONL file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 # ============================================================================================
@@ -100,16 +109,19 @@ def test_grade_cases(response, answer, expected):
     assert data.grade(response, answer) == expected
 
 
-@pytest.mark.parametrize("response,answer,strict,lenient", [
-    ("The answer is 5.", "5", 0.0, 1.0),  # no box: the last number
-    ("I get 3, then 4", "4", 0.0, 1.0),
-    ("I get 3, then 4", "3", 0.0, 0.0),  # only the last number counts
-    ("\\boxed{3} and later 4", "3", 1.0, 1.0),  # a box wins over a later number
-    ("\\boxed{3} and later 4", "4", 0.0, 0.0),
-    ("it is -2.5 then", "-2.5", 0.0, 1.0),
-    ("1,234 apples", "1234", 0.0, 1.0),
-    ("no number here", "4", 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "response,answer,strict,lenient",
+    [
+        ("The answer is 5.", "5", 0.0, 1.0),  # no box: the last number
+        ("I get 3, then 4", "4", 0.0, 1.0),
+        ("I get 3, then 4", "3", 0.0, 0.0),  # only the last number counts
+        ("\\boxed{3} and later 4", "3", 1.0, 1.0),  # a box wins over a later number
+        ("\\boxed{3} and later 4", "4", 0.0, 0.0),
+        ("it is -2.5 then", "-2.5", 0.0, 1.0),
+        ("1,234 apples", "1234", 0.0, 1.0),
+        ("no number here", "4", 0.0, 0.0),
+    ],
+)
 def test_lenient_grading(response, answer, strict, lenient):
     assert data.grade(response, answer) == strict and data.grade(response, answer, lenient=True) == lenient
 
@@ -200,14 +212,17 @@ def test_format_prompt_never_twice():
     assert data.strip_prompt_suffix(p) == "What is 2 + 2?"
 
 
-DAPO_TEXT = ("Solve the following math problem step by step. The last line of your response should be of the form "
-             "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{q}\n\n"
-             "Remember to put your answer on its own line after \"Answer:\".")
+DAPO_TEXT = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{q}\n\n"
+    'Remember to put your answer on its own line after "Answer:".'
+)
 
 
 def _write_parquet(path, rows):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
@@ -216,31 +231,54 @@ def test_dapo_rewrite_and_dedup(tmp_path):
     rows = []
     for rep in range(3):  # the raw DAPO parquet holds many copies of each prompt
         for i, q in enumerate(questions):
-            rows.append(dict(data_source="math_dapo", prompt=[dict(role="user", content=DAPO_TEXT.format(q=q))],
-                             ability="MATH", reward_model=dict(ground_truth=str(2 + i), style="rule"),
-                             extra_info=dict(index=f"id{i}-{rep}")))
+            rows.append(
+                dict(
+                    data_source="math_dapo",
+                    prompt=[dict(role="user", content=DAPO_TEXT.format(q=q))],
+                    ability="MATH",
+                    reward_model=dict(ground_truth=str(2 + i), style="rule"),
+                    extra_info=dict(index=f"id{i}-{rep}"),
+                )
+            )
     path = tmp_path / "dapo-math-17k.parquet"
     _write_parquet(path, rows)
     problems = data.load_problems(str(path))  # every row, as the released pipeline samples them
     assert [p["question"] for p in problems] == questions * 3 and len({p["id"] for p in problems}) == 6
     unique = data.load_problems(str(path), dedup=True)  # --dedup: the first row of each question
-    assert [p["question"] for p in unique] == questions and [p["id"] for p in unique] == [problems[0]["id"],
-                                                                                       problems[1]["id"]]
+    assert [p["question"] for p in unique] == questions and [p["id"] for p in unique] == [
+        problems[0]["id"],
+        problems[1]["id"],
+    ]
     assert [p["answer"] for p in unique] == ["2", "3"]
-    assert data.format_prompt(problems[0]["question"]) == \
-        "What is $1+1$?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert (
+        data.format_prompt(problems[0]["question"])
+        == "What is $1+1$?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
 
 
 def test_verl_layout_three_encodings_agree(tmp_path):
-    msg = [{"role": "user", "content": "What is 3*4?\nPlease reason step by step, and put your final answer within \\boxed{}."}]
+    msg = [
+        {
+            "role": "user",
+            "content": "What is 3*4?\nPlease reason step by step, and put your final answer within \\boxed{}.",
+        }
+    ]
     rm = {"ground_truth": "12", "style": "rule"}
     extra = {"index": 7, "solution": "3*4 = 12"}
     _write_parquet(tmp_path / "nested.parquet", [dict(data_source="x", prompt=msg, reward_model=rm, extra_info=extra)])
     with open(tmp_path / "json.jsonl", "w") as f:
-        f.write(json.dumps(dict(data_source="x", prompt=json.dumps(msg), reward_model=json.dumps(rm),
-                                extra_info=json.dumps(extra))) + "\n")
+        f.write(
+            json.dumps(
+                dict(
+                    data_source="x", prompt=json.dumps(msg), reward_model=json.dumps(rm), extra_info=json.dumps(extra)
+                )
+            )
+            + "\n"
+        )
     with open(tmp_path / "pylit.jsonl", "w") as f:
-        f.write(json.dumps(dict(data_source="x", prompt=repr(msg), reward_model=repr(rm), extra_info=repr(extra))) + "\n")
+        f.write(
+            json.dumps(dict(data_source="x", prompt=repr(msg), reward_model=repr(rm), extra_info=repr(extra))) + "\n"
+        )
     loaded = [data.load_problems(str(tmp_path / n)) for n in ("nested.parquet", "json.jsonl", "pylit.jsonl")]
     for problems in loaded:
         assert len(problems) == 1
@@ -250,11 +288,19 @@ def test_verl_layout_three_encodings_agree(tmp_path):
 
 def test_plain_rows(tmp_path):
     path = tmp_path / "plain.json"
-    path.write_text(json.dumps([{"problem": "What is 1+2?", "answer": 3, "solution": "1+2=3"},
-                                {"question": "What is 2+2?", "answer": "4"}]))
+    path.write_text(
+        json.dumps(
+            [
+                {"problem": "What is 1+2?", "answer": 3, "solution": "1+2=3"},
+                {"question": "What is 2+2?", "answer": "4"},
+            ]
+        )
+    )
     ps = data.load_problems(str(path))
-    assert [(p["question"], p["answer"], p["solution"]) for p in ps] == \
-        [("What is 1+2?", "3", "1+2=3"), ("What is 2+2?", "4", None)]
+    assert [(p["question"], p["answer"], p["solution"]) for p in ps] == [
+        ("What is 1+2?", "3", "1+2=3"),
+        ("What is 2+2?", "4", None),
+    ]
     assert data.load_problems(str(path), limit=1)[0]["answer"] == "3"
 
 
@@ -289,9 +335,17 @@ def test_bad_input_errors_name_file_row_and_field(tmp_path):
         data.load_problems("synthetic:level=3")
 
 
-EXPECTED_SHARED = {"aime24": (30, "540"), "aime25": (30, "70"), "amc23": (40, "27"),
-                   "math500": (500, "\\left( 3, \\frac{\\pi}{2} \\right)"), "seen_64": (64, "52"),
-                   "seen_8x8": (64, "640"), "seen_1x64": (64, "640"), "seen_128": (128, "6"), "seen_512": (512, "1")}
+EXPECTED_SHARED = {
+    "aime24": (30, "540"),
+    "aime25": (30, "70"),
+    "amc23": (40, "27"),
+    "math500": (500, "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    "seen_64": (64, "52"),
+    "seen_8x8": (64, "640"),
+    "seen_1x64": (64, "640"),
+    "seen_128": (128, "6"),
+    "seen_512": (512, "1"),
+}
 
 
 def test_sft_answers_help():
@@ -401,16 +455,17 @@ def _equation_holds(a, op, b, v) -> bool:
 @pytest.mark.parametrize("slip", [0.25, 0.0, 1.0])
 def test_think_traces_are_right_and_slips_are_corrected(slip):
     import rollout
+
     n = 140
     ps = data.load_problems(f"synthetic:style=think,split=all,n={n},slip={slip}", seed=2)
     plain = data.load_problems(f"synthetic:split=all,n={n}", seed=2)
     assert [(p["question"], p["answer"]) for p in ps] == [(p["question"], p["answer"]) for p in plain]
     slipped, checked_first, unchecked_first, markers = 0, 0, 0, []
-    for i, p in enumerate(ps):
+    for p in ps:
         trace, answer = p["solution"], _solve_independently(p)
         assert int(p["answer"]) == answer
         assert trace.startswith("<think>\n") and trace.count("<think>") == trace.count("</think>") == 1, trace
-        think, after = trace[len("<think>"):].split("</think>")
+        think, after = trace[len("<think>") :].split("</think>")
         assert data.grade(trace, p["answer"]) == 1.0 and data.grade(after, p["answer"]) == 1.0
         assert rollout.strip_think(trace) == after.strip() == evaluate.answer_part(trace)
         assert after.strip().endswith(f"\\boxed{{{answer}}}.") and after.count(".") <= 2
@@ -420,7 +475,7 @@ def test_think_traces_are_right_and_slips_are_corrected(slip):
         if wrong:  # a slip: the first computation only, caught by a check, then corrected before the answer
             slipped += 1
             assert len(wrong) == 1 and wrong[0] is equations[0], trace
-            rest = think[wrong[0].end():]
+            rest = think[wrong[0].end() :]
             lhs = " ".join(wrong[0].groups()[:3])
             fix = rest.index(f"{lhs} = ")
             assert "Wait, let me check" in rest[:fix] and "mistake" in rest[:fix]
@@ -444,8 +499,10 @@ def test_think_traces_are_right_and_slips_are_corrected(slip):
 
 def test_think_trace_shares_and_their_checks():
     ps = data.load_problems("synthetic:style=think,n=64")  # the defaults, as the warm start uses them
-    assert all(data.grade(p["solution"], p["answer"]) == 1.0 and "<think>" in p["solution"] and "</think>" in
-               p["solution"] for p in ps)
+    assert all(
+        data.grade(p["solution"], p["answer"]) == 1.0 and "<think>" in p["solution"] and "</think>" in p["solution"]
+        for p in ps
+    )
     assert sum(epistemic.epistemic_count(p["solution"]) for p in ps) / 64 >= 2
     quiet = data.load_problems("synthetic:style=think,n=64,slip=0,check=0,hesitate=0")
     assert all(epistemic.epistemic_count(p["solution"]) == 0 for p in quiet)
@@ -455,8 +512,12 @@ def test_think_trace_shares_and_their_checks():
         assert p["solution"].count("Wait, let me check") == steps and p["solution"].count("Hmm,") == 1
     assert data.load_problems("synthetic:style=think,n=64")[:8] == data.load_problems("synthetic:style=think,n=8")
     assert data.load_problems("synthetic:n=5,seed=3", seed=0) == data.load_problems("synthetic:n=5", seed=3)
-    for bad, match in (("style=r1", "unknown style"), ("style=think,slip=1.5", "slip=1.5 must be in"),
-                       ("check=-1", "check=-1.0 must be in"), ("hmm=1", "unknown option")):
+    for bad, match in (
+        ("style=r1", "unknown style"),
+        ("style=think,slip=1.5", "slip=1.5 must be in"),
+        ("check=-1", "check=-1.0 must be in"),
+        ("hmm=1", "unknown option"),
+    ):
         with pytest.raises(ValueError, match=match):
             data.load_problems(f"synthetic:{bad}")
 
@@ -465,18 +526,24 @@ def test_think_lengths_of_a_rollout_and_the_warm_start_rows(embedded_tokenizer):
     import rollout
     import sft
     from types import SimpleNamespace
+
     tok = embedded_tokenizer
     p = data.load_problems("synthetic:style=think,n=3")[2]
     texts = [p["solution"], "no think block \\boxed{8}", "<think>open only, never closed"]
-    samples = [SimpleNamespace(prompt_index=0, prompt_ids=[1], response_ids=tok(t)["input_ids"], logprobs=[],
-                               text=t, finish_reason="stop") for t in texts]
+    samples = [
+        SimpleNamespace(
+            prompt_index=0, prompt_ids=[1], response_ids=tok(t)["input_ids"], logprobs=[], text=t, finish_reason="stop"
+        )
+        for t in texts
+    ]
     rows = rollout.score_rollouts(samples, [p], lenient=False, tokenizer=tok)
     assert [r["reward"] for r in rows] == [1.0, float(p["answer"] == "8"), 0.0]
     answer = evaluate.answer_part(p["solution"])  # a second route to the text after </think>
     assert rows[0]["answer_length"] == len(tok(answer)["input_ids"]) < rows[0]["length"]
     assert [r["answer_length"] for r in rows[1:]] == [r["length"] for r in rows[1:]]  # no </think>: all answer
     assert sft.read_sft_rows("synthetic:style=think,n=4") == [
-        dict(question=q["question"], response=q["solution"]) for q in data.load_problems("synthetic:style=think,n=4")]
+        dict(question=q["question"], response=q["solution"]) for q in data.load_problems("synthetic:style=think,n=4")
+    ]
 
 
 def test_coverage_subsets_and_selection_rule():
@@ -496,8 +563,14 @@ def test_champ_source():
     ps = data.load_problems("champ")
     assert len(ps) == 270
     from collections import Counter
-    assert Counter(p["type"] for p in ps) == {"Number-Theory": 80, "Inequality": 50, "Polynomial": 50,
-                                              "Sequence": 50, "Combinatorics": 40}
+
+    assert Counter(p["type"] for p in ps) == {
+        "Number-Theory": 80,
+        "Inequality": 50,
+        "Polynomial": 50,
+        "Sequence": 50,
+        "Combinatorics": 40,
+    }
     assert all(p["answer"] and p["solution"] for p in ps)
     assert ps[0]["id"] == "P_Combinatorics_1" and ps[0]["answer"] == "239"
     assert len(data.load_problems("champ:category=Sequence")) == 50
@@ -512,31 +585,48 @@ def test_data_cli():
 # ============================================================================================
 # epistemic.py
 # ============================================================================================
-TEXT = ("Wait, hmm... Hmmm, maybe I should check. Checking again: perhaps it seems likely, not unlikely. "
-        "Actually, alternatively, it might be awaiting us. Wait.")
+TEXT = (
+    "Wait, hmm... Hmmm, maybe I should check. Checking again: perhaps it seems likely, not unlikely. "
+    "Actually, alternatively, it might be awaiting us. Wait."
+)
 
 
 def test_markers_in_paper_order():
-    assert epistemic.MARKERS == ("wait", "hmm", "perhaps", "maybe", "actually", "alternatively", "seems", "might",
-                                 "likely", "check")
+    assert epistemic.MARKERS == (
+        "wait",
+        "hmm",
+        "perhaps",
+        "maybe",
+        "actually",
+        "alternatively",
+        "seems",
+        "might",
+        "likely",
+        "check",
+    )
 
 
 def test_count_markers_by_hand():
     # substrings, lower-cased (released code): "Hmmm" holds hmm once, "Checking" holds check,
     # "unlikely" holds likely, "awaiting" holds wait
     sub = epistemic.count_markers(TEXT)
-    assert sub == dict(wait=3, hmm=2, perhaps=1, maybe=1, actually=1, alternatively=1, seems=1, might=1, likely=2,
-                       check=2)
+    assert sub == dict(
+        wait=3, hmm=2, perhaps=1, maybe=1, actually=1, alternatively=1, seems=1, might=1, likely=2, check=2
+    )
     assert epistemic.epistemic_count(TEXT) == 15
     whole = epistemic.count_markers(TEXT, whole_words=True)
-    assert whole == dict(wait=2, hmm=1, perhaps=1, maybe=1, actually=1, alternatively=1, seems=1, might=1, likely=1,
-                         check=1)
+    assert whole == dict(
+        wait=2, hmm=1, perhaps=1, maybe=1, actually=1, alternatively=1, seems=1, might=1, likely=1, check=1
+    )
     assert epistemic.epistemic_count(TEXT, whole_words=True) == 11
     assert epistemic.epistemic_count("") == 0
 
 
 def test_split_think():
-    assert epistemic.split_think("so 2+2=4. wait.</think>\n\nThe answer is 4.") == ("so 2+2=4. wait.", "The answer is 4.")
+    assert epistemic.split_think("so 2+2=4. wait.</think>\n\nThe answer is 4.") == (
+        "so 2+2=4. wait.",
+        "The answer is 4.",
+    )
     assert epistemic.split_think("<think>\nhmm\n</think>\n\n\\boxed{1}") == ("hmm", "\\boxed{1}")
     assert epistemic.split_think("no tags here") == ("", "no tags here")
 
@@ -561,8 +651,9 @@ def test_epistemic_cli(tmp_path):
     assert re.search(r"\| wait\s+\| 1\.00\s+\|", out) and re.search(r"\| total\s+\| 2\.00\s+\|", out)
     out = run(sys.executable, "epistemic.py", str(a), "--base", str(b))
     assert "App. B.4" in out
-    p = subprocess.run([sys.executable, "epistemic.py", str(a), "--key", "text"], cwd=ROOT, capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        [sys.executable, "epistemic.py", str(a), "--key", "text"], cwd=ROOT, capture_output=True, text=True
+    )
     assert p.returncode != 0 and "a.jsonl: row 0: no field 'text'" in p.stderr
 
 
@@ -580,6 +671,7 @@ import evaluate
 @pytest.fixture(scope="session")
 def embedded_tokenizer(embedded_conversion):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(rollout.embedded_model_dir())
 
 
@@ -587,11 +679,21 @@ def embedded_tokenizer(embedded_conversion):
 def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
     """A randomly initialised 2-layer Llama with the embedded tokenizer, saved as a HF directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(embedded_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=embedded_tokenizer.eos_token_id,
-                      pad_token_id=embedded_tokenizer.pad_token_id, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=len(embedded_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=embedded_tokenizer.eos_token_id,
+        pad_token_id=embedded_tokenizer.pad_token_id,
+        bos_token_id=1,
+    )
     model = LlamaForCausalLM(cfg)
     path = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(path)
@@ -609,20 +711,24 @@ def test_context_prompt_strings_exact():
     base = "What is 2 + 3?\nPlease reason step by step, and put your final answer within \\boxed{}."
     assert rollout.unguided_prompt(q) == base
     assert rollout.reprompt(q, "2 + 3 = 5, so \\boxed{5}.") == (
-        base + "\nCorrect solution:\n\n2 + 3 = 5, so \\boxed{5}.\n\nCorrectly solve the original question.")
+        base + "\nCorrect solution:\n\n2 + 3 = 5, so \\boxed{5}.\n\nCorrectly solve the original question."
+    )
     assert rollout.reprompt(q, "S", feedback="F") == (
         base + "\nCorrect solution:\n\nS\nThe following is feedback from your unsuccessful earlier attempt:\n\nF"
-               "\n\nCorrectly solve the original question.")
+        "\n\nCorrectly solve the original question."
+    )
     assert rollout.reprompt(q, "S", template="uncertainty") == (
         base + "\nCorrect solution:\n\nS\n\nSolve the original question from scratch with a full, detailed reasoning "
-               "trace, without skipping any steps, and include as much uncertainty or ambiguity in the explanation.")
+        "trace, without skipping any steps, and include as much uncertainty or ambiguity in the explanation."
+    )
     assert rollout.reprompt(base, "S") == rollout.reprompt(q, "S")  # the instruction is never doubled
 
 
 def test_strip_think():
     assert rollout.strip_think("<think>\nhmm, 2+3=5\n</think>\n\nSo \\boxed{5}.") == "So \\boxed{5}."  # Qwen3
-    assert rollout.strip_think("Okay, wait... 5.\n</think>\n\nThe answer is \\boxed{5}.") == \
-        "The answer is \\boxed{5}."  # R1-Distill: the template opened <think>, the response only closes it
+    assert (
+        rollout.strip_think("Okay, wait... 5.\n</think>\n\nThe answer is \\boxed{5}.") == "The answer is \\boxed{5}."
+    )  # R1-Distill: the template opened <think>, the response only closes it
     assert rollout.strip_think("<think>a</think>x<think>b</think>y") == "xy"
     assert rollout.strip_think(" no thinking here\n") == " no thinking here\n"  # nothing else stripped
     assert rollout.strip_think("plan</think>\n draft </think> final") == "draft </think> final"  # the FIRST one
@@ -631,13 +737,17 @@ def test_strip_think():
 
 # The tail of Qwen3's and DeepSeek-R1-Distill's chat templates, written the way the real ones are
 # (string literals inside {{- }}), since their tokenizers cannot be downloaded here.
-QWEN3_LIKE = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
-              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-              "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-              "{%- endif %}{%- endif %}")
-R1_LIKE = ("{{- '<｜begin▁of▁sentence｜>' }}{%- for m in messages %}{%- if m.role == 'user' %}"
-           "{{- '<｜User｜>' + m.content }}{%- endif %}{%- endfor %}"
-           "{%- if add_generation_prompt %}{{- '<｜Assistant｜><think>\\n' }}{%- endif %}")
+QWEN3_LIKE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+R1_LIKE = (
+    "{{- '<｜begin▁of▁sentence｜>' }}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{{- '<｜User｜>' + m.content }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<｜Assistant｜><think>\\n' }}{%- endif %}"
+)
 
 
 def test_chat_templates(embedded_tokenizer):
@@ -645,12 +755,17 @@ def test_chat_templates(embedded_tokenizer):
     user = "What is 1 + 1?"
     assert rollout.chat_prompt(tok, user) == (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert rollout.chat_prompt(tok, user, system="SYS") == (  # OLMo-3 style: our system prompt replaces the default
-        "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n"
+    )
     qwen = copy.copy(tok)
     qwen.chat_template = QWEN3_LIKE
-    assert rollout.chat_prompt(qwen, user, thinking="on") == "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        rollout.chat_prompt(qwen, user, thinking="on")
+        == "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert rollout.chat_prompt(qwen, user, thinking="auto") == rollout.chat_prompt(qwen, user, thinking="on")
     assert rollout.chat_prompt(qwen, user, thinking="off").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     r1 = copy.copy(tok)
@@ -661,7 +776,7 @@ def test_chat_templates(embedded_tokenizer):
 def test_sampling_logprobs_filters_by_hand():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     lp = rollout.sampling_logprobs(logits, 1.0, 1.0, 2)  # top-2: renormalised over {0, 1}
-    z = math.log(math.e ** 2 + math.e)
+    z = math.log(math.e**2 + math.e)
     assert torch.allclose(lp[0, :2], torch.tensor([2 - z, 1 - z])) and torch.isinf(lp[0, 2:]).all()
     p = torch.softmax(logits / 0.5, -1)[0]  # T = 0.5: p = [0.867, 0.117, 0.016, 0.002]
     lp = rollout.sampling_logprobs(logits, 0.5, 0.9, 0)  # top-p 0.9 keeps the smallest prefix reaching 0.9: {0, 1}
@@ -677,7 +792,9 @@ def test_sample_tokens_matches_distribution():
     assert counts[1] == 0 and torch.allclose(counts, probs, atol=0.015)
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.5, 0.9, 0), (0.8, 1.0, 3), (0.8, 0.7, 3), (0.0, 1.0, 0)])
+@pytest.mark.parametrize(
+    "temperature,top_p,top_k", [(1.0, 1.0, 0), (0.5, 0.9, 0), (0.8, 1.0, 3), (0.8, 0.7, 3), (0.0, 1.0, 0)]
+)
 def test_sample_next_matches_full_vocabulary_definition(temperature, top_p, top_k):
     # rollout.sample_next draws from sampling_logprobs over the whole vocabulary; fast.sample_next, its twin, over
     # the top-k candidates only. Both: 40,000 draws over a 6-token vocabulary match exp(sampling_logprobs), each
@@ -685,8 +802,9 @@ def test_sample_next_matches_full_vocabulary_definition(temperature, top_p, top_
     logits = torch.tensor([[1.5, -0.5, 2.0, 0.3, -2.0, 1.0]]).expand(40000, 6)
     ref = rollout.sampling_logprobs(logits[:1], temperature, top_p, top_k)[0]
     tok, lp = rollout.sample_next(logits, temperature, top_p, top_k, torch.Generator().manual_seed(0))
-    tok_f, lp_f = fast.sample_next(logits, temperature, top_p, top_k, torch.Generator().manual_seed(0),
-                                   rollout.sample_tokens)
+    tok_f, lp_f = fast.sample_next(
+        logits, temperature, top_p, top_k, torch.Generator().manual_seed(0), rollout.sample_tokens
+    )
     assert torch.equal(tok, tok_f) and torch.allclose(lp, lp_f, atol=1e-6)
     assert torch.allclose(lp, ref[tok], atol=1e-6)
     freq = torch.bincount(tok, minlength=6).float() / len(tok)
@@ -714,7 +832,7 @@ def test_sample_next_twins_draw_the_same_tokens_on_tied_logits(top_p, top_k):
 def _forward_logprobs(model, sample, params):
     ids = torch.tensor([sample.prompt_ids + sample.response_ids])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(sample.prompt_ids) - 1:-1]
+        logits = model(ids).logits[0, len(sample.prompt_ids) - 1 : -1]
     lp = rollout.sampling_logprobs(logits, params.temperature, params.top_p, params.top_k)
     return lp.gather(-1, torch.tensor(sample.response_ids)[:, None]).squeeze(-1)
 
@@ -727,8 +845,9 @@ def test_hf_backend_logprobs_match_forward_and_seed_is_deterministic(tiny, tempe
     a = rollout.generate_hf(model, tok, prompts, params, batch_size=4, progress=False)
     b = rollout.generate_hf(model, tok, prompts, params, batch_size=4, progress=False)
     assert [s.response_ids for s in a] == [s.response_ids for s in b]
-    c = rollout.generate_hf(model, tok, prompts, rollout.SamplingParams(**{**params.__dict__, "seed": 6}),
-                            batch_size=4, progress=False)
+    c = rollout.generate_hf(
+        model, tok, prompts, rollout.SamplingParams(**{**params.__dict__, "seed": 6}), batch_size=4, progress=False
+    )
     assert [s.response_ids for s in a] != [s.response_ids for s in c]
     assert [s.prompt_index for s in a] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for s in a:
@@ -779,6 +898,7 @@ def test_decoding_attention_gets_contiguous_queries(tiny, monkeypatch, lean):
     def spy(q, k, v, *a, **kw):
         strides.append((q.stride(-1), k.stride(-1), v.stride(-1)))
         return stock(q, k, v, *a, **kw)
+
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     prompts = [rollout.chat_prompt(tok, q) for q in ("What is 2 + 3?", "Hi")]
     rollout.generate_hf(model, tok, prompts, rollout.SamplingParams(n=2, max_new_tokens=6, seed=0), progress=False)
@@ -795,14 +915,39 @@ def test_decoding_attention_gets_contiguous_queries(tiny, monkeypatch, lean):
 
 def _tiny_decoder(kind: str):
     """Tiny random Llama-style models of each family LeanDecoder writes out (fp32, sdpa)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
     torch.manual_seed(3)
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
+    common = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+    )
     if kind == "llama":  # Llama 3 rope scaling and an attention bias: both handled by the model's own modules
-        cfg = LlamaConfig(**common, attention_bias=True, rope_parameters=dict(
-            rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-            original_max_position_embeddings=16))
+        cfg = LlamaConfig(
+            **common,
+            attention_bias=True,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=4.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        )
         return LlamaForCausalLM(cfg).eval()
     if kind == "qwen2":  # q/k/v biases, untied head
         return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False)).eval()
@@ -839,7 +984,12 @@ def test_lean_decoder_equals_model_forward(kind):
             for i, r in enumerate(rows.tolist()):
                 seqs[r].append(int(nxt[i]))
                 want = model(input_ids=torch.tensor([seqs[r]])).logits[0, -1]
-                assert torch.allclose(got[i], want, atol=1e-5, rtol=0), (kind, t, r, float((got[i] - want).abs().max()))
+                assert torch.allclose(got[i], want, atol=1e-5, rtol=0), (
+                    kind,
+                    t,
+                    r,
+                    float((got[i] - want).abs().max()),
+                )
     assert lean.seen.shape[1] >= W + 6 and len(seqs[1]) == 2 + 3
 
 
@@ -912,7 +1062,7 @@ def test_generate_hf_plain_twin_draws_the_same_rollouts(tiny, temperature, top_p
 def _forward_logprobs_biased(model, s, bias):
     ids = torch.tensor([s.prompt_ids + s.response_ids])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(s.prompt_ids) - 1:-1] + bias
+        logits = model(ids).logits[0, len(s.prompt_ids) - 1 : -1] + bias
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
 
 
@@ -943,17 +1093,26 @@ def _convert_killed_then_under_lock(cache: Path) -> None:
     flock (read from /proc, no sleeps); once it is released, it removes the killed run's temporary directory and
     converts."""
     import fcntl
+
     code = "import sys, rollout; print(rollout.embedded_model_dir(sys.argv[1]))"
     cache.mkdir(parents=True, exist_ok=True)
-    start = lambda: subprocess.Popen([sys.executable, "-c", code, str(cache)], cwd=ROOT, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL)
+
+    def start():
+        return subprocess.Popen(
+            [sys.executable, "-c", code, str(cache)],
+            cwd=ROOT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
 
     def wait_for(condition, what, timeout=120):
         end = time.time() + timeout
         while not condition():
             assert time.time() < end, f"timed out waiting for {what}"
             time.sleep(0.02)
+
     target = cache / "smollm2-135m-instruct"
     first = start()
     wait_for(lambda: list(cache.glob(".convert-*")) or first.poll() is not None, "the conversion to begin")
@@ -963,13 +1122,17 @@ def _convert_killed_then_under_lock(cache: Path) -> None:
     with open(cache / ".convert.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         second = start()
-        in_flock = lambda: Path(f"/proc/{second.pid}/syscall").read_text().split()[0] == FLOCK_SYSCALL
+
+        def in_flock():
+            return Path(f"/proc/{second.pid}/syscall").read_text().split()[0] == FLOCK_SYSCALL
+
         wait_for(lambda: second.poll() is not None or in_flock(), "the second process to block on the lock")
         assert second.poll() is None and not target.exists()  # it waits for the lock instead of converting
         fcntl.flock(lock, fcntl.LOCK_UN)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0 and out.strip() == str(target)
     from transformers import AutoModelForCausalLM
+
     assert AutoModelForCausalLM.from_pretrained(target).config.num_hidden_layers == 30
     assert not list(cache.glob(".convert-*"))  # the killed run's temporary directory was cleaned up
 
@@ -994,8 +1157,10 @@ def test_embedded_conversion_is_atomic_and_waits_for_the_lock(embedded_conversio
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is a GPU-only extra, not installed here")
 def test_vllm_backend_matches_contract(tiny_model_dir):
     import vllm  # noqa: F401
-    backend = rollout.make_backend("vllm", tiny_model_dir, "cuda", gpu_memory_utilization=0.2, max_model_len=512,
-                                   enable_sleep_mode=True)
+
+    backend = rollout.make_backend(
+        "vllm", tiny_model_dir, "cuda", gpu_memory_utilization=0.2, max_model_len=512, enable_sleep_mode=True
+    )
     backend.sleep_level = 2
     prompts = [rollout.chat_prompt(backend.tokenizer, "What is 1 + 1?")]
     params = rollout.SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=0)
@@ -1012,12 +1177,31 @@ def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path, capsys):
     after the chunk that fills the quota). Table 1 on a file of all four problems with s given: settings (2)-(4)
     carry the released hint, y_r is the first correct response under c = s or else the first, and each row is
     the mean of its samples."""
-    sel = ["--model", digit_model_dir, "--data", _digit_problems(tmp_path), "--n-samples", "3", "--min-correct", "1",
-           "--max-correct", "3", "--chunk", "2", "--max-new-tokens", "6", "--lenient"]
+    sel = [
+        "--model",
+        digit_model_dir,
+        "--data",
+        _digit_problems(tmp_path),
+        "--n-samples",
+        "3",
+        "--min-correct",
+        "1",
+        "--max-correct",
+        "3",
+        "--chunk",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--lenient",
+    ]
     _main_in_process("rollout.py", "select", *sel, "--keep", "3", "--out", str(tmp_path / "sel"))
-    run(*_worker_command(tmp_path, TORCHRUN2, "rollout.py", "select", *sel, "--keep", "1", "--out",
-                         str(tmp_path / "sel2")), env={"OMP_NUM_THREADS": "1"})
-    samples = [json.loads(l) for l in open(tmp_path / "sel" / "samples.jsonl")]
+    run(
+        *_worker_command(
+            tmp_path, TORCHRUN2, "rollout.py", "select", *sel, "--keep", "1", "--out", str(tmp_path / "sel2")
+        ),
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    samples = _jsonl(tmp_path / "sel" / "samples.jsonl")
     correct = {}
     for r in samples:
         assert r["score"] == _correct_by_hand(r["response"], DIGIT_PROBLEMS[r["index"]]["answer"])
@@ -1025,22 +1209,47 @@ def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path, capsys):
     assert [len([r for r in samples if r["index"] == i]) for i in sorted(correct)] == [3] * 4
     want = [i for i in sorted(correct) if 1 <= len(correct[i]) <= 3][:3]
     assert len(want) == 3 and want != [0, 1, 2]  # the band left a problem out
-    selected = [json.loads(l) for l in open(tmp_path / "sel" / "selected.jsonl")]
+    selected = _jsonl(tmp_path / "sel" / "selected.jsonl")
     assert [s["question"] for s in selected] == [DIGIT_PROBLEMS[i]["question"] for i in want]
     assert [s["solution"] for s in selected] == [correct[i][0] for i in want]
-    assert (tmp_path / "sel2" / "selected.jsonl").read_text().splitlines() == \
-        (tmp_path / "sel" / "selected.jsonl").read_text().splitlines()[:1]  # two ranks, the same first pick
-    assert {json.loads(l)["index"] for l in open(tmp_path / "sel2" / "samples.jsonl")} < {0, 1, 2, 3}  # stopped early
+    assert (tmp_path / "sel2" / "selected.jsonl").read_text().splitlines() == (
+        tmp_path / "sel" / "selected.jsonl"
+    ).read_text().splitlines()[:1]  # two ranks, the same first pick
+    assert {r["index"] for r in _jsonl(tmp_path / "sel2" / "samples.jsonl")} < {0, 1, 2, 3}  # stopped early
 
     given = tmp_path / "given.jsonl"  # every problem, s = a think block, then its answer: s\think is the answer
-    given.write_text("".join(json.dumps(dict(question=p["question"], answer=p["answer"],
-                                             solution=f"<think>Wait, {p['answer']}?</think>\n {p['answer']}")) + "\n"
-                             for p in DIGIT_PROBLEMS))
-    selected = [json.loads(l) for l in open(given)]
-    _main_in_process("rollout.py", "--model", digit_model_dir, "--setting", "all", "--data", str(given),
-                     "--n-samples", "3", "--max-new-tokens", "6", "--lenient", "--out", str(tmp_path / "t1"))
+    given.write_text(
+        "".join(
+            json.dumps(
+                dict(
+                    question=p["question"],
+                    answer=p["answer"],
+                    solution=f"<think>Wait, {p['answer']}?</think>\n {p['answer']}",
+                )
+            )
+            + "\n"
+            for p in DIGIT_PROBLEMS
+        )
+    )
+    selected = _jsonl(given)
+    _main_in_process(
+        "rollout.py",
+        "--model",
+        digit_model_dir,
+        "--setting",
+        "all",
+        "--data",
+        str(given),
+        "--n-samples",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--lenient",
+        "--out",
+        str(tmp_path / "t1"),
+    )
     out = capsys.readouterr().out
-    rows = [json.loads(l) for l in open(tmp_path / "t1" / "samples.jsonl")]
+    rows = _jsonl(tmp_path / "t1" / "samples.jsonl")
     table, md = json.loads((tmp_path / "t1" / "table.json").read_text()), (tmp_path / "t1" / "table.md").read_text()
     ids = {f"given-{k}": s for k, s in enumerate(selected)}
     by = {s: [r for r in rows if r["setting"] == s] for s in rollout.SETTINGS}
@@ -1051,21 +1260,35 @@ def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path, capsys):
         first.setdefault(r["id"], r["response"])
     y_r = {i: next((r["response"] for r in by["solution"] if r["id"] == i and r["score"]), first[i]) for i in first}
     assert any(not any(r["score"] for r in by["solution"] if r["id"] == i) for i in first)  # a y_r fell back
-    hint = lambda q, c: f"{data.format_prompt(q)}\n\nCorrect solution: {c}\n\nCorrectly solve the original question."
+
+    def hint(q, c):
+        return f"{data.format_prompt(q)}\n\nCorrect solution: {c}\n\nCorrectly solve the original question."
+
     s_of = {i: s["solution"] for i, s in ids.items()}
     no_think = {i: s["answer"] for i, s in ids.items()}  # the pair and the whitespace after it removed
     for setting, given, context in (
-            ("unguided", {i: None for i in ids}, lambda q, c: data.format_prompt(q)),
-            ("solution", s_of, hint), ("solution-no-think", no_think, hint), ("regenerated", y_r, hint),
-            ("uncertainty", s_of, lambda q, c: rollout.reprompt(q, c, template="uncertainty"))):
+        ("unguided", {i: None for i in ids}, lambda q, c: data.format_prompt(q)),
+        ("solution", s_of, hint),
+        ("solution-no-think", no_think, hint),
+        ("regenerated", y_r, hint),
+        ("uncertainty", s_of, lambda q, c: rollout.reprompt(q, c, template="uncertainty")),
+    ):
         assert sorted({r["id"] for r in by[setting]}) == sorted(ids) and len(by[setting]) == 3 * len(ids)
         assert all(r["context"] == context(ids[r["id"]]["question"], given[r["id"]]) for r in by[setting])
         n = len(by[setting])
-        assert table[setting] == pytest.approx(dict(samples=n, score=sum(r["score"] for r in by[setting]) / n,
-                                                    length=sum(r["length"] for r in by[setting]) / n,
-                                                    epistemic=sum(r["response"].count("Wait") for r in by[setting]) / n))
-        cells = next(c for c in ([x.strip() for x in line.split("|")[1:-1]] for line in md.splitlines())
-                     if c[0] == rollout.SETTING_NAMES[setting])
+        assert table[setting] == pytest.approx(
+            dict(
+                samples=n,
+                score=sum(r["score"] for r in by[setting]) / n,
+                length=sum(r["length"] for r in by[setting]) / n,
+                epistemic=sum(r["response"].count("Wait") for r in by[setting]) / n,
+            )
+        )
+        cells = next(
+            c
+            for c in ([x.strip() for x in line.split("|")[1:-1]] for line in md.splitlines())
+            if c[0] == rollout.SETTING_NAMES[setting]
+        )
         assert cells[1:3] == [f"{len(ids)}/{len(ids)}", f"{table[setting]['score']:.2f}"]
         assert rollout.SETTING_NAMES[setting] in out
 
@@ -1083,11 +1306,20 @@ def test_answer_part_is_what_follows_the_think_pair():
 def test_evaluation_grades_the_answer_part(embedded_tokenizer, monkeypatch):
     """score_problems (evaluate.py and the trainers' evaluation) grades what follows the think pair."""
     texts = ["<think>\\boxed{4}</think> so it is four", "<think>\\boxed{3}</think> so \\boxed{4}", "just \\boxed{4}"]
-    monkeypatch.setattr(rollout, "generate", lambda backend, prompts, params, progress=True, indices=None: [
-        rollout.Sample(0, [], [1], t, "stop", [0.0]) for t in texts])
-    (record,) = evaluate.score_problems(rollout.Backend("hf", embedded_tokenizer), [dict(id="p", question="q",
-                                                                                         answer="4")],
-                                        rollout.SamplingParams(n=3), {}, progress=False)
+    monkeypatch.setattr(
+        rollout,
+        "generate",
+        lambda backend, prompts, params, progress=True, indices=None: [
+            rollout.Sample(0, [], [1], t, "stop", [0.0]) for t in texts
+        ],
+    )
+    (record,) = evaluate.score_problems(
+        rollout.Backend("hf", embedded_tokenizer),
+        [dict(id="p", question="q", answer="4")],
+        rollout.SamplingParams(n=3),
+        {},
+        progress=False,
+    )
     assert record["scores"] == [0.0, 1.0, 1.0] and record["responses"] == texts
 
 
@@ -1104,10 +1336,15 @@ def test_pass_at_k_against_brute_force():
 
 
 def test_summarize_by_hand():
-    recs = [dict(scores=[1.0, 0.0, 0.0, 0.0], lengths=[10, 20, 30, 40], epistemic=[0, 1, 2, 3],
-                 finish_reasons=["stop", "stop", "length", "stop"]),
-            dict(scores=[1.0, 1.0, 0.0, 1.0], lengths=[5, 5, 5, 5], epistemic=[0, 0, 0, 0],
-                 finish_reasons=["stop"] * 4)]
+    recs = [
+        dict(
+            scores=[1.0, 0.0, 0.0, 0.0],
+            lengths=[10, 20, 30, 40],
+            epistemic=[0, 1, 2, 3],
+            finish_reasons=["stop", "stop", "length", "stop"],
+        ),
+        dict(scores=[1.0, 1.0, 0.0, 1.0], lengths=[5, 5, 5, 5], epistemic=[0, 0, 0, 0], finish_reasons=["stop"] * 4),
+    ]
     s = evaluate.summarize(recs, [1, 2, 4])
     assert s["acc"] == 4 / 8 and s["length"] == 120 / 8 and s["epistemic"] == 6 / 8 and s["truncated"] == 1 / 8
     # pass@2: problem 1: 1 - C(3,2)/C(4,2) = 1/2; problem 2: 1 - 0 = 1
@@ -1124,7 +1361,9 @@ def _fails(capsys, script, *argv) -> str:
 
 
 def test_evaluate_cli_bad_input(tmp_path, capsys):
-    fails = lambda *flags: _fails(capsys, "evaluate.py", "--out", str(tmp_path / "x"), *flags)
+    def fails(*flags):
+        return _fails(capsys, "evaluate.py", "--out", str(tmp_path / "x"), *flags)
+
     assert "pass@k needs 1 <= k <= n" in fails("--n-samples", "2", "--k", "1", "4")
     assert "--max-new-tokens 0: must be > 0" in fails("--max-new-tokens", "0")
     assert "does not exist" in fails("--model", str(tmp_path / "missing-model"))
@@ -1135,16 +1374,40 @@ def test_evaluate_cli_bad_input(tmp_path, capsys):
 
 def test_evaluate_resumes_after_kill(tiny_model_dir, tmp_path, capsys):
     probs = tmp_path / "probs.jsonl"
-    probs.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
-                             for i in range(6)))
+    probs.write_text(
+        "".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(6))
+    )
     out = tmp_path / "ev"
-    flags = ["--model", tiny_model_dir, "--data", str(probs), "--n-samples", "2", "--k", "1", "2", "--chunk", "2",
-             "--max-new-tokens", "300", "--temperature", "1.0", "--top-k", "0", "--top-p", "1.0", "--out", str(out)]
-    p = subprocess.Popen([sys.executable, "evaluate.py", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    flags = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(probs),
+        "--n-samples",
+        "2",
+        "--k",
+        "1",
+        "2",
+        "--chunk",
+        "2",
+        "--max-new-tokens",
+        "300",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "0",
+        "--top-p",
+        "1.0",
+        "--out",
+        str(out),
+    ]
+    p = subprocess.Popen(
+        [sys.executable, "evaluate.py", *flags], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
-    while time.time() < deadline and (not (out / "samples.jsonl").exists() or
-                                      len((out / "samples.jsonl").read_text().splitlines()) < 2):
+    while time.time() < deadline and (
+        not (out / "samples.jsonl").exists() or len((out / "samples.jsonl").read_text().splitlines()) < 2
+    ):
         time.sleep(0.2)
     p.kill()
     p.wait()
@@ -1155,27 +1418,64 @@ def test_evaluate_resumes_after_kill(tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     _main_in_process("evaluate.py", *flags, forced=False)
     assert f"{len(before)} already done" in capsys.readouterr().out
-    after = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    after = _jsonl(out / "samples.jsonl")
     assert len(after) == 6 and len({r["id"] for r in after}) == 6
-    assert [json.loads(l) for l in before] == after[:len(before)]  # finished problems were kept, not redone
+    assert [json.loads(line) for line in before] == after[: len(before)]  # finished problems were kept, not redone
     summary = json.loads((out / "summary.json").read_text())["probs"]
     assert summary["problems"] == 6 and summary["samples"] == 12
     assert summary["acc"] == pytest.approx(sum(sum(r["scores"]) for r in after) / 12)
 
 
 def test_evaluate_torchrun_two_ranks(tiny_model_dir, tmp_path):
-    flags = ["--model", tiny_model_dir, "--data", "synthetic:types=add,n=5", "--n-samples", "2", "--k", "1", "2",
-             "--max-new-tokens", "8", "--chunk", "2", "--out", str(tmp_path)]
-    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py", *flags,
-        env={"OMP_NUM_THREADS": "1"})
-    rows = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
+    flags = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        "synthetic:types=add,n=5",
+        "--n-samples",
+        "2",
+        "--k",
+        "1",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--chunk",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    run(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "evaluate.py",
+        *flags,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    rows = _jsonl(tmp_path / "samples.jsonl")
     assert sorted(r["id"] for r in rows) == sorted(p["id"] for p in data.load_problems("synthetic:types=add,n=5"))
     assert all(len(r["scores"]) == 2 for r in rows)
 
 
 def test_evaluate_cli_embedded_model(tmp_path, capsys):
-    _main_in_process("evaluate.py", "--data", "synthetic:split=ood,n=2", "--n-samples", "2", "--k", "1", "2",
-                     "--max-new-tokens", "8", "--out", str(tmp_path), forced=False)
+    _main_in_process(
+        "evaluate.py",
+        "--data",
+        "synthetic:split=ood,n=2",
+        "--n-samples",
+        "2",
+        "--k",
+        "1",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(tmp_path),
+        forced=False,
+    )
     out = capsys.readouterr().out
     assert re.search(r"\| synthetic:split=ood,n=2 \| 2\s+\|", out)
     assert json.loads((tmp_path / "summary.json").read_text())["synthetic:split=ood,n=2"]["samples"] == 4
@@ -1188,8 +1488,10 @@ import sft
 
 
 def _sft_file(path, n=6):
-    rows = [{"question": f"What is {i} + {i}?", "response": f"{i} + {i} = {2 * i}. The answer is \\boxed{{{2 * i}}}."}
-            for i in range(n)]
+    rows = [
+        {"question": f"What is {i} + {i}?", "response": f"{i} + {i} = {2 * i}. The answer is \\boxed{{{2 * i}}}."}
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -1202,8 +1504,21 @@ def test_sft_rows_bad_input(tmp_path):
     p.write_text(json.dumps({"question": "q", "response": "  "}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl: row 0: empty 'response'"):
         sft.read_sft_rows(p)
-    p = subprocess.run([sys.executable, "sft.py", "train", "--data", str(_sft_file(tmp_path / "d.jsonl")),
-                        "--out", str(tmp_path / "none"), "--resume"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "sft.py",
+            "train",
+            "--data",
+            str(_sft_file(tmp_path / "d.jsonl")),
+            "--out",
+            str(tmp_path / "none"),
+            "--resume",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0 and "--resume: no complete checkpoint" in p.stderr
 
 
@@ -1253,18 +1568,34 @@ def test_fused_adamw_matches_the_textbook_update():
         for t, g in enumerate(grads, start=1):
             w = w * (1 - 1e-2 * 0.1)
             m, v = 0.9 * m + 0.1 * g[i], 0.999 * v + 0.001 * g[i] ** 2
-            w = w - 1e-2 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+            w = w - 1e-2 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
         assert torch.allclose(list(model.parameters())[i], w, atol=1e-6), i
 
 
 def _train(tiny_model_dir, data_path, out, *extra, torchrun=False):
-    argv = ["train", "--model", tiny_model_dir, "--data", str(data_path), "--out", str(out), "--batch-size", "4",
-            "--micro-batch", "2", "--lr", "1e-3", "--warmup", "2", *extra]
+    argv = [
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(data_path),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        *extra,
+    ]
     if torchrun:
         run(*TORCHRUN2, "sft.py", *argv, env={"OMP_NUM_THREADS": "1"})
     else:
         _main_in_process("sft.py", *argv)
-    return [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
+    return _jsonl(Path(out) / "metrics.jsonl")
 
 
 def test_sft_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
@@ -1272,13 +1603,18 @@ def test_sft_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
     straight = _train(tiny_model_dir, d, tmp_path / "a", "--steps", "6", "--save-every", "3")
     _train(tiny_model_dir, d, tmp_path / "b", "--steps", "3", "--save-every", "3")
     (tmp_path / "b" / "metrics.jsonl").write_text(  # a row the killed run logged after its last checkpoint
-        (tmp_path / "b" / "metrics.jsonl").read_text() + json.dumps({"step": 4, "loss": 9.9}) + "\n")
+        (tmp_path / "b" / "metrics.jsonl").read_text() + json.dumps({"step": 4, "loss": 9.9}) + "\n"
+    )
     resumed = _train(tiny_model_dir, d, tmp_path / "b", "--steps", "6", "--save-every", "3", "--resume")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(straight, resumed):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
     from safetensors.torch import load_file
-    wa, wb = load_file(tmp_path / "a" / "step_6" / "model.safetensors"), load_file(tmp_path / "b" / "step_6" / "model.safetensors")
+
+    wa, wb = (
+        load_file(tmp_path / "a" / "step_6" / "model.safetensors"),
+        load_file(tmp_path / "b" / "step_6" / "model.safetensors"),
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -1286,12 +1622,26 @@ def test_sft_one_and_two_processes_equal_the_gradient_by_hand(tiny_model_dir, tm
     """The first SFT step under SGD at lr 1, on one process and on two (two micro-batches of 2 rows, or one per
     rank): the loss, gradient norm and gradient are the token mean of the response tokens' NLL, by hand."""
     d = _sft_file(tmp_path / "d.jsonl")
-    argv = ["train", "--model", tiny_model_dir, "--data", str(d), "--batch-size", "4", "--micro-batch", "2", "--steps", "1"]
+    argv = [
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(d),
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--steps",
+        "1",
+    ]
     _main_in_process("sft.py", *argv, "--out", str(tmp_path / "one"), sgd=True)
-    run(*_worker_command(tmp_path, TORCHRUN2, "sft.py", *argv, "--out", str(tmp_path / "two"), sgd=True),
-        env={"OMP_NUM_THREADS": "1"})
+    run(
+        *_worker_command(tmp_path, TORCHRUN2, "sft.py", *argv, "--out", str(tmp_path / "two"), sgd=True),
+        env={"OMP_NUM_THREADS": "1"},
+    )
     model, tok = rollout.load_model(tiny_model_dir)
-    rows = [json.loads(l) for l in open(d)]
+    rows = _jsonl(d)
     batch = [sft.tokenize_sft(tok, rows[i], 2048, {}) for i in sft.rows_for_step(len(rows), 0, 4, 0)]
     n = sum(sum(mask[1:]) for _, mask in batch)
 
@@ -1301,13 +1651,16 @@ def test_sft_one_and_two_processes_equal_the_gradient_by_hand(tiny_model_dir, tm
             logp = torch.log_softmax(m(torch.tensor([ids])).logits[0, :-1].double(), -1)
             total = total - (logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0] * torch.tensor(mask[1:])).sum()
         return total / n
+
     loss, grads = _grads_by_hand(tiny_model_dir, nll)
     norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
     for name in ("one", "two"):
-        (m,) = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl") if "step" in json.loads(l)]
+        (m,) = [r for r in _jsonl(tmp_path / name / "metrics.jsonl") if "step" in r]
         assert m["tokens"] == n and m["loss"] == pytest.approx(loss, rel=1e-5)
         assert m["grad_norm"] == pytest.approx(norm, rel=1e-5)
-        _assert_same_gradient(_gradient_from_sgd_step(tiny_model_dir, tmp_path / name), grads, weights=_weights(tiny_model_dir))
+        _assert_same_gradient(
+            _gradient_from_sgd_step(tiny_model_dir, tmp_path / name), grads, weights=_weights(tiny_model_dir)
+        )
 
 
 def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monkeypatch):
@@ -1320,12 +1673,14 @@ def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monke
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(OSError, match="checkpoint step 2 not written"):
         sft.save_checkpoint(tmp_path, 2, model, tok, opt, {})
     assert sft.latest_checkpoint(tmp_path) == first and not (tmp_path / "step_2").exists()
     assert not list(tmp_path.glob(".step_*"))
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(first)  # still loads as it is
     state = sft.load_checkpoint(first, model, sft.make_optimizer(model, 1e-3))
     assert state["step"] == 1 and state["note"] == "ok"
@@ -1333,8 +1688,25 @@ def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monke
 
 def test_sft_killed_mid_run_resumes_from_last_complete(tiny_model_dir, tmp_path):
     d = _sft_file(tmp_path / "d.jsonl")
-    cmd = [sys.executable, "sft.py", "train", "--model", tiny_model_dir, "--data", str(d), "--out", str(tmp_path / "k"),
-           "--batch-size", "4", "--micro-batch", "2", "--steps", "400", "--save-every", "1"]
+    cmd = [
+        sys.executable,
+        "sft.py",
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(d),
+        "--out",
+        str(tmp_path / "k"),
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--steps",
+        "400",
+        "--save-every",
+        "1",
+    ]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "k").glob("step_*"))) < 3:
@@ -1344,6 +1716,7 @@ def test_sft_killed_mid_run_resumes_from_last_complete(tiny_model_dir, tmp_path)
     last = sft.latest_checkpoint(tmp_path / "k")
     assert last is not None
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(last)
     step = int(last.name[5:])
     metrics = _train(tiny_model_dir, d, tmp_path / "k", "--steps", str(step + 2), "--save-every", "1", "--resume")
@@ -1352,32 +1725,82 @@ def test_sft_killed_mid_run_resumes_from_last_complete(tiny_model_dir, tmp_path)
 
 def test_sft_trains_and_checkpoint_generates(tiny_model_dir, tmp_path):
     d = _sft_file(tmp_path / "d.jsonl", n=4)
-    _main_in_process("sft.py", "train", "--model", tiny_model_dir, "--data", str(d), "--out", str(tmp_path / "e"),
-                     "--steps", "3", "--batch-size", "4", "--micro-batch", "4", "--warmup", "0", "--lr", "1e-3",
-                     "--save-every", "3")
-    losses = [json.loads(l)["loss"] for l in open(tmp_path / "e" / "metrics.jsonl")]
+    _main_in_process(
+        "sft.py",
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(d),
+        "--out",
+        str(tmp_path / "e"),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "4",
+        "--warmup",
+        "0",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "3",
+    )
+    losses = [r["loss"] for r in _jsonl(tmp_path / "e" / "metrics.jsonl")]
     assert losses[0] > losses[1] > losses[2]  # the same 4 rows every step: the loss must fall
     model, tok = rollout.load_model(str(tmp_path / "e" / "step_3"))
-    s = rollout.generate_hf(model, tok, [rollout.chat_prompt(tok, "What is 1 + 1?")],
-                            rollout.SamplingParams(max_new_tokens=8), progress=False)
+    s = rollout.generate_hf(
+        model,
+        tok,
+        [rollout.chat_prompt(tok, "What is 1 + 1?")],
+        rollout.SamplingParams(max_new_tokens=8),
+        progress=False,
+    )
     assert len(s[0].response_ids) >= 1
 
 
 def test_sft_torchrun_trains_and_checkpoint_loads(tiny_model_dir, tmp_path):
     d = _sft_file(tmp_path / "d.jsonl", n=4)
-    run(*TORCHRUN2, "sft.py", "train", "--model", tiny_model_dir, "--data", str(d), "--out", str(tmp_path / "e"),
-        "--steps", "2", "--batch-size", "4", "--micro-batch", "2", "--warmup", "0", "--lr", "1e-3", "--save-every", "2",
-        env={"OMP_NUM_THREADS": "1"})
-    losses = [json.loads(l)["loss"] for l in open(tmp_path / "e" / "metrics.jsonl")]
+    run(
+        *TORCHRUN2,
+        "sft.py",
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(d),
+        "--out",
+        str(tmp_path / "e"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--warmup",
+        "0",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "2",
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    losses = [r["loss"] for r in _jsonl(tmp_path / "e" / "metrics.jsonl")]
     assert losses[1] < losses[0]
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(tmp_path / "e" / "step_2")
 
 
 def _selected(path, problems):
     """A `rollout.py select` output: question, answer, solution (s) per problem."""
-    path.write_text("".join(json.dumps(dict(id=f"p{i}", question=q, answer=a, solution=s)) + "\n"
-                            for i, (q, a, s) in enumerate(problems)))
+    path.write_text(
+        "".join(
+            json.dumps(dict(id=f"p{i}", question=q, answer=a, solution=s)) + "\n"
+            for i, (q, a, s) in enumerate(problems)
+        )
+    )
     return str(path)
 
 
@@ -1385,29 +1808,46 @@ def test_sft_build_sets_as_released(tmp_path, monkeypatch, embedded_tokenizer):
     """Table 2's sets as make_sft_dataset.py builds them, by construction (the samples are given): D_ug is each
     selected problem's s; D_sg each problem's FIRST correct response under c = s (Table 1's hint prompt), none for a
     problem without one; a problem without s is in neither."""
-    selected = _selected(tmp_path / "selected.jsonl", [("What is 1 + 1?", "2", "s0 \\boxed{2}"),
-                                                       ("What is 2 + 2?", "4", "s1 \\boxed{4}"),
-                                                       ("What is 3 + 3?", "6", None), ("What is 4 + 4?", "8", "s3")])
+    selected = _selected(
+        tmp_path / "selected.jsonl",
+        [
+            ("What is 1 + 1?", "2", "s0 \\boxed{2}"),
+            ("What is 2 + 2?", "4", "s1 \\boxed{4}"),
+            ("What is 3 + 3?", "6", None),
+            ("What is 4 + 4?", "8", "s3"),
+        ],
+    )
     drawn = {0: ["\\boxed{3}", "A \\boxed{2}", "B \\boxed{2}"], 1: ["\\boxed{5}"] * 3, 2: ["x", "y", "C \\boxed{8}"]}
     seen = {}
 
     def generate(backend, prompts, params, **kw):
         seen.update(prompts=prompts, params=params, indices=list(kw["indices"]))
-        return [rollout.Sample(i, [1], [2] * (k + 1), t, "stop") for i in range(len(prompts))
-                for k, t in enumerate(drawn[i])]
+        return [
+            rollout.Sample(i, [1], [2] * (k + 1), t, "stop")
+            for i in range(len(prompts))
+            for k, t in enumerate(drawn[i])
+        ]
+
     monkeypatch.setattr(rollout, "make_backend", lambda *a, **kw: rollout.Backend("hf", embedded_tokenizer))
     monkeypatch.setattr(rollout, "generate", generate)
     monkeypatch.setattr(rollout, "load_tokenizer", lambda *a: embedded_tokenizer)
     for setting in ("unguided", "solution"):
         sft.build(sft.BuildArgs(setting=setting, data=selected, n_samples=3, out=str(tmp_path / f"{setting}.jsonl")))
-    ug = [json.loads(l) for l in open(tmp_path / "unguided.jsonl")]
-    sg = [json.loads(l) for l in open(tmp_path / "solution.jsonl")]
-    assert [(r["id"], r["response"]) for r in ug] == [("selected-0", "s0 \\boxed{2}"), ("selected-1", "s1 \\boxed{4}"),
-                                                     ("selected-3", "s3")]
-    assert [(r["id"], r["response"], r["length"]) for r in sg] == [("selected-0", "A \\boxed{2}", 2),
-                                                                   ("selected-3", "C \\boxed{8}", 3)]
-    hint = "What is 1 + 1?\nPlease reason step by step, and put your final answer within \\boxed{}.\n\nCorrect solution: " \
-           "s0 \\boxed{2}\n\nCorrectly solve the original question."
+    ug = _jsonl(tmp_path / "unguided.jsonl")
+    sg = _jsonl(tmp_path / "solution.jsonl")
+    assert [(r["id"], r["response"]) for r in ug] == [
+        ("selected-0", "s0 \\boxed{2}"),
+        ("selected-1", "s1 \\boxed{4}"),
+        ("selected-3", "s3"),
+    ]
+    assert [(r["id"], r["response"], r["length"]) for r in sg] == [
+        ("selected-0", "A \\boxed{2}", 2),
+        ("selected-3", "C \\boxed{8}", 3),
+    ]
+    hint = (
+        "What is 1 + 1?\nPlease reason step by step, and put your final answer within \\boxed{}.\n\nCorrect solution: "
+        "s0 \\boxed{2}\n\nCorrectly solve the original question."
+    )
     assert sg[0]["context"] == hint and seen["prompts"][0] == rollout.chat_prompt(embedded_tokenizer, hint)
     assert ug[0]["context"] == data.format_prompt("What is 1 + 1?") and ug[0]["setting"] == "unguided"
     p = seen["params"]
@@ -1419,12 +1859,27 @@ def test_sft_build_sets_as_released(tmp_path, monkeypatch, embedded_tokenizer):
 def test_sft_build_runs_on_the_digit_model(digit_model_dir, tmp_path):
     """`sft.py build` end to end under the tests' sampler (the same draws on every CPU): D_sg holds at most one
     response per problem, each correct, with its marker count, and it is valid SFT input."""
-    selected = _selected(tmp_path / "selected.jsonl", [(p["question"], p["answer"], p.get("solution", p["answer"]))
-                                                       for p in DIGIT_PROBLEMS])
+    selected = _selected(
+        tmp_path / "selected.jsonl",
+        [(p["question"], p["answer"], p.get("solution", p["answer"])) for p in DIGIT_PROBLEMS],
+    )
     out = tmp_path / "d_sg.jsonl"
-    _main_in_process("sft.py", "build", "--model", digit_model_dir, "--data", selected, "--n-samples", "4", "--lenient",
-                     "--max-new-tokens", "6", "--out", str(out))
-    rows = [json.loads(l) for l in open(out)]
+    _main_in_process(
+        "sft.py",
+        "build",
+        "--model",
+        digit_model_dir,
+        "--data",
+        selected,
+        "--n-samples",
+        "4",
+        "--lenient",
+        "--max-new-tokens",
+        "6",
+        "--out",
+        str(out),
+    )
+    rows = _jsonl(out)
     assert 0 < len(rows) == len({r["id"] for r in rows}) <= 4  # at most one per problem
     for r in rows:
         assert _correct_by_hand(r["response"], r["answer"]) == 1.0 and r["setting"] == "solution"
@@ -1441,7 +1896,8 @@ model, tok = rollout.load_model(sys.argv[2])
 problems = data.load_problems(sys.argv[3])
 benches = {"all": problems, "three": problems[:3]}
 params = rollout.SamplingParams(n=3, max_new_tokens=5, seed=7)
-summary = evaluate.evaluate(rollout.Backend("hf", tok, model=model, batch_size=4), benches, params, ks=(1, 2), lenient=True)
+backend = rollout.Backend("hf", tok, model=model, batch_size=4)
+summary = evaluate.evaluate(backend, benches, params, ks=(1, 2), lenient=True)
 records = evaluate.score_problems(rollout.Backend("hf", tok, model=model), problems, params, {}, False, True)
 three = evaluate.score_problems(rollout.Backend("hf", tok, model=model), problems[:3], params, {}, False, True,
                                 indices=[4, 5, 6])  # numbered after "all"'s four: seeded by place across benchmarks
@@ -1509,7 +1965,10 @@ def test_loss_aggregation_by_hand():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     per = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])  # the 9s are padding
     lp = torch.zeros(2, 3)
-    loss = lambda **kw: grpo.policy_loss(lp, lp, -per, mask, **kw)[0].item()
+
+    def loss(**kw):
+        return grpo.policy_loss(lp, lp, -per, mask, **kw)[0].item()
+
     assert loss() == loss(loss_agg="token-mean") == pytest.approx(10 / 4)
     assert loss(loss_agg="seq-mean-token-mean") == pytest.approx((6 / 3 + 4 / 1) / 2)
     assert loss(loss_agg="seq-mean-token-mean", seq_count=4) == pytest.approx((6 / 3 + 4 / 1) / 4)
@@ -1548,10 +2007,12 @@ def test_k3_kl_by_hand():
 def test_trainer_logprobs_match_rollout_logprobs(tiny):
     model, tok = tiny
     prompts = [rollout.chat_prompt(tok, q) for q in ("a", "longer prompt here")]
-    samples = rollout.generate_hf(model, tok, prompts, rollout.SamplingParams(n=2, temperature=0.8, max_new_tokens=12),
-                                  progress=False)
-    logp, mask, ent = grpo.token_logprobs(model, [(s.prompt_ids, s.response_ids) for s in samples], tok.pad_token_id,
-                                          0.8, "cpu", with_entropy=True)
+    samples = rollout.generate_hf(
+        model, tok, prompts, rollout.SamplingParams(n=2, temperature=0.8, max_new_tokens=12), progress=False
+    )
+    logp, mask, ent = grpo.token_logprobs(
+        model, [(s.prompt_ids, s.response_ids) for s in samples], tok.pad_token_id, 0.8, "cpu", with_entropy=True
+    )
     for i, s in enumerate(samples):
         n = len(s.response_ids)
         assert mask[i].sum() == n and torch.allclose(logp[i, :n], torch.tensor(s.logprobs), atol=1e-4)
@@ -1592,8 +2053,15 @@ def test_train_on_rollouts_edge_cases(tiny_model_dir):
     assert m["nonfinite_updates"] == 0 and m["grad_norm"] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     # off-policy path (two epochs): pi_old is taken before the first update
-    m = grpo.train_on_rollouts(model, opt, _rows(tok, 4, lambda i: float(i % 2)),
-                               grpo.Args(rollouts=4, micro_batch=2, ppo_epochs=2), 1, "cpu", tok.pad_token_id)
+    m = grpo.train_on_rollouts(
+        model,
+        opt,
+        _rows(tok, 4, lambda i: float(i % 2)),
+        grpo.Args(rollouts=4, micro_batch=2, ppo_epochs=2),
+        1,
+        "cpu",
+        tok.pad_token_id,
+    )
     assert m["grad_norm"] > 0
 
 
@@ -1619,10 +2087,17 @@ def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir, monkeypat
 
     def update(micro, pack):  # one SGD step (lr 1) on a copy: the weight change is the clipped gradient
         m = copy.deepcopy(model)
-        out = grpo.train_on_rollouts(m, torch.optim.SGD(m.parameters(), lr=1.0), [dict(r) for r in rows],
-                                     grpo.Args(rollouts=4, micro_batch=micro, pack_tokens=pack), 1, "cpu",
-                                     tok.pad_token_id)
+        out = grpo.train_on_rollouts(
+            m,
+            torch.optim.SGD(m.parameters(), lr=1.0),
+            [dict(r) for r in rows],
+            grpo.Args(rollouts=4, micro_batch=micro, pack_tokens=pack),
+            1,
+            "cpu",
+            tok.pad_token_id,
+        )
         return torch.cat([p.detach().flatten() for p in m.parameters()]) - w0, out["loss"]
+
     d3, l3 = update(3, 0)
     d3p, l3p = update(3, 2048)  # micro-batches split the groups: rows of 3, then 1 + 2, then 2 rollouts
     monkeypatch.setattr(fast, "by_length", lambda rows, **_: rows)  # the straightforward order
@@ -1634,7 +2109,10 @@ def test_length_sorted_micro_batches_keep_the_gradient(tiny_model_dir, monkeypat
 
 def test_rows_with_gradient_fills_to_the_largest_rank_by_hand(monkeypatch):
     rows = [dict(i=i) for i in range(8)]
-    live = lambda r: r["i"] in (1, 4)
+
+    def live(r):
+        return r["i"] in (1, 4)
+
     assert [r["i"] for r in fast.rows_with_gradient(rows, live, 3)] == [1, 4]  # one process: no filler
     # another rank needs 2 micro-batches of 3: 4 rows here, the 2 fillers from the end (the shortest); 3: 7 rows
     monkeypatch.setattr(fast, "all_reduce_max", lambda x: max(x, 2))
@@ -1657,12 +2135,19 @@ def test_rows_with_gradient_fills_to_the_largest_rank_by_hand(monkeypatch):
     kept = fast.rows_with_gradient(rows, live, 3, by_prompt=True)
     assert [r["i"] for r in kept] == list(range(8))
     assert [[r["i"] for r in mb] for mb in fast.micro_batches(kept, 3, True, ranks_even=True)] == [
-        [0, 1], [2], [3, 4, 5], [6, 7]]
+        [0, 1],
+        [2],
+        [3, 4, 5],
+        [6, 7],
+    ]
 
 
 def test_micro_batches_by_hand(monkeypatch):
     rows = [dict(i=i, prompt_ids=[p]) for i, p in enumerate([0, 0, 0, 0, 0, 1, 1, 2])]
-    ids = lambda mbs: [[r["i"] for r in mb] for mb in mbs]
+
+    def ids(mbs):
+        return [[r["i"] for r in mb] for mb in mbs]
+
     assert ids(fast.micro_batches(rows, 3)) == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert ids(fast.micro_batches(rows, 3, by_prompt=True)) == [[0, 1, 2], [3, 4], [5, 6], [7]]
     # another rank has 6 micro-batches: the largest split in two (the first of equal ones), until there are 6
@@ -1688,10 +2173,17 @@ def test_skipping_zero_advantage_rows_changes_nothing(tiny_model_dir):
     def update(batch, skip, pack):
         m = copy.deepcopy(model)
         opt = Grab(m.parameters(), lr=1.0)
-        out = grpo.train_on_rollouts(m, opt, [dict(r) for r in batch],
-                                     grpo.Args(rollouts=4, micro_batch=3, pack_tokens=pack, skip_zero_rows=skip),
-                                     1, "cpu", tok.pad_token_id)
+        out = grpo.train_on_rollouts(
+            m,
+            opt,
+            [dict(r) for r in batch],
+            grpo.Args(rollouts=4, micro_batch=3, pack_tokens=pack, skip_zero_rows=skip),
+            1,
+            "cpu",
+            tok.pad_token_id,
+        )
         return opt.grad, out
+
     for pack in (0, 2048):
         g_all, all_ = update(rows, False, pack)
         g_skip, skip = update(rows, True, pack)
@@ -1714,8 +2206,13 @@ def test_partly_kept_groups_train_one_packed_row_per_micro_batch(tiny_model_dir,
     for i, r in enumerate(rows):
         r["prompt_ids"] = rows[i - i % 4]["prompt_ids"]
     forwards, real = [], fast.token_logprobs
-    monkeypatch.setattr(fast, "token_logprobs", lambda m, seqs, *a, **k: forwards.append(
-        sorted({tuple(p) for p, _ in seqs}, key=len)) or real(m, seqs, *a, **k))
+    monkeypatch.setattr(
+        fast,
+        "token_logprobs",
+        lambda m, seqs, *a, **k: (
+            forwards.append(sorted({tuple(p) for p, _ in seqs}, key=len)) or real(m, seqs, *a, **k)
+        ),
+    )
 
     class Grab(torch.optim.SGD):
         def step(self, closure=None):
@@ -1725,9 +2222,17 @@ def test_partly_kept_groups_train_one_packed_row_per_micro_batch(tiny_model_dir,
         m = copy.deepcopy(model)
         opt = Grab(m.parameters(), lr=1.0)
         forwards.clear()
-        grpo.train_on_rollouts(m, opt, [dict(r) for r in rows], grpo.Args(rollouts=4, micro_batch=4,
-                               skip_zero_rows=skip), 1, "cpu", tok.pad_token_id)
+        grpo.train_on_rollouts(
+            m,
+            opt,
+            [dict(r) for r in rows],
+            grpo.Args(rollouts=4, micro_batch=4, skip_zero_rows=skip),
+            1,
+            "cpu",
+            tok.pad_token_id,
+        )
         return opt.grad, list(forwards)
+
     g_all, f_all = update(False)
     g_skip, f_skip = update(True)
     assert len(f_all) == 2 and all(len(f) == 1 for f in f_all)  # whole groups: one prompt per micro-batch
@@ -1750,10 +2255,17 @@ def test_skipping_zero_advantage_rows_off_policy(tiny_model_dir):
     def update(skip):
         m, batch = copy.deepcopy(model), [dict(r) for r in rows]
         calls.clear()
-        grpo.train_on_rollouts(m, Grab(m.parameters(), lr=1e-2), batch,
-                               grpo.Args(rollouts=4, micro_batch=3, ppo_epochs=2, skip_zero_rows=skip), 1, "cpu",
-                               tok.pad_token_id)
+        grpo.train_on_rollouts(
+            m,
+            Grab(m.parameters(), lr=1e-2),
+            batch,
+            grpo.Args(rollouts=4, micro_batch=3, ppo_epochs=2, skip_zero_rows=skip),
+            1,
+            "cpu",
+            tok.pad_token_id,
+        )
         return list(calls), batch
+
     full, full_rows = update(False)
     skip, skip_rows = update(True)
     assert len(full) == len(skip) == 2
@@ -1772,17 +2284,30 @@ def test_all_rows_skipped_adamw_still_steps(tiny_model_dir):
     # weights and moves them on its momentum, exactly as on the zero gradient of the full forward and backward
     model, tok = rollout.load_model(tiny_model_dir)
     opt = sft.make_optimizer(model, 1e-3)
-    grpo.train_on_rollouts(model, opt, _rows(tok, 8, lambda i: float(i % 2)), grpo.Args(rollouts=4, micro_batch=3),
-                           1, "cpu", tok.pad_token_id)
+    grpo.train_on_rollouts(
+        model,
+        opt,
+        _rows(tok, 8, lambda i: float(i % 2)),
+        grpo.Args(rollouts=4, micro_batch=3),
+        1,
+        "cpu",
+        tok.pad_token_id,
+    )
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     after = {}
     for skip in (False, True):
         m = copy.deepcopy(model)
         o = sft.make_optimizer(m, 1e-3)
         o.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict would share the moment tensors
-        out = grpo.train_on_rollouts(m, o, _rows(tok, 8, lambda i: float(i < 4)),
-                                     grpo.Args(rollouts=4, micro_batch=3, skip_zero_rows=skip), 1, "cpu",
-                                     tok.pad_token_id)
+        out = grpo.train_on_rollouts(
+            m,
+            o,
+            _rows(tok, 8, lambda i: float(i < 4)),
+            grpo.Args(rollouts=4, micro_batch=3, skip_zero_rows=skip),
+            1,
+            "cpu",
+            tok.pad_token_id,
+        )
         assert out["loss"] == 0.0 and out["grad_norm"] == 0.0
         after[skip] = torch.cat([p.detach().flatten() for p in m.parameters()])
         assert out["trained_frac"] == (0.0 if skip else 1.0) and (out["entropy"] is None) == skip
@@ -1790,8 +2315,10 @@ def test_all_rows_skipped_adamw_still_steps(tiny_model_dir):
 
 
 def test_by_prompt_order_keeps_groups_together():
-    rows = [dict(prompt_ids=p, response_ids=[0] * n) for p, n in
-            [([1], 2), ([2, 2], 1), ([1], 5), ([3], 3), ([2, 2], 4), ([3], 3), ([1], 1)]]
+    rows = [
+        dict(prompt_ids=p, response_ids=[0] * n)
+        for p, n in [([1], 2), ([2, 2], 1), ([1], 5), ([3], 3), ([2, 2], 4), ([3], 3), ([1], 1)]
+    ]
     order = [(tuple(r["prompt_ids"]), len(r["response_ids"])) for r in fast.by_length(rows, by_prompt=True)]
     # groups by their longest row (1: 6 tokens, 2: 6, 3: 4; ties by first appearance), longest first within
     assert order == [((1,), 5), ((1,), 2), ((1,), 1), ((2, 2), 4), ((2, 2), 1), ((3,), 3), ((3,), 3)]
@@ -1808,7 +2335,10 @@ def test_pack_batch_layout_by_hand():
     assert window[0].tolist() == [1, 2, 3] and window[1, :1].tolist() == [1] and window[2].tolist() == [5, 6, 7]
     assert targets.tolist() == [[3, 4, 0], [5, 0, 0], [8, 9, 10]]
     assert mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
-    sees = lambda g: [[k for k in range(5) if attn[g, 0, q, k]] for q in range(5)]
+
+    def sees(g):
+        return [[k for k in range(5) if attn[g, 0, q, k]] for q in range(5)]
+
     assert attn.shape == (2, 1, 5, 5) and attn.dtype == torch.bool
     assert sees(0) == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 4]]  # token 5 sees the prompt and itself
     assert sees(1) == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 4]]  # padding sees the prompt: no empty row
@@ -1835,8 +2365,12 @@ def test_packed_rows_equal_padded_rows(tiny_model_dir, dtype, tol, grad_tol, seg
     if segments:
         fast.use_segment_attention(model)
         real_attention = fast.segment_attention
-        spy = lambda *a, segments=None, **k: calls.append(segments) or real_attention(*a, segments=segments, **k)
+
+        def spy(*a, segments=None, **k):
+            return calls.append(segments) or real_attention(*a, segments=segments, **k)
+
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
         ALL_ATTENTION_FUNCTIONS.register(fast.SEGMENT_ATTENTION, spy)
     try:
         _check_packed_rows_equal_padded_rows(model, dtype, tol, grad_tol)
@@ -1844,8 +2378,9 @@ def test_packed_rows_equal_padded_rows(tiny_model_dir, dtype, tol, grad_tol, seg
         if segments:
             ALL_ATTENTION_FUNCTIONS.register(fast.SEGMENT_ATTENTION, real_attention)
     # 2 layers x forwards: 2 per pack (0, 64, 9) and a last one at 64; unpacked rows (pack 0) pass no segments
-    assert (sum(c is not None for c in calls), sum(c is None for c in calls)) == ((2 * 5, 2 * 2) if segments
-                                                                                  else (0, 0))
+    assert (sum(c is not None for c in calls), sum(c is None for c in calls)) == (
+        (2 * 5, 2 * 2) if segments else (0, 0)
+    )
 
 
 def _check_packed_rows_equal_padded_rows(model, dtype, tol, grad_tol):
@@ -1881,19 +2416,26 @@ def test_segment_attention_equals_block_mask():
     mask of pack_batch, written as softmax(q k^T / sqrt(d) + mask) v by hand with repeated KV heads: outputs at
     every non-padding position and gradients of q, k, v, in fp64. Grouped heads (4 query, 2 KV), a row with
     padding, an empty response, a row of one response and a prompt of one token."""
-    seqs = [([1, 2, 3], [4, 5]), ([1, 2, 3], []), ([1, 2, 3], [6, 7, 8, 9]), ([1, 2, 3], [10]), ([11], [12, 13]),
-            ([14, 15], [16]), ([14, 15], [17, 18])]
+    seqs = [
+        ([1, 2, 3], [4, 5]),
+        ([1, 2, 3], []),
+        ([1, 2, 3], [6, 7, 8, 9]),
+        ([1, 2, 3], [10]),
+        ([11], [12, 13]),
+        ([14, 15], [16]),
+        ([14, 15], [17, 18]),
+    ]
     ids, _, attn, _, _, _, segments = fast.pack_batch(seqs, 0, "cpu", limit=64)
     assert segments == [(3, [(3, 5), (5, 5), (5, 9), (9, 10)]), (1, [(1, 3)]), (2, [(2, 3), (3, 5)])]
     G, W = ids.shape
     torch.manual_seed(0)
     q = torch.randn(G, 4, W, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(G, 2, W, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8 ** 0.5
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8**0.5
     want = (scores.masked_fill(~attn, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
     module = torch.nn.Module()
     module.num_key_value_groups = 2
-    got, _ = fast.segment_attention(module, q, k, v, attn, scaling=8 ** -0.5, segments=segments)
+    got, _ = fast.segment_attention(module, q, k, v, attn, scaling=8**-0.5, segments=segments)
     real = ids != 0  # pad id 0: rows of 10, 3 and 5 tokens
     assert got.shape == want.shape == (G, W, 4, 8) and int((~real).sum()) == 0 + 7 + 5
     assert torch.allclose(got[real], want[real], atol=1e-12, rtol=0) and not got[~real].any()
@@ -1902,12 +2444,13 @@ def test_segment_attention_equals_block_mask():
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-12, rtol=0) and b.abs().sum() > 0
     # without segments (decoding, unpacked rows) it is transformers' sdpa, the mask honoured
-    plain, _ = fast.segment_attention(module, q, k, v, attn, scaling=8 ** -0.5)
+    plain, _ = fast.segment_attention(module, q, k, v, attn, scaling=8**-0.5)
     assert torch.allclose(plain[real], want[real], atol=1e-12, rtol=0)
 
 
 def test_packing_limit_by_attention():
     from transformers import LlamaConfig, LlamaForCausalLM
+
     cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
     model = LlamaForCausalLM(cfg)
     model.config._attn_implementation = "sdpa"
@@ -1928,8 +2471,12 @@ def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
     # checkpointing) -- and the model goes back to training mode
     model, tok = rollout.load_model(tiny_model_dir)
     ckpt = sft.shard_model(copy.deepcopy(model), torch.device("cpu"), grad_ckpt=True)
-    on = lambda m: m.is_activation_checkpointing if hasattr(m, "is_activation_checkpointing") \
-        else m.is_gradient_checkpointing  # transformers' current name, where it has one
+
+    def on(m):
+        return (
+            m.is_activation_checkpointing if hasattr(m, "is_activation_checkpointing") else m.is_gradient_checkpointing
+        )  # transformers' current name, where it has one
+
     assert on(ckpt) and not on(model)
     prompts = [rollout.chat_prompt(tok, f"q{i}") for i in range(3)]
     params = rollout.SamplingParams(n=2, max_new_tokens=6, seed=0)
@@ -1941,15 +2488,24 @@ def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
     w0 = torch.cat([p.detach().flatten() for p in model.parameters()])
 
     def update(m):  # one SGD step (lr 1): the weight change is the clipped gradient
-        out = grpo.train_on_rollouts(m, torch.optim.SGD(m.parameters(), lr=1.0), [dict(r) for r in rows],
-                                     grpo.Args(rollouts=4, micro_batch=4), 1, "cpu", tok.pad_token_id)
+        out = grpo.train_on_rollouts(
+            m,
+            torch.optim.SGD(m.parameters(), lr=1.0),
+            [dict(r) for r in rows],
+            grpo.Args(rollouts=4, micro_batch=4),
+            1,
+            "cpu",
+            tok.pad_token_id,
+        )
         return torch.cat([p.detach().flatten() for p in m.parameters()]) - w0, out["loss"]
+
     calls = {id(model): 0, id(ckpt): 0}  # decoder-layer forwards: a checkpointed layer runs again in backward
     for m in (model, ckpt):  # counted in forward itself: the recomputation runs no module hooks
 
         def counted(*a, _forward, _key, **kw):
             calls[_key] += 1
             return _forward(*a, **kw)
+
         for layer in m.model.layers:
             layer.forward = functools.partial(counted, _forward=layer.forward, _key=id(m))
     (d0, l0), (d1, l1) = update(model), update(ckpt)
@@ -1958,8 +2514,23 @@ def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
     assert calls[id(model)] > 0 and calls[id(ckpt)] == 2 * calls[id(model)]
 
 
-GRPO_FLAGS = ["--steps", "2", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "12",
-              "--eval-n", "2", "--eval-max-new-tokens", "8", "--save-every", "2", "--lenient"]
+GRPO_FLAGS = [
+    "--steps",
+    "2",
+    "--prompts-per-step",
+    "2",
+    "--rollouts",
+    "4",
+    "--max-new-tokens",
+    "12",
+    "--eval-n",
+    "2",
+    "--eval-max-new-tokens",
+    "8",
+    "--save-every",
+    "2",
+    "--lenient",
+]
 
 
 # ============================================================================================
@@ -1974,20 +2545,35 @@ def digit_model_dir(tmp_path_factory, embedded_tokenizer):
     near 17 against near 0 for the other 49k. The other dimensions, amplified by the norms, and sharp attention
     (q, k scaled 15x, v, o 8x) make the three tokens' odds depend on the context: the teacher's prompt moves them."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     tok = embedded_tokenizer
     three = [tok(t, add_special_tokens=False)["input_ids"][0] for t in ("1", " Wait")] + [tok.eos_token_id]
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=1,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_()
         model.model.embed_tokens.weight[:, 0] = 50.0
         for layer in model.model.layers:
             attn = layer.self_attn
-            attn.q_proj.weight.mul_(15), attn.k_proj.weight.mul_(15), attn.v_proj.weight.mul_(8), attn.o_proj.weight.mul_(8)
+            (
+                attn.q_proj.weight.mul_(15),
+                attn.k_proj.weight.mul_(15),
+                attn.v_proj.weight.mul_(8),
+                attn.o_proj.weight.mul_(8),
+            )
             attn.o_proj.weight[0] = layer.mlp.down_proj.weight[0] = 0.0
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight.fill_(9.0)
@@ -2005,8 +2591,12 @@ def digit_model_dir(tmp_path_factory, embedded_tokenizer):
 
 # Four problems; the step's order is [0, 1, 3, 2], so under two ranks rank 0 holds the two with a solution
 # (a teacher context under --teacher-context dataset) and rank 1 the two without.
-DIGIT_PROBLEMS = [dict(question="What is 1?", answer="1", solution="1"), dict(question="What is one?", answer="1"),
-                  dict(question="Say 11.", answer="11"), dict(question="Say one.", answer="1", solution="It is 1.")]
+DIGIT_PROBLEMS = [
+    dict(question="What is 1?", answer="1", solution="1"),
+    dict(question="What is one?", answer="1"),
+    dict(question="Say 11.", answer="11"),
+    dict(question="Say one.", answer="1", solution="It is 1."),
+]
 TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # The tests' sampler, for the digit model's runs: each draw is one of the tokens holding at least 1e-3 of the
 # probability (the digit model's "1", " Wait" and EOS, ~0.3 each against ~1e-7 for the rest), chosen uniformly by the
@@ -2022,18 +2612,22 @@ def forced_draw(logp, gen):
         picks.append(candidates[int(g.random() * len(candidates))])
     return torch.tensor(picks, device=logp.device)
 """
-RUN_WORKER = """# Runs a script's main() with the tests' sampler (FORCED_DRAW), and with `sgd` SGD in place of AdamW: one step at
+RUN_WORKER = (
+    """# Runs a script's main() with the tests' sampler (FORCED_DRAW), and with `sgd` SGD in place of AdamW: one step
 # --lr 1 moves the weights by minus the gradient. argv: ROOT SCRIPT sgd|adamw ARGS...
 import importlib, math, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import rollout, sft
-""" + FORCED_DRAW + """
+"""
+    + FORCED_DRAW
+    + """
 rollout.sample_tokens = forced_draw
 if sys.argv[3] == "sgd":
     sft.make_optimizer = lambda model, lr, weight_decay=0.0: torch.optim.SGD(model.parameters(), lr=lr)
 importlib.import_module(sys.argv[2].removesuffix(".py")).main(sys.argv[4:])
 """
+)
 _namespace = {"math": math, "torch": torch}
 exec(FORCED_DRAW, _namespace)
 forced_draw = _namespace["forced_draw"]
@@ -2044,8 +2638,15 @@ def _worker_command(tmp_path, launcher, script, *argv, sgd=False, root=ROOT) -> 
     """`launcher script argv` under `RUN_WORKER`: the tests' sampler, and with sgd SGD at lr 1, no warmup, no
     clipping."""
     (tmp_path / "run_worker.py").write_text(RUN_WORKER)
-    return [*launcher, str(tmp_path / "run_worker.py"), str(root), script, "sgd" if sgd else "adamw", *argv,
-            *(SGD_FLAGS if sgd else [])]
+    return [
+        *launcher,
+        str(tmp_path / "run_worker.py"),
+        str(root),
+        script,
+        "sgd" if sgd else "adamw",
+        *argv,
+        *(SGD_FLAGS if sgd else []),
+    ]
 
 
 def _main_in_process(script, *argv, sgd=False, forced=True):
@@ -2056,8 +2657,9 @@ def _main_in_process(script, *argv, sgd=False, forced=True):
         if forced:
             mp.setattr(rollout, "sample_tokens", forced_draw)
         if sgd:
-            mp.setattr(sft, "make_optimizer", lambda model, lr, weight_decay=0.0: torch.optim.SGD(model.parameters(),
-                                                                                                   lr=lr))
+            mp.setattr(
+                sft, "make_optimizer", lambda model, lr, weight_decay=0.0: torch.optim.SGD(model.parameters(), lr=lr)
+            )
         importlib.import_module(script.removesuffix(".py")).main([*argv, *(SGD_FLAGS if sgd else [])])
 
 
@@ -2072,20 +2674,50 @@ def _digit_run(model_dir, tmp_path, script, name, *extra, launcher=None, sgd=Fal
     """A run of `script` on the digit model, under the tests' sampler: in this process, or with `launcher` (torchrun)
     in its own; returns its metrics rows, its rollouts, and OUT."""
     out, probs = tmp_path / name, _digit_problems(tmp_path)
-    argv = ["--model", model_dir, "--data", probs, "--steps", str(steps), "--prompts-per-step", "4", "--rollouts", "4",
-            "--max-new-tokens", "6", "--lenient", "--eval-data", probs, "--eval-n", "1", "--eval-max-new-tokens", "2",
-            "--save-rollouts", "--save-every", "1", "--keep-checkpoints", "0", "--out", str(out), *extra]
+    argv = [
+        "--model",
+        model_dir,
+        "--data",
+        probs,
+        "--steps",
+        str(steps),
+        "--prompts-per-step",
+        "4",
+        "--rollouts",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--lenient",
+        "--eval-data",
+        probs,
+        "--eval-n",
+        "1",
+        "--eval-max-new-tokens",
+        "2",
+        "--save-rollouts",
+        "--save-every",
+        "1",
+        "--keep-checkpoints",
+        "0",
+        "--out",
+        str(out),
+        *extra,
+    ]
     if launcher is None:
         _main_in_process(script, *argv, sgd=sgd)
     else:
-        run(*_worker_command(tmp_path, launcher, script, *argv, sgd=sgd), timeout=300,
-            env={"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "error:FSDP2-wrapped module"})  # its "view tensor" warning
-    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
-    return [r for r in rows if "step" in r], [json.loads(l) for l in open(out / "rollouts.jsonl")], out
+        run(
+            *_worker_command(tmp_path, launcher, script, *argv, sgd=sgd),
+            timeout=300,
+            env={"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "error:FSDP2-wrapped module"},
+        )  # its "view tensor" warning
+    rows = _jsonl(out / "metrics.jsonl")
+    return [r for r in rows if "step" in r], _jsonl(out / "rollouts.jsonl"), out
 
 
 def _weights(path) -> dict:
     from safetensors.torch import load_file
+
     return load_file(Path(path) / "model.safetensors")
 
 
@@ -2110,7 +2742,7 @@ def _assert_same_gradient(got: dict, want: dict, rel=1e-4, weights: dict | None 
 def _response_logits(model, prompt_ids, response_ids):
     """The logits that predict each response token, from one unpadded forward. (R, V)"""
     ids = torch.tensor([list(prompt_ids) + list(response_ids)])
-    return model(ids).logits[0, len(prompt_ids) - 1:-1].double()
+    return model(ids).logits[0, len(prompt_ids) - 1 : -1].double()
 
 
 def _correct_by_hand(text: str, answer: str) -> float:
@@ -2146,19 +2778,25 @@ def _grpo_loss_by_hand(model, rollouts, is_clip=2.0, loss_agg="seq-mean-token-me
     for r in rollouts:
         logp = torch.log_softmax(_response_logits(model, r["prompt_ids"], r["response_ids"]), -1)
         logp = logp.gather(-1, torch.tensor(r["response_ids"])[:, None]).squeeze(-1)
-        w = torch.clamp(torch.exp(logp.detach() - torch.tensor(r["rollout_logprobs"], dtype=torch.float64)), max=is_clip)
+        w = torch.clamp(
+            torch.exp(logp.detach() - torch.tensor(r["rollout_logprobs"], dtype=torch.float64)), max=is_clip
+        )
         terms.append(-r["advantage"] * torch.exp(logp - logp.detach()) * w)
     return _by_agg(terms, loss_agg)
 
 
 def _step_metrics_equal(a: dict, b: dict):
     """Two metrics rows equal in everything but timings and memory."""
-    skip = lambda k: k.startswith("t_") or k.endswith("_tok_s") or k == "peak_mem_gb"
+
+    def skip(k):
+        return k.startswith("t_") or k.endswith("_tok_s") or k == "peak_mem_gb"
+
     assert {k for k in a if not skip(k)} == {k for k in b if not skip(k)}
     for k in a:
         if not skip(k):  # None (a step with no trainable row has no loss) equals None only
-            assert (a[k] is None) == (b[k] is None) and (a[k] is None or a[k] == pytest.approx(b[k], rel=1e-6,
-                                                                                              abs=1e-9)), k
+            assert (a[k] is None) == (b[k] is None) and (
+                a[k] is None or a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9)
+            ), k
 
 
 @pytest.mark.parametrize("loss_agg", grpo.LOSS_AGGS)
@@ -2168,11 +2806,16 @@ def test_grpo_one_and_two_processes_equal_the_gradient_by_hand(digit_model_dir, 
     aggregation. Step 2's rollouts are the same too: under two ranks they come from the generation replicas
     (`rollout.sync_replica`)."""
     from transformers import AutoModelForCausalLM
+
     agg = ("--loss-agg", loss_agg)
     (one, one2), rolls1, o1 = _digit_run(digit_model_dir, tmp_path, "grpo.py", "one", *agg, sgd=True, steps=2)
-    (two, two2), rolls2, o2 = _digit_run(digit_model_dir, tmp_path, "grpo.py", "two", *agg, sgd=True,
-                                         launcher=TORCHRUN2, steps=2)
-    key = lambda rolls: [(r["step"], r["prompt"], r["sample"], r["text"]) for r in rolls]
+    (two, two2), rolls2, o2 = _digit_run(
+        digit_model_dir, tmp_path, "grpo.py", "two", *agg, sgd=True, launcher=TORCHRUN2, steps=2
+    )
+
+    def key(rolls):
+        return [(r["step"], r["prompt"], r["sample"], r["text"]) for r in rolls]
+
     assert key(rolls1) == key(rolls2)
     r1 = [r for r in rolls1 if r["step"] == 1]
     assert [r["text"] for r in r1] != [r["text"] for r in rolls1 if r["step"] == 2]
@@ -2203,13 +2846,15 @@ def test_grpo_one_and_two_processes_equal_the_gradient_by_hand(digit_model_dir, 
 def test_grpo_resume_equals_uninterrupted_run(digit_model_dir, tmp_path):
     """Three AdamW steps at once, and the same run resumed from its step-2 checkpoint: step 3's rollouts, metrics
     and weights are the same."""
-    full, rolls, out = _digit_run(digit_model_dir, tmp_path, "grpo.py", "full", "--lr", "1e-2", "--warmup", "2",
-                                  steps=3)
+    full, rolls, out = _digit_run(
+        digit_model_dir, tmp_path, "grpo.py", "full", "--lr", "1e-2", "--warmup", "2", steps=3
+    )
     assert [m["step"] for m in full] == [1, 2, 3]
     (tmp_path / "resumed").mkdir()
     shutil.copytree(out / "step_2", tmp_path / "resumed" / "step_2")
-    resumed, rolls3, out3 = _digit_run(digit_model_dir, tmp_path, "grpo.py", "resumed", "--lr", "1e-2", "--warmup",
-                                       "2", "--resume", steps=3)
+    resumed, rolls3, out3 = _digit_run(
+        digit_model_dir, tmp_path, "grpo.py", "resumed", "--lr", "1e-2", "--warmup", "2", "--resume", steps=3
+    )
     assert [m["step"] for m in resumed] == [3] and rolls3 == [r for r in rolls if r["step"] == 3]
     _step_metrics_equal(resumed[0], full[2])
     a, b, b2 = _weights(out3 / "step_3"), _weights(out / "step_3"), _weights(out / "step_2")
@@ -2221,17 +2866,37 @@ def test_grpo_mini_batch_epochs_std_and_eval_flags_reach_the_trainer(digit_model
     """--mini-batch 2 --ppo-epochs 2: four optimizer updates a step (two mini-batches of two problems, twice);
     --norm-adv-std: advantages divided by the group's unbiased std + 1e-6; --eval-every 2 over 3 steps: evaluated
     after steps 2 and 3 only."""
-    rows, rolls, out = _digit_run(digit_model_dir, tmp_path, "grpo.py", "flags", "--mini-batch", "2", "--ppo-epochs",
-                                  "2", "--norm-adv-std", "--eval-every", "2", "--lr", "1e-3", "--eval-top-k", "1",
-                                  "--eval-n", "8", steps=3)
+    rows, rolls, out = _digit_run(
+        digit_model_dir,
+        tmp_path,
+        "grpo.py",
+        "flags",
+        "--mini-batch",
+        "2",
+        "--ppo-epochs",
+        "2",
+        "--norm-adv-std",
+        "--eval-every",
+        "2",
+        "--lr",
+        "1e-3",
+        "--eval-top-k",
+        "1",
+        "--eval-n",
+        "8",
+        steps=3,
+    )
     assert [m["updates"] for m in rows] == [4, 4, 4] and all(m["grad_norm"] > 0 for m in rows)
     assert [any(k.startswith("eval/") for k in m) for m in rows] == [False, True, True]
     # --eval-top-k 1: each of the 8 evaluation samples after step 3 is step 3's greedy answer to its problem
     model, tok = rollout.load_model(str(out / "step_3"))
-    greedy = rollout.generate_hf(model, tok, [rollout.chat_prompt(tok, data.format_prompt(p["question"]))
-                                              for p in DIGIT_PROBLEMS], rollout.SamplingParams(temperature=0,
-                                                                                               max_new_tokens=2),
-                                 progress=False)
+    greedy = rollout.generate_hf(
+        model,
+        tok,
+        [rollout.chat_prompt(tok, data.format_prompt(p["question"])) for p in DIGIT_PROBLEMS],
+        rollout.SamplingParams(temperature=0, max_new_tokens=2),
+        progress=False,
+    )
     acc = sum(_correct_by_hand(g.text, p["answer"]) for g, p in zip(greedy, DIGIT_PROBLEMS)) / 4
     assert rows[2]["eval/digits/acc"] == acc
     assert rows[2]["eval/digits/length"] == sum(len(g.response_ids) for g in greedy) / 4
@@ -2245,16 +2910,19 @@ def test_grpo_kl_reference_is_the_initial_policy(digit_model_dir, tmp_path):
     """--kl-coef 0.5: at step 1 the policy is its own reference (KL 0); step 2's KL is the k3 estimate of the step-1
     policy against the initial model on step 2's rollouts, clamped at 10 per token as verl's, and step 2's loss is
     the surrogate + 0.5 KL, by hand."""
-    (m1, m2), rolls, out = _digit_run(digit_model_dir, tmp_path, "grpo.py", "kl", "--kl-coef", "0.5", sgd=True,
-                                      steps=2)
+    (m1, m2), rolls, out = _digit_run(
+        digit_model_dir, tmp_path, "grpo.py", "kl", "--kl-coef", "0.5", sgd=True, steps=2
+    )
     step2 = [r for r in rolls if r["step"] == 2]
     policy, ref = rollout.load_model(str(out / "step_1"))[0], rollout.load_model(digit_model_dir)[0]
     k3 = []
     with torch.no_grad():
         for r in step2:
             y = torch.tensor(r["response_ids"])[:, None]
-            lp, ref_lp = (torch.log_softmax(_response_logits(m, r["prompt_ids"], r["response_ids"]), -1).gather(-1, y)[:, 0]
-                          for m in (policy, ref))
+            lp, ref_lp = (
+                torch.log_softmax(_response_logits(m, r["prompt_ids"], r["response_ids"]), -1).gather(-1, y)[:, 0]
+                for m in (policy, ref)
+            )
             k3.append(torch.exp(ref_lp - lp) - (ref_lp - lp) - 1)
         assert max(float(t.max()) for t in k3) > 10  # a token the step-1 policy made rare: verl's clamp at 10 acts
         kl = float(_by_agg([t.clamp(max=10.0) for t in k3], "seq-mean-token-mean"))  # aggregated as the surrogate
@@ -2287,17 +2955,23 @@ def test_rollout_is_weight_cap_and_kl_term_by_hand(tiny_model_dir):
             y = torch.tensor(r["response_ids"])[:, None]
             logp = torch.log_softmax(_response_logits(m, r["prompt_ids"], r["response_ids"]), -1).gather(-1, y)[:, 0]
             with torch.no_grad():
-                ref_lp = torch.log_softmax(_response_logits(ref, r["prompt_ids"], r["response_ids"]), -1).gather(-1, y)[:, 0]
-            w = torch.clamp(torch.exp(logp.detach() - torch.tensor(r["rollout_logprobs"], dtype=torch.float64)), max=2.0)
+                ref_lp = torch.log_softmax(_response_logits(ref, r["prompt_ids"], r["response_ids"]), -1).gather(
+                    -1, y
+                )[:, 0]
+            w = torch.clamp(
+                torch.exp(logp.detach() - torch.tensor(r["rollout_logprobs"], dtype=torch.float64)), max=2.0
+            )
             loss = loss - (r["advantage"] * torch.exp(logp - logp.detach()) * w).sum() / n
             kl = kl + (torch.exp(ref_lp - logp) - (ref_lp - logp) - 1).sum() / n  # k3
         by_hand.kl = float(kl.detach()) if torch.is_tensor(kl) else kl
         return loss + 0.1 * kl
+
     want_loss, grads = _grads_by_hand(tiny_model_dir, by_hand)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     args = grpo.Args(rollouts=4, micro_batch=3, kl_coef=0.1, grad_clip=1e9, loss_agg="token-mean")
-    m = grpo.train_on_rollouts(model, torch.optim.SGD(model.parameters(), lr=1.0), rows, args, 1, "cpu",
-                               tok.pad_token_id, ref_model=ref)
+    m = grpo.train_on_rollouts(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), rows, args, 1, "cpu", tok.pad_token_id, ref_model=ref
+    )
     assert m["loss"] == pytest.approx(want_loss, rel=1e-5) and m["kl"] == pytest.approx(by_hand.kl, rel=1e-5)
     assert by_hand.kl > 1e-4
     _assert_same_gradient({k: before[k] - v.detach() for k, v in model.named_parameters()}, grads, weights=before)
@@ -2316,14 +2990,21 @@ def test_off_policy_updates_against_the_step_start(tiny_model_dir, lr):
 
     def logps(m, r):
         y = torch.tensor(r["response_ids"])[:, None]
-        return torch.log_softmax(_response_logits(m, r["prompt_ids"], r["response_ids"]).double(), -1).gather(-1, y)[:, 0]
+        return torch.log_softmax(_response_logits(m, r["prompt_ids"], r["response_ids"]).double(), -1).gather(-1, y)[
+            :, 0
+        ]
+
     with torch.no_grad():
         old = [logps(m64, r) for r in rows]
     for r, o in zip(rows, old):  # rollout log-probs a little off the policy's: IS weights exp(0.1), and the cap
         r["rollout_logprobs"] = [float(x) - (0.1 if t % 2 else 1.0) for t, x in enumerate(o)]
     opt, ratios = torch.optim.SGD(m64.parameters(), lr=lr), []
     for u in (0, 1):
-        part, n, loss = range(4 * u, 4 * u + 4), sum(len(rows[i]["response_ids"]) for i in range(4 * u, 4 * u + 4)), 0.0
+        part, n, loss = (
+            range(4 * u, 4 * u + 4),
+            sum(len(rows[i]["response_ids"]) for i in range(4 * u, 4 * u + 4)),
+            0.0,
+        )
         for i in part:
             r, lp = rows[i], logps(m64, rows[i])
             ratio, a = torch.exp(lp - old[i]), r["advantage"]
@@ -2337,9 +3018,12 @@ def test_off_policy_updates_against_the_step_start(tiny_model_dir, lr):
         opt.step()
         if u == 0:
             first = {k: p.detach().clone() for k, p in m64.named_parameters()}  # after update 1
-    args = grpo.Args(rollouts=4, mini_batch=1, micro_batch=4, grad_clip=1e9, loss_agg="token-mean", clip_low=0.05,
-                     clip_high=0.5)
-    m = grpo.train_on_rollouts(model, torch.optim.SGD(model.parameters(), lr=lr), rows, args, 1, "cpu", tok.pad_token_id)
+    args = grpo.Args(
+        rollouts=4, mini_batch=1, micro_batch=4, grad_clip=1e9, loss_agg="token-mean", clip_low=0.05, clip_high=0.5
+    )
+    m = grpo.train_on_rollouts(
+        model, torch.optim.SGD(model.parameters(), lr=lr), rows, args, 1, "cpu", tok.pad_token_id
+    )
     # the second update's ratios on both sides of each bound: 1.094 in (1.05, 1.5) and 0.908 in (0.5, 0.95)
     assert m["updates"] == 2 and any(r > 1.5 for r in ratios) and any(1.05 < r < 1.5 for r in ratios), ratios
     assert any(0.5 < r < 0.95 for r in ratios), ratios
@@ -2401,10 +3085,11 @@ class _Partial:
 def _verl_partitions(values, k):
     """get_seqlen_balanced_partitions(values, k, equal_size=True), as verl computes it."""
     import heapq
+
     ranked = sorted((v, i) for i, v in enumerate(values))
     heap = []
     for j in range(0, len(ranked), k):
-        heapq.heappush(heap, _Partial([(i, v) for v, i in ranked[j:j + k]], k))
+        heapq.heappush(heap, _Partial([(i, v) for v, i in ranked[j : j + k]], k))
     while len(heap) > 1:
         first = heapq.heappop(heap)
         first.absorb(heapq.heappop(heap))
@@ -2456,8 +3141,12 @@ def test_sibling_order_is_gathered_across_ranks(tmp_path):
     """Under torchrun each rank holds some of a step's rollouts: sibling_order gathers every rank's lengths, so each
     rollout gets its place in verl's order of the whole step, as balanced_positions gives it on one process."""
     (tmp_path / "w.py").write_text(SIBLING_ORDER_WORKER)
-    run(*TORCHRUN2, str(tmp_path / "w.py"), str(tmp_path / "out.json"), env={"OMP_NUM_THREADS": "1",
-                                                                               "PYTHONPATH": str(ROOT)})
+    run(
+        *TORCHRUN2,
+        str(tmp_path / "w.py"),
+        str(tmp_path / "out.json"),
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
     got = {int(k): v for k, v in json.loads((tmp_path / "out.json").read_text()).items()}
     want = rollout.balanced_positions([(37 * i) % 101 + 5 for i in range(16)], 4)
     assert got == dict(enumerate(want)) and sorted(want) == list(range(16))
@@ -2482,11 +3171,27 @@ def test_success_threshold_at_its_boundary():
 def test_grpo_coverage_and_no_checkpoints(digit_model_dir, tmp_path):
     """--coverage 1: every prompt of every step is the one problem `data.coverage_subset` draws; --save-every 0
     writes no checkpoint."""
-    p = subprocess.run([sys.executable, "grpo.py", "--model", digit_model_dir, "--data", "synthetic:types=add,n=8",
-                        "--coverage", "99", "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "grpo.py",
+            "--model",
+            digit_model_dir,
+            "--data",
+            "synthetic:types=add,n=8",
+            "--coverage",
+            "99",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0 and "coverage subset of 99 asked from 8 distinct problems" in p.stderr
-    _, rolls, out = _digit_run(digit_model_dir, tmp_path, "grpo.py", "y", "--coverage", "1", "--save-every", "0",
-                               steps=2)
+    _, rolls, out = _digit_run(
+        digit_model_dir, tmp_path, "grpo.py", "y", "--coverage", "1", "--save-every", "0", steps=2
+    )
     (only,) = data.coverage_subset(data.load_problems(_digit_problems(tmp_path)), 1, seed=0)
     assert len(rolls) == 32 and {r["problem"] for r in rolls} == {only["id"]}
     assert not list(out.glob("step_*"))  # --save-every 0: no checkpoint at all
@@ -2495,27 +3200,56 @@ def test_grpo_coverage_and_no_checkpoints(digit_model_dir, tmp_path):
 def test_grpo_embedded_model_one_step(tmp_path):
     """The README's main command, one step: the embedded model trains and is evaluated (its 1.6 GB checkpoint is
     left out: checkpoints are tested on the tiny models)."""
-    p = subprocess.run([sys.executable, "grpo.py", "--steps", "1", "--prompts-per-step", "2", "--rollouts", "4",
-                        "--max-new-tokens", "24", "--eval-n", "1", "--eval-max-new-tokens", "8", "--lenient",
-                        "--eval-data", "synthetic:split=ood,n=2", "--save-rollouts", "--save-every", "0",
-                        "--out", str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "grpo.py",
+            "--steps",
+            "1",
+            "--prompts-per-step",
+            "2",
+            "--rollouts",
+            "4",
+            "--max-new-tokens",
+            "24",
+            "--eval-n",
+            "1",
+            "--eval-max-new-tokens",
+            "8",
+            "--lenient",
+            "--eval-data",
+            "synthetic:split=ood,n=2",
+            "--save-rollouts",
+            "--save-every",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     out = p.stdout
     assert "deprecated" not in p.stderr  # the KV cache passed and read under transformers' current name
-    row = json.loads(open(tmp_path / "metrics.jsonl").read())
-    rolls = [json.loads(l) for l in open(tmp_path / "rollouts.jsonl")]
+    (row,) = _jsonl(tmp_path / "metrics.jsonl")
+    rolls = _jsonl(tmp_path / "rollouts.jsonl")
     problems = {p["id"]: p for p in data.load_problems(grpo.Args.data)}
     assert len(rolls) == 8 and row["score"] == sum(r["reward"] for r in rolls) / 8
-    assert [r["reward"] for r in rolls] == [data.grade(r["text"], problems[r["problem"]]["answer"], lenient=True)
-                                            for r in rolls]
+    assert [r["reward"] for r in rolls] == [
+        data.grade(r["text"], problems[r["problem"]]["answer"], lenient=True) for r in rolls
+    ]
     assert row["length"] == sum(len(r["response_ids"]) for r in rolls) / 8 <= 24 and math.isfinite(row["loss"])
     acc = row["eval/synthetic:split=ood,n=2/acc"]
     assert out.splitlines()[-4:] == [
         "grpo: trained to step 1.",
         f"  synthetic:split=ood,n=2: held-out accuracy {acc:.2f} on 2 problems (2 responses), "
-        f"{row['eval/synthetic:split=ood,n=2/length']:.0f} tokens, E(y) {row['eval/synthetic:split=ood,n=2/epistemic']:.2f}",
-        f"  metrics: {tmp_path / 'metrics.jsonl'}", "  checkpoint: none (--save-every 0)"]
+        f"{row['eval/synthetic:split=ood,n=2/length']:.0f} tokens, "
+        f"E(y) {row['eval/synthetic:split=ood,n=2/epistemic']:.2f}",
+        f"  metrics: {tmp_path / 'metrics.jsonl'}",
+        "  checkpoint: none (--save-every 0)",
+    ]
 
 
 def _wandb_history(out: Path) -> list[dict]:
@@ -2524,6 +3258,7 @@ def _wandb_history(out: Path) -> list[dict]:
     first/middle/last = 2/3/4) in 32 KiB blocks whose tails under 7 bytes are padding."""
     import struct
     from wandb.proto import wandb_internal_pb2
+
     (path,) = out.glob("wandb/offline-run-*/run-*.wandb")
     raw, pos, chunk, rows = path.read_bytes(), 7, b"", []
     assert raw[:4] == b":W&B"
@@ -2531,8 +3266,8 @@ def _wandb_history(out: Path) -> list[dict]:
         if 32768 - pos % 32768 < 7:
             pos += 32768 - pos % 32768
             continue
-        _, n, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        chunk, pos = chunk + raw[pos + 7:pos + 7 + n], pos + 7 + n
+        _, n, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        chunk, pos = chunk + raw[pos + 7 : pos + 7 + n], pos + 7 + n
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(chunk)
@@ -2546,12 +3281,40 @@ def test_wandb_offline_run_logs_what_metrics_jsonl_holds(digit_model_dir, tmp_pa
     """--wandb PROJECT in wandb's offline mode: one run under OUT/wandb whose history holds, step by step, every
     value metrics.jsonl holds (sdpo.py, so grpo.py's loop and SDPO's own metrics both)."""
     import wandb  # noqa: F401  (the README's test install brings it: a missing one fails here, not skips)
+
     out, probs = tmp_path / "wb", _digit_problems(tmp_path)
-    run(sys.executable, "sdpo.py", "--model", digit_model_dir, "--data", probs, "--steps", "2", "--prompts-per-step",
-        "2", "--rollouts", "4", "--max-new-tokens", "6", "--lenient", "--eval-data", probs, "--eval-n", "1",
-        "--eval-max-new-tokens", "2", "--save-every", "0", "--wandb", "sdpo-test", "--out", str(out),
-        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}, timeout=300)
-    rows = [json.loads(l) for l in open(out / "metrics.jsonl") if '"step"' in l]
+    run(
+        sys.executable,
+        "sdpo.py",
+        "--model",
+        digit_model_dir,
+        "--data",
+        probs,
+        "--steps",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--rollouts",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--lenient",
+        "--eval-data",
+        probs,
+        "--eval-n",
+        "1",
+        "--eval-max-new-tokens",
+        "2",
+        "--save-every",
+        "0",
+        "--wandb",
+        "sdpo-test",
+        "--out",
+        str(out),
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    rows = [r for r in _jsonl(out / "metrics.jsonl") if "step" in r]
     history = _wandb_history(out)
     assert [h["step"] for h in history] == [r["step"] for r in rows] == [1, 2]
     for r, h in zip(rows, history):
@@ -2569,21 +3332,48 @@ def test_no_fast_runs_without_fast_py_and_trains_as_fast(digit_model_dir, tmp_pa
         if f.name != "fast.py":
             (bare / f.name).write_bytes(f.read_bytes())
     out = {"plain": tmp_path / "plain", "fast": tmp_path / "fast"}
-    argv = ["--model", digit_model_dir, "--data", _digit_problems(tmp_path), "--steps", "1", "--prompts-per-step", "4",
-            "--rollouts", "4", "--max-new-tokens", "6", "--lenient", "--eval-data", _digit_problems(tmp_path),
-            "--eval-n", "1", "--eval-max-new-tokens", "2", "--save-every", "1",
-            # SDPO over the whole vocabulary: the digit model's 49k other logits are ~0, near-ties whose order (the
-            # top-100's last members) the two paths' fp32 rounding can swap
-            # GRPO under token-mean: an on-policy loss that is not ~0 (see the one-and-two-processes test)
-            *(["--topk", "0"] if script == "sdpo.py" else ["--loss-agg", "token-mean"])]
+    argv = [
+        "--model",
+        digit_model_dir,
+        "--data",
+        _digit_problems(tmp_path),
+        "--steps",
+        "1",
+        "--prompts-per-step",
+        "4",
+        "--rollouts",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--lenient",
+        "--eval-data",
+        _digit_problems(tmp_path),
+        "--eval-n",
+        "1",
+        "--eval-max-new-tokens",
+        "2",
+        "--save-every",
+        "1",
+        # SDPO over the whole vocabulary: the digit model's 49k other logits are ~0, near-ties whose order (the
+        # top-100's last members) the two paths' fp32 rounding can swap
+        # GRPO under token-mean: an on-policy loss that is not ~0 (see the one-and-two-processes test)
+        *(["--topk", "0"] if script == "sdpo.py" else ["--loss-agg", "token-mean"]),
+    ]
     # one SGD step at lr 1 each: the weights move by -gradient; --no-fast in its own process, from the bare copy
-    p = subprocess.run(_worker_command(tmp_path, [sys.executable], script, *argv, "--no-fast", "--out",
-                                       str(out["plain"]), sgd=True, root=bare),
-                       cwd=bare, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        _worker_command(
+            tmp_path, [sys.executable], script, *argv, "--no-fast", "--out", str(out["plain"]), sgd=True, root=bare
+        ),
+        cwd=bare,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     _main_in_process(script, *argv, "--fast", "--out", str(out["fast"]), sgd=True)
     assert not (bare / "fast.py").exists()
-    rows = {k: [json.loads(l) for l in open(v / "metrics.jsonl") if '"step"' in l][0] for k, v in out.items()}
+    rows = {k: [r for r in _jsonl(v / "metrics.jsonl") if "step" in r][0] for k, v in out.items()}
     for key in ("score", "length", "epistemic"):
         assert rows["plain"][key] == rows["fast"][key]  # the same rollouts
     # SDPO's metrics over the distilled positions, twin by twin (GRPO's entropy is over the rows each path trains)
@@ -2592,9 +3382,15 @@ def test_no_fast_runs_without_fast_py_and_trains_as_fast(digit_model_dir, tmp_pa
         assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-4, abs=1e-7)), key
     # fp32 rounding of two summation orders
     loss = rows["fast"]["loss"]
-    assert abs(loss) > 0.05 and rows["plain"]["trained_frac"] == 1.0 and rows["plain"]["loss"] == pytest.approx(loss, rel=1e-4)
-    plain, quick = _gradient_from_sgd_step(digit_model_dir, out["plain"]), _gradient_from_sgd_step(digit_model_dir,
-                                                                                                   out["fast"])
+    assert (
+        abs(loss) > 0.05
+        and rows["plain"]["trained_frac"] == 1.0
+        and rows["plain"]["loss"] == pytest.approx(loss, rel=1e-4)
+    )
+    plain, quick = (
+        _gradient_from_sgd_step(digit_model_dir, out["plain"]),
+        _gradient_from_sgd_step(digit_model_dir, out["fast"]),
+    )
     # the plain path's fp32 sums leave the norm weights' gradients up to ~4e-4 of their largest entry from a float64
     # gradient (model.norm, measured); --fast's stay within 1e-4 (the one-and-two-processes test)
     _assert_same_gradient(quick, plain, rel=5e-4, weights=_weights(digit_model_dir))
@@ -2615,10 +3411,12 @@ import sdpo
 
 def _brute_divergence(s_logits, t_logits, topk, alpha, add_tail, temperature=1.0):
     """Eq. 1 for one position, with plain floats over a tiny vocabulary."""
+
     def softmax(z):
         m = max(z)
         e = [math.exp((x - m) / 1.0) for x in z]
         return [x / sum(e) for x in e]
+
     ps, pt = softmax([x / temperature for x in s_logits]), softmax([x / temperature for x in t_logits])
     if topk:
         idx = sorted(range(len(ps)), key=lambda i: -ps[i])[:topk]
@@ -2627,7 +3425,10 @@ def _brute_divergence(s_logits, t_logits, topk, alpha, add_tail, temperature=1.0
             ps, pt = ps_k + [1 - sum(ps_k)], pt_k + [1 - sum(pt_k)]
         else:
             ps, pt = [x / sum(ps_k) for x in ps_k], [x / sum(pt_k) for x in pt_k]
-    kl = lambda p, q: sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+    def kl(p, q):
+        return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
     if alpha == 0:
         return kl(pt, ps)
     if alpha == 1:
@@ -2646,8 +3447,9 @@ def test_self_distillation_loss_brute_force(alpha, topk, add_tail):
     for i in range(4):
         want = _brute_divergence(s[i].tolist(), t[i].tolist(), topk, alpha, add_tail, temperature=0.7)
         assert got[i].item() == pytest.approx(want, abs=1e-6)
-    assert torch.allclose(sdpo.self_distillation_loss(s, s, topk, alpha, add_tail), torch.zeros(4, dtype=s.dtype),
-                          atol=1e-7)  # identical distributions: zero
+    assert torch.allclose(
+        sdpo.self_distillation_loss(s, s, topk, alpha, add_tail), torch.zeros(4, dtype=s.dtype), atol=1e-7
+    )  # identical distributions: zero
 
 
 def _chunked(*args, **kwargs) -> torch.Tensor:
@@ -2665,8 +3467,9 @@ def test_self_distillation_gradient_step_lowers_loss(alpha, topk):
     loss.backward()
     assert t.grad is None and s.grad.abs().sum() > 0  # stopgrad on the teacher
     tx = t.detach().clone().requires_grad_()  # the chunked path too (logits in, no LM head)
-    _chunked(s.detach().clone().requires_grad_(), tx, torch.zeros(5, dtype=torch.long), topk=topk,
-                              alpha=alpha, chunk=2)[:, 0].sum().backward()
+    _chunked(
+        s.detach().clone().requires_grad_(), tx, torch.zeros(5, dtype=torch.long), topk=topk, alpha=alpha, chunk=2
+    )[:, 0].sum().backward()
     assert tx.grad is None
     with torch.no_grad():
         after = sdpo.self_distillation_loss(s - 0.1 * s.grad, t, topk=topk, alpha=alpha).mean()
@@ -2707,8 +3510,7 @@ def test_chunked_distillation_equals_unchunked():
     # every support and temperature: values, metrics and both gradients (the backward reuses the forward's teacher)
     for topk, add_tail, temp in ((5, True, 1.0), (5, False, 1.3), (None, True, 1.0), (None, True, 0.7)):
         hs.grad = ws.grad = None
-        res = _chunked(hs, ht, y, ws, wt, topk=topk, alpha=0.3, add_tail=add_tail, temperature=temp,
-                                        chunk=8)
+        res = _chunked(hs, ht, y, ws, wt, topk=topk, alpha=0.3, add_tail=add_tail, temperature=temp, chunk=8)
         (res[:, 0] * torch.arange(N) + res[:, 1]).sum().backward()
         g_h, g_w = hs.grad.clone(), ws.grad.clone()
         hs.grad = ws.grad = None
@@ -2739,7 +3541,8 @@ def test_sdpo_reprompt_strings_and_strip_think():
     base = "Q\nPlease reason step by step, and put your final answer within \\boxed{}."
     assert sdpo.teacher_prompt("Q", "A") == base + "\nCorrect solution:\n\nA\n\nCorrectly solve the original question."
     assert sdpo.teacher_prompt("Q", "A", template="uncertainty").endswith(
-        "include as much uncertainty or ambiguity in the explanation.")
+        "include as much uncertainty or ambiguity in the explanation."
+    )
     assert sdpo.strip_think("<think>\nx\n</think>\n\nans") == "ans"  # Qwen3
     assert sdpo.strip_think("x wait y</think>ans") == "ans"  # R1-Distill
 
@@ -2757,7 +3560,7 @@ def straightforward_logprobs(model, seqs, pad_id, temperature):
     """The textbook computation: full logits over every position, log_softmax over the vocabulary."""
     out = []
     for p, r in seqs:
-        z = model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1] / temperature
+        z = model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : len(p) + len(r) - 1] / temperature
         out.append(torch.log_softmax(z, -1).gather(-1, torch.tensor(r)[:, None]).squeeze(-1))
     return out
 
@@ -2766,8 +3569,10 @@ def straightforward_logprobs(model, seqs, pad_id, temperature):
 def test_token_logprobs_equal_straightforward(tiny_model_dir, temp):
     """grpo.token_logprobs (one padded row per sequence, the full logits) and its twin fast.token_logprobs (hidden
     states, response positions only, the LM head in chunks) equal a log_softmax per sequence (values, grads)."""
-    for twin in (lambda *a, **k: grpo.token_logprobs(*a, **k),
-                 lambda *a, **k: fast.token_logprobs(*a, **k, chunk=3, pack=64)):
+    for twin in (
+        lambda *a, **k: grpo.token_logprobs(*a, **k),
+        lambda *a, **k: fast.token_logprobs(*a, **k, chunk=3, pack=64),
+    ):
         _check_token_logprobs(tiny_model_dir, temp, twin)
 
 
@@ -2783,11 +3588,11 @@ def _check_token_logprobs(tiny_model_dir, temp, token_logprobs):
     ref = straightforward_logprobs(model, seqs, 0, temp)
     sum(x.sum() for x in ref).backward()
     for i, x in enumerate(ref):
-        assert torch.allclose(logp[i, :len(x)], x, atol=1e-5) and mask[i].sum() == len(x)
-        assert torch.all(logp[i, len(x):] == 0)
-        z = model(input_ids=torch.tensor([seqs[i][0] + seqs[i][1]])).logits[0, len(seqs[i][0]) - 1:-1] / temp
+        assert torch.allclose(logp[i, : len(x)], x, atol=1e-5) and mask[i].sum() == len(x)
+        assert torch.all(logp[i, len(x) :] == 0)
+        z = model(input_ids=torch.tensor([seqs[i][0] + seqs[i][1]])).logits[0, len(seqs[i][0]) - 1 : -1] / temp
         h = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
-        assert torch.allclose(ent[i, :len(x)], h, atol=1e-5)
+        assert torch.allclose(ent[i, : len(x)], h, atol=1e-5)
     # gradients relative to their largest entry: the tied embedding's reaches ~5 here, where fp32 rounding of the
     # two summation orders reached 2.7e-5 on an AMD EPYC (5e-6 of the largest entry), above a 1e-5 atol
     for n, p in model.named_parameters():
@@ -2872,8 +3677,19 @@ def test_fsdp2_chunked_losses_gradients_equal_one_process(tiny_model_dir, tmp_pa
     its forward: the gradients must equal one process's, tied embedding included (packed rows on both sides)."""
     script = tmp_path / "fsdp_grads.py"
     script.write_text(FSDP_GRADS)
-    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-        tiny_model_dir, str(tmp_path / "out.json"), env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=300)
+    run(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        tiny_model_dir,
+        str(tmp_path / "out.json"),
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["scale"] > 1e-3 and out["diff"] < 1e-5 * max(1.0, out["scale"]), out
 
@@ -2881,8 +3697,13 @@ def test_fsdp2_chunked_losses_gradients_equal_one_process(tiny_model_dir, tmp_pa
 def test_bench_rows_are_the_documented_ones_and_grade_runs():
     """bench.py (figures go to PERFORMANCE.md): every row its docstring names exists, and the cheapest one runs."""
     import bench
-    named = {row for line in bench.__doc__.splitlines() if line.startswith("    python bench.py ")
-             for row in line.split("#")[0].split()[2:]}
+
+    named = {
+        row
+        for line in bench.__doc__.splitlines()
+        if line.startswith("    python bench.py ")
+        for row in line.split("#")[0].split()[2:]
+    }
     assert named and named <= set(bench.ROWS), named - set(bench.ROWS)
     out = bench.bench_grade(n=24)
     wrong = sum(r.startswith(("Thus", "I think")) for r, _ in bench.mixed_responses(24))  # a + 1, and no box
@@ -2905,33 +3726,85 @@ def test_bootstrap_against_its_exact_distribution():
 def test_report_from_fake_runs(tmp_path):
     root = tmp_path / "runs"
     good = "<think>\nHmm.\n</think>\n\\boxed{3}"
-    for name, seed, scores, accs in (("grpo", 0, [0.1, 0.3], [0, 1, 0.5]), ("sdpo", 0, [0.2, 0.4], [1, 1, 1]),
-                                     ("sdpo", 1, [0.2, 0.6], [1, 1, 1])):
+    for name, seed, scores, accs in (
+        ("grpo", 0, [0.1, 0.3], [0, 1, 0.5]),
+        ("sdpo", 0, [0.2, 0.4], [1, 1, 1]),
+        ("sdpo", 1, [0.2, 0.6], [1, 1, 1]),
+    ):
         d = root / name / f"seed{seed}"
         (d / "eval").mkdir(parents=True)
-        rows = [{"resumed_from": 0}] + [dict(step=i + 1, score=x, length=100 - 10 * i, epistemic=0.5, think_length=80,
-                                             answer_length=20 - 10 * i, kl=0.0) for i, x in enumerate(scores)]
+        rows = [{"resumed_from": 0}] + [
+            dict(
+                step=i + 1,
+                score=x,
+                length=100 - 10 * i,
+                epistemic=0.5,
+                think_length=80,
+                answer_length=20 - 10 * i,
+                kl=0.0,
+            )
+            for i, x in enumerate(scores)
+        ]
         if name == "sdpo":
             rows[-1].update(kl=0.02 * (seed + 1), kl_epistemic=0.0)
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[1]]))  # a resumed step
-        samples = [dict(benchmark="ood", id=f"p{k}", scores=[a, a], lengths=[10, 30], epistemic=[1, 2],
-                        responses=[good, "3"], finish_reasons=["stop", "length"]) for k, a in enumerate(accs)]
+        samples = [
+            dict(
+                benchmark="ood",
+                id=f"p{k}",
+                scores=[a, a],
+                lengths=[10, 30],
+                epistemic=[1, 2],
+                responses=[good, "3"],
+                finish_reasons=["stop", "length"],
+            )
+            for k, a in enumerate(accs)
+        ]
         (d / "eval" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
         (d / "eval" / "summary.json").write_text("{}")
     (root / "base").mkdir()
-    (root / "base" / "samples.jsonl").write_text(json.dumps(dict(
-        benchmark="ood", id="p0", scores=[0, 1], lengths=[4, 6], epistemic=[0, 0], responses=[good, good + "x"],
-        finish_reasons=["stop", "stop"])) + "\n")
+    (root / "base" / "samples.jsonl").write_text(
+        json.dumps(
+            dict(
+                benchmark="ood",
+                id="p0",
+                scores=[0, 1],
+                lengths=[4, 6],
+                epistemic=[0, 0],
+                responses=[good, good + "x"],
+                finish_reasons=["stop", "stop"],
+            )
+        )
+        + "\n"
+    )
     assert evaluate.read_samples(root / "base" / "samples.jsonl")[("ood", "p0")] == dict(
-        acc=0.5, length=5.0, epistemic=0.0, format=1.0, truncated=0.0)
-    md = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope", "B=sdpo,gone"],
-                                             last=1, boot=400))
+        acc=0.5, length=5.0, epistemic=0.0, format=1.0, truncated=0.0
+    )
+    md = evaluate.report(
+        evaluate.ReportArgs(
+            runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope", "B=sdpo,gone"], last=1, boot=400
+        )
+    )
     assert md == (tmp_path / "rep" / "REPORT.md").read_text()
-    _main_in_process("evaluate.py", "report", str(root), "--out", str(tmp_path / "cli"), "--groups", "A=grpo,sdpo,nope",
-                     "B=sdpo,gone", "--last", "1", "--boot", "400")  # the command the README runs
+    _main_in_process(
+        "evaluate.py",
+        "report",
+        str(root),
+        "--out",
+        str(tmp_path / "cli"),
+        "--groups",
+        "A=grpo,sdpo,nope",
+        "B=sdpo,gone",
+        "--last",
+        "1",
+        "--boot",
+        "400",
+    )  # the command the README runs
     assert (tmp_path / "cli" / "REPORT.md").read_text() == md.replace(str(tmp_path / "rep"), str(tmp_path / "cli"))
-    cells = lambda run, after: [c.strip() for c in md[md.index(after):].split(f"| {run} ")[1].split("\n")[0]
-                                .strip("|").split("|")]
+
+    def cells(run, after):
+        return [c.strip() for c in md[md.index(after) :].split(f"| {run} ")[1].split("\n")[0].strip("|").split("|")]
+
     sdpo = cells("sdpo", "## Training runs")
     # last scores 0.4 and 0.6 -> 0.5, seeds drawn: [0.4, 0.6]; length 100 at step 1, 90 last; answer length 10
     assert sdpo[:4] == ["2", "0.500 [0.400, 0.600]", "100.0 [100.0, 100.0]", "90.0 [90.0, 90.0]"]
@@ -2940,12 +3813,14 @@ def test_report_from_fake_runs(tmp_path):
     assert cells("grpo", "## Training runs")[8:10] == ["-", "0.500 [0.000, 1.000]"]  # GRPO has no teacher
     diff = cells("sdpo", "## Each run minus grpo")
     assert diff[:2] == ["2", "+0.0 [+0.0, +0.0]"] and diff[4].startswith("+0.500 [+0.000, +1.000]")  # touches 0
-    assert "| ood       | 1        | 0.500 [0.500, 0.500] | 0.00 [0.00, 0.00] | 5.0 [5.0, 5.0] | 1.000 [1.000, 1.000]" \
-        in md  # the table before training: one problem, its two responses both close </think> and box
+    assert (
+        "| ood       | 1        | 0.500 [0.500, 0.500] | 0.00 [0.00, 0.00] | 5.0 [5.0, 5.0] | 1.000 [1.000, 1.000]"
+        in md
+    )  # the table before training: one problem, its two responses both close </think> and box
     assert "## B\n" not in md and "## A\n" in md  # B: its only run is in A's plot
     assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib: in the
     # README's test install
-    per_step = md[md.index("## Per step"):]
+    per_step = md[md.index("## Per step") :]
     assert per_step.count("| grpo ") == 2 and "| sdpo | 2     | 2    | 0.500 | 90.0" in per_step  # the repeat dropped
     # a third seed trained, its evaluation under way (samples.jsonl, no summary.json): sdpo has no held-out figures
     shutil.copytree(root / "sdpo" / "seed1", root / "sdpo" / "seed2")
@@ -3008,8 +3883,9 @@ def test_sdpo_loss_remedies_by_hand():
     assert parts["pg_loss"] == pytest.approx(sum(terms) / 4, rel=1e-9)
     assert loss.item() == pytest.approx(parts["distill_loss"] + 0.5 * sum(terms) / 4, rel=1e-12)
     loss.backward()
-    assert logp.grad.tolist() == pytest.approx([0.0, 0.5 * terms[1] / 4, 0.5 * terms[2] / 4, 0.5 * terms[3] / 4],
-                                               rel=1e-9)  # d(ratio)/d(logp) = ratio
+    assert logp.grad.tolist() == pytest.approx(
+        [0.0, 0.5 * terms[1] / 4, 0.5 * terms[2] / 4, 0.5 * terms[3] / 4], rel=1e-9
+    )  # d(ratio)/d(logp) = ratio
 
 
 def _support_jsd(s_logits, t_logits, k=100, alpha=0.5):
@@ -3019,7 +3895,10 @@ def _support_jsd(s_logits, t_logits, k=100, alpha=0.5):
     idx = ps.detach().topk(k, -1).indices
     p, q = (torch.cat([x.gather(-1, idx), 1 - x.gather(-1, idx).sum(-1, keepdim=True)], -1) for x in (ps, pt))
     m = (1 - alpha) * p + alpha * q
-    kl = lambda a, b: (a * (a / b).log()).sum(-1)
+
+    def kl(a, b):
+        return (a * (a / b).log()).sum(-1)
+
     return (1 - alpha) * kl(p, m) + alpha * kl(q, m), kl(p, q).detach()
 
 
@@ -3032,8 +3911,20 @@ def test_support_jsd_against_brute_force():
         assert float(kl[i]) == pytest.approx(_brute_divergence(s[i].tolist(), t[i].tolist(), 3, 1.0, True), rel=1e-10)
 
 
-def _sdpo_loss_by_hand(student, teacher, tok, rollouts, contexts, pg_coef=0.0, entropy_weight=False, stats=None,
-                       template="sdpo", thinking="auto", protected=None, loss_agg="seq-mean-token-mean"):
+def _sdpo_loss_by_hand(
+    student,
+    teacher,
+    tok,
+    rollouts,
+    contexts,
+    pg_coef=0.0,
+    entropy_weight=False,
+    stats=None,
+    template="sdpo",
+    thinking="auto",
+    protected=None,
+    loss_agg="seq-mean-token-mean",
+):
     """SDPO's first step, on-policy, written out: per distilled token w * e * D, w the rollout importance weight
     min(exp(logp - logp_rollout), 2), e the teacher's entropy / log V with --entropy-weight, D `_support_jsd`;
     token-mean: over the step's distilled tokens; seq-mean-token-mean: each response's mean over its distilled
@@ -3052,8 +3943,12 @@ def _sdpo_loss_by_hand(student, teacher, tok, rollouts, contexts, pg_coef=0.0, e
         if c is None:
             distilled.append(logp[:0])
             continue
-        t_ids = tok(rollout.chat_prompt(tok, rollout.reprompt(questions[r["problem"]], c, template=template),
-                                        thinking=thinking), add_special_tokens=False)["input_ids"]
+        t_ids = tok(
+            rollout.chat_prompt(
+                tok, rollout.reprompt(questions[r["problem"]], c, template=template), thinking=thinking
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
         with torch.no_grad():
             zt = _response_logits(teacher, t_ids, r["response_ids"])
         d, kl = _support_jsd(z, zt)
@@ -3083,11 +3978,14 @@ def test_sdpo_one_and_two_processes_and_skipped_rows_equal_the_gradient_by_hand(
     solutions = {f"digits-{i}": p.get("solution") for i, p in enumerate(DIGIT_PROBLEMS)}
     contexts = [solutions[r["problem"]] for r in step1]
     assert [r["context"] for r in step1] == contexts
-    assert [r["distilled"] for r in step1] == [len(r["response_ids"]) * (c is not None) for r, c in zip(step1, contexts)]
+    assert [r["distilled"] for r in step1] == [
+        len(r["response_ids"]) * (c is not None) for r, c in zip(step1, contexts)
+    ]
     model, tok = rollout.load_model(digit_model_dir)
     stats = []
-    loss, grads = _grads_by_hand(digit_model_dir, lambda m: _sdpo_loss_by_hand(m, model, tok, step1, contexts,
-                                                                                stats=stats, loss_agg=loss_agg))
+    loss, grads = _grads_by_hand(
+        digit_model_dir, lambda m: _sdpo_loss_by_hand(m, model, tok, step1, contexts, stats=stats, loss_agg=loss_agg)
+    )
     norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
     kl = sum(k for _, k in stats) / len(stats)
     for m, out in ((one, o1), (two, o2), (full, o3)):
@@ -3111,8 +4009,9 @@ def test_sdpo_sibling_contexts_and_remedies_equal_the_gradient_by_hand(digit_mod
     parts and the gradient written out by hand; the App. B.6 KL on the marker token " Wait" recomputed."""
     # --seed 1: the tests' sampler draws the same step on every CPU, one where the two sibling orders choose
     # differently, some rows have no successful sibling, and " Wait" is distilled
-    (m,), rolls, out = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "sib", "--pg-coef", "0.5", "--entropy-weight",
-                                  "--seed", "1", sgd=True)
+    (m,), rolls, out = _digit_run(
+        digit_model_dir, tmp_path, "sdpo.py", "sib", "--pg-coef", "0.5", "--entropy-weight", "--seed", "1", sgd=True
+    )
     rewards = _rewards_by_hand(rolls)
     # --sibling balanced: verl's batch order on its 4 ranks (the independent port of its partition), each rank's
     # part by workload, short ones at both ends
@@ -3124,7 +4023,7 @@ def test_sdpo_sibling_contexts_and_remedies_equal_the_gradient_by_hand(digit_mod
         order += ranked[0::2] + ranked[1::2][::-1]
     place = {i: p for p, i in enumerate(order)}
     contexts, in_rollout_order = [], []
-    for i, r in enumerate(rolls):
+    for i in range(len(rolls)):
         succ = [j for j in range(i // 4 * 4, i // 4 * 4 + 4) if j != i and rewards[j] >= 0.5]
         contexts.append(rolls[min(succ, key=place.get)]["text"] if succ else None)
         in_rollout_order.append(rolls[succ[0]]["text"] if succ else None)
@@ -3132,8 +4031,9 @@ def test_sdpo_sibling_contexts_and_remedies_equal_the_gradient_by_hand(digit_mod
     assert [r["context"] for r in rolls] == contexts and 0 < sum(c is not None for c in contexts) < len(rolls)
     model, tok = rollout.load_model(digit_model_dir)
     stats = []
-    loss, grads = _grads_by_hand(digit_model_dir, lambda s: _sdpo_loss_by_hand(s, model, tok, rolls, contexts, 0.5,
-                                                                                True, stats))
+    loss, grads = _grads_by_hand(
+        digit_model_dir, lambda s: _sdpo_loss_by_hand(s, model, tok, rolls, contexts, 0.5, True, stats)
+    )
     with torch.no_grad():
         pg = _sdpo_loss_by_hand(model, model, tok, rolls, [None] * len(rolls), 1.0)
     # the on-policy surrogate's value is sum A * w, ~0 within each group: compared to 1e-6 (|A| ~ 0.3)
@@ -3141,7 +4041,7 @@ def test_sdpo_sibling_contexts_and_remedies_equal_the_gradient_by_hand(digit_mod
     assert m["distill_loss"] == pytest.approx(loss - 0.5 * float(pg), rel=1e-4)  # fp32 JSDs against fp64
     assert m["masked_frac"] == sum(c is None for c in contexts) / len(rolls)
     _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads, weights=_weights(digit_model_dir))
-    wait_id, = tok(" Wait", add_special_tokens=False)["input_ids"]
+    (wait_id,) = tok(" Wait", add_special_tokens=False)["input_ids"]
     at_wait = [k for t, k in stats if t == wait_id]
     assert at_wait and m["kl/' Wait'"] == pytest.approx(sum(at_wait) / len(at_wait), rel=1e-4)
     assert m["kl_epistemic"] == pytest.approx(sum(at_wait) / len(at_wait), rel=1e-4)
@@ -3150,6 +4050,7 @@ def test_sdpo_sibling_contexts_and_remedies_equal_the_gradient_by_hand(digit_mod
 def _qwen_digit_model(digit_model_dir, tmp_path) -> str:
     """The digit model with a Qwen3-style chat template (thinking on/off)."""
     from transformers import AutoTokenizer
+
     path = tmp_path / "digits-qwen"
     shutil.copytree(digit_model_dir, path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -3165,27 +4066,61 @@ def test_sdpo_remedy_and_prompt_flags_reach_the_loss(digit_model_dir, tmp_path):
     model_dir = _qwen_digit_model(digit_model_dir, tmp_path)
     model, tok = rollout.load_model(model_dir)
     solutions = {f"digits-{i}": p.get("solution") for i, p in enumerate(DIGIT_PROBLEMS)}
-    teacher_len = {k: len(tok(rollout.chat_prompt(tok, rollout.reprompt(DIGIT_PROBLEMS[int(k[7:])]["question"], s,
-                                                                       template="uncertainty"), thinking="on"),
-                              add_special_tokens=False)["input_ids"]) for k, s in solutions.items() if s}
+    teacher_len = {
+        k: len(
+            tok(
+                rollout.chat_prompt(
+                    tok,
+                    rollout.reprompt(DIGIT_PROBLEMS[int(k[7:])]["question"], s, template="uncertainty"),
+                    thinking="on",
+                ),
+                add_special_tokens=False,
+            )["input_ids"]
+        )
+        for k, s in solutions.items()
+        if s
+    }
     limit = min(teacher_len.values())
     assert max(teacher_len.values()) > limit  # one teacher prompt fits, the other is masked
     # --seed 1: the tests' sampler draws the same step on every CPU, one where rows with a context say " Wait"
-    (m,), rolls, out = _digit_run(model_dir, tmp_path, "sdpo.py", "remedies", "--teacher-context", "dataset",
-                                  "--protect-epistemic", "--reprompt", "uncertainty", "--max-reprompt-len",
-                                  str(limit), "--thinking", "off", "--teacher-thinking", "--seed", "1", sgd=True)
+    (m,), rolls, out = _digit_run(
+        model_dir,
+        tmp_path,
+        "sdpo.py",
+        "remedies",
+        "--teacher-context",
+        "dataset",
+        "--protect-epistemic",
+        "--reprompt",
+        "uncertainty",
+        "--max-reprompt-len",
+        str(limit),
+        "--thinking",
+        "off",
+        "--teacher-thinking",
+        "--seed",
+        "1",
+        sgd=True,
+    )
     student_prompt = tok.decode(rolls[0]["prompt_ids"])
     assert student_prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off
-    contexts = [solutions[r["problem"]] if solutions[r["problem"]] and teacher_len[r["problem"]] <= limit else None
-                for r in rolls]
-    wait_id, = tok(" Wait", add_special_tokens=False)["input_ids"]
+    contexts = [
+        solutions[r["problem"]] if solutions[r["problem"]] and teacher_len[r["problem"]] <= limit else None
+        for r in rolls
+    ]
+    (wait_id,) = tok(" Wait", add_special_tokens=False)["input_ids"]
     assert [r["context"] for r in rolls] == contexts
-    assert [r["distilled"] for r in rolls] == [sum(t != wait_id for t in r["response_ids"]) * (c is not None)
-                                               for r, c in zip(rolls, contexts)]
+    assert [r["distilled"] for r in rolls] == [
+        sum(t != wait_id for t in r["response_ids"]) * (c is not None) for r, c in zip(rolls, contexts)
+    ]
     n_wait = sum(sum(t == wait_id for t in r["response_ids"]) for r, c in zip(rolls, contexts) if c is not None)
     assert n_wait > 0 and m["protected_frac"] == pytest.approx(n_wait / (n_wait + sum(r["distilled"] for r in rolls)))
-    loss, grads = _grads_by_hand(model_dir, lambda s: _sdpo_loss_by_hand(
-        s, model, tok, rolls, contexts, template="uncertainty", thinking="on", protected=wait_id))
+    loss, grads = _grads_by_hand(
+        model_dir,
+        lambda s: _sdpo_loss_by_hand(
+            s, model, tok, rolls, contexts, template="uncertainty", thinking="on", protected=wait_id
+        ),
+    )
     assert m["loss"] == pytest.approx(loss, rel=1e-5)
     # short rows' few distilled tokens weigh up to 1/1 each: fp32 rounding reaches ~1.3e-4 of the largest entry here
     _assert_same_gradient(_gradient_from_sgd_step(model_dir, out), grads, rel=5e-4, weights=_weights(model_dir))
@@ -3196,8 +4131,9 @@ def test_sdpo_regenerated_contexts_equal_the_gradient_by_hand(digit_model_dir, t
     the saved contexts are correct responses of their problem, the rows of groups without one are masked, and the
     loss and gradient are those of the contexts written out by hand."""
     # --seed 1: the tests' sampler draws the same step on every CPU, one where a correct y_r is drawn
-    (m,), rolls, out = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "regen", "--teacher-context", "regenerated",
-                                  "--seed", "1", sgd=True)
+    (m,), rolls, out = _digit_run(
+        digit_model_dir, tmp_path, "sdpo.py", "regen", "--teacher-context", "regenerated", "--seed", "1", sgd=True
+    )
     rewards = _rewards_by_hand(rolls)
     contexts = [r["context"] for r in rolls]
     for i, (r, c) in enumerate(zip(rolls, contexts)):
@@ -3217,6 +4153,7 @@ def test_sdpo_regenerated_contexts_equal_the_gradient_by_hand(digit_model_dir, t
 def test_regenerated_contexts_keep_only_correct_draws(embedded_tokenizer, monkeypatch):
     """One draw per group with a success, prompted with c = its first success; kept only when it grades correct."""
     import types
+
     tok = embedded_tokenizer
     problems = [dict(question="q0", answer="5"), dict(question="q1", answer="4"), dict(question="q2", answer="7")]
     texts = [["no", "\\boxed{5} a", "\\boxed{5} b", "x"], ["\\boxed{4} c", "y", "z", "w"], ["a", "b", "c", "d"]]
@@ -3226,22 +4163,28 @@ def test_regenerated_contexts_keep_only_correct_draws(embedded_tokenizer, monkey
 
     def fake_generate(backend, prompts, params, progress=True, indices=None):
         seen.extend(prompts)
-        return [rollout.Sample(i, [], [1], draws[next(q for q in draws if f"{q}\n" in p)], "stop", [0.0])
-                for i, p in enumerate(prompts)]
+        return [
+            rollout.Sample(i, [], [1], draws[next(q for q in draws if f"{q}\n" in p)], "stop", [0.0])
+            for i, p in enumerate(prompts)
+        ]
+
     monkeypatch.setattr(rollout, "generate", fake_generate)
     run = types.SimpleNamespace(tokenizer=tok, rank=0, model=None, backend=rollout.Backend("hf", tok))
     args = sdpo.Args(rollouts=4)
     got = rollout.regenerated_contexts(run, rows, problems, args)
     assert got == ["so \\boxed{5}"] * 4 + [None] * 8
-    assert seen == [rollout.chat_prompt(tok, sdpo.teacher_prompt("q0", "\\boxed{5} a")),
-                    rollout.chat_prompt(tok, sdpo.teacher_prompt("q1", "\\boxed{4} c"))]  # the first success each
+    assert seen == [
+        rollout.chat_prompt(tok, sdpo.teacher_prompt("q0", "\\boxed{5} a")),
+        rollout.chat_prompt(tok, sdpo.teacher_prompt("q1", "\\boxed{4} c")),
+    ]  # the first success each
 
 
 def test_sdpo_ema_teacher_and_resume_equal_the_uninterrupted_run(digit_model_dir, tmp_path):
-    """--teacher-ema 0.05 with AdamW, two mini-batches a step (off-policy): each step's saved teacher is (1 - 0.05) teacher + 0.05 student, recomputed
-    from the saved weights; the run resumed from step 2 reloads that teacher and gives step 3's rollouts,
-    metrics, weights and teacher as the uninterrupted run does."""
+    """--teacher-ema 0.05 with AdamW, two mini-batches a step (off-policy): each step's saved teacher is (1 - 0.05)
+    teacher + 0.05 student, recomputed from the saved weights; the run resumed from step 2 reloads that teacher and
+    gives step 3's rollouts, metrics, weights and teacher as the uninterrupted run does."""
     from safetensors.torch import load_file
+
     flags = ("--teacher-ema", "0.05", "--lr", "1e-2", "--warmup", "2", "--mini-batch", "2")  # two updates a step
     full, rolls, out = _digit_run(digit_model_dir, tmp_path, "sdpo.py", "full", *flags, steps=3)
     assert [m["updates"] for m in full] == [2, 2, 2]
@@ -3264,16 +4207,42 @@ def test_sdpo_ema_teacher_and_resume_equal_the_uninterrupted_run(digit_model_dir
 
 def test_sdpo_embedded_model_sibling_context(tmp_path):
     """The embedded model, c = s: the masked rows are exactly those with no other success in their group."""
-    _main_in_process("sdpo.py", "--steps", "1", "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "24",
-                     "--eval-n", "1", "--eval-max-new-tokens", "8", "--lenient", "--eval-data", "synthetic:split=ood,n=2",
-                     "--distill-prefix", "16", "--save-rollouts", "--save-every", "0", "--out", str(tmp_path),
-                     forced=False)
-    row = json.loads(open(tmp_path / "metrics.jsonl").read())
-    rolls = [json.loads(l) for l in open(tmp_path / "rollouts.jsonl")]
-    alone = [not any(rolls[j]["reward"] >= 0.5 for j in range(i // 4 * 4, i // 4 * 4 + 4) if j != i)
-             for i in range(len(rolls))]
+    _main_in_process(
+        "sdpo.py",
+        "--steps",
+        "1",
+        "--prompts-per-step",
+        "2",
+        "--rollouts",
+        "4",
+        "--max-new-tokens",
+        "24",
+        "--eval-n",
+        "1",
+        "--eval-max-new-tokens",
+        "8",
+        "--lenient",
+        "--eval-data",
+        "synthetic:split=ood,n=2",
+        "--distill-prefix",
+        "16",
+        "--save-rollouts",
+        "--save-every",
+        "0",
+        "--out",
+        str(tmp_path),
+        forced=False,
+    )
+    (row,) = _jsonl(tmp_path / "metrics.jsonl")
+    rolls = _jsonl(tmp_path / "rollouts.jsonl")
+    alone = [
+        not any(rolls[j]["reward"] >= 0.5 for j in range(i // 4 * 4, i // 4 * 4 + 4) if j != i)
+        for i in range(len(rolls))
+    ]
     assert [r["context"] is None for r in rolls] == alone and row["masked_frac"] == sum(alone) / len(rolls)
-    assert [r["distilled"] for r in rolls] == [0 if a else min(len(r["response_ids"]), 16) for r, a in zip(rolls, alone)]
+    assert [r["distilled"] for r in rolls] == [
+        0 if a else min(len(r["response_ids"]), 16) for r, a in zip(rolls, alone)
+    ]
     assert math.isfinite(row["loss"]) and (row["loss"] > 0) == (not all(alone))
 
 
@@ -3300,12 +4269,15 @@ class FakeLogprob:
 class FakeSamplingParams:
     """vllm.SamplingParams (0.33): the fields we set; top_k 0 (or -1) is off, seed None draws at random."""
 
-    def __init__(self, n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=16, seed=None, logprobs=None,
-                 detokenize=True):
+    def __init__(
+        self, n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=16, seed=None, logprobs=None, detokenize=True
+    ):
         # vllm/sampling_params.py _verify_args, 0.33
         if top_k < -1 or not 0 < top_p <= 1 or n < 1 or not 0 <= temperature <= 2 or max_tokens < 1:
-            raise ValueError(f"bad sampling params n={n} top_k={top_k} top_p={top_p} temperature={temperature} "
-                             f"max_tokens={max_tokens}")
+            raise ValueError(
+                f"bad sampling params n={n} top_k={top_k} top_p={top_p} temperature={temperature} "
+                f"max_tokens={max_tokens}"
+            )
         self.n, self.temperature, self.top_p, self.top_k = n, temperature, top_p, top_k
         self.max_tokens, self.seed, self.logprobs, self.detokenize = max_tokens, seed, logprobs, detokenize
 
@@ -3342,28 +4314,47 @@ class FakeLLM:
         model alive in the process (the trainer's policy, here) count as taken (v1/worker/utils.py request_memory).
     Every call is appended to $FAKE_VLLM_LOG (one JSON line each, with the rank), when set."""
 
-    def __init__(self, model, tensor_parallel_size=1, distributed_executor_backend=None, gpu_memory_utilization=0.9,
-                 max_model_len=None, enable_sleep_mode=False, seed=0, logprobs_mode="raw_logprobs", dtype="auto"):
+    def __init__(
+        self,
+        model,
+        tensor_parallel_size=1,
+        distributed_executor_backend=None,
+        gpu_memory_utilization=0.9,
+        max_model_len=None,
+        enable_sleep_mode=False,
+        seed=0,
+        logprobs_mode="raw_logprobs",
+        dtype="auto",
+    ):
         import gc
         import warnings
         import torch.distributed as dist
         from safetensors.torch import load_file
+
         if distributed_executor_backend == "external_launcher":
             self.rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
             if not dist.is_initialized():
-                raise RuntimeError("vLLM would create the default group with the device backend alone (nccl): "
-                                   "CPU all-reduces would fail on it")
+                raise RuntimeError(
+                    "vLLM would create the default group with the device backend alone (nccl): "
+                    "CPU all-reduces would fail on it"
+                )
             t = torch.ones(1)
             dist.all_reduce(t)  # what the trainers do on the group vLLM reuses: it must take CPU tensors
         if os.environ.get("FAKE_VLLM_GPU_BYTES"):  # start-up: free memory >= utilization x total (v1/worker/utils.py)
             total = int(os.environ["FAKE_VLLM_GPU_BYTES"])
             with warnings.catch_warnings():  # isinstance on some of gc's objects warns of deprecated names
                 warnings.simplefilter("ignore")
-                held = {p.data_ptr(): p.numel() * p.element_size() for m in gc.get_objects()
-                        if isinstance(m, torch.nn.Module) for p in m.parameters()}  # this process's models: the "GPU"
+                held = {
+                    p.data_ptr(): p.numel() * p.element_size()
+                    for m in gc.get_objects()
+                    if isinstance(m, torch.nn.Module)
+                    for p in m.parameters()
+                }  # this process's models: the "GPU"
             if total - sum(held.values()) < gpu_memory_utilization * total:
-                raise ValueError(f"Free memory on device ({total - sum(held.values())}/{total}) on startup is less "
-                                 f"than desired GPU memory utilization ({gpu_memory_utilization})")
+                raise ValueError(
+                    f"Free memory on device ({total - sum(held.values())}/{total}) on startup is less "
+                    f"than desired GPU memory utilization ({gpu_memory_utilization})"
+                )
         self.model, _ = rollout.load_model(model, "float32", "cpu")
         for f in sorted(Path(model).glob("*.safetensors")):  # the default loader: every top-level file, in order
             self.model.load_state_dict(load_file(f), strict=False)
@@ -3372,8 +4363,14 @@ class FakeLLM:
             raise ValueError(f"max_model_len {max_model_len} is not in (0, {limit}]")
         self.max_model_len, self.sleep_mode, self.dtype = max_model_len, enable_sleep_mode, getattr(torch, dtype)
         self.logprobs_mode, self.asleep, self.warnings = logprobs_mode, set(), 0
-        self.log("init", max_model_len=max_model_len, logprobs_mode=logprobs_mode, dtype=dtype, seed=seed,
-                 gpu_memory_utilization=gpu_memory_utilization)
+        self.log(
+            "init",
+            max_model_len=max_model_len,
+            logprobs_mode=logprobs_mode,
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
 
     def log(self, call, **kw):
         if os.environ.get("FAKE_VLLM_LOG"):
@@ -3393,14 +4390,26 @@ class FakeLLM:
             budget = min(sp.max_tokens, self.max_model_len - len(ids))  # the silent cut
             outputs = []
             for k in range(sp.n):
-                seed = sp.seed + k if sp.seed is not None else int(torch.randint(0, 2 ** 62, ()))
+                seed = sp.seed + k if sp.seed is not None else int(torch.randint(0, 2**62, ()))
                 s = self._sample(ids, sp, budget, seed)
-                outputs.append(FakeCompletion(k, s[0], [{t: FakeLogprob(l)} for t, l in zip(s[0], s[1])]
-                                              if sp.logprobs is not None else None, s[2]))
+                outputs.append(
+                    FakeCompletion(
+                        k,
+                        s[0],
+                        [{t: FakeLogprob(lp)} for t, lp in zip(s[0], s[1])] if sp.logprobs is not None else None,
+                        s[2],
+                    )
+                )
             out.append(FakeRequestOutput(ids, outputs))
-        self.log("generate", requests=len(prompts), seeds=[sp.seed for sp in sps], n=[sp.n for sp in sps],
-                 logprobs=sorted({str(sp.logprobs) for sp in sps}), detokenize=sorted({sp.detokenize for sp in sps}),
-                 top_k=sorted({sp.top_k for sp in sps}))
+        self.log(
+            "generate",
+            requests=len(prompts),
+            seeds=[sp.seed for sp in sps],
+            n=[sp.n for sp in sps],
+            logprobs=sorted({str(sp.logprobs) for sp in sps}),
+            detokenize=sorted({sp.detokenize for sp in sps}),
+            top_k=sorted({sp.top_k for sp in sps}),
+        )
         return out
 
     def _sample(self, ids, sp, budget, seed):
@@ -3451,9 +4460,16 @@ class FakeLLM:
                     params[name].data.copy_(w.float())  # KeyError for a name the engine does not have
                     names.add(name)
                     size += w.numel() * w.element_size()
-                engine.log("load_weights", names=len(names), bytes=size, dtypes=sorted({str(w.dtype) for _, w in weights}),
-                           checksum=sum(float(w.double().sum()) for _, w in weights), warnings=engine.warnings)
+                engine.log(
+                    "load_weights",
+                    names=len(names),
+                    bytes=size,
+                    dtypes=sorted({str(w.dtype) for _, w in weights}),
+                    checksum=sum(float(w.double().sum()) for _, w in weights),
+                    warnings=engine.warnings,
+                )
                 return names
+
         return [func(Model())]
 
     def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
@@ -3481,27 +4497,36 @@ class FakeLLM:
 def fake_vllm(tmp_path, monkeypatch):
     """The fake as the module `vllm`: in this process (sys.modules) and for subprocesses (PYTHONPATH)."""
     import types
+
     mod = types.ModuleType("vllm")
     mod.LLM, mod.SamplingParams, mod.TokensPrompt = FakeLLM, FakeSamplingParams, FakeTokensPrompt
     monkeypatch.setitem(sys.modules, "vllm", mod)
     shim = tmp_path / "fake_vllm" / "vllm"
     shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("from test_all import FakeLLM as LLM, FakeSamplingParams as SamplingParams, "
-                                      "FakeTokensPrompt as TokensPrompt  # noqa: F401\n")
+    (shim / "__init__.py").write_text(
+        "from test_all import FakeLLM as LLM, FakeSamplingParams as SamplingParams, "
+        "FakeTokensPrompt as TokensPrompt  # noqa: F401\n"
+    )
     log = tmp_path / "fake_vllm.jsonl"
     return dict(PYTHONPATH=f"{shim.parent}{os.pathsep}{ROOT}", FAKE_VLLM_LOG=str(log), OMP_NUM_THREADS="1"), log
 
 
 def _calls(log) -> list[dict]:
-    return [json.loads(l) for l in open(log)] if Path(log).exists() else []
+    return _jsonl(log) if Path(log).exists() else []
 
 
 def _fake_backend(model_dir, max_model_len=512, sleep_level=0):
     """A vllm Backend over the fake, built in this process without a process group (no external_launcher)."""
-    llm = FakeLLM(model_dir, max_model_len=max_model_len, enable_sleep_mode=sleep_level > 0, dtype="bfloat16",
-                  logprobs_mode="processed_logprobs")
-    return rollout.Backend("vllm", rollout.load_tokenizer(model_dir), llm=llm, max_model_len=max_model_len,
-                           sleep_level=sleep_level)
+    llm = FakeLLM(
+        model_dir,
+        max_model_len=max_model_len,
+        enable_sleep_mode=sleep_level > 0,
+        dtype="bfloat16",
+        logprobs_mode="processed_logprobs",
+    )
+    return rollout.Backend(
+        "vllm", rollout.load_tokenizer(model_dir), llm=llm, max_model_len=max_model_len, sleep_level=sleep_level
+    )
 
 
 def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
@@ -3511,17 +4536,36 @@ def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
     default; requests ask for no log-probs and no detokenization. rollout.py and sft.py build pass
     --vllm-gpu-memory to their engines."""
     env, log = fake_vllm
-    flags = ["--model", tiny_model_dir, "--backend", "vllm", "--data", "synthetic:types=add,n=5", "--n-samples", "2",
-             "--k", "1", "--max-new-tokens", "8", "--chunk", "2"]
+    flags = [
+        "--model",
+        tiny_model_dir,
+        "--backend",
+        "vllm",
+        "--data",
+        "synthetic:types=add,n=5",
+        "--n-samples",
+        "2",
+        "--k",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--chunk",
+        "2",
+    ]
     tok = rollout.load_tokenizer(tiny_model_dir)
-    longest = max(len(tok(rollout.chat_prompt(tok, data.format_prompt(p["question"])), add_special_tokens=False)
-                      ["input_ids"]) for p in data.load_problems("synthetic:types=add,n=5"))
+    longest = max(
+        len(tok(rollout.chat_prompt(tok, data.format_prompt(p["question"])), add_special_tokens=False)["input_ids"])
+        for p in data.load_problems("synthetic:types=add,n=5")
+    )
     tr = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    for name, launcher in (("python", [sys.executable]), ("torchrun1", [*tr, "--nproc_per_node", "1"]),
-                           ("torchrun2", [*tr, "--nproc_per_node", "2"])):
+    for name, launcher in (
+        ("python", [sys.executable]),
+        ("torchrun1", [*tr, "--nproc_per_node", "1"]),
+        ("torchrun2", [*tr, "--nproc_per_node", "2"]),
+    ):
         log.unlink(missing_ok=True)
         run(*launcher, "evaluate.py", *flags, "--out", str(tmp_path / name), env=env)
-        rows = [json.loads(l) for l in open(tmp_path / name / "samples.jsonl")]
+        rows = _jsonl(tmp_path / name / "samples.jsonl")
         assert len(rows) == 5 and all(len(r["scores"]) == 2 for r in rows)
         inits = [c for c in _calls(log) if c["call"] == "init"]
         assert len(inits) == (2 if name == "torchrun2" else 1)
@@ -3529,19 +4573,51 @@ def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
         assert all(c["gpu_memory_utilization"] == 0.9 for c in inits)  # nothing else shares the GPU
         gens = [c for c in _calls(log) if c["call"] == "generate"]
         assert gens and all(c["logprobs"] == ["None"] and c["detokenize"] == [False] for c in gens)
-    for cmd in (["rollout.py", "select", "--data", "synthetic:types=add,n=2", "--n-samples", "2", "--keep", "1"],
-                ["sft.py", "build", "--setting", "solution", "--data", "synthetic:types=add,n=2", "--n-samples", "2"]):
+    for cmd in (
+        ["rollout.py", "select", "--data", "synthetic:types=add,n=2", "--n-samples", "2", "--keep", "1"],
+        ["sft.py", "build", "--setting", "solution", "--data", "synthetic:types=add,n=2", "--n-samples", "2"],
+    ):
         log.unlink(missing_ok=True)  # every script that makes an engine takes --vllm-gpu-memory
-        run(sys.executable, *cmd, "--model", tiny_model_dir, "--backend", "vllm", "--max-new-tokens", "4",
-            "--vllm-gpu-memory", "0.7", "--out", str(tmp_path / cmd[0] / "out.jsonl"), env=env)
+        run(
+            sys.executable,
+            *cmd,
+            "--model",
+            tiny_model_dir,
+            "--backend",
+            "vllm",
+            "--max-new-tokens",
+            "4",
+            "--vllm-gpu-memory",
+            "0.7",
+            "--out",
+            str(tmp_path / cmd[0] / "out.jsonl"),
+            env=env,
+        )
         assert [c["gpu_memory_utilization"] for c in _calls(log) if c["call"] == "init"] == [0.7]
 
 
 def test_vllm_engine_length_refused_past_the_model_context(tiny_model_dir, tmp_path, fake_vllm):
     env, _ = fake_vllm
-    p = subprocess.run([sys.executable, "evaluate.py", "--model", tiny_model_dir, "--backend", "vllm", "--data",
-                        "synthetic:types=add,n=2", "--max-new-tokens", "600", "--out", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, **env})
+    p = subprocess.run(
+        [
+            sys.executable,
+            "evaluate.py",
+            "--model",
+            tiny_model_dir,
+            "--backend",
+            "vllm",
+            "--data",
+            "synthetic:types=add,n=2",
+            "--max-new-tokens",
+            "600",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
     assert p.returncode != 0 and "--max-new-tokens 600" in p.stderr and "context of 512" in p.stderr, p.stderr[-2000:]
     backend = _fake_backend(tiny_model_dir, max_model_len=40)
     prompt = rollout.chat_prompt(backend.tokenizer, "What is 1 + 1?")
@@ -3562,12 +4638,16 @@ def test_duplicate_prompts_draw_different_rollouts(tiny, tiny_model_dir, fake_vl
     assert len(set(hf)) == 6
     backend = _fake_backend(tiny_model_dir)
     a = [tuple(s.response_ids) for s in rollout.generate(backend, prompts, params)]
-    b = [tuple(s.response_ids) for s in rollout.generate(backend, prompts, rollout.SamplingParams(
-        n=2, temperature=1.0, max_new_tokens=12, seed=6))]
+    b = [
+        tuple(s.response_ids)
+        for s in rollout.generate(
+            backend, prompts, rollout.SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=6)
+        )
+    ]
     assert len(set(a)) == 6 and not set(a) & set(b)
     assert a == [tuple(s.response_ids) for s in rollout.generate(backend, prompts, params)]  # seeded: reproducible
     seeds = [rollout.request_seed(5, i) for i in range(3)] + [rollout.request_seed(6, i) for i in range(3)]
-    assert min(abs(x - y) for x, y in itertools.combinations(seeds, 2)) > 2 ** 20  # s + k never meets another
+    assert min(abs(x - y) for x, y in itertools.combinations(seeds, 2)) > 2**20  # s + k never meets another
 
 
 def test_vllm_logprobs_are_the_trainers_sampling_logprobs(tiny, tiny_model_dir, fake_vllm):
@@ -3598,9 +4678,9 @@ def test_vllm_weight_push_casts_and_batches_by_bytes(tiny_model_dir, fake_vllm):
     limit = 20_000
     rollout.push_weights_to_vllm(backend, model, max_bytes=limit)
     sizes = {n: p.numel() * 2 for n, p in model.named_parameters()}
-    assert len(loads) > 1 and all(l["dtypes"] == ["torch.bfloat16"] for l in loads) and backend.llm.warnings == 0
-    assert all(l["bytes"] <= limit or l["names"] == 1 for l in loads)
-    assert sum(l["bytes"] for l in loads) == sum(sizes.values())  # every parameter once (the tied head is skipped)
+    assert len(loads) > 1 and all(c["dtypes"] == ["torch.bfloat16"] for c in loads) and backend.llm.warnings == 0
+    assert all(c["bytes"] <= limit or c["names"] == 1 for c in loads)
+    assert sum(c["bytes"] for c in loads) == sum(sizes.values())  # every parameter once (the tied head is skipped)
     engine = dict(backend.llm.model.named_parameters())
     for n, p in model.named_parameters():
         assert torch.equal(engine[n], p.detach().to(torch.bfloat16).float()), n
@@ -3609,7 +4689,9 @@ def test_vllm_weight_push_casts_and_batches_by_bytes(tiny_model_dir, fake_vllm):
 
 def test_make_backend_vllm_loads_no_hf_model(tiny_model_dir, monkeypatch):
     made = {}
-    monkeypatch.setattr(rollout, "make_vllm", lambda path, max_model_len, **kw: made.setdefault("args", (path, max_model_len)))
+    monkeypatch.setattr(
+        rollout, "make_vllm", lambda path, max_model_len, **kw: made.setdefault("args", (path, max_model_len))
+    )
     monkeypatch.setattr(rollout, "load_model", lambda *a, **kw: pytest.fail("the vllm backend loaded a HF model"))
     backend = rollout.make_backend("vllm", tiny_model_dir, "cpu", max_model_len=99, seed=3)
     assert backend.model is None and backend.max_model_len == 99 and made["args"] == (tiny_model_dir, 99)
@@ -3638,9 +4720,13 @@ def test_ema_teacher_in_bf16_follows_the_fp32_ema(tiny_model_dir):
     for n, p in teacher.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(p, ema[n].to(torch.bfloat16)), n
         assert torch.allclose(ema[n].double(), want[n], atol=1e-6)
-    error = lambda m: sum(float((p.detach().double() - want[n]).abs().sum()) for n, p in m.named_parameters())
-    unmoved = lambda m: sum(int((p == t0[n]).sum()) for n, p in m.named_parameters()) / sum(
-        p.numel() for p in m.parameters())
+
+    def error(m):
+        return sum(float((p.detach().double() - want[n]).abs().sum()) for n, p in m.named_parameters())
+
+    def unmoved(m):
+        return sum(int((p == t0[n]).sum()) for n, p in m.named_parameters()) / sum(p.numel() for p in m.parameters())
+
     assert error(naive) > 3 * error(teacher) and unmoved(naive) > 2 * unmoved(teacher)
 
 
@@ -3654,6 +4740,7 @@ def test_training_forwards_build_no_cache_and_keep_one_hidden_state(tiny_model_d
         out = real(self, *a, **kw)
         assert out.past_key_values is None and out.hidden_states is None
         return out
+
     monkeypatch.setattr(type(model), "forward", spy)
     head_rows = []  # positions the model's own LM head computes: one (logits_to_keep=1), never (T, V)
     model.lm_head.register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[1]) and None)
@@ -3694,26 +4781,43 @@ def _check_token_nll(tiny_model_dir, token_nll):
         assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-5), n
 
 
-CHOICE_FLAGS = {"backend", "thinking", "dtype", "setting", "solution_source", "teacher_context", "reprompt", "loss_agg",
-                "sibling"}
+CHOICE_FLAGS = {
+    "backend",
+    "thinking",
+    "dtype",
+    "setting",
+    "solution_source",
+    "teacher_context",
+    "reprompt",
+    "loss_agg",
+    "sibling",
+}
 FREE_FLAGS = {"seed"}  # numeric flags that take any value
 
 
 def _bad_value(spec):
-    """A value outside a CHECKS entry: a choice that does not exist, or the first of -1, 0, 1.5 the predicate refuses."""
+    """A value outside a CHECKS entry: a choice that does not exist, or the first of -1, 0, 1.5 the predicate
+    refuses."""
     if callable(spec[0]):
         return next(v for v in (-1, 0, 1.5) if not spec[0](v))
     return 99 if isinstance(spec[0], int) else "bogus"
 
 
-@pytest.mark.parametrize("cls", [data.Args, rollout.Args, rollout.SelectArgs, evaluate.Args, sft.BuildArgs, sft.TrainArgs, grpo.Args,
-                                 sdpo.Args], ids=lambda c: f"{c.__module__}.{c.__name__}")
+@pytest.mark.parametrize(
+    "cls",
+    [data.Args, rollout.Args, rollout.SelectArgs, evaluate.Args, sft.BuildArgs, sft.TrainArgs, grpo.Args, sdpo.Args],
+    ids=lambda c: f"{c.__module__}.{c.__name__}",
+)
 def test_every_choice_and_range_flag_is_refused_naming_it(cls, capsys):
     """Every numeric flag and every flag with choices has a check; a value outside it exits 2 naming the flag."""
     import dataclasses
+
     fields = dataclasses.fields(cls)
-    checked = {f.name for f in fields if f.name in CHOICE_FLAGS or f.type.replace(" | None", "") in
-               ("int", "float", "list[int]")} - FREE_FLAGS
+    checked = {
+        f.name
+        for f in fields
+        if f.name in CHOICE_FLAGS or f.type.replace(" | None", "") in ("int", "float", "list[int]")
+    } - FREE_FLAGS
     assert checked == set(cls.CHECKS), checked ^ set(cls.CHECKS)
     data.parse_args(cls, [])  # the defaults pass
     fields_by_name = {f.name: f for f in fields}
@@ -3726,8 +4830,11 @@ def test_every_choice_and_range_flag_is_refused_naming_it(cls, capsys):
 
 
 def test_scripts_refuse_bad_flags_before_any_work(tmp_path, capsys):
-    for script, flag, value in (("grpo.py", "--vllm-sleep", "3"), ("sdpo.py", "--teacher-context", "nope"),
-                                ("grpo.py", "--keep-checkpoints", "-1")):
+    for script, flag, value in (
+        ("grpo.py", "--vllm-sleep", "3"),
+        ("sdpo.py", "--teacher-context", "nope"),
+        ("grpo.py", "--keep-checkpoints", "-1"),
+    ):
         message = _fails(capsys, script, flag, value, "--out", str(tmp_path))
         assert message.startswith("2\n") and f"{flag} " in message and not (tmp_path / "metrics.jsonl").exists()
 
@@ -3756,8 +4863,21 @@ def test_keep_checkpoints_prunes_older_complete_ones(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     (out / ".step_9.tmp").mkdir(parents=True)  # a torn write: not complete, never removed
     (out / "step_0").mkdir()  # no trainer_state.json: not complete either
-    _main_in_process("grpo.py", "--model", tiny_model_dir, *GRPO_FLAGS[2:], "--steps", "3", "--save-every", "1",
-                     "--keep-checkpoints", "2", "--out", str(out), forced=False)
+    _main_in_process(
+        "grpo.py",
+        "--model",
+        tiny_model_dir,
+        *GRPO_FLAGS[2:],
+        "--steps",
+        "3",
+        "--save-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+        "--out",
+        str(out),
+        forced=False,
+    )
     assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_2", "step_3"]
     for d in ("step_5", "step_6"):
         (out / d).mkdir()
@@ -3822,8 +4942,17 @@ def test_fsdp2_update_without_trainable_rows_after_no_grad_forward(tiny_model_di
     parameters must be resharded, or apply_update's zero gradients would mix plain and sharded tensors."""
     script = tmp_path / "skipped.py"
     script.write_text(FSDP_SKIPPED_UPDATE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           tiny_model_dir, str(tmp_path / "out.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        tiny_model_dir,
+        str(tmp_path / "out.json"),
+    ]
     run(*cmd, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=300)
     assert json.loads((tmp_path / "out.json").read_text()) == dict(updates=True, trained_frac=0.5)
 
@@ -3831,14 +4960,18 @@ def test_fsdp2_update_without_trainable_rows_after_no_grad_forward(tiny_model_di
 def _checkpoint_checksum(ckpt) -> float:
     """The sum of a checkpoint's weights rounded to bf16, as the engine should hold them after the last push."""
     from safetensors.torch import load_file
-    return sum(float(t.to(torch.bfloat16).double().sum()) for t in load_file(Path(ckpt) / "model.safetensors").values())
+
+    return sum(
+        float(t.to(torch.bfloat16).double().sum()) for t in load_file(Path(ckpt) / "model.safetensors").values()
+    )
 
 
 def _engine_phases(calls: list[dict]) -> str:
     """One letter per engine call: g generate, s sleep, w wake weights, l load, r reset, k wake kv_cache."""
     code = dict(generate="g", sleep="s", load_weights="l", reset_prefix_cache="r")
-    return "".join(code.get(c["call"]) or {"weights": "w", "kv_cache": "k"}[c["tags"][0]] for c in calls
-                   if c["call"] != "init")
+    return "".join(
+        code.get(c["call"]) or {"weights": "w", "kv_cache": "k"}[c["tags"][0]] for c in calls if c["call"] != "init"
+    )
 
 
 def _param_bytes(model_dir) -> int:
@@ -3846,8 +4979,10 @@ def _param_bytes(model_dir) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-@pytest.mark.parametrize("script,extra", [("grpo.py", []), ("sdpo.py", ["--teacher-context", "regenerated",
-                                                                        "--teacher-ema", "0.05", "--save-every", "1"])])
+@pytest.mark.parametrize(
+    "script,extra",
+    [("grpo.py", []), ("sdpo.py", ["--teacher-context", "regenerated", "--teacher-ema", "0.05", "--save-every", "1"])],
+)
 def test_trainers_with_vllm_backend(tiny_model_dir, tmp_path, fake_vllm, script, extra):
     """grpo.py and sdpo.py --backend vllm on one process and two: the engine starts before the policy is loaded
     (the fake's "GPU" is 1.5x the fp32 policy and the engine asks for 0.6 of it, so a policy loaded first leaves too
@@ -3860,12 +4995,16 @@ def test_trainers_with_vllm_backend(tiny_model_dir, tmp_path, fake_vllm, script,
     env, log = fake_vllm
     env = dict(env, FAKE_VLLM_GPU_BYTES=str(int(1.5 * _param_bytes(tiny_model_dir))))
     flags = ["--model", tiny_model_dir, "--backend", "vllm", *GRPO_FLAGS, "--vllm-gpu-memory", "0.6", *extra]
-    for name, launcher in (("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+    for name, launcher in (
+        ("one", [sys.executable]),
+        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
+    ):
         log.unlink(missing_ok=True)
         run(*launcher, script, *flags, "--out", str(tmp_path / name), env=env)
-        rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
-        assert [r["step"] for r in rows] == [1, 2] and any(k.startswith("eval/") and k.endswith("/acc") for k in rows[-1])
+        rows = _jsonl(tmp_path / name / "metrics.jsonl")
+        assert [r["step"] for r in rows] == [1, 2] and any(
+            k.startswith("eval/") and k.endswith("/acc") for k in rows[-1]
+        )
         calls = _calls(log)
         assert all(c["gpu_memory_utilization"] == 0.6 for c in calls if c["call"] == "init")
         for rank in range(2 if name == "two" else 1):
@@ -3873,7 +5012,7 @@ def test_trainers_with_vllm_backend(tiny_model_dir, tmp_path, fake_vllm, script,
             phases = _engine_phases(mine)
             push = "wl+rk"
             regen = f"({push}g?s)?" if script == "sdpo.py" else ""  # regenerated contexts: woken, used, put back
-            assert re.fullmatch(f"s{push}" f"gs{regen}{push}" f"gs{regen}{push}g", phases), phases  # last g: evaluation
+            assert re.fullmatch(f"s{push}gs{regen}{push}gs{regen}{push}g", phases), phases  # last g: evaluation
             gens = [c for c in mine if c["call"] == "generate"]
             assert all(c["detokenize"] == [False] for c in gens)
             assert [c["logprobs"] for c in gens][-1] == ["None"] and gens[0]["logprobs"] == ["0"]
@@ -3881,7 +5020,7 @@ def test_trainers_with_vllm_backend(tiny_model_dir, tmp_path, fake_vllm, script,
             loads = [c for c in mine if c["call"] == "load_weights"]
             assert all(c["dtypes"] == ["torch.bfloat16"] and c["warnings"] == 0 for c in loads)
             last_push = phases.rindex("w")  # the batches of the last push, after step 2's update
-            pushed = sum(c["checksum"] for c in loads[phases[:last_push].count("l"):])
+            pushed = sum(c["checksum"] for c in loads[phases[:last_push].count("l") :])
             assert pushed == pytest.approx(_checkpoint_checksum(tmp_path / name / "step_2"), rel=1e-9, abs=1e-6)
         for step in (1, 2) if script == "sdpo.py" else (2,):
             ckpt = tmp_path / name / f"step_{step}"
@@ -3891,10 +5030,12 @@ def test_trainers_with_vllm_backend(tiny_model_dir, tmp_path, fake_vllm, script,
             assert all(torch.equal(engine[k], policy[k]) for k in policy)
             if script == "sdpo.py":  # the EMA teacher: a HF directory of its own
                 from transformers import AutoModelForCausalLM
+
                 AutoModelForCausalLM.from_pretrained(ckpt / "teacher")
         if name == "two":  # every request of every call its own seed: none shared between the ranks
-            seeds = [set(s for c in calls if c["call"] == "generate" and c["rank"] == r for s in c["seeds"])
-                     for r in (0, 1)]
+            seeds = [
+                set(s for c in calls if c["call"] == "generate" and c["rank"] == r for s in c["seeds"]) for r in (0, 1)
+            ]
             assert seeds[0] and not seeds[0] & seeds[1]
 
 
@@ -3940,14 +5081,24 @@ def test_one_gpu_fsdp2_policy_generates_then_steps_without_trainable_rows(tiny_m
     its all-gather."""
     script = tmp_path / "one_gpu.py"
     script.write_text(ONE_GPU_HF)
-    run(sys.executable, str(script), tiny_model_dir, str(tmp_path / "out.json"),
-        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    run(
+        sys.executable,
+        str(script),
+        tiny_model_dir,
+        str(tmp_path / "out.json"),
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
     out = json.loads((tmp_path / "out.json").read_text())
     (none, every) = out["steps"]
     assert none["trained_frac"] == 0 and none["updates"] == 1 and every["trained_frac"] == 1 and every["grad_norm"] > 0
     assert out["gathered"] == ["torch.bfloat16"] * out["params"]
-    p = subprocess.run([sys.executable, str(script), tiny_model_dir, str(tmp_path / "bad.json"), "defect"], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p = subprocess.run(
+        [sys.executable, str(script), tiny_model_dir, str(tmp_path / "bad.json"), "defect"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert p.returncode != 0 and "mixed torch.Tensor and DTensor" in p.stderr, p.stderr[-2000:]
 
 
@@ -3969,10 +5120,17 @@ def test_periodic_evaluation_generates_every_benchmark_in_one_call(tiny_model_di
     seed (numbered across benchmarks), and each benchmark's summary over its own problems."""
     backend = _fake_backend(tiny_model_dir)
     calls, real = [], rollout.generate
-    monkeypatch.setattr(rollout, "generate", lambda b, prompts, params, **kw: calls.append((len(prompts), params,
-                                                                                           kw["indices"])) or
-                        real(b, prompts, params, **kw))
-    benchmarks = {"a": data.load_problems("synthetic:types=add,n=3"), "b": data.load_problems("synthetic:types=sub,n=2")}
+    monkeypatch.setattr(
+        rollout,
+        "generate",
+        lambda b, prompts, params, **kw: (
+            calls.append((len(prompts), params, kw["indices"])) or real(b, prompts, params, **kw)
+        ),
+    )
+    benchmarks = {
+        "a": data.load_problems("synthetic:types=add,n=3"),
+        "b": data.load_problems("synthetic:types=sub,n=2"),
+    }
     summary = evaluate.evaluate(backend, benchmarks, rollout.SamplingParams(n=2, max_new_tokens=4, temperature=1.0))
     assert [(n, params.logprobs, list(ix)) for n, params, ix in calls] == [(5, False, [0, 1, 2, 3, 4])]
     assert summary["a"]["problems"] == 3 and summary["b"]["problems"] == 2
@@ -3987,7 +5145,7 @@ def _resume_across(tiny_model_dir, tmp_path, name, first, second):
     assert sorted(f.name for f in (ckpt / "optimizer").iterdir()) == [f"shard_{r}.safetensors" for r in range(first)]
     assert not [f for f in ckpt.rglob("*") if f.suffix in (".pt", ".pkl", ".bin")]  # nothing to unpickle
     _train(tiny_model_dir, d, tmp_path / name, "--steps", "2", "--save-every", "1", "--resume", torchrun=second == 2)
-    return [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")], _weights(tmp_path / name / "step_2")
+    return _jsonl(tmp_path / name / "metrics.jsonl"), _weights(tmp_path / name / "step_2")
 
 
 def test_checkpoint_optimizer_shards_resume_on_another_number_of_ranks(tiny_model_dir, tmp_path):
@@ -3997,48 +5155,76 @@ def test_checkpoint_optimizer_shards_resume_on_another_number_of_ranks(tiny_mode
     straight = _train(tiny_model_dir, d, tmp_path / "a", "--steps", "2", "--save-every", "2")
     want = _weights(tmp_path / "a" / "step_2")
     from safetensors import safe_open
+
     with safe_open(tmp_path / "a" / "step_2" / "optimizer" / "shard_0.safetensors", "pt") as f:
-        moments = {k for k in f.keys() if k.endswith("/exp_avg")}
+        moments = {k for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118 (safe_open is not iterable)
     assert len(moments) == len(want)  # every parameter's state (the tied head is one parameter)
     for name, first, second in (("one_then_two", 1, 2), ("two_then_one", 2, 1)):
         metrics, got = _resume_across(tiny_model_dir, tmp_path, name, first, second)
         assert [r["step"] for r in metrics] == [1, 2]
         for a, b in zip(straight, metrics):
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
+                a["grad_norm"], rel=1e-4
+            )
         for k in want:
             assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
     with safe_open(tmp_path / "two_then_one" / "step_1" / "optimizer" / "shard_1.safetensors", "pt") as f:
-        rows = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("/exp_avg")}
+        rows = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118
     assert all(shape[0] <= -(-want[k.rpartition("/")[0]].shape[0] // 2) for k, shape in rows.items())  # half each
 
 
 def _paper_models() -> dict:
     """The paper's two models, from their published config.json (sizes only; built on the meta device)."""
     from transformers import Qwen2Config, Qwen3Config
-    return {"R1-Distill-Qwen-7B": Qwen2Config(
-                hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=131072),
-            "Qwen3-8B": Qwen3Config(
-                hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
-                max_position_embeddings=40960)}
+
+    return {
+        "R1-Distill-Qwen-7B": Qwen2Config(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+            max_position_embeddings=131072,
+        ),
+        "Qwen3-8B": Qwen3Config(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            tie_word_embeddings=False,
+            max_position_embeddings=40960,
+        ),
+    }
 
 
 def _memory_table() -> str:
     """PERFORMANCE.md's memory table: Table 8's recipe (--grad-ckpt --micro-batch 1, 2,048 + 20,480 tokens, the LM head
     in chunks of 1,024), SDPO's teacher over --max-reprompt-len 22,528 + 20,480, the engine at the trainers'
-    evaluation length (38,912 + a 2,048-token prompt). `python -c "import test_all; print(test_all._memory_table())"`"""
-    lines = ["| model | run | GPUs | trainer during rollouts, GB | training peak, GB | --vllm-gpu-memory on 80 GB "
-             "| on 141 GB |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    evaluation length (38,912 + a 2,048-token prompt).
+    `python -c "import test_all; print(test_all._memory_table())"`"""
+    lines = [
+        "| model | run | GPUs | trainer during rollouts, GB | training peak, GB | --vllm-gpu-memory on 80 GB "
+        "| on 141 GB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, cfg in _paper_models().items():
         sizes = sft.model_sizes(cfg)
         for run_name, teacher in (("GRPO", 0), ("SDPO", 22528 + 20480)):
             for world in (1, 4, 8):
-                plans = [sft.memory_plan(sizes, world, gpu, 2048 + 20480, teacher_tokens=teacher,
-                                         engine_len=2048 + 38912) for gpu in (80, 141)]
+                plans = [
+                    sft.memory_plan(sizes, world, gpu, 2048 + 20480, teacher_tokens=teacher, engine_len=2048 + 38912)
+                    for gpu in (80, 141)
+                ]
                 fits = ["does not fit" if p["problem"] else f"{p['share']:.2f}" for p in plans]
-                lines.append(f"| {name} | {run_name} | {world} | {plans[0]['resident']:.1f} | "
-                             f"{plans[0]['training']:.1f} | {fits[0]} | {fits[1]} |")
+                lines.append(
+                    f"| {name} | {run_name} | {world} | {plans[0]['resident']:.1f} | "
+                    f"{plans[0]['training']:.1f} | {fits[0]} | {fits[1]} |"
+                )
     return "\n".join(lines)
 
 
@@ -4056,8 +5242,9 @@ def test_memory_plan_against_the_readme_table_and_by_hand(tmp_path, monkeypatch)
     plan = sft.memory_plan(sizes, 8, 80, 22528, engine_len=40960)
     assert (plan["weights"] + plan["grads"] + plan["adam"]) * 1e9 == pytest.approx(16 * p / 8)
     assert plan["activations"] * 1e9 == pytest.approx(22528 * h * (2 * layers + 34))
-    assert plan["training"] == pytest.approx(sum(plan[k] for k in ("weights", "grads", "adam", "gathered",
-                                                                   "activations", "head")))
+    assert plan["training"] == pytest.approx(
+        sum(plan[k] for k in ("weights", "grads", "adam", "gathered", "activations", "head"))
+    )
     assert plan["share"] == pytest.approx(0.9 if 0.9 * 80 + plan["resident"] <= 76 else (76 - plan["resident"]) / 80)
     assert plan["problem"] is None and sft.memory_plan(sizes, 1, 80, 22528, engine_len=40960)["problem"]
     (tmp_path / "config.json").write_text(cfg.to_json_string())
@@ -4076,6 +5263,10 @@ def test_requirements_pin_the_transformers_that_vllm_brings():
     these tests run the transformers a GPU user gets."""
     import transformers
     from packaging.specifiers import SpecifierSet
-    spec = next(line.split("transformers", 1)[1] for line in (ROOT / "requirements.txt").read_text().splitlines()
-                if line.startswith("transformers"))
+
+    spec = next(
+        line.split("transformers", 1)[1]
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.startswith("transformers")
+    )
     assert SpecifierSet(spec) == SpecifierSet(">=5.16.1,<5.21.0") and transformers.__version__ in SpecifierSet(spec)
