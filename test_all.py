@@ -46,6 +46,25 @@ def _jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+# The tests' sampler, for the digit model's runs: each draw is one of the tokens holding at least 1e-3 of the
+# probability (the digit model's "1", " Wait" and EOS, ~0.3 each against ~1e-7 for the rest), chosen uniformly by the
+# row's own random.Random stream (Python's Mersenne Twister, the same on every machine). No float rounding moves a
+# token across that threshold, so every CPU samples the same responses, and the groups, rewards and contexts the
+# tests build on are theirs by construction. The recorded log-prob is still the model's (`sampling_logprobs`).
+# Only for the digit model: a random tiny model has no such token, and its runs sample as the model does.
+FORCED_DRAW = """
+def forced_draw(logp, gen):
+    picks = []
+    for row, g in zip(logp, gen):
+        candidates = (row > math.log(1e-3)).nonzero()[:, 0].tolist()
+        picks.append(candidates[int(g.random() * len(candidates))])
+    return torch.tensor(picks, device=logp.device)
+"""
+_namespace = {"math": math, "torch": __import__("torch")}
+exec(FORCED_DRAW, _namespace)
+forced_draw = _namespace["forced_draw"]
+
+
 # ============================================================================================
 # data.py: grading
 # ============================================================================================
@@ -1887,10 +1906,16 @@ def test_sft_build_runs_on_the_digit_model(digit_model_dir, tmp_path):
     assert len(sft.read_sft_rows(out)) == len(rows)  # and it is valid SFT input
 
 
-EVALUATE_WORKER = """import json, sys
+EVALUATE_WORKER = (
+    """import json, math, sys
+import torch
 sys.path.insert(0, sys.argv[1])
 import torch.distributed as dist
 import data, evaluate, rollout
+"""
+    + FORCED_DRAW
+    + """
+rollout.sample_tokens = forced_draw  # the same samples on every CPU
 rank, _, world, _ = rollout.init_distributed()
 model, tok = rollout.load_model(sys.argv[2])
 problems = data.load_problems(sys.argv[3])
@@ -1907,6 +1932,7 @@ if dist.is_initialized():
     dist.barrier()  # every rank done before any closes the group
     dist.destroy_process_group()
 """
+)
 
 
 def test_periodic_evaluate_splits_and_gathers_over_ranks(digit_model_dir, tmp_path):
@@ -1922,7 +1948,8 @@ def test_periodic_evaluate_splits_and_gathers_over_ranks(digit_model_dir, tmp_pa
     assert one["summary"] == two["summary"]
     assert one["summary"]["all"] == evaluate.summarize(records, [1, 2]) and one["summary"]["all"]["samples"] == 12
     assert one["summary"]["three"] == evaluate.summarize(one["three"], [1, 2])
-    assert 0 < one["summary"]["all"]["acc"] < 1  # the samples differ: a split that lost or repeated one would show
+    # the samples differ (the tests' sampler draws them alike on every CPU): a split that lost or repeated one shows
+    assert 0 < one["summary"]["all"]["acc"] < 1
 
 
 # ============================================================================================
@@ -2514,23 +2541,11 @@ def test_gradient_checkpointing_changes_nothing(tiny_model_dir):
     assert calls[id(model)] > 0 and calls[id(ckpt)] == 2 * calls[id(model)]
 
 
-GRPO_FLAGS = [
-    "--steps",
-    "2",
-    "--prompts-per-step",
-    "2",
-    "--rollouts",
-    "4",
-    "--max-new-tokens",
-    "12",
-    "--eval-n",
-    "2",
-    "--eval-max-new-tokens",
-    "8",
-    "--save-every",
-    "2",
-    "--lenient",
-]
+# two held-out problems: the evaluation runs, at a fraction of the default set's cost
+GRPO_FLAGS = (
+    "--steps 2 --prompts-per-step 2 --rollouts 4 --max-new-tokens 12 --eval-n 2 --eval-max-new-tokens 8 "
+    "--eval-data synthetic:split=ood,difficulty=1,n=2 --save-every 2 --lenient"
+).split()
 
 
 # ============================================================================================
@@ -2598,23 +2613,9 @@ DIGIT_PROBLEMS = [
     dict(question="Say one.", answer="1", solution="It is 1."),
 ]
 TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-# The tests' sampler, for the digit model's runs: each draw is one of the tokens holding at least 1e-3 of the
-# probability (the digit model's "1", " Wait" and EOS, ~0.3 each against ~1e-7 for the rest), chosen uniformly by the
-# row's own random.Random stream (Python's Mersenne Twister, the same on every machine). No float rounding moves a
-# token across that threshold, so every CPU samples the same responses, and the groups, rewards and contexts the
-# tests build on are theirs by construction. The recorded log-prob is still the model's (`sampling_logprobs`).
-# Only for the digit model: a random tiny model has no such token, and its runs sample as the model does.
-FORCED_DRAW = """
-def forced_draw(logp, gen):
-    picks = []
-    for row, g in zip(logp, gen):
-        candidates = (row > math.log(1e-3)).nonzero()[:, 0].tolist()
-        picks.append(candidates[int(g.random() * len(candidates))])
-    return torch.tensor(picks, device=logp.device)
-"""
 RUN_WORKER = (
-    """# Runs a script's main() with the tests' sampler (FORCED_DRAW), and with `sgd` SGD in place of AdamW: one step
-# --lr 1 moves the weights by minus the gradient. argv: ROOT SCRIPT sgd|adamw ARGS...
+    """# Runs a script's main() with the tests' sampler (FORCED_DRAW), and with `sgd` SGD in place of AdamW: one
+# step at --lr 1 moves the weights by minus the gradient. argv: ROOT SCRIPT sgd|adamw ARGS...
 import importlib, math, sys
 import torch
 sys.path.insert(0, sys.argv[1])
@@ -2628,9 +2629,6 @@ if sys.argv[3] == "sgd":
 importlib.import_module(sys.argv[2].removesuffix(".py")).main(sys.argv[4:])
 """
 )
-_namespace = {"math": math, "torch": torch}
-exec(FORCED_DRAW, _namespace)
-forced_draw = _namespace["forced_draw"]
 SGD_FLAGS = ["--lr", "1", "--warmup", "0", "--grad-clip", "1e9"]
 
 
@@ -2649,18 +2647,28 @@ def _worker_command(tmp_path, launcher, script, *argv, sgd=False, root=ROOT) -> 
     ]
 
 
-def _main_in_process(script, *argv, sgd=False, forced=True):
+def _main_in_process(script, *argv, sgd=False, forced=True, env=None):
     """`python script argv` as `RUN_WORKER` runs it, in this process: its main(argv), with the tests' sampler (unless
-    not forced) and with sgd SGD at lr 1 (no process start-up, no second import of torch and transformers)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(ROOT)
-        if forced:
-            mp.setattr(rollout, "sample_tokens", forced_draw)
-        if sgd:
-            mp.setattr(
-                sft, "make_optimizer", lambda model, lr, weight_decay=0.0: torch.optim.SGD(model.parameters(), lr=lr)
-            )
-        importlib.import_module(script.removesuffix(".py")).main([*argv, *(SGD_FLAGS if sgd else [])])
+    not forced), with sgd SGD at lr 1, and with `env` set (no process start-up, no second import of torch and
+    transformers). The environment is restored after it (a one-process vLLM run sets RANK and the like)."""
+    before = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(ROOT)
+            if forced:
+                mp.setattr(rollout, "sample_tokens", forced_draw)
+            if sgd:
+                mp.setattr(
+                    sft,
+                    "make_optimizer",
+                    lambda model, lr, weight_decay=0.0: torch.optim.SGD(model.parameters(), lr=lr),
+                )
+            importlib.import_module(script.removesuffix(".py")).main([*argv, *(SGD_FLAGS if sgd else [])])
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        os.environ.update(before)
 
 
 def _digit_problems(tmp_path) -> str:
@@ -4536,22 +4544,8 @@ def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
     default; requests ask for no log-probs and no detokenization. rollout.py and sft.py build pass
     --vllm-gpu-memory to their engines."""
     env, log = fake_vllm
-    flags = [
-        "--model",
-        tiny_model_dir,
-        "--backend",
-        "vllm",
-        "--data",
-        "synthetic:types=add,n=5",
-        "--n-samples",
-        "2",
-        "--k",
-        "1",
-        "--max-new-tokens",
-        "8",
-        "--chunk",
-        "2",
-    ]
+    flags = f"--model {tiny_model_dir} --backend vllm --data synthetic:types=add,n=5 --n-samples 2 --k 1 "
+    flags = (flags + "--max-new-tokens 8 --chunk 2").split()
     tok = rollout.load_tokenizer(tiny_model_dir)
     longest = max(
         len(tok(rollout.chat_prompt(tok, data.format_prompt(p["question"])), add_special_tokens=False)["input_ids"])
@@ -4559,12 +4553,16 @@ def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
     )
     tr = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     for name, launcher in (
-        ("python", [sys.executable]),
+        ("python", None),  # in this process, whose environment has no RANK
         ("torchrun1", [*tr, "--nproc_per_node", "1"]),
         ("torchrun2", [*tr, "--nproc_per_node", "2"]),
     ):
         log.unlink(missing_ok=True)
-        run(*launcher, "evaluate.py", *flags, "--out", str(tmp_path / name), env=env)
+        if launcher is None:
+            assert "RANK" not in os.environ
+            _main_in_process("evaluate.py", *flags, "--out", str(tmp_path / name), forced=False, env=env)
+        else:
+            run(*launcher, "evaluate.py", *flags, "--out", str(tmp_path / name), env=env)
         rows = _jsonl(tmp_path / name / "samples.jsonl")
         assert len(rows) == 5 and all(len(r["scores"]) == 2 for r in rows)
         inits = [c for c in _calls(log) if c["call"] == "init"]
@@ -4577,22 +4575,9 @@ def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
         ["rollout.py", "select", "--data", "synthetic:types=add,n=2", "--n-samples", "2", "--keep", "1"],
         ["sft.py", "build", "--setting", "solution", "--data", "synthetic:types=add,n=2", "--n-samples", "2"],
     ):
-        log.unlink(missing_ok=True)  # every script that makes an engine takes --vllm-gpu-memory
-        run(
-            sys.executable,
-            *cmd,
-            "--model",
-            tiny_model_dir,
-            "--backend",
-            "vllm",
-            "--max-new-tokens",
-            "4",
-            "--vllm-gpu-memory",
-            "0.7",
-            "--out",
-            str(tmp_path / cmd[0] / "out.jsonl"),
-            env=env,
-        )
+        log.unlink(missing_ok=True)  # every script that makes an engine takes --vllm-gpu-memory (in this process)
+        flags = f"--model {tiny_model_dir} --backend vllm --max-new-tokens 4 --vllm-gpu-memory 0.7".split()
+        _main_in_process(*cmd, *flags, "--out", str(tmp_path / cmd[0] / "out.jsonl"), forced=False, env=env)
         assert [c["gpu_memory_utilization"] for c in _calls(log) if c["call"] == "init"] == [0.7]
 
 
