@@ -6,7 +6,7 @@ Implements, for "Why Does Self-Distillation (Sometimes) Degrade the Reasoning Ca
     your final answer within \\boxed{}.` -> `format_prompt`
   - DAPO-Math-17k's "Answer: $Answer" prompt rewritten into that boxed prompt (App. D), keeping the ~100 copies of
     every prompt as the released pipeline does (`dedup=True` drops them) -> `load_problems("dapo.parquet")`
-  - Sec. 3's selection rule (base accuracy in [0.125, 0.5] over 8 rollouts) -> `select_by_accuracy`
+  - Sec. 3's selection rule (1 to 4 correct of 8 rollouts) is applied where the rollouts are drawn: `rollout.select`
   - the task-coverage subsets |D| in {1, 8, 64, 128, 512} of Sec. 6.2 -> `coverage_subset`
   - the reward (App. D): last \\boxed{} of the response, exact match, then math-verify, 5 s bound
     -> `grade`
@@ -682,16 +682,6 @@ def load_problems(source: str, limit: int | None = None, seed: int = 0, dedup: b
 # --------------------------------------------------------------------------------------------
 # Subsets
 # --------------------------------------------------------------------------------------------
-def select_by_accuracy(
-    problems: list[dict], accuracy: dict, low: float = 0.125, high: float = 0.5, limit: int | None = None
-) -> list[dict]:
-    """Sec. 3: keep problems whose base-model accuracy (over 8 rollouts in the paper) lies in [low, high].
-
-    accuracy maps problem id -> mean correctness. The paper keeps 100 such problems (limit=100)."""
-    kept = [p for p in problems if p["id"] in accuracy and low <= accuracy[p["id"]] <= high]
-    return kept if limit is None else kept[:limit]
-
-
 def coverage_subset(problems: list[dict], size: int, seed: int = 0) -> list[dict]:
     """Sec. 6.2: `size` distinct questions (|D| in {1, 8, 64, 128, 512}), chosen by seed."""
     unique = list({p["question"]: p for p in problems}.values())

@@ -36,8 +36,8 @@ Departures, and why:
      per step from the KV cache, finished rows leaving the batch at once (`generate_hf`). Under --fast (the
      default) its step is fast.py's, 2x faster on CPU for the same samples (bench.py): `fast.skinny_linear`,
      `fast.preallocate_kv`, `fast.sample_next` over the top-k candidates, `fast.LeanDecoder` for Llama-style models.
-  4. rollout.py also imports epistemic.py (for Table 1's epistemic column): DESIGN.md's graph has
-     rollout -> data only; epistemic.py is standalone, so no cycle.
+  4. rollout.py also imports epistemic.py (for Table 1's epistemic column); epistemic.py imports nothing of
+     ours, so no cycle (the README's import map).
 
 Run it:
     python rollout.py select --data synthetic:difficulty=1,n=64 --lenient --keep 16 --max-new-tokens 192

@@ -47,7 +47,6 @@ import epistemic
 import grpo
 import rollout
 import sft
-from rollout import balanced_positions, strip_think, teacher_contexts  # noqa: F401  (public here too)
 
 
 @dataclass

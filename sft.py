@@ -71,7 +71,7 @@ from tqdm import tqdm
 import data
 import epistemic
 import rollout
-from rollout import init_distributed, print0  # noqa: F401  (re-exported: grpo.py and sdpo.py use them from here)
+from rollout import init_distributed, print0
 
 
 @dataclass
@@ -1237,7 +1237,8 @@ def train(args: TrainArgs):
             bar.set_postfix(loss=f"{loss:.4f}", gnorm=f"{grad_norm:.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args)), keep=args.keep_checkpoints)
-    print0(f"done: {latest_checkpoint(out)}")
+    print0(f"sft: trained to step {args.steps}.\n  metrics: {out / 'metrics.jsonl'}")
+    print0(f"  checkpoint: {latest_checkpoint(out)}")
     if wandb_run is not None:
         wandb_run.finish()
 

@@ -565,7 +565,7 @@ def test_think_lengths_of_a_rollout_and_the_warm_start_rows(embedded_tokenizer):
     ]
 
 
-def test_coverage_subsets_and_selection_rule():
+def test_coverage_subsets():
     ps = data.load_problems("synthetic:difficulty=2,n=600")
     for size in (1, 8, 64, 128, 512):
         sub = data.coverage_subset(ps, size, seed=0)
@@ -573,9 +573,6 @@ def test_coverage_subsets_and_selection_rule():
         assert sub == data.coverage_subset(ps, size, seed=0)
     with pytest.raises(ValueError):
         data.coverage_subset(ps[:5], 8)
-    acc = {ps[0]["id"]: 0.125, ps[1]["id"]: 0.5, ps[2]["id"]: 0.0, ps[3]["id"]: 0.625, ps[4]["id"]: 0.25}
-    kept = data.select_by_accuracy(ps[:6], acc)
-    assert [p["id"] for p in kept] == [ps[0]["id"], ps[1]["id"], ps[4]["id"]]
 
 
 def test_champ_source():
@@ -3162,18 +3159,18 @@ def test_sibling_order_is_gathered_across_ranks(tmp_path):
 
 def test_balanced_sibling_order_by_hand():
     # one rank: lengths 5 3 9 3 7 sorted (3@1, 3@3, 5@0, 7@4, 9@2); even places 1, 0, 2 ascend, odd ones 3, 4 descend
-    assert sdpo.balanced_positions([5, 3, 9, 3, 7], ranks=1) == [1, 0, 2, 4, 3]
+    assert rollout.balanced_positions([5, 3, 9, 3, 7], ranks=1) == [1, 0, 2, 4, 3]
     # two ranks: the parts {0, 3} and {1, 2} (as `karmarkar_karp([1, 2, 3, 4], 2)`), each short-to-long
-    assert sdpo.balanced_positions([1, 2, 3, 4], ranks=2) == [0, 2, 3, 1]
+    assert rollout.balanced_positions([1, 2, 3, 4], ranks=2) == [0, 2, 3, 1]
     rows = [dict(text=t, reward=1.0) for t in "abcd"]
-    assert sdpo.teacher_contexts(rows, [{}], 4, "sibling", order=[3, 2, 1, 0]) == ["d", "d", "d", "c"]
-    assert sdpo.teacher_contexts(rows, [{}], 4, "sibling") == ["b", "a", "a", "a"]
+    assert rollout.teacher_contexts(rows, [{}], 4, "sibling", order=[3, 2, 1, 0]) == ["d", "d", "d", "c"]
+    assert rollout.teacher_contexts(rows, [{}], 4, "sibling") == ["b", "a", "a", "a"]
 
 
 def test_success_threshold_at_its_boundary():
     rows = [dict(text=t, reward=r) for t, r in (("a", 0.5), ("b", 0.49), ("c", 0.0), ("d", 1.0))]
-    assert sdpo.teacher_contexts(rows, [{}], 4, "sibling", threshold=0.5) == ["d", "a", "a", "a"]  # 0.5 counts
-    assert sdpo.teacher_contexts(rows, [{}], 4, "sibling", threshold=0.51) == ["d", "d", "d", None]
+    assert rollout.teacher_contexts(rows, [{}], 4, "sibling", threshold=0.5) == ["d", "a", "a", "a"]  # 0.5 counts
+    assert rollout.teacher_contexts(rows, [{}], 4, "sibling", threshold=0.51) == ["d", "d", "d", None]
 
 
 def test_grpo_coverage_and_no_checkpoints(digit_model_dir, tmp_path):
@@ -3535,14 +3532,14 @@ def test_chunked_distillation_equals_unchunked():
 def test_teacher_contexts_sibling_rules():
     rows = [dict(reward=r, text=f"resp{i}") for i, r in enumerate([0, 1, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0])]
     problems = [{"solution": "S0"}, {"solution": None}, {"solution": "S2"}]
-    c = sdpo.teacher_contexts(rows, problems, 4, "sibling")
+    c = rollout.teacher_contexts(rows, problems, 4, "sibling")
     # group 0: successes 1 and 3 -> the first OTHER success; group 1: none -> masked; group 2: only sample 8
     assert c[:4] == ["resp1", "resp3", "resp1", "resp1"]
     assert c[4:8] == [None] * 4
     assert c[8:] == [None, "resp8", "resp8", "resp8"]  # the sample itself is excluded
-    assert sdpo.teacher_contexts(rows, problems, 4, "dataset") == ["S0"] * 4 + [None] * 4 + ["S2"] * 4
+    assert rollout.teacher_contexts(rows, problems, 4, "dataset") == ["S0"] * 4 + [None] * 4 + ["S2"] * 4
     rows[1]["text"] = "Okay, hmm.</think>\n\nSo \\boxed{1}."
-    assert sdpo.teacher_contexts(rows, problems, 4, "sibling-no-think")[0] == "So \\boxed{1}."
+    assert rollout.teacher_contexts(rows, problems, 4, "sibling-no-think")[0] == "So \\boxed{1}."
 
 
 def test_sdpo_reprompt_strings_and_strip_think():
@@ -3551,8 +3548,8 @@ def test_sdpo_reprompt_strings_and_strip_think():
     assert sdpo.teacher_prompt("Q", "A", template="uncertainty").endswith(
         "include as much uncertainty or ambiguity in the explanation."
     )
-    assert sdpo.strip_think("<think>\nx\n</think>\n\nans") == "ans"  # Qwen3
-    assert sdpo.strip_think("x wait y</think>ans") == "ans"  # R1-Distill
+    assert rollout.strip_think("<think>\nx\n</think>\n\nans") == "ans"  # Qwen3
+    assert rollout.strip_think("x wait y</think>ans") == "ans"  # R1-Distill
 
 
 def test_ema_direction():
