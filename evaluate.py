@@ -590,7 +590,8 @@ def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) ->
     for name, seeds in runs.items():
 
         def tm(key, first=False, seeds=seeds):
-            return (lambda m: m and bootstrap(m, reps=reps))(training_matrix(seeds, key, last, first))
+            m = training_matrix(seeds, key, last, first)
+            return m and bootstrap(m, reps=reps)
 
         def em(key, name=name):
             return bootstrap(eval_matrix(evals[name], key, shared), reps=reps) if name in evals else None
@@ -645,9 +646,8 @@ def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) ->
                 continue
 
             def td(key, seeds=seeds):
-                return (lambda m, n: m and n and bootstrap(m, n, reps=reps))(
-                    training_matrix(seeds, key, last), training_matrix(b_seeds, key, last)
-                )
+                m, n = training_matrix(seeds, key, last), training_matrix(b_seeds, key, last)
+                return m and n and bootstrap(m, n, reps=reps)
 
             def ed(key, name=name):
                 return (

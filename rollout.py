@@ -548,15 +548,12 @@ def generate_hf(
     jobs.sort(key=lambda j: len(j[1]))  # similar lengths together: less padding (stable: sample k stays k-th)
     speed = importlib.import_module("fast") if fast else None
     use_lean = speed is not None and speed.lean_decoding(model)  # before skinny_linear patches the linears
-    sample = (
-        (
-            lambda z, streams: speed.sample_next(
-                z, params.temperature, params.top_p, params.top_k, streams, sample_tokens
-            )
-        )
-        if speed
-        else (lambda z, streams: sample_next(z, params.temperature, params.top_p, params.top_k, streams))
-    )
+
+    def sample(z, streams):  # sample_tokens is looked up at each call
+        if speed:
+            return speed.sample_next(z, params.temperature, params.top_p, params.top_k, streams, sample_tokens)
+        return sample_next(z, params.temperature, params.top_p, params.top_k, streams)
+
     out: list[Sample] = []
     bar = tqdm(total=len(jobs), desc="generate", disable=not progress, leave=False)
     with speed.skinny_linear(model) if speed else contextlib.nullcontext(), eval_mode(model):
