@@ -302,17 +302,7 @@ def evaluate_model(args: Args) -> dict:
             args.max_new_tokens,
             args.model,
         )
-    backend = rollout.make_backend(
-        args.backend,
-        args.model,
-        device,
-        args.dtype,
-        args.batch_size,
-        fast=args.fast,
-        max_model_len=max_len,
-        seed=args.seed + rank,
-        gpu_memory_utilization=args.vllm_gpu_memory,
-    )
+    backend = rollout.backend_from_args(args, device, max_len, seed=args.seed + rank)
     step = args.chunk * world
     bar = tqdm(total=len(pending), desc="problems", disable=rank != 0)
     for i, start in enumerate(range(0, len(pending), step)):

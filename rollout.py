@@ -904,6 +904,21 @@ def make_backend(
     return Backend("vllm", load_tokenizer(model_path), llm=llm, max_model_len=max_model_len)
 
 
+def backend_from_args(args, device, max_model_len: int, seed: int) -> Backend:
+    """`make_backend` from a script's flags: --backend, --model, --dtype, --batch-size, --fast, --vllm-gpu-memory."""
+    return make_backend(
+        args.backend,
+        args.model,
+        device,
+        args.dtype,
+        args.batch_size,
+        fast=args.fast,
+        max_model_len=max_model_len,
+        seed=seed,
+        gpu_memory_utilization=args.vllm_gpu_memory,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # SDPO's teacher contexts (Sec. 5: c = s, c = s\\think, the dataset's solution, y_r)
 # --------------------------------------------------------------------------------------------
@@ -1202,17 +1217,7 @@ def table1(args: Args) -> dict:
             args.model, problems, ["unguided", *chosen], args.solution_source, args.max_new_tokens, chat
         )
     )
-    backend = make_backend(
-        args.backend,
-        args.model,
-        device,
-        args.dtype,
-        args.batch_size,
-        fast=args.fast,
-        max_model_len=max_len,
-        seed=args.seed + rank,
-        gpu_memory_utilization=args.vllm_gpu_memory,
-    )
+    backend = backend_from_args(args, device, max_len, seed=args.seed + rank)
     params = SamplingParams(
         n=args.n_samples,
         temperature=args.temperature,
@@ -1293,17 +1298,7 @@ def select(args: SelectArgs) -> list[dict]:
         if args.backend != "vllm"
         else settings_engine_length(args.model, problems, ["unguided"], "rollout", args.max_new_tokens, chat)
     )
-    backend = make_backend(
-        args.backend,
-        args.model,
-        device,
-        args.dtype,
-        args.batch_size,
-        fast=args.fast,
-        max_model_len=max_len,
-        seed=args.seed + rank,
-        gpu_memory_utilization=args.vllm_gpu_memory,
-    )
+    backend = backend_from_args(args, device, max_len, seed=args.seed + rank)
     params = SamplingParams(
         n=args.n_samples,
         temperature=args.temperature,

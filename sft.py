@@ -1112,17 +1112,7 @@ def build(args: BuildArgs):
             if args.backend != "vllm"
             else rollout.settings_engine_length(args.model, mine, ["solution"], "dataset", args.max_new_tokens, chat)
         )
-        backend = rollout.make_backend(
-            args.backend,
-            args.model,
-            device,
-            args.dtype,
-            args.batch_size,
-            fast=args.fast,
-            max_model_len=max_len,
-            seed=args.seed + rank,
-            gpu_memory_utilization=args.vllm_gpu_memory,
-        )
+        backend = rollout.backend_from_args(args, device, max_len, seed=args.seed + rank)
         params = rollout.SamplingParams(
             n=args.n_samples,
             temperature=args.temperature,

@@ -3205,31 +3205,10 @@ def test_grpo_coverage_and_no_checkpoints(digit_model_dir, tmp_path):
 def test_grpo_embedded_model_one_step(tmp_path):
     """The README's main command, one step: the embedded model trains and is evaluated (its 1.6 GB checkpoint is
     left out: checkpoints are tested on the tiny models)."""
+    flags = "--steps 1 --prompts-per-step 2 --rollouts 4 --max-new-tokens 24 --eval-n 1 --eval-max-new-tokens 8 "
+    flags += "--lenient --eval-data synthetic:split=ood,n=2 --save-rollouts --save-every 0"
     p = subprocess.run(
-        [
-            sys.executable,
-            "grpo.py",
-            "--steps",
-            "1",
-            "--prompts-per-step",
-            "2",
-            "--rollouts",
-            "4",
-            "--max-new-tokens",
-            "24",
-            "--eval-n",
-            "1",
-            "--eval-max-new-tokens",
-            "8",
-            "--lenient",
-            "--eval-data",
-            "synthetic:split=ood,n=2",
-            "--save-rollouts",
-            "--save-every",
-            "0",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, "grpo.py", *flags.split(), "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -4212,32 +4191,9 @@ def test_sdpo_ema_teacher_and_resume_equal_the_uninterrupted_run(digit_model_dir
 
 def test_sdpo_embedded_model_sibling_context(tmp_path):
     """The embedded model, c = s: the masked rows are exactly those with no other success in their group."""
-    _main_in_process(
-        "sdpo.py",
-        "--steps",
-        "1",
-        "--prompts-per-step",
-        "2",
-        "--rollouts",
-        "4",
-        "--max-new-tokens",
-        "24",
-        "--eval-n",
-        "1",
-        "--eval-max-new-tokens",
-        "8",
-        "--lenient",
-        "--eval-data",
-        "synthetic:split=ood,n=2",
-        "--distill-prefix",
-        "16",
-        "--save-rollouts",
-        "--save-every",
-        "0",
-        "--out",
-        str(tmp_path),
-        forced=False,
-    )
+    flags = "--steps 1 --prompts-per-step 2 --rollouts 4 --max-new-tokens 24 --eval-n 1 --eval-max-new-tokens 8 "
+    flags += "--lenient --eval-data synthetic:split=ood,n=2 --distill-prefix 16 --save-rollouts --save-every 0"
+    _main_in_process("sdpo.py", *flags.split(), "--out", str(tmp_path), forced=False)
     (row,) = _jsonl(tmp_path / "metrics.jsonl")
     rolls = _jsonl(tmp_path / "rollouts.jsonl")
     alone = [
