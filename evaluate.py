@@ -99,7 +99,7 @@ class Args:
     system: str | None = None
     """system prompt (OLMo-3 style); None = the template's default"""
     dtype: str = "auto"
-    """float32 | bfloat16 | auto (bf16 on GPU, fp32 on CPU)"""
+    """float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16)"""
     seed: int = 0
     """sampling seed"""
     lenient: bool = False

@@ -134,9 +134,15 @@ def segment_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     W, gqa = query.shape[2], query.shape[1] != key.shape[1]
+    # under CPU autocast (--dtype bfloat16) attention runs in fp32: torch's bf16 CPU kernel took 2.6x fp32's time in
+    # backward (0.28 s against 0.11 s a packed micro-batch), and attention is a small share of the FLOPs
+    fp32 = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
     def attend(q, k, v, **kw):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, enable_gqa=gqa, **kw)
+        if fp32:
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, enable_gqa=gqa, **kw)
 
     rows = []
     for g, (p, responses) in enumerate(segments):
@@ -313,16 +319,22 @@ class ChunkedHead(torch.autograd.Function):
     piece's statistics are not recomputed. At 1,721 positions, H = 576, V = 49,152 (bench-style A/B,
     interleaved, best of 4): `chunked_logprobs` forward + backward 4.4 s against 5.35 s with
     torch.utils.checkpoint, ``chunked_distillation`` 5.9 s against 6.9 s (both before their vjp). The weight
-    gradient accumulates in at least fp32 and is returned in W's dtype."""
+    gradient accumulates in at least fp32 and is returned in W's dtype.
+
+    Under torch.autocast (CPU bf16: rollout.autocast) x @ W.T runs in autocast's dtype, and so do the backward's
+    three matmuls: autocast is off in a backward, so the forward's dtype is kept in ctx and cast to explicitly."""
 
     @staticmethod
     def forward(ctx, x, w, piece, vjp, chunk, width, *args):
         ctx.piece, ctx.vjp, ctx.chunk = piece, vjp, chunk
         ctx.save_for_backward(x, w, *args)
-        outs = [
-            piece(x[c : c + chunk] @ w.T if w is not None else x[c : c + chunk], c, *[a[c : c + chunk] for a in args])
-            for c in range(0, x.shape[0], chunk)
-        ]
+        dev = x.device.type
+        ctx.mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # the matmuls' dtype
+        wt = None if w is None else w.to(ctx.mm).T  # cast once
+        outs = []
+        for c in range(0, x.shape[0], chunk):
+            z = x[c : c + chunk] if w is None else x[c : c + chunk].to(ctx.mm) @ wt
+            outs.append(piece(z, c, *[a[c : c + chunk] for a in args]))
         return torch.cat(outs) if outs else x.new_zeros(0, width, dtype=torch.promote_types(x.dtype, torch.float32))
 
     @staticmethod
@@ -331,22 +343,29 @@ class ChunkedHead(torch.autograd.Function):
         dx = torch.empty_like(x)
         acc = None if w is None else torch.promote_types(w.dtype, torch.float32)  # bf16 -> fp32; fp32, fp64 stay
         dw = torch.zeros(w.shape, dtype=acc, device=w.device) if w is not None and ctx.needs_input_grad[1] else None
+        wc = None if w is None else w.to(ctx.mm)  # W itself, or its autocast copy: cast once
         for c in range(0, x.shape[0], ctx.chunk):
             xc, gc, ac = x[c : c + ctx.chunk], grad[c : c + ctx.chunk], [a[c : c + ctx.chunk] for a in args]
+            if w is not None:
+                xc = xc.to(wc.dtype)
             if ctx.vjp is not None:
-                dz = ctx.vjp(xc @ w.T if w is not None else xc.clone(), c, gc, *ac)
+                dz = ctx.vjp(xc @ wc.T if w is not None else xc.clone(), c, gc, *ac)
             else:
-                z = (xc @ w.T if w is not None else xc).detach().requires_grad_()
+                z = (xc @ wc.T if w is not None else xc).detach().requires_grad_()
                 with torch.enable_grad():
                     out = ctx.piece(z, c, *ac)
                 (dz,) = torch.autograd.grad(out, z, gc.to(out.dtype))
             if w is None:
                 dx[c : c + ctx.chunk] = dz
                 continue
-            dz = dz.to(w.dtype)
-            dx[c : c + ctx.chunk] = dz @ w
-            if dw is not None:
+            dz = dz.to(wc.dtype)
+            dx[c : c + ctx.chunk] = dz @ wc
+            if dw is None:
+                continue
+            if wc.dtype == w.dtype:
                 dw.addmm_(dz.T.to(acc), xc.to(acc))
+            else:  # autocast: the product in its dtype, accumulated in fp32
+                dw.add_(dz.T @ xc)
         return dx, None if dw is None else dw.to(w.dtype), None, None, None, None, *[None] * len(args)
 
 

@@ -23,7 +23,8 @@ Departures, and why:
      each GPU's length-balanced part, so every group is split across the updates, and with two updates the second
      gets the odd-ranked, slightly longer half (+3-5% mean length on 4 steps of real rollouts; ours differed by 4-10%
      by which prompts fell where). On-policy (the default) it is the same update.
-  6. Log-probs come from fp32 logits; verl takes them from bf16 logits under FSDP's mixed precision.
+  6. Under --dtype float32 log-probs come from fp32 logits; under bf16 (the default where the device has it
+     natively), as in verl, from bf16 logits, upcast for an fp32 log-softmax.
   7. The LR follows verl's constant schedule with warmup (`sft.lr_at`: step k gets lr * k / 10).
   8. --fast (the default) runs the training forwards through fast.py's twins: the same update up to rounding.
 
@@ -237,22 +238,24 @@ def token_logprobs(
 # The step
 # --------------------------------------------------------------------------------------------
 def logprobs(model, rows: list[dict], args: Args, pad_id: int, device, with_entropy: bool = False):
-    """`token_logprobs` of the rows' (prompt, response) pairs; its fast.py twin under --fast."""
+    """`token_logprobs` of the rows' (prompt, response) pairs (its fast.py twin under --fast), under --dtype's
+    autocast."""
     seqs = [(r["prompt_ids"], r["response_ids"]) for r in rows]
-    if not args.fast:
-        return token_logprobs(model, seqs, pad_id, args.temperature, device, with_entropy)
-    import fast
+    with rollout.autocast(args.dtype, device):
+        if not args.fast:
+            return token_logprobs(model, seqs, pad_id, args.temperature, device, with_entropy)
+        import fast
 
-    return fast.token_logprobs(
-        model,
-        seqs,
-        pad_id,
-        args.temperature,
-        device,
-        with_entropy,
-        sft.chunk_size(args.chunk, device),
-        args.pack_tokens,
-    )
+        return fast.token_logprobs(
+            model,
+            seqs,
+            pad_id,
+            args.temperature,
+            device,
+            with_entropy,
+            sft.chunk_size(args.chunk, device),
+            args.pack_tokens,
+        )
 
 
 def micro_batches(update: list[dict], args: Args, model, has_gradient=None) -> list[list[dict]]:

@@ -132,7 +132,7 @@ class Args:
     system: str | None = None
     """system prompt (OLMo-3 style); None = the template's default"""
     dtype: str = "auto"
-    """float32 | bfloat16 | auto (bf16 on GPU, fp32 on CPU)"""
+    """float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16)"""
     seed: int = 0
     """sampling seed (each rank adds its rank)"""
     lenient: bool = False
@@ -184,9 +184,33 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        keep_freed_memory()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(process_group_backend(device), timeout=datetime.timedelta(minutes=60))
     return rank, local_rank, world, device
+
+
+def keep_freed_memory() -> None:
+    """CPU: glibc's malloc keeps freed tensors of up to 32 MB for reuse, and never hands freed memory back.
+
+    Why: by default it returns each large freed block to the kernel (munmap, or a heap trim), and the next tensor of
+    that size is mapped afresh, one page fault per 4 KB page touched. One packed forward and backward of the 135M
+    model took 1.35M page faults (fp32) and 2.5M (bf16 autocast, whose casts allocate more), a third of the time in
+    the kernel; with these settings 0.43M, and the step is 1.2x (fp32) to 1.3x (bf16) faster. Peak memory is the
+    same: memory is kept, not added. mallopt(3): M_TRIM_THRESHOLD = -1, M_TOP_PAD = -2, M_MMAP_THRESHOLD = -3 (the
+    largest glibc allows on 64-bit: 32 MB). Elsewhere (not glibc) nothing happens."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(-3, 32 << 20)
+    mallopt(-1, 2**31 - 1)  # the largest int: freed memory is trimmed only past 2 GB free at the heap's top
+    mallopt(-2, 1 << 30)
 
 
 def process_group_backend(device) -> str:
@@ -281,14 +305,52 @@ def load_tokenizer(name_or_path: str = EMBEDDED):
     return tok
 
 
+def native_bf16(device) -> bool:
+    """Whether `device` computes in bf16 natively: a CUDA GPU that does (Ampere and later), or a CPU whose feature
+    flags name a bf16 dot product: AVX512-BF16 or AMX-BF16 (x86), BF16 (Arm). Read from Linux's /proc/cpuinfo, or
+    macOS's sysctl. Elsewhere torch emulates bf16 on CPUs, slower than fp32 (decoding ran 3x slower on an
+    AVX512 CPU without AVX512-BF16)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split()}
+    except OSError:  # not Linux
+        import subprocess
+
+        p = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
+        return p.stdout.strip() == "1"
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def compute_dtype(dtype: str, device) -> str:
+    """--dtype resolved: auto is bfloat16 where `native_bf16`, float32 elsewhere; float32 and bfloat16 stay."""
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"--dtype {dtype!r}: float32, bfloat16 or auto")
+    return dtype if dtype != "auto" else "bfloat16" if native_bf16(device) else "float32"
+
+
+def autocast(dtype: str, device):
+    """The context of a trained model's forwards: torch.autocast to bf16 on a CPU under --dtype bfloat16, so that
+    matmuls run in bf16 while the weights, their gradients and AdamW's state stay fp32 (autocast's casts are
+    differentiable: each gradient reaches its fp32 weight). Nothing elsewhere: on GPUs FSDP2's MixedPrecisionPolicy
+    casts (sft.shard_model), and fp32 needs nothing. The log-softmaxes stay fp32: the code upcasts the logits."""
+    if compute_dtype(dtype, device) == "bfloat16" and torch.device(device).type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def load_model(name_or_path: str = EMBEDDED, dtype: str = "auto", device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a Hugging Face id or directory, or the embedded alias. eval() mode."""
+    """(model, tokenizer) from a Hugging Face id or directory, or the embedded alias, with its weights in `dtype`
+    (`compute_dtype`). eval() mode."""
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(name_or_path)
     device = torch.device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = compute_dtype(dtype, device)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=getattr(torch, dtype))
     return model.to(device).eval(), tok
 

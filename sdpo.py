@@ -275,7 +275,8 @@ def attach_distill_positions(rows: list[dict], args: Args, tokenizer) -> int:
 
 
 def terms_of(model, teacher, micro: list[dict], args: Args, pad_id: int, device) -> dict:
-    """`distillation_terms` (fast.py's under --fast): the student on (x, y), the teacher on (x with c, y)."""
+    """`distillation_terms` (fast.py's under --fast): the student on (x, y), the teacher on (x with c, y), under
+    --dtype's autocast."""
     seqs = (
         [(r["prompt_ids"], r["response_ids"]) for r in micro],  # the teacher's: the student's prompt without c
         [(r["teacher_prompt_ids"] or r["prompt_ids"], r["response_ids"]) for r in micro],
@@ -283,20 +284,21 @@ def terms_of(model, teacher, micro: list[dict], args: Args, pad_id: int, device)
         device,
     )
     loss = dict(topk=args.topk or None, alpha=args.alpha, add_tail=args.add_tail, temperature=args.temperature)
-    if not args.fast:
-        return distillation_terms(model, teacher, *seqs, **loss)
-    import fast
+    with rollout.autocast(args.dtype, device):
+        if not args.fast:
+            return distillation_terms(model, teacher, *seqs, **loss)
+        import fast
 
-    return fast.distillation_terms(
-        model,
-        teacher,
-        *seqs,
-        args.pack_tokens,
-        sft.chunk_size(args.chunk, device),
-        divergence=divergence,
-        finish_support=finish_support,
-        **loss,
-    )
+        return fast.distillation_terms(
+            model,
+            teacher,
+            *seqs,
+            args.pack_tokens,
+            sft.chunk_size(args.chunk, device),
+            divergence=divergence,
+            finish_support=finish_support,
+            **loss,
+        )
 
 
 def micro_loss(terms: dict, micro: list[dict], n: dict, args: Args, on_policy: bool):

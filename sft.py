@@ -11,10 +11,10 @@ Implements, for arXiv 2603.24472:
   - the plumbing every trainer shares (grpo.py and sdpo.py too): `RunArgs` (their common flags), `setup`
     (ranks, problems, the sharded policy, optimizer, generation backend, resume), `init_distributed`,
     `shard_model` (FSDP2 `fully_shard` over the decoder layers and the root, optional activation
-    checkpointing, bf16 mixed precision on GPU), `make_optimizer` (AdamW, App. D Table 8), `lr_at`,
-    `apply_update`, `Metrics` (a step's metrics, one all-reduce), `save_checkpoint` / `load_checkpoint`, the EMA
-    teacher's fp32 weights (`ema_weights`, `ema_update`), `--wandb` (`open_wandb`, `log_metrics`), and the
-    per-GPU memory estimate that refuses a run before it loads (`memory_plan`, `check_memory`).
+    checkpointing, bf16 mixed precision on GPU; on CPU bf16 is `rollout.autocast`), `make_optimizer` (AdamW,
+    App. D Table 8), `lr_at`, `apply_update`, `Metrics` (a step's metrics, one all-reduce), `save_checkpoint` /
+    `load_checkpoint`, the EMA teacher's fp32 weights (`ema_weights`, `ema_update`), `--wandb` (`open_wandb`,
+    `log_metrics`), and the per-GPU memory estimate that refuses a run before it loads (`memory_plan`, `check_memory`).
 
 The loss is `token_nll` over the full logits, or under --fast (the default) fast.token_nll: the LM head on
 response positions only, in chunks recomputed in backward, so (T, V) logits never exist.
@@ -184,7 +184,8 @@ class TrainArgs:
     system: str | None = None
     """system prompt; None = the template's default"""
     dtype: str = "auto"
-    """float32 | bfloat16 | auto (bf16 mixed precision on GPU, fp32 on CPU)"""
+    """float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16). bf16: the forwards
+    compute in bf16 (CPU: torch.autocast; GPU: FSDP2's mixed precision) over fp32 weights, gradients and AdamW state"""
     seed: int = 0
     """data order seed"""
     chunk: int = 0
@@ -221,6 +222,7 @@ class RunArgs:
         gen_batch_size=data.POSITIVE,
         vllm_gpu_memory=data.UNIT,
         vllm_sleep=(0, 1, 2),
+        dtype=data.DTYPES,
         micro_batch=data.POSITIVE,
         chunk=data.NON_NEGATIVE,
         pack_tokens=data.NON_NEGATIVE,
@@ -276,6 +278,10 @@ class RunArgs:
     vllm_sleep: int = 2
     """vllm: engine sleep level while the trainer runs (2: weights and KV cache freed, 1: weights in CPU memory, 0:
     never)"""
+    dtype: str = "auto"
+    """float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16). bf16: the forwards
+    compute in bf16 (CPU: torch.autocast; GPU: FSDP2's mixed precision) over fp32 weights, gradients and AdamW state;
+    the frozen teacher or reference policy and the hf generation replica hold bf16 weights"""
     micro_batch: int = 4
     """sequences per forward/backward on one rank (memory knob)"""
     grad_ckpt: bool = False
@@ -321,7 +327,8 @@ def world_info() -> tuple[int, int]:
 def shard_model(model, device, grad_ckpt: bool = False, mixed_precision: bool = False):
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, norm, tied LM head).
 
-    bf16 mixed precision (fp32 master weights and gradient reduction) is for GPUs; CPU runs stay in fp32. A
+    bf16 mixed precision (fp32 master weights and gradient reduction) is for GPUs; a CPU computes in bf16 under
+    torch.autocast instead (`rollout.autocast`: the same fp32 weights, no process group for one process). A
     single process without mixed precision keeps the plain module (the same math, no collectives); with it,
     the module is sharded over a one-rank group too, so that one GPU computes in bf16 as eight do."""
     if grad_ckpt:
@@ -787,6 +794,7 @@ def setup(args) -> Run:
     """Everything the RL trainers need: ranks, problems, policy (sharded), optimizer, generation backend, resume."""
     data.check_args(args)  # again: a run may be started from Python, without parse_args
     rank, _, world, device = init_distributed()
+    args.dtype = rollout.compute_dtype(args.dtype, device)  # auto resolved, as the checkpoints record it
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the world size {world}")
     problems = data.load_problems(args.data, seed=args.seed, dedup=args.dedup)
@@ -831,10 +839,11 @@ def setup(args) -> Run:
         rollout.sleep_engine(engine)
     else:
         check_memory(args, start_from, device, world)
-    model, _ = rollout.load_model(start_from, "float32", device)
-    replica = None
-    if args.backend == "hf" and world > 1:
-        replica, _ = rollout.load_model(start_from, "auto", device)
+    model, _ = rollout.load_model(start_from, "float32", device)  # fp32 master weights
+    bf16 = args.dtype == "bfloat16"
+    replica = None  # a generation copy: under torchrun (each rank decodes alone), and in bf16 on a CPU
+    if args.backend == "hf" and (world > 1 or bf16 and device.type == "cpu"):
+        replica, _ = rollout.load_model(start_from, args.dtype, device)
     if engine is None:
         backend = rollout.Backend(
             "hf", tok, model=replica if replica is not None else model, batch_size=args.gen_batch_size, fast=args.fast
@@ -845,7 +854,7 @@ def setup(args) -> Run:
         import fast
 
         fast.use_segment_attention(model)
-    model = shard_model(model, device, args.grad_ckpt, mixed_precision=device.type == "cuda")
+    model = shard_model(model, device, args.grad_ckpt, mixed_precision=bf16 and device.type == "cuda")
     if backend.asleep:
         rollout.push_weights_to_vllm(backend, model)  # wakes the engine with the policy's weights (collective)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
@@ -934,9 +943,9 @@ def timed(model):
 
 
 def frozen_model(name_or_path: str, args, device):
-    """A model that is not trained (GRPO's reference policy, SDPO's teacher): gradients off, in the compute dtype,
-    switched to segment attention under --fast --segment-attention as the policy is."""
-    model, _ = rollout.load_model(rollout.resolve_model_path(name_or_path), "auto", device)
+    """A model that is not trained (GRPO's reference policy, SDPO's teacher): gradients off, its weights in the
+    compute dtype (--dtype), switched to segment attention under --fast --segment-attention as the policy is."""
+    model, _ = rollout.load_model(rollout.resolve_model_path(name_or_path), args.dtype, device)
     model.requires_grad_(False)
     if args.fast and args.segment_attention:
         import fast
@@ -1168,6 +1177,7 @@ def build(args: BuildArgs):
 def train(args: TrainArgs):
     data.check_args(args)
     rank, _, world, device = init_distributed()
+    args.dtype = rollout.compute_dtype(args.dtype, device)
     if args.batch_size % world or (args.batch_size // world) < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be a positive multiple of the world size {world}")
     rows = read_sft_rows(args.data)
@@ -1177,7 +1187,7 @@ def train(args: TrainArgs):
     chat = dict(system=args.system, thinking=args.thinking)
     encoded = [tokenize_sft(tok, r, args.max_len, chat) for r in rows]
     model = shard_model(
-        model, device, args.grad_ckpt, mixed_precision=device.type == "cuda" and args.dtype != "float32"
+        model, device, args.grad_ckpt, mixed_precision=device.type == "cuda" and args.dtype == "bfloat16"
     )
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     start = 0
@@ -1201,12 +1211,13 @@ def train(args: TrainArgs):
         for k in range(0, len(mine), args.micro_batch):
             micro = mine[k : k + args.micro_batch]
             batch = ([encoded[i][0] for i in micro], [encoded[i][1] for i in micro], tok.pad_token_id, device)
-            if args.fast:
-                import fast
+            with rollout.autocast(args.dtype, device):
+                if args.fast:
+                    import fast
 
-                nll, _ = fast.token_nll(model, *batch, chunk_size(args.chunk, device))
-            else:
-                nll, _ = token_nll(model, *batch)
+                    nll, _ = fast.token_nll(model, *batch, chunk_size(args.chunk, device))
+                else:
+                    nll, _ = token_nll(model, *batch)
             # FSDP2 averages gradients over ranks; scaling by world makes the result the global token mean
             (nll * world / max(global_tokens, 1)).backward()
             loss_sum += float(nll.detach())

@@ -683,6 +683,17 @@ import torch
 import rollout
 import evaluate
 
+NATIVE_BF16 = rollout.native_bf16
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fp32_by_default():
+    """--dtype auto resolves to fp32 in every test and fixture, on every CPU: where bf16 is native it would resolve
+    to bf16 and the values would depend on the machine. The precision tests ask for bf16 by flag."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rollout, "native_bf16", lambda device: False)
+        yield
+
 
 @pytest.fixture(scope="session")
 def embedded_tokenizer(embedded_conversion):
@@ -1605,6 +1616,8 @@ def _train(tiny_model_dir, data_path, out, *extra, torchrun=False):
         "1e-3",
         "--warmup",
         "2",
+        "--dtype",
+        "float32",  # under torchrun too, where the tests' fp32 default is not patched in: on any CPU
         *extra,
     ]
     if torchrun:
@@ -1913,6 +1926,7 @@ import data, evaluate, rollout
     + FORCED_DRAW
     + """
 rollout.sample_tokens = forced_draw  # the same samples on every CPU
+rollout.native_bf16 = lambda device: False  # --dtype auto: fp32 on every CPU, as in the tests' process
 rank, _, world, _ = rollout.init_distributed()
 model, tok = rollout.load_model(sys.argv[2])
 problems = data.load_problems(sys.argv[3])
@@ -2091,11 +2105,16 @@ def test_train_on_rollouts_edge_cases(tiny_model_dir):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
 def test_peak_memory_windows():
+    """400 MB mapped from the kernel and touched, then unmapped (an anonymous mmap: malloc keeps what it frees,
+    `rollout.keep_freed_memory`): the window that held them peaks 0.35 GB above the next."""
+    import mmap
+
     sft.peak_memory_gb("cpu")  # a new window
-    x = torch.ones(100_000_000)  # 400 MB, touched
-    del x
+    with mmap.mmap(-1, 400 << 20) as m:
+        for _ in range(400):  # 1 MB at a time: no 400 MB Python object
+            m.write(b"\1" * (1 << 20))
     big = sft.peak_memory_gb("cpu")
-    small = sft.peak_memory_gb("cpu")  # the 400 MB are freed: this window's peak is the resident set now
+    small = sft.peak_memory_gb("cpu")  # the 400 MB are unmapped: this window's peak is the resident set now
     assert big - small > 0.35
 
 
@@ -2621,6 +2640,7 @@ import rollout, sft
     + FORCED_DRAW
     + """
 rollout.sample_tokens = forced_draw
+rollout.native_bf16 = lambda device: False  # --dtype auto: fp32 on every CPU, as in the tests' process
 if sys.argv[3] == "sgd":
     sft.make_optimizer = lambda model, lr, weight_decay=0.0: torch.optim.SGD(model.parameters(), lr=lr)
 importlib.import_module(sys.argv[2].removesuffix(".py")).main(sys.argv[4:])
@@ -5208,3 +5228,173 @@ def test_requirements_pin_the_transformers_that_vllm_brings():
         if line.startswith("transformers")
     )
     assert SpecifierSet(spec) == SpecifierSet(">=5.16.1,<5.21.0") and transformers.__version__ in SpecifierSet(spec)
+
+
+# ============================================================================================
+# Precision: --dtype bfloat16 (CPU: autocast over fp32 weights; bf16 teacher and generation replica)
+# ============================================================================================
+BF16_U = 2.0**-8  # bf16's unit roundoff: 8 significant bits, so one rounding moves a value by at most 2^-8 of it
+
+
+@pytest.mark.parametrize(
+    "cpuinfo,native",
+    [
+        ("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n", True),  # Zen 4, Cooper Lake
+        ("flags : fpu sse2 avx2 amx_bf16 amx_tile\n", True),  # Sapphire Rapids
+        ("flags : fpu sse2 avx2 avx512f avx512bw avx512_vnni\n", False),  # AVX512 without bf16: emulated
+        ("Features : fp asimd evtstrm aes crc32 bf16 i8mm\n", True),  # Arm v8.6 (Graviton 3, Neoverse V1)
+        ("Features : fp asimd evtstrm aes crc32\n", False),
+    ],
+)
+def test_native_bf16_reads_the_cpu_flags(monkeypatch, cpuinfo, native):
+    """--dtype auto: bf16 where the CPU's flags name a bf16 dot product, fp32 elsewhere; explicit dtypes stay."""
+    import io
+
+    monkeypatch.setattr(rollout, "open", lambda *a, **k: io.StringIO(cpuinfo), raising=False)
+    assert NATIVE_BF16("cpu") is native
+    monkeypatch.setattr(rollout, "native_bf16", NATIVE_BF16)
+    assert rollout.compute_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert (
+        rollout.compute_dtype("float32", "cpu") == "float32" and rollout.compute_dtype("bfloat16", "cpu") == "bfloat16"
+    )
+    with pytest.raises(ValueError, match="--dtype 'float16'"):
+        rollout.compute_dtype("float16", "cpu")
+    assert isinstance(rollout.autocast("bfloat16", "cpu"), torch.autocast)
+    assert not isinstance(rollout.autocast("float32", "cpu"), torch.autocast)
+
+
+def _logprob_grads(model, seqs, pad, dtype, plain: bool):
+    """log pi of the responses under --dtype `dtype`'s autocast (fast.py's chunked head, or the full logits), the
+    gradient of their sum parameter by parameter, and the dtypes of the backward's matmul operands."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                self.seen |= {a.dtype for a in args[-2:]}
+            return func(*args, **(kwargs or {}))
+
+    model.zero_grad(set_to_none=True)
+    with rollout.autocast(dtype, "cpu"):
+        if plain:
+            logp, mask, _ = grpo.token_logprobs(model, seqs, pad, 1.0, "cpu")
+        else:
+            logp, mask, _ = fast.token_logprobs(model, seqs, pad, 1.0, "cpu", chunk=7, pack=4096)
+    with MatmulDtypes() as mode:
+        (logp * mask).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    return logp.detach().double(), mask.bool(), grads, mode.seen
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["fast", "plain"])
+def test_bf16_forward_and_gradient_within_bf16_resolution(tiny_model_dir, plain):
+    """Under --dtype bfloat16 the forwards compute in bf16 over fp32 weights (autocast), fast.py's chunked LM head
+    and its backward included (every backward matmul in bf16): log-probs within bf16's resolution of fp32's, and
+    fp32 gradients within a few roundings. The bounds: bf16 keeps 8 significant bits, so one rounding moves a value
+    by at most u = 2^-8 of it. A log-prob, z_y - logsumexp(z), moves by about u times the logits' size; this random
+    model's logits are under 1 (asserted), so under u (measured 0.17 u). The gradient sums products of such
+    values: 3 u of its norm (measured 0.75-0.79 u). Both errors must be above zero: bf16 was used."""
+    import rollout as r
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fast.use_segment_attention(model)
+    tok = r.load_tokenizer(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(10, 1000, (9,), generator=g).tolist()
+    seqs = [(prompt, torch.randint(10, 1000, (n,), generator=g).tolist()) for n in (13, 5, 20)]
+    want, mask, want_g, _ = _logprob_grads(model, seqs, tok.pad_token_id, "float32", plain)
+    got, _, got_g, matmuls = _logprob_grads(model, seqs, tok.pad_token_id, "bfloat16", plain)
+    assert matmuls == {torch.bfloat16}  # the backward's matmuls too (fast.ChunkedHead's are cast by hand)
+    with torch.no_grad():
+        assert float(model(torch.tensor([seqs[0][0] + seqs[0][1]])).logits.abs().max()) < 1
+    err = (got - want).abs()[mask]
+    assert 0 < float(err.max()) <= BF16_U, float(err.max())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights
+    assert all(v.dtype == torch.float32 for v in got_g.values())  # and their gradients
+    num = math.sqrt(sum(float((got_g[k] - want_g[k]).double().norm() ** 2) for k in want_g))
+    den = math.sqrt(sum(float(want_g[k].double().norm() ** 2) for k in want_g))
+    assert 0 < num <= 3 * BF16_U * den, num / den
+
+
+def test_bf16_run_keeps_fp32_master_weights_and_bf16_copies(digit_model_dir, tmp_path):
+    """--dtype bfloat16: the policy's weights and AdamW's state stay fp32 through an update, which moves them by
+    amounts bf16 could not hold; the generation replica and SDPO's teacher hold bf16 weights, and the replica is the
+    policy's weights rounded to bf16 after the update (`rollout.refresh_weights`)."""
+    args = sdpo.Args(
+        model=digit_model_dir,
+        data=_digit_problems(tmp_path),
+        prompts_per_step=4,
+        rollouts=4,
+        max_new_tokens=6,
+        lenient=True,
+        eval_data=[],
+        save_every=0,
+        warmup=0,
+        lr=1e-4,
+        dtype="bfloat16",
+        out=str(tmp_path / "run"),
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rollout, "sample_tokens", forced_draw)
+        run = sft.setup(args)
+        teacher = sft.frozen_model(args.model, args, run.device)
+        before = {k: p.detach().clone() for k, p in run.model.named_parameters()}
+        assert run.backend.model is not run.model and {p.dtype for p in run.backend.model.parameters()} == {
+            torch.bfloat16
+        }
+        assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+        rows, problems, _ = grpo.collect_rollouts(run, 0)
+        m = grpo.train_on_rollouts(run.model, run.optimizer, rows, args, 1, run.device, run.tokenizer.pad_token_id)
+        rollout.refresh_weights(run.backend, run.model)
+    assert m["updates"] == 1 and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
+    moved = 0
+    for k, p in run.model.named_parameters():
+        assert p.dtype == torch.float32
+        state = run.optimizer.state[p]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+        d = (p.detach() - before[k]).abs()
+        # AdamW's first step moves each weight by ~lr = 1e-4: below half a bf16 spacing of most weights
+        spacing = before[k].abs() * BF16_U
+        moved += int(((d > 0) & (d < spacing / 2)).sum())
+    assert moved > 1000  # updates that a bf16 weight would have rounded away
+    replica = dict(run.backend.model.named_parameters())
+    for k, p in run.model.named_parameters():
+        assert torch.equal(replica[k], p.detach().to(torch.bfloat16)), k
+
+
+def _sgd_gradient(model_dir, tmp_path, script, name, *flags):
+    """One SGD step at lr 1 on the digit model under the tests' sampler: (its rollouts' texts, its gradient)."""
+    _, rolls, out = _digit_run(model_dir, tmp_path, script, name, *flags, sgd=True)
+    return [r["text"] for r in rolls], _gradient_from_sgd_step(model_dir, out)
+
+
+@pytest.mark.parametrize(
+    "script,flags",
+    [("grpo.py", ["--loss-agg", "token-mean"]), ("grpo.py", ["--no-fast"]), ("sdpo.py", ["--seed", "1"])],
+    ids=["grpo", "grpo-no-fast", "sdpo"],
+)
+def test_bf16_update_matches_fp32(digit_model_dir, tmp_path, script, flags):
+    """An update taken under --dtype bfloat16 equals fp32's to bf16's resolution: the same rollouts (the tests'
+    sampler picks among tokens far from every threshold, so the bf16 replica draws what the fp32 policy draws), and
+    the gradient recovered from an SGD step at lr 1 within the bound below, every parameter's gradient pointing the
+    same way (cosine > 0.99). A bf16 step that lost the fp32 master weights, sampled from a stale replica or left
+    the autocast out would fail one of these.
+
+    The bound: autocast stores the logits in bf16, rounded by up to u = 2^-8 of their size; the digit model's three
+    tokens have logits near 17 (`digit_model_dir`), so a log-prob moves by up to 2 u 17 = 0.13 and the softmax terms
+    of the gradient, p and 1 - p, by about as much relative to themselves: 2 u 17 of the gradient's norm (measured:
+    18 u GRPO, 14 u GRPO --no-fast, 9 u SDPO)."""
+    texts32, g32 = _sgd_gradient(digit_model_dir, tmp_path, script, "fp32", *flags, "--dtype", "float32")
+    texts16, g16 = _sgd_gradient(digit_model_dir, tmp_path, script, "bf16", *flags, "--dtype", "bfloat16")
+    assert texts16 == texts32
+    num = math.sqrt(sum(float((g16[k] - g32[k]).double().norm() ** 2) for k in g32))
+    den = math.sqrt(sum(float(g32[k].double().norm() ** 2) for k in g32))
+    assert den > 1e-3 and 0 < num <= 2 * BF16_U * 17 * den, num / den
+    for k in g32:  # a large part of the gradient keeps its direction; the norms' small sums cancel more: 0.9
+        share = float(g32[k].norm()) / den
+        if share > 1e-3:
+            cos = float(torch.nn.functional.cosine_similarity(g16[k].flatten().double(), g32[k].flatten().double(), 0))
+            assert cos > (0.99 if share > 0.05 else 0.9), (k, cos, share)
