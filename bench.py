@@ -12,6 +12,8 @@
     python bench.py grpo_step_all_rows sdpo_step_all_rows  # zero-gradient rows trained too (--no-skip-zero-rows)
     python bench.py grpo_step_plain sdpo_step_plain        # --no-fast: the plain code, without fast.py
     python bench.py trl_grpo_step trl_sdpo_step   # TRL's trainers on the same config (pip install trl)
+    python bench.py grpo_step_all_rows_bf16 sdpo_step_all_rows_bf16 trl_grpo_step_bf16 trl_sdpo_step_bf16  # in bf16
+    python bench.py bf16_curves   # GRPO and SDPO from the organism, fp32 vs bf16, 2 seeds x 10 steps (~1 h)
 
 Each row is measured in a fresh process so rows don't share caches or memory peaks.
 """
@@ -140,11 +142,11 @@ def bench_sdpo_memory(chunk: int | None = 256, T: int = 4096, V: int = 151_936, 
     )
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul on this machine (the MFU denominator), best of `reps`."""
+def matmul_peak_gflops(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    """Best GFLOP/s of an n x n matmul in `dtype` on this machine (the MFU denominator), best of `reps`."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     a @ b
     best = 0.0
     for _ in range(reps):
@@ -166,6 +168,7 @@ RL_CONFIG = dict(
     eval_data=[],
     save_every=0,
     lenient=True,
+    dtype="float32",
 )
 
 
@@ -184,7 +187,8 @@ def n_parameters(model_dir) -> int:
 
 def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     """One RL step of grpo.py or sdpo.py on the config measured against TRL: 4 prompts x 4 rollouts of
-    at most 128 tokens, single-digit addition, LR 1e-6, no KL, clip-high 0.28, fp32 on CPU. `steps` steps run;
+    at most 128 tokens, single-digit addition, LR 1e-6, no KL, clip-high 0.28, fp32 (the *_bf16 rows: --dtype
+    bfloat16, autocast over fp32 weights, bf16 generation replica and teacher). `steps` steps run;
     the last one (warm) is reported. MFU = model FLOPs / (step time x the matmul peak measured here), with
     2 P FLOPs per token forward (every sample's prompt and response in generation, the teacher's) and 6 P
     forward + backward per trained token (the responses of the rows trained on, each distinct prompt once: work
@@ -200,7 +204,7 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     import rollout
     import sdpo
 
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(dtype={**RL_CONFIG, **overrides}["dtype"])
     with tempfile.TemporaryDirectory() as out:
         if trainer == "grpo":
             args = grpo.Args(**{**RL_CONFIG, **overrides}, steps=steps, out=out)
@@ -241,9 +245,10 @@ def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
     )
 
 
-def bench_trl_step(trainer: str = "grpo", steps: int = 2) -> dict:
+def bench_trl_step(trainer: str = "grpo", steps: int = 2, bf16: bool = False) -> dict:
     """TRL's GRPOTrainer / experimental SDPOTrainer on the same config, when `trl` is installed (a bench-only
-    extra). Written to TRL 1.x's documented GRPOConfig fields; time per step from the trainer's logs."""
+    extra). Written to TRL 1.x's documented GRPOConfig fields; time per step from the trainer's logs. bf16: its
+    own switch (TrainingArguments.bf16: accelerate's autocast over the fp32 weights, on CPU too)."""
     try:
         import trl  # noqa: F401
         from datasets import Dataset
@@ -280,7 +285,7 @@ def bench_trl_step(trainer: str = "grpo", steps: int = 2) -> dict:
         report_to=[],
         logging_steps=1,
         save_strategy="no",
-        bf16=False,
+        bf16=bf16,
         lr_scheduler_type="constant",
         seed=0,
     )
@@ -321,13 +326,79 @@ def bench_trl_step(trainer: str = "grpo", steps: int = 2) -> dict:
     steps_s = [b - a for a, b in zip([t0] + times[:-1], times)]
     # TRL's GRPOConfig turns gradient checkpointing on by default (SDPOConfig inherits it); left as TRL ships it
     return dict(
-        row=f"trl {trainer} step (4x4, 128 tokens)",
+        row=f"trl {trainer} step (4x4, 128 tokens){' bf16' if bf16 else ''}",
         t_step=round(steps_s[-1], 2),
         t_first=round(steps_s[0], 2),
         response_tokens=round(lengths[-1] * 16) if lengths else None,
         peak_rss_gb=round(max(p or 0.0 for p in peaks), 2),
         gradient_checkpointing=t.args.gradient_checkpointing,
     )
+
+
+# the README's reproduction runs (T), without checkpoints
+CURVE_RUN = """--data synthetic:n=256,seed=0 --steps 10 --prompts-per-step 4 --rollouts 4 --warmup 0
+    --max-new-tokens 256 --eval-data synthetic:split=ood,n=2,seed=1 --eval-n 1 --save-every 0""".split()  # noqa: SIM905 (flags as typed)
+
+
+def bench_bf16_curves(model: str = "runs/organism/step_40", out: str = "runs/bf16_curves", seeds=(0, 1)) -> dict:
+    """The precision check: GRPO and SDPO (c = s) from the reasoning organism (the README's warm start), 10 steps
+    as the reproduction runs them, in fp32 and in bf16, over `seeds`, two jobs at a time on one thread each. Plots
+    the training score, response length and E(y) per step, mean and range over the seeds, to
+    report/bf16_vs_fp32.png; returns each curve. Runs already complete in `out` are kept."""
+    import os
+    from pathlib import Path
+
+    jobs = []
+    for script in ("grpo.py", "sdpo.py"):
+        for dtype in ("float32", "bfloat16"):
+            for seed in seeds:
+                run = Path(out) / f"{script[:4]}_{dtype}_seed{seed}"
+                done = run / "metrics.jsonl"
+                if not (done.exists() and '"step": 10,' in done.read_text()):
+                    cmd = [sys.executable, script, "--model", model, *CURVE_RUN, "--seed", str(seed)]
+                    jobs.append([*cmd, "--dtype", dtype, "--out", str(run)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t = time.perf_counter()
+    for i in range(0, len(jobs), 2):
+        procs = [
+            subprocess.Popen(j, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for j in jobs[i : i + 2]
+        ]
+        if any(p.wait() for p in procs):
+            raise RuntimeError(f"a run failed: {jobs[i : i + 2]}")
+    curves = {}
+    for run in sorted(Path(out).glob("*_seed*")):
+        with open(run / "metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f if '"step"' in line]
+        curves[run.name] = {k: [r[k] for r in rows] for k in ("score", "length", "epistemic")}
+    plot_curves(curves, Path("report") / "bf16_vs_fp32.png")
+    return dict(row="bf16 curves", minutes=round((time.perf_counter() - t) / 60, 1), curves=curves)
+
+
+def plot_curves(curves: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for arm, color in (("grpo", "tab:blue"), ("sdpo", "tab:red")):
+        for dtype, style in (("float32", "-"), ("bfloat16", "--")):
+            runs = [c for name, c in curves.items() if name.startswith(f"{arm}_{dtype}_")]
+            if not runs:
+                continue
+            for ax, key in zip(axes, ("score", "length", "epistemic")):
+                y = np.array([r[key] for r in runs], dtype=float)
+                x = np.arange(1, y.shape[1] + 1)
+                ax.plot(x, y.mean(0), style, color=color, label=f"{arm.upper()} {dtype} ({len(runs)} seeds)")
+                ax.fill_between(x, y.min(0), y.max(0), color=color, alpha=0.12 if dtype == "float32" else 0.06)
+    for ax, title in zip(axes, ("training score", "response length (tokens)", "E(y) per response")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def peak_rss_gb() -> float:
@@ -358,6 +429,11 @@ ROWS = {
     "sdpo_step_all_rows_block_mask": lambda: bench_rl_step("sdpo", skip_zero_rows=False, segment_attention=False),
     "trl_grpo_step": bench_trl_step,
     "trl_sdpo_step": lambda: bench_trl_step("sdpo"),
+    "grpo_step_all_rows_bf16": lambda: bench_rl_step(skip_zero_rows=False, dtype="bfloat16"),
+    "sdpo_step_all_rows_bf16": lambda: bench_rl_step("sdpo", skip_zero_rows=False, dtype="bfloat16"),
+    "trl_grpo_step_bf16": lambda: bench_trl_step(bf16=True),
+    "trl_sdpo_step_bf16": lambda: bench_trl_step("sdpo", bf16=True),
+    "bf16_curves": bench_bf16_curves,
 }
 
 
