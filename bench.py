@@ -13,7 +13,7 @@
     python bench.py grpo_step_plain sdpo_step_plain        # --no-fast: the plain code, without fast.py
     python bench.py trl_grpo_step trl_sdpo_step   # TRL's trainers on the same config (pip install trl)
     python bench.py grpo_step_all_rows_bf16 sdpo_step_all_rows_bf16 trl_grpo_step_bf16 trl_sdpo_step_bf16  # in bf16
-    python bench.py bf16_curves   # GRPO and SDPO from the organism, fp32 vs bf16, 2 seeds x 10 steps (~1 h)
+    python bench.py bf16_curves   # GRPO and SDPO from the organism, fp32 vs bf16, 2 seeds x 10 steps (~30 min)
 
 Each row is measured in a fresh process so rows don't share caches or memory peaks.
 """
