@@ -28,6 +28,9 @@ Departures, and why:
   7. The LR follows verl's constant schedule with warmup (`sft.lr_at`: step k gets lr * k / 10).
   8. --fast (the default) runs the training forwards through fast.py's twins: the same update up to rounding.
 
+Copying: the math (`group_advantages`, `loss_denominator`, `policy_loss`, `k3_kl`, `upcast`) needs torch alone
+(test_the_math_copies_with_torch_alone); the step and the loop need sft.py, rollout.py, data.py and evaluate.py.
+
 Run it:
     python grpo.py --lenient                                        # embedded model, easy synthetic problems
     python grpo.py --lenient --no-fast                              # the plain code path only (no fast.py)

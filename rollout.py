@@ -39,6 +39,9 @@ Departures, and why:
   4. rollout.py also imports epistemic.py (for Table 1's epistemic column); epistemic.py imports nothing of
      ours, so no cycle (the README's import map).
 
+Copying: the teacher contexts (`teacher_contexts`, `karmarkar_karp`, `balanced_positions`, `strip_think`) need the
+standard library alone (test_the_math_copies_with_torch_alone); the rest needs data.py, epistemic.py, transformers.
+
 Run it:
     python rollout.py select --data synthetic:difficulty=1,n=64 --lenient --keep 16 --max-new-tokens 192
     python rollout.py --data runs/select/selected.jsonl --setting all --n-samples 4 --lenient --max-new-tokens 192

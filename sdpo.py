@@ -29,6 +29,9 @@ Departures, and why:
   6. --fast (the default) computes Eq. 1 from hidden states, the LM head in chunks (fast.distillation_terms),
      and skips rows without a context: the same update up to float rounding.
 
+Copying: the loss (`tail_bucket` to `sdpo_loss`) needs torch alone, and grpo.policy_loss for --pg-coef
+(test_the_math_copies_with_torch_alone); the step and the loop need grpo.py and what it needs.
+
 Run it (the paper's GPU commands: README):
     python sdpo.py --lenient --teacher-context sibling-no-think  # c = s\\think; --teacher-ema 0.05: Fig. 6
     torchrun --nproc_per_node 2 sdpo.py --lenient --steps 2 --no-fast  # two ranks, the plain code only
@@ -153,9 +156,13 @@ def self_distillation_loss(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Eq. 1 per token from logits (..., V): shape (...). topk=None (or 0) = the full vocabulary.
-    The teacher is detached (stopgrad)."""
-    s = torch.log_softmax(grpo.upcast(student_logits) / temperature, dim=-1)
-    t = torch.log_softmax(grpo.upcast(teacher_logits.detach()) / temperature, dim=-1)
+    The teacher is detached (stopgrad). bf16 logits are upcast to fp32 (fp64 stays)."""
+
+    def up(z):
+        return z.to(torch.promote_types(z.dtype, torch.float32))
+
+    s = torch.log_softmax(up(student_logits) / temperature, dim=-1)
+    t = torch.log_softmax(up(teacher_logits.detach()) / temperature, dim=-1)
     return divergence(*topk_support(s, t, topk, add_tail), alpha)
 
 

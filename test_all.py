@@ -5398,3 +5398,65 @@ def test_bf16_update_matches_fp32(digit_model_dir, tmp_path, script, flags):
         if share > 1e-3:
             cos = float(torch.nn.functional.cosine_similarity(g16[k].flatten().double(), g32[k].flatten().double(), 0))
             assert cos > (0.99 if share > 0.05 else 0.9), (k, cos, share)
+
+
+# ============================================================================================
+# Copying: the math uses torch and the standard library alone
+# ============================================================================================
+PURE_MATH = {
+    grpo: ["group_advantages", "loss_denominator", "policy_loss", "k3_kl", "upcast"],
+    sdpo: ["tail_bucket", "topk_support", "finish_support", "divergence", "self_distillation_loss", "sdpo_loss"],
+    rollout: ["teacher_contexts", "karmarkar_karp", "balanced_positions", "strip_think"],
+}
+
+
+def _reads_beyond_torch(fn, seen) -> list[str]:
+    """What `fn` (and the functions it defines inside) reads beyond torch, the standard library, builtins and its own
+    file's names: a module it imports, or a name of another of this project's files. A function of this project
+    that it calls, as `name` or `module.name`, is followed in turn."""
+    import dis
+    import types
+
+    project = {m.__name__ for m in (data, epistemic, rollout, evaluate, sft, grpo, sdpo, fast)}
+    allowed = ("torch", *sys.stdlib_module_names)
+    bad, codes = [], [fn.__code__]
+    while codes:
+        code = codes.pop()
+        codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+        ins = list(dis.get_instructions(code))
+        for i, op in enumerate(ins):
+            if op.opname == "IMPORT_NAME" and op.argval.split(".")[0] not in allowed:
+                bad.append(f"import {op.argval}")
+            if op.opname != "LOAD_GLOBAL" or op.argval not in fn.__globals__:
+                continue  # a builtin
+            value, name = fn.__globals__[op.argval], op.argval
+            if isinstance(value, types.ModuleType) and value.__name__ in project:
+                attr = ins[i + 1].argval if i + 1 < len(ins) and ins[i + 1].opname == "LOAD_ATTR" else None
+                value, name = getattr(value, str(attr), None), f"{op.argval}.{attr}"
+                bad.append(name)  # another file's function (followed below), constant or class
+                if not isinstance(value, types.FunctionType):
+                    continue
+            if isinstance(value, types.ModuleType):
+                if value.__name__.split(".")[0] not in allowed:
+                    bad.append(name)
+            elif isinstance(value, types.FunctionType) and value.__module__ in project:
+                if value not in seen:
+                    seen.add(value)
+                    bad += _reads_beyond_torch(value, seen)
+            elif isinstance(value, type) and value.__module__ in project:
+                bad.append(name)
+    return bad
+
+
+@pytest.mark.parametrize("module", list(PURE_MATH), ids=lambda m: m.__name__)
+def test_the_math_copies_with_torch_alone(module):
+    """The advantages, the policy loss, the divergence and Eq. 1, the SDPO weighting and the teacher contexts read
+    nothing but torch, the standard library and their own file: copied, they run alone. One exception, named: the
+    SDPO objective's --pg-coef remedy adds grpo.policy_loss (itself torch alone).
+    The checker itself flags a class of another file (sft.Metrics in grpo.rollout_metrics) and an import met on the
+    way (transformers, under grpo.grpo_train_step's sft.frozen_model)."""
+    for name in PURE_MATH[module]:
+        want = ["grpo.policy_loss"] if (module, name) == (sdpo, "sdpo_loss") else []
+        assert _reads_beyond_torch(getattr(module, name), set()) == want, (module.__name__, name)
+    assert _reads_beyond_torch(grpo.rollout_metrics, set()) == ["sft.Metrics"]
+    assert "import transformers" in _reads_beyond_torch(grpo.grpo_train_step, set())
