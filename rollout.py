@@ -15,8 +15,8 @@ Implements, for arXiv 2603.24472:
     distribution; for vllm, `engine_length` (the engine's max_model_len), `request_seed` (one seed per
     request), `sleep_engine` and `push_weights_to_vllm` (the weight sync after an RL step, which wakes it)
   - the Table 1 analysis CLI: avg score, avg length (tokens), avg epistemic count per setting.
-  - for the trainers: SDPO's teacher contexts (`teacher_contexts`, `attach_teacher_prompts`), the graded rollouts
-    of a step (`score_rollouts`, `save_rollouts`), the weights after a step (`refresh_weights`).
+  - for the trainers: the graded rollouts of a step (`score_rollouts`, `save_rollouts`), the weights after a step
+    (`refresh_weights`). SDPO's teacher contexts are sdpo.py's.
 
 Table 1's pipeline is the released analysis scripts' (beanie00/self-distillation-analysis,
 analyzing_reasoning_behavior/): `rollout.py select` samples 8 responses per DAPO problem at 0.6 / 0.95 /
@@ -39,8 +39,8 @@ Departures, and why:
   4. rollout.py also imports epistemic.py (for Table 1's epistemic column); epistemic.py imports nothing of
      ours, so no cycle (the README's import map).
 
-Copying: the teacher contexts (`teacher_contexts`, `karmarkar_karp`, `balanced_positions`, `strip_think`) need the
-standard library alone (test_the_math_copies_with_torch_alone); the rest needs data.py, epistemic.py, transformers.
+Copying: `strip_think` needs the standard library alone (test_the_math_copies_with_torch_alone); the rest needs
+data.py, epistemic.py and transformers.
 
 Run it:
     python rollout.py select --data synthetic:difficulty=1,n=64 --lenient --keep 16 --max-new-tokens 192
@@ -58,7 +58,6 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
-import heapq
 import importlib.util
 import json
 import os
@@ -983,153 +982,6 @@ def backend_from_args(args, device, max_model_len: int, seed: int) -> Backend:
         seed=seed,
         gpu_memory_utilization=args.vllm_gpu_memory,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# SDPO's teacher contexts (Sec. 5: c = s, c = s\\think, the dataset's solution, y_r)
-# --------------------------------------------------------------------------------------------
-def karmarkar_karp(values: list[int], k: int) -> list[list[int]]:
-    """verl's split of `values` into k sets of len / k items each with near-equal sums (the largest differencing
-    method, verl/utils/seqlen_balancing.py get_seqlen_balanced_partitions with equal_size=True), ties broken as there.
-
-    The values, sorted ascending with their indices, are cut into runs of k; each run is a state of k one-item sets.
-    Then, repeatedly, the two states with the largest spread (largest set sum minus smallest; ties: the larger
-    largest set) merge, the i-th largest set of one with the i-th smallest of the other, until one state is left.
-    A set compares by (sum, item count, its (index, value) items). Returns its k sets, largest sum first, each as
-    sorted indices."""
-    if k < 1 or len(values) % k:
-        raise ValueError(f"{len(values)} sequences do not split into {k} equal parts")
-
-    def by_size(s):
-        return s[0], len(s[1]), s[1]
-
-    class State:  # k sets (sum, [(index, value), ...]), largest first
-        def __init__(self, sets):
-            self.sets = sorted(sets, key=by_size, reverse=True)
-            self.spread = self.sets[0][0] - self.sets[-1][0]
-
-        def __lt__(self, other):  # heapq pops the smallest: here the largest spread, then the largest first set
-            if self.spread != other.spread:
-                return self.spread > other.spread
-            return by_size(self.sets[0]) > by_size(other.sets[0])
-
-    ranked = sorted((v, i) for i, v in enumerate(values))
-    heap = [State([(v, [(i, v)]) for v, i in ranked[j : j + k]]) for j in range(0, len(ranked), k)]
-    heapq.heapify(heap)
-    while len(heap) > 1:
-        a, b = heapq.heappop(heap), heapq.heappop(heap)
-        heapq.heappush(heap, State([(x[0] + y[0], x[1] + y[1]) for x, y in zip(a.sets, reversed(b.sets))]))
-    return [sorted(i for i, _ in s[1]) for s in heap[0].sets] if heap else [[] for _ in range(k)]
-
-
-def balanced_positions(lengths: list[int], ranks: int = 4) -> list[int]:
-    """Each sequence's position in the order verl's _balance_batch gives a step's batch (ray_trainer.py, before the
-    teacher batch is built) with `ranks` data-parallel ranks (the released runs: 4 GPUs): workloads
-    24576 L + L^2 (L = prompt + response tokens) split into `ranks` equal-size parts (`karmarkar_karp`), each part
-    sorted by (workload, index) and laid out even places ascending, odd ones descending (short ones at both ends),
-    the parts one after another."""
-    work = [24576 * n + n * n for n in lengths]
-    order = []
-    for part in karmarkar_karp(work, ranks):
-        part = sorted(part, key=lambda i: (work[i], i))
-        order += part[0::2] + part[1::2][::-1]
-    positions = [0] * len(lengths)
-    for p, i in enumerate(order):
-        positions[i] = p
-    return positions
-
-
-def teacher_contexts(
-    rows: list[dict],
-    problems: list[dict],
-    group_size: int,
-    mode: str = "sibling",
-    threshold: float = 0.5,
-    order: list[int] | None = None,
-) -> list[str | None]:
-    """c for each rollout (rows in groups of `group_size`, one group per problem); None = no loss.
-
-    sibling: the first OTHER rollout of the same group with reward >= threshold, first in `order` (a key per
-    row, e.g. `balanced_positions`; default: rollout order), as the reference's solution_idxs[0];
-    sibling-no-think: the same through strip_think; dataset: the problem's reference solution."""
-    out = []
-    for i in range(len(rows)):
-        g = i // group_size
-        if mode == "dataset":
-            out.append(problems[g].get("solution"))
-            continue
-        siblings = [
-            j for j in range(g * group_size, (g + 1) * group_size) if j != i and rows[j]["reward"] >= threshold
-        ]
-        siblings.sort(key=lambda j: j if order is None else order[j])
-        s = rows[siblings[0]]["text"] if siblings else None
-        out.append(strip_think(s) if s is not None and mode == "sibling-no-think" else s)
-    return out
-
-
-def regenerated_contexts(run, rows, problems, args) -> list[str | None]:
-    """Sec. 3's y_r: per group with a success s, one response under c = s; kept as c if it is correct."""
-    firsts = {}
-    for i, r in enumerate(rows):
-        if r["reward"] >= args.success_threshold:
-            firsts.setdefault(i // args.rollouts, r["text"])
-    groups = sorted(firsts)
-    chat = dict(system=args.system, thinking=args.thinking)
-    prompts = [chat_prompt(run.tokenizer, reprompt(problems[g]["question"], firsts[g]), **chat) for g in groups]
-    params = SamplingParams(
-        n=1,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed + 7919 * len(rows) + run.rank,
-    )
-    if run.backend.asleep:  # vllm, put to sleep after the step's rollouts: wake it with the same weights (collective)
-        push_weights_to_vllm(run.backend, run.model)
-    samples = generate(run.backend, prompts, params, progress=False)  # every rank, prompts or not
-    sleep_engine(run.backend)
-    y_r = {}
-    for s in samples:
-        g = groups[s.prompt_index]
-        if (
-            data.grade(s.text, problems[g]["answer"], lenient=args.lenient, window=args.reward_window)
-            >= args.success_threshold
-        ):
-            y_r[g] = s.text
-    return [y_r.get(i // args.rollouts) for i in range(len(rows))]
-
-
-def sibling_order(rows: list[dict], world: int, ranks: int = 4) -> list[int]:
-    """This rank's rows' positions in `balanced_positions` (over `ranks` verl ranks) of the whole step's batch (every
-    rank's rows, by their "place"): the same choice on any number of processes here. Collective."""
-    mine = [(r["place"], len(r["prompt_ids"]) + len(r["response_ids"])) for r in rows]
-    every = mine
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, mine)  # collective
-        every = [x for part in parts for x in part]
-    every.sort()
-    positions = dict(zip((place for place, _ in every), balanced_positions([n for _, n in every], ranks)))
-    return [positions[place] for place, _ in mine]
-
-
-def attach_teacher_prompts(run, rows: list[dict], problems: list[dict], args) -> None:
-    """sdpo.py's teacher input for each rollout: row["context"], its c (--teacher-context: `teacher_contexts`, or
-    `regenerated_contexts`), and row["teacher_prompt_ids"], the chat template of reprompt(question, c); both None
-    without a c, or when the prompt is longer than --max-reprompt-len (masked: the reference truncates it)."""
-    if args.teacher_context == "regenerated":
-        contexts = regenerated_contexts(run, rows, problems, args)
-    else:
-        order = sibling_order(rows, run.world, args.sibling_dp) if args.sibling == "balanced" else None
-        contexts = teacher_contexts(rows, problems, args.rollouts, args.teacher_context, args.success_threshold, order)
-    chat = dict(system=args.system, thinking="on" if args.teacher_thinking else args.thinking)
-    for i, (r, c) in enumerate(zip(rows, contexts)):
-        r["teacher_prompt_ids"] = r["context"] = None
-        if c is not None:
-            text = chat_prompt(
-                run.tokenizer, reprompt(problems[i // args.rollouts]["question"], c, template=args.reprompt), **chat
-            )
-            ids = run.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) <= args.max_reprompt_len:
-                r["teacher_prompt_ids"], r["context"] = ids, c
 
 
 def shard(items: list, rank: int, world: int) -> list:

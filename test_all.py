@@ -3123,36 +3123,36 @@ def _verl_partitions(values, k):
 
 
 def test_karmarkar_karp_partition_against_verls():
-    """rollout.karmarkar_karp against an independent port of verl's (equal-size LDM, ties included), by hand on
+    """sdpo.karmarkar_karp against an independent port of verl's (equal-size LDM, ties included), by hand on
     four items, and on random lengths for 1, 2, 4 and 8 ranks; then the order _balance_batch builds from it."""
     # (1, 2) and (3, 4) spread 1 each: the larger first set pops first; 4 + 1 and 3 + 2 tie on sum and size, and
     # the items [(3, 4), (0, 1)] come before [(2, 3), (1, 2)]
-    assert rollout.karmarkar_karp([1, 2, 3, 4], 2) == [[0, 3], [1, 2]]
+    assert sdpo.karmarkar_karp([1, 2, 3, 4], 2) == [[0, 3], [1, 2]]
     rng = random.Random(0)
     for case in range(60):
         k = (1, 2, 4, 8)[case % 4]
         values = [rng.choice((rng.randint(1, 6), rng.randint(1, 5000))) for _ in range(k * rng.randint(1, 12))]
-        assert rollout.karmarkar_karp(values, k) == _verl_partitions(values, k), (values, k)
+        assert sdpo.karmarkar_karp(values, k) == _verl_partitions(values, k), (values, k)
     lengths = [rng.randint(50, 4000) for _ in range(64)]
     work = [24576 * n + n * n for n in lengths]
     order = []
     for part in _verl_partitions(work, 4):  # _balance_batch: each part by (workload, index), evens up, odds down
         part = sorted(part, key=lambda i: (work[i], i))
         order += part[0::2] + part[1::2][::-1]
-    positions = rollout.balanced_positions(lengths)
+    positions = sdpo.balanced_positions(lengths)
     assert [positions[i] for i in order] == list(range(64))
     with pytest.raises(ValueError, match="do not split into 4"):
-        rollout.balanced_positions([5, 6, 7], 4)
+        sdpo.balanced_positions([5, 6, 7], 4)
 
 
 SIBLING_ORDER_WORKER = """
 import json, sys, torch.distributed as dist
-import rollout
+import rollout, sdpo
 rank, _, world, _ = rollout.init_distributed()
 lengths = [(37 * i) % 101 + 5 for i in range(16)]  # 16 rollouts of a step, in their places 0..15
 rows = [dict(place=p, prompt_ids=[0] * 3, response_ids=[0] * (lengths[p] - 3)) for p in range(16)]
 mine = rows[rank * 4:rank * 4 + 4] + rows[8 + rank * 4:8 + rank * 4 + 4]  # each rank: its prompts' rollouts
-order = rollout.sibling_order(mine, world, ranks=4)
+order = sdpo.sibling_order(mine, world, ranks=4)
 every = [None] * world
 dist.all_gather_object(every, [(r["place"], o) for r, o in zip(mine, order)])
 if rank == 0:
@@ -3173,24 +3173,24 @@ def test_sibling_order_is_gathered_across_ranks(tmp_path):
         env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
     )
     got = {int(k): v for k, v in json.loads((tmp_path / "out.json").read_text()).items()}
-    want = rollout.balanced_positions([(37 * i) % 101 + 5 for i in range(16)], 4)
+    want = sdpo.balanced_positions([(37 * i) % 101 + 5 for i in range(16)], 4)
     assert got == dict(enumerate(want)) and sorted(want) == list(range(16))
 
 
 def test_balanced_sibling_order_by_hand():
     # one rank: lengths 5 3 9 3 7 sorted (3@1, 3@3, 5@0, 7@4, 9@2); even places 1, 0, 2 ascend, odd ones 3, 4 descend
-    assert rollout.balanced_positions([5, 3, 9, 3, 7], ranks=1) == [1, 0, 2, 4, 3]
+    assert sdpo.balanced_positions([5, 3, 9, 3, 7], ranks=1) == [1, 0, 2, 4, 3]
     # two ranks: the parts {0, 3} and {1, 2} (as `karmarkar_karp([1, 2, 3, 4], 2)`), each short-to-long
-    assert rollout.balanced_positions([1, 2, 3, 4], ranks=2) == [0, 2, 3, 1]
+    assert sdpo.balanced_positions([1, 2, 3, 4], ranks=2) == [0, 2, 3, 1]
     rows = [dict(text=t, reward=1.0) for t in "abcd"]
-    assert rollout.teacher_contexts(rows, [{}], 4, "sibling", order=[3, 2, 1, 0]) == ["d", "d", "d", "c"]
-    assert rollout.teacher_contexts(rows, [{}], 4, "sibling") == ["b", "a", "a", "a"]
+    assert sdpo.teacher_contexts(rows, [{}], 4, "sibling", order=[3, 2, 1, 0]) == ["d", "d", "d", "c"]
+    assert sdpo.teacher_contexts(rows, [{}], 4, "sibling") == ["b", "a", "a", "a"]
 
 
 def test_success_threshold_at_its_boundary():
     rows = [dict(text=t, reward=r) for t, r in (("a", 0.5), ("b", 0.49), ("c", 0.0), ("d", 1.0))]
-    assert rollout.teacher_contexts(rows, [{}], 4, "sibling", threshold=0.5) == ["d", "a", "a", "a"]  # 0.5 counts
-    assert rollout.teacher_contexts(rows, [{}], 4, "sibling", threshold=0.51) == ["d", "d", "d", None]
+    assert sdpo.teacher_contexts(rows, [{}], 4, "sibling", threshold=0.5) == ["d", "a", "a", "a"]  # 0.5 counts
+    assert sdpo.teacher_contexts(rows, [{}], 4, "sibling", threshold=0.51) == ["d", "d", "d", None]
 
 
 def test_grpo_coverage_and_no_checkpoints(digit_model_dir, tmp_path):
@@ -3531,14 +3531,14 @@ def test_chunked_distillation_equals_unchunked():
 def test_teacher_contexts_sibling_rules():
     rows = [dict(reward=r, text=f"resp{i}") for i, r in enumerate([0, 1, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0])]
     problems = [{"solution": "S0"}, {"solution": None}, {"solution": "S2"}]
-    c = rollout.teacher_contexts(rows, problems, 4, "sibling")
+    c = sdpo.teacher_contexts(rows, problems, 4, "sibling")
     # group 0: successes 1 and 3 -> the first OTHER success; group 1: none -> masked; group 2: only sample 8
     assert c[:4] == ["resp1", "resp3", "resp1", "resp1"]
     assert c[4:8] == [None] * 4
     assert c[8:] == [None, "resp8", "resp8", "resp8"]  # the sample itself is excluded
-    assert rollout.teacher_contexts(rows, problems, 4, "dataset") == ["S0"] * 4 + [None] * 4 + ["S2"] * 4
+    assert sdpo.teacher_contexts(rows, problems, 4, "dataset") == ["S0"] * 4 + [None] * 4 + ["S2"] * 4
     rows[1]["text"] = "Okay, hmm.</think>\n\nSo \\boxed{1}."
-    assert rollout.teacher_contexts(rows, problems, 4, "sibling-no-think")[0] == "So \\boxed{1}."
+    assert sdpo.teacher_contexts(rows, problems, 4, "sibling-no-think")[0] == "So \\boxed{1}."
 
 
 def test_sdpo_reprompt_strings_and_strip_think():
@@ -4175,7 +4175,7 @@ def test_regenerated_contexts_keep_only_correct_draws(embedded_tokenizer, monkey
     monkeypatch.setattr(rollout, "generate", fake_generate)
     run = types.SimpleNamespace(tokenizer=tok, rank=0, model=None, backend=rollout.Backend("hf", tok))
     args = sdpo.Args(rollouts=4)
-    got = rollout.regenerated_contexts(run, rows, problems, args)
+    got = sdpo.regenerated_contexts(run, rows, problems, args)
     assert got == ["so \\boxed{5}"] * 4 + [None] * 8
     assert seen == [
         rollout.chat_prompt(tok, sdpo.teacher_prompt("q0", "\\boxed{5} a")),
@@ -5405,8 +5405,9 @@ def test_bf16_update_matches_fp32(digit_model_dir, tmp_path, script, flags):
 # ============================================================================================
 PURE_MATH = {
     grpo: ["group_advantages", "loss_denominator", "policy_loss", "k3_kl", "upcast"],
-    sdpo: ["tail_bucket", "topk_support", "finish_support", "divergence", "self_distillation_loss", "sdpo_loss"],
-    rollout: ["teacher_contexts", "karmarkar_karp", "balanced_positions", "strip_think"],
+    sdpo: ["tail_bucket", "topk_support", "finish_support", "divergence", "self_distillation_loss", "sdpo_loss"]
+    + ["teacher_contexts", "karmarkar_karp", "balanced_positions"],
+    rollout: ["strip_think"],
 }
 
 
@@ -5451,12 +5452,12 @@ def _reads_beyond_torch(fn, seen) -> list[str]:
 @pytest.mark.parametrize("module", list(PURE_MATH), ids=lambda m: m.__name__)
 def test_the_math_copies_with_torch_alone(module):
     """The advantages, the policy loss, the divergence and Eq. 1, the SDPO weighting and the teacher contexts read
-    nothing but torch, the standard library and their own file: copied, they run alone. One exception, named: the
-    SDPO objective's --pg-coef remedy adds grpo.policy_loss (itself torch alone).
+    nothing but torch, the standard library and their own file: copied, they run alone. Two exceptions, named: the
+    SDPO objective's --pg-coef remedy adds grpo.policy_loss, and c = s\\think rollout.strip_think (each pure itself).
     The checker itself flags a class of another file (sft.Metrics in grpo.rollout_metrics) and an import met on the
     way (transformers, under grpo.grpo_train_step's sft.frozen_model)."""
     for name in PURE_MATH[module]:
-        want = ["grpo.policy_loss"] if (module, name) == (sdpo, "sdpo_loss") else []
+        want = {"sdpo_loss": ["grpo.policy_loss"], "teacher_contexts": ["rollout.strip_think"]}.get(name, [])
         assert _reads_beyond_torch(getattr(module, name), set()) == want, (module.__name__, name)
     assert _reads_beyond_torch(grpo.rollout_metrics, set()) == ["sft.Metrics"]
     assert "import transformers" in _reads_beyond_torch(grpo.grpo_train_step, set())
