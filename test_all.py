@@ -5239,7 +5239,7 @@ BF16_U = 2.0**-8  # bf16's unit roundoff: 8 significant bits, so one rounding mo
 @pytest.mark.parametrize(
     "cpuinfo,native",
     [
-        ("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n", True),  # Zen 4, Cooper Lake
+        ("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16\n", True),  # AVX512-BF16: Zen 4, Cooper Lake
         ("flags : fpu sse2 avx2 amx_bf16 amx_tile\n", True),  # Sapphire Rapids
         ("flags : fpu sse2 avx2 avx512f avx512bw avx512_vnni\n", False),  # AVX512 without bf16: emulated
         ("Features : fp asimd evtstrm aes crc32 bf16 i8mm\n", True),  # Arm v8.6 (Graviton 3, Neoverse V1)
@@ -5296,12 +5296,11 @@ def test_bf16_forward_and_gradient_within_bf16_resolution(tiny_model_dir, plain)
     by at most u = 2^-8 of it. A log-prob, z_y - logsumexp(z), moves by about u times the logits' size; this random
     model's logits are under 1 (asserted), so under u (measured 0.17 u). The gradient sums products of such
     values: 3 u of its norm (measured 0.75-0.79 u). Both errors must be above zero: bf16 was used."""
-    import rollout as r
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     fast.use_segment_attention(model)
-    tok = r.load_tokenizer(tiny_model_dir)
+    tok = rollout.load_tokenizer(tiny_model_dir)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(10, 1000, (9,), generator=g).tolist()
     seqs = [(prompt, torch.randint(10, 1000, (n,), generator=g).tolist()) for n in (13, 5, 20)]
