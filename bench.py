@@ -346,6 +346,7 @@ def bench_bf16_curves(model: str = "runs/organism/step_40", out: str = "runs/bf1
     the training score, response length and E(y) per step, mean and range over the seeds, to
     report/bf16_vs_fp32.png; returns each curve. Runs already complete in `out` are kept."""
     import os
+    import shutil
     from pathlib import Path
 
     jobs = []
@@ -355,6 +356,7 @@ def bench_bf16_curves(model: str = "runs/organism/step_40", out: str = "runs/bf1
                 run = Path(out) / f"{script[:4]}_{dtype}_seed{seed}"
                 done = run / "metrics.jsonl"
                 if not (done.exists() and '"step": 10,' in done.read_text()):
+                    shutil.rmtree(run, ignore_errors=True)  # a run cut short starts over
                     cmd = [sys.executable, script, "--model", model, *CURVE_RUN, "--seed", str(seed)]
                     jobs.append([*cmd, "--dtype", dtype, "--out", str(run)])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -363,7 +365,7 @@ def bench_bf16_curves(model: str = "runs/organism/step_40", out: str = "runs/bf1
         procs = [
             subprocess.Popen(j, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for j in jobs[i : i + 2]
         ]
-        if any(p.wait() for p in procs):
+        if any([p.wait() for p in procs]):  # both waited for
             raise RuntimeError(f"a run failed: {jobs[i : i + 2]}")
     curves = {}
     for run in sorted(Path(out).glob("*_seed*")):
