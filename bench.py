@@ -161,7 +161,6 @@ RL_CONFIG = dict(
     rollouts=4,
     max_new_tokens=128,
     lr=1e-6,
-    kl_coef=0.0,
     clip_high=0.28,
     warmup=0,
     data="synthetic:difficulty=1,types=add,n=64",

@@ -55,8 +55,7 @@ import select
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -64,8 +63,7 @@ PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\
 GRADE_TIMEOUT_S = 5.0  # App. D / reference: 5 s for the math-verify comparison
 
 
-# Flag checks: each Args class lists its own in CHECKS (a ClassVar, not a flag), {field: allowed values | (predicate,
-# what the value must be)}; `check_args` applies them, `parse_args` first of all.
+# The ranges a flag's value may take: `check(args, names, *POSITIVE)` in each Args class's __post_init__
 POSITIVE = (lambda v: v > 0, "> 0")
 NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
@@ -77,15 +75,18 @@ DTYPES = ("auto", "float32", "bfloat16")
 
 @dataclass
 class Args:
-    CHECKS: ClassVar[dict] = dict(limit=NON_NEGATIVE)
-    source: str = "synthetic"
-    """path (.parquet/.jsonl/.json) or embedded name: synthetic[:key=value,...] or champ"""
-    limit: int = 5
-    """how many problems to print"""
-    seed: int = 0
-    """seed for generation and shuffling"""
-    list_types: bool = False
-    """print the synthetic problem types (training and held-out OOD) and exit"""
+    source: str = field(
+        default="synthetic",
+        metadata={"help": "path (.parquet/.jsonl/.json) or embedded name: synthetic[:key=value,...] or champ"},
+    )
+    limit: int = field(default=5, metadata={"help": "how many problems to print"})
+    seed: int = field(default=0, metadata={"help": "seed for generation and shuffling"})
+    list_types: bool = field(
+        default=False, metadata={"help": "print the synthetic problem types (training and held-out OOD) and exit"}
+    )
+
+    def __post_init__(self):
+        check(self, "limit", *NON_NEGATIVE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -862,62 +863,44 @@ def benchmark_name(source: str) -> str:
     return Path(source).stem if os.path.splitext(source)[1] else source
 
 
-def check_args(args) -> None:
-    """Refuse a flag value outside its choices or range with a ValueError that names the flag.
-
-    type(args).CHECKS maps a field to its allowed values (a tuple of them) or to (predicate, what it must be);
-    a None value (an optional flag left unset) passes."""
-    for name, spec in getattr(type(args), "CHECKS", {}).items():
+def check(args, names: str, ok, what: str) -> None:
+    """Refuse each field of `names` (space-separated) whose value fails `ok` (a list: any of its items) with a
+    ValueError that names its flag. An optional field left None passes."""
+    for name in names.split():
         value = getattr(args, name)
-        if value is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if callable(spec[0]):
-            ok, what = spec
-            if not all(ok(v) for v in (value if isinstance(value, list) else [value])):
-                raise ValueError(f"{flag} {value!r}: must be {what}")
-        elif value not in spec:
-            raise ValueError(f"{flag} {value!r}: choose one of {', '.join(map(str, spec))}")
+        if value is not None and not all(ok(v) for v in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"--{name.replace('_', '-')} {value!r}: must be {what}")
 
 
-def parse_args(cls, argv=None, positional=()):
-    """Turn a dataclass's fields into kebab-case flags; the docstring under each field is its help."""
-    import dataclasses
-    import inspect
+def choose(args, name: str, choices: tuple) -> None:
+    """Refuse a value of field `name` outside `choices`, naming its flag."""
+    if getattr(args, name) not in choices:
+        raise ValueError(
+            f"--{name.replace('_', '-')} {getattr(args, name)!r}: choose one of {', '.join(map(str, choices))}"
+        )
 
-    helps = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's docs win
-        helps.update(re.findall(r"^    (\w+):[^\n]*\n    \"\"\"(.*?)\"\"\"", inspect.getsource(klass), re.M | re.S))
-    doc = sys.modules[cls.__module__].__doc__ or ""
-    parser = argparse.ArgumentParser(
-        description=doc.split("\n")[0],
-        epilog="\n".join(doc.split("\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    for f in dataclasses.fields(cls):
-        kind = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(default=default, help=f"{helps.get(f.name, '')} (default: {default!r})")
-        name = f.name if f.name in positional else "--" + f.name.replace("_", "-")
-        if f.name in positional:
-            kw["nargs"] = "?"
-        if kind == "bool":
-            kw["action"] = argparse.BooleanOptionalAction
-        elif kind.startswith("list[") or kind.startswith("tuple["):
-            kw.update(
-                nargs="+" if f.name not in positional else "*",
-                type={"int": int, "float": float}.get(kind[5:].split(",")[0].strip("]"), str),
-            )
-        else:
-            kw["type"] = {"int": int, "float": float}.get(kind, str)
-        parser.add_argument(name, **kw)
-    args = cls(**vars(parser.parse_args(argv)))
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: each flag's default, and the module's docstring as written."""
+
+
+def parse_args(cls, argv=None, positional: str | None = None):
+    """The flags of a dataclass, by transformers.HfArgumentParser: --a-field (or --a_field) per field, its help the
+    field's metadata, --no-X for a boolean that defaults on. The class's __post_init__ checks the values; a bad one
+    exits 2 with the usage line. `positional`: a field that the first argument may give without its flag."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if positional and argv and not argv[0].startswith("-"):
+        argv = [f"--{positional}", *argv]
+    doc = (sys.modules[cls.__module__].__doc__ or "").split("\n")
+    parser = HfArgumentParser(cls, description=doc[0], epilog="\n".join(doc[1:]), formatter_class=_Help)
     try:
-        check_args(args)
+        (args,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     except ValueError as e:
-        parser.error(str(e))  # exit 2, with the usage line
+        parser.error(str(e))  # exit 2
     return args
 
 
 if __name__ == "__main__":
-    main(parse_args(Args, positional=("source",)))
+    main(parse_args(Args, positional="source"))

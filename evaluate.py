@@ -38,11 +38,11 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
 from pathlib import Path
 
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers.hf_argparser import HfArg
 
 import data
 import epistemic
@@ -51,61 +51,57 @@ import rollout
 
 @dataclass
 class Args:
-    CHECKS: ClassVar[dict] = dict(
-        n_samples=data.POSITIVE,
-        k=data.POSITIVE,
-        temperature=data.NON_NEGATIVE,
-        top_p=data.FRACTION,
-        top_k=data.NON_NEGATIVE,
-        max_new_tokens=data.POSITIVE,
-        limit=data.POSITIVE,
-        backend=data.BACKENDS,
-        batch_size=data.POSITIVE,
-        chunk=data.POSITIVE,
-        thinking=data.THINKING,
-        dtype=data.DTYPES,
-        vllm_gpu_memory=data.FRACTION,
+    model: str = HfArg(default=rollout.EMBEDDED, help="Hugging Face id or directory, or 'smollm2-135m' (embedded)")
+    data: list[str] = HfArg(
+        default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"],
+        help="benchmarks: .parquet/.jsonl/.json paths or embedded sources; the default is the held-out OOD synthetic "
+        "types",
     )
-    model: str = rollout.EMBEDDED
-    """Hugging Face id or directory, or 'smollm2-135m' (embedded)"""
-    data: list[str] = field(default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"])
-    """benchmarks: .parquet/.jsonl/.json paths or embedded sources; the default is the held-out OOD synthetic types"""
-    n_samples: int = 4
-    """samples per problem (paper: 16). Under torchrun spell it out: torchrun rejects --n"""
-    k: list[int] = field(default_factory=lambda: [1, 4])
-    """pass@k values to report, each <= n (paper: 1 and 16)"""
-    temperature: float = 0.6
-    """sampling temperature (Table 11: 0.6; Qwen3 non-thinking 0.7)"""
-    top_p: float = 0.95
-    """nucleus sampling (Table 11: 0.95; Qwen3 non-thinking 0.8)"""
-    top_k: int = 20
-    """top-k sampling, 0 = off (Table 11: 20, applied here for real)"""
-    max_new_tokens: int = 256
-    """response budget (Table 11: 38912)"""
-    limit: int | None = None
-    """first `limit` problems of each benchmark"""
-    backend: str = "hf"
-    """hf (transformers, CPU/GPU) or vllm (GPU)"""
-    vllm_gpu_memory: float = 0.9
-    """vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"""
-    batch_size: int = 64
-    """hf backend: sequences decoded together"""
-    fast: bool = True
-    """hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop"""
-    chunk: int = 8
-    """problems generated together per rank before their samples are appended to samples.jsonl"""
-    thinking: str = "auto"
-    """Qwen3-style chat templates: on | off | auto"""
-    system: str | None = None
-    """system prompt (OLMo-3 style); None = the template's default"""
-    dtype: str = "auto"
-    """float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16)"""
-    seed: int = 0
-    """sampling seed"""
-    lenient: bool = False
-    """grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)"""
-    out: str = "runs/eval"
-    """output directory: samples.jsonl (one line per problem), summary.json, summary.md"""
+    n_samples: int = HfArg(
+        default=4, help="samples per problem (paper: 16). Under torchrun spell it out: torchrun rejects --n"
+    )
+    k: list[int] = HfArg(default_factory=lambda: [1, 4], help="pass@k values to report, each <= n (paper: 1 and 16)")
+    temperature: float = HfArg(default=0.6, help="sampling temperature (Table 11: 0.6; Qwen3 non-thinking 0.7)")
+    top_p: float = HfArg(default=0.95, help="nucleus sampling (Table 11: 0.95; Qwen3 non-thinking 0.8)")
+    top_k: int = HfArg(default=20, help="top-k sampling, 0 = off (Table 11: 20, applied here for real)")
+    max_new_tokens: int = HfArg(default=256, help="response budget (Table 11: 38912)")
+    limit: int | None = HfArg(default=None, help="first `limit` problems of each benchmark")
+    backend: str = HfArg(default="hf", help="hf (transformers, CPU/GPU) or vllm (GPU)")
+    vllm_gpu_memory: float = HfArg(
+        default=0.9, help="vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"
+    )
+    batch_size: int = HfArg(default=64, help="hf backend: sequences decoded together")
+    fast: bool = HfArg(
+        default=True,
+        help="hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop",
+    )
+    chunk: int = HfArg(
+        default=8, help="problems generated together per rank before their samples are appended to samples.jsonl"
+    )
+    thinking: str = HfArg(default="auto", help="Qwen3-style chat templates: on | off | auto")
+    system: str | None = HfArg(default=None, help="system prompt (OLMo-3 style); None = the template's default")
+    dtype: str = HfArg(
+        default="auto",
+        help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16)",
+    )
+    seed: int = HfArg(default=0, help="sampling seed")
+    lenient: bool = HfArg(
+        default=False,
+        help="grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)",
+    )
+    out: str = HfArg(
+        default="runs/eval", help="output directory: samples.jsonl (one line per problem), summary.json, summary.md"
+    )
+
+    def __post_init__(self):
+        data.check(self, "n_samples k max_new_tokens limit batch_size chunk", *data.POSITIVE)
+        data.check(self, "temperature top_k", *data.NON_NEGATIVE)
+        data.check(self, "top_p vllm_gpu_memory", *data.FRACTION)
+        data.choose(self, "backend", data.BACKENDS)
+        data.choose(self, "thinking", data.THINKING)
+        data.choose(self, "dtype", data.DTYPES)
+        if any(k > self.n_samples for k in self.k):
+            raise ValueError(f"--k {self.k}: pass@k needs 1 <= k <= n, and --n-samples is {self.n_samples}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,16 +249,8 @@ def read_done(path: Path) -> dict:
     return done
 
 
-def check_args(args: Args):
-    data.check_args(args)
-    bad = [k for k in args.k if k > args.n_samples]
-    if bad:
-        raise ValueError(f"--k {bad}: pass@k needs 1 <= k <= n, and --n-samples is {args.n_samples}")
-
-
 def evaluate_model(args: Args) -> dict:
     """`evaluate.py`'s job: every benchmark of --data, resumable, written to --out."""
-    check_args(args)
     rank, _, world, device = rollout.init_distributed()
     benchmarks = {data.benchmark_name(s): data.load_problems(s, limit=args.limit, seed=args.seed) for s in args.data}
     out = Path(args.out)
@@ -342,27 +330,30 @@ def evaluate_model(args: Args) -> dict:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ReportArgs:
-    CHECKS: ClassVar[dict] = dict(last=data.POSITIVE, boot=data.POSITIVE)
-    runs: str = "runs/cpu"
-    """the reproduction block's directory: organism/, base/, table1/, sft/, NAME/seedK/ (metrics.jsonl and eval/)"""
-    out: str = "report"
-    """where REPORT.md and the PNG plots go"""
-    baseline: str = "grpo"
-    """the run every other run is compared with"""
-    last: int = 5
-    """a run's training figures: the mean over its last this many steps"""
-    boot: int = 2000
-    """bootstrap replicates for the 95% intervals"""
+    runs: str = HfArg(
+        default="runs/cpu",
+        help="the reproduction block's directory: organism/, base/, table1/, sft/, NAME/seedK/ (metrics.jsonl and "
+        "eval/)",
+    )
+    out: str = HfArg(default="report", help="where REPORT.md and the PNG plots go")
+    baseline: str = HfArg(default="grpo", help="the run every other run is compared with")
+    last: int = HfArg(default=5, help="a run's training figures: the mean over its last this many steps")
+    boot: int = HfArg(default=2000, help="bootstrap replicates for the 95%% intervals")
     groups: list[str] = field(
         default_factory=lambda: [
             "GRPO vs SDPO (Fig. 3-5)=grpo,sdpo,sdpo_nothink",
             "Fixed vs EMA teacher (Fig. 6)=sdpo,sdpo_ema",
             "Task coverage |D| (Fig. 7/8)=grpo_d1,grpo,sdpo_d1,sdpo",
             "Remedies (beyond the paper)=grpo,sdpo,sdpo_protect,sdpo_pg,sdpo_entw",
-        ]
+        ],
+        metadata={
+            "help": "comparisons, each 'title=run,run,...'; runs that are absent are left out, and so is a plot "
+            "whose runs an earlier one showed"
+        },
     )
-    """comparisons, each 'title=run,run,...'; runs that are absent are left out, and so is a plot whose runs an
-    earlier one showed"""
+
+    def __post_init__(self):
+        data.check(self, "last boot", *data.POSITIVE)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -721,7 +712,6 @@ def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) ->
 def report(args: ReportArgs) -> str:
     """REPORT.md (+ PNGs) from the reproduction's outputs, every figure with its 95% bootstrap interval. Returns
     the markdown."""
-    data.check_args(args)
     root, out = Path(args.runs), Path(args.out)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory (run the README's reproduction block first)")
@@ -760,7 +750,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["report"]:
-            report(data.parse_args(ReportArgs, argv[1:], positional=("runs",)))
+            report(data.parse_args(ReportArgs, argv[1:], positional="runs"))
         else:
             evaluate_model(data.parse_args(Args, argv))
         if dist.is_initialized():

@@ -42,11 +42,12 @@ Run it:
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 
 import torch
 from tqdm import tqdm
+from transformers.hf_argparser import HfArg
 
 import data
 import evaluate
@@ -57,77 +58,71 @@ LOSS_AGGS = ("seq-mean-token-mean", "token-mean")  # --loss-agg; `loss_denominat
 
 
 @dataclass
-class Args(sft.RunArgs):
-    CHECKS: ClassVar[dict] = dict(
-        sft.RunArgs.CHECKS,  # data.check_args: values outside these are refused
-        coverage=data.NON_NEGATIVE,
-        prompts_per_step=data.POSITIVE,
-        rollouts=data.POSITIVE,
-        lr=data.NON_NEGATIVE,
-        ppo_epochs=data.POSITIVE,
-        mini_batch=data.NON_NEGATIVE,
-        warmup=data.NON_NEGATIVE,
-        max_prompt_len=data.POSITIVE,
-        weight_decay=data.NON_NEGATIVE,
-        grad_clip=data.POSITIVE,
-        clip_low=(lambda v: 0 <= v < 1, "in [0, 1)"),
-        clip_high=data.NON_NEGATIVE,
-        clip_c=(lambda v: v > 1, "> 1"),
-        rollout_is_clip=data.POSITIVE,
-        kl_coef=data.NON_NEGATIVE,
-        loss_agg=LOSS_AGGS,
-        temperature=data.POSITIVE,
-        max_new_tokens=data.POSITIVE,
-    )
+class RLArgs(sft.RunArgs):
+    """The flags GRPO and SDPO share beside sft.RunArgs: data, batch, optimizer, PPO clipping, sampling and reward."""
+
     # data
-    model: str = rollout.EMBEDDED
-    """initial policy: Hugging Face id or directory, or 'smollm2-135m'"""
-    data: str = "synthetic:difficulty=1,types=add+sub+mul+div,n=256"
-    """training problems (the paper: DAPO-Math-17k)"""
-    coverage: int = 0
-    """train on this many distinct problems of --data, drawn by --seed (Sec. 6.2's |D|); 0 = all"""
+    model: str = HfArg(
+        default=rollout.EMBEDDED, help="initial policy: Hugging Face id or directory, or 'smollm2-135m'"
+    )
+    data: str = HfArg(
+        default="synthetic:difficulty=1,types=add+sub+mul+div,n=256",
+        help="training problems (the paper: DAPO-Math-17k)",
+    )
+    coverage: int = HfArg(
+        default=0, help="train on this many distinct problems of --data, drawn by --seed (Sec. 6.2's |D|); 0 = all"
+    )
     # batch
-    prompts_per_step: int = 4
-    """problems per step, over all ranks (Table 8 question batch: 256)"""
-    rollouts: int = 8
-    """responses per problem, the group size (Table 8: 8)"""
-    mini_batch: int = 0
-    """problems per optimizer update; 0 = all of the step's (Table 8: 64 or 128)"""
-    ppo_epochs: int = 1
-    """passes over the step's rollouts (verl default: 1)"""
+    prompts_per_step: int = HfArg(default=4, help="problems per step, over all ranks (Table 8 question batch: 256)")
+    rollouts: int = HfArg(default=8, help="responses per problem, the group size (Table 8: 8)")
+    mini_batch: int = HfArg(
+        default=0, help="problems per optimizer update; 0 = all of the step's (Table 8: 64 or 128)"
+    )
+    ppo_epochs: int = HfArg(default=1, help="passes over the step's rollouts (verl default: 1)")
     # optimizer and loss
-    lr: float = 1e-6
-    """learning rate (Table 9: 1e-6)"""
-    warmup: int = 10
-    """linear warmup steps (Table 8: 10)"""
-    weight_decay: float = 0.01
-    """AdamW weight decay (Table 8: 0.01)"""
-    grad_clip: float = 1.0
-    """gradient clip norm (Table 8: 1.0)"""
-    clip_low: float = 0.2
-    """PPO clip epsilon-low (verl: 0.2)"""
-    clip_high: float = 0.28
-    """PPO clip epsilon-high (Table 9: 0.28)"""
-    clip_c: float = 3.0
-    """dual-clip constant for negative advantages (verl: 3.0)"""
-    rollout_is_clip: float = 2.0
-    """cap of the rollout importance-sampling weight (Table 9: 2)"""
-    loss_agg: str = "seq-mean-token-mean"
-    """seq-mean-token-mean (each response's token mean, then the mean over the mini-batch's responses: the paper's
-    runs) or token-mean (every token of the mini-batch weighs the same)"""
-    kl_coef: float = 0.0
-    """k3 KL penalty against the initial policy (Table 9: 0.0)"""
-    norm_adv_std: bool = False
-    """divide advantages by the group's std (the paper's code does not)"""
+    lr: float = HfArg(default=1e-6, help="learning rate (Table 9: 1e-6)")
+    warmup: int = HfArg(default=10, help="linear warmup steps (Table 8: 10)")
+    weight_decay: float = HfArg(default=0.01, help="AdamW weight decay (Table 8: 0.01)")
+    grad_clip: float = HfArg(default=1.0, help="gradient clip norm (Table 8: 1.0)")
+    clip_low: float = HfArg(default=0.2, help="PPO clip epsilon-low (verl: 0.2)")
+    clip_high: float = HfArg(default=0.28, help="PPO clip epsilon-high (Table 9: 0.28)")
+    clip_c: float = HfArg(default=3.0, help="dual-clip constant for negative advantages (verl: 3.0)")
+    rollout_is_clip: float = HfArg(default=2.0, help="cap of the rollout importance-sampling weight (Table 9: 2)")
+    loss_agg: str = HfArg(
+        default="seq-mean-token-mean",
+        help="seq-mean-token-mean (each response's token mean, then the mean over the mini-batch's responses: the "
+        "paper's runs) or token-mean (every token of the mini-batch weighs the same)",
+    )
+    norm_adv_std: bool = HfArg(default=False, help="divide advantages by the group's std (the paper's code does not)")
     # sampling and reward
-    temperature: float = 1.0
-    """rollout temperature (Table 8: 1.0)"""
-    max_new_tokens: int = 128
-    """response budget (Table 8: 20480)"""
-    max_prompt_len: int = 2048
-    """prompts longer than this are refused (Table 8: 2048)"""
-    lenient: bool = False
-    """grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)"""
+    temperature: float = HfArg(default=1.0, help="rollout temperature (Table 8: 1.0)")
+    max_new_tokens: int = HfArg(default=128, help="response budget (Table 8: 20480)")
+    max_prompt_len: int = HfArg(default=2048, help="prompts longer than this are refused (Table 8: 2048)")
+    lenient: bool = HfArg(
+        default=False,
+        help="grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        data.check(self, "coverage lr mini_batch warmup weight_decay clip_high", *data.NON_NEGATIVE)
+        data.check(
+            self,
+            "prompts_per_step rollouts ppo_epochs max_prompt_len grad_clip rollout_is_clip temperature max_new_tokens",
+            *data.POSITIVE,
+        )
+        data.check(self, "clip_low", lambda v: 0 <= v < 1, "in [0, 1)")
+        data.check(self, "clip_c", lambda v: v > 1, "> 1")
+        data.choose(self, "loss_agg", LOSS_AGGS)
+
+
+@dataclass
+class Args(RLArgs):
+    kl_coef: float = HfArg(default=0.0, help="k3 KL penalty against the initial policy (Table 9: 0.0)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        data.check(self, "kl_coef", *data.NON_NEGATIVE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +235,7 @@ def token_logprobs(
 # --------------------------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------------------------
-def logprobs(model, rows: list[dict], args: Args, pad_id: int, device, with_entropy: bool = False):
+def logprobs(model, rows: list[dict], args: RLArgs, pad_id: int, device, with_entropy: bool = False):
     """`token_logprobs` of the rows' (prompt, response) pairs (its fast.py twin under --fast), under --dtype's
     autocast."""
     seqs = [(r["prompt_ids"], r["response_ids"]) for r in rows]
@@ -261,7 +256,7 @@ def logprobs(model, rows: list[dict], args: Args, pad_id: int, device, with_entr
         )
 
 
-def micro_batches(update: list[dict], args: Args, model, has_gradient=None) -> list[list[dict]]:
+def micro_batches(update: list[dict], args: RLArgs, model, has_gradient=None) -> list[list[dict]]:
     """One update's micro-batches of --micro-batch consecutive rows, as many on every rank; under --fast,
     fast.schedule's (rows by length, a prompt's rows packed, with --skip-zero-rows none of zero gradient)."""
     if not args.fast:
@@ -282,7 +277,7 @@ def trained_positions(micros: list[list[dict]]) -> int:
     return sum(len(p) for p in {tuple(r["prompt_ids"]) for r in rows}) + sum(len(r["response_ids"]) for r in rows)
 
 
-def update_plan(n_rows: int, args: Args, world: int) -> tuple[int, bool]:
+def update_plan(n_rows: int, args: RLArgs, world: int) -> tuple[int, bool]:
     """(rows per optimizer update on this rank, on-policy?) for --mini-batch and --ppo-epochs."""
     per_update = n_rows if args.mini_batch <= 0 else max(1, args.mini_batch * args.rollouts // world)
     return per_update, args.ppo_epochs == 1 and per_update >= n_rows
@@ -294,7 +289,7 @@ def padded(values: list[list[float]], like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attach_old_logprobs(model, rows: list[dict], args: Args, pad_id: int, device, has_gradient=None) -> None:
+def attach_old_logprobs(model, rows: list[dict], args: RLArgs, pad_id: int, device, has_gradient=None) -> None:
     """pi_old for off-policy updates: each row's response log-probs before the step's first update. A row that
     --fast leaves out (zero gradient) keeps its rollout log-probs: its loss terms are multiplied by zero."""
     for r in rows:
@@ -319,10 +314,10 @@ def train_on_rollouts(
     def has_gradient(r):
         return with_kl or r["advantage"] != 0
 
-    acc, t0 = sft.Metrics(), time.time()
+    sums, t0 = Counter(), time.time()  # the step's metrics on this rank, as sums
     if not on_policy:  # on-policy, pi_old is the current policy detached (departure 1)
         attach_old_logprobs(model, batch, args, pad_id, device, has_gradient)
-    acc.add(ranks=1, t_old_logprobs=time.time() - t0)
+    sums.update(ranks=1, t_old_logprobs=time.time() - t0)
     for _ in range(args.ppo_epochs):
         for u in range(0, len(batch), per_update):
             update = batch[u : u + per_update]
@@ -330,9 +325,9 @@ def train_on_rollouts(
             # over ranks, so world * (local sum / global count) = the global mean
             local_tokens = sum(len(r["response_ids"]) for r in update)
             tokens, seqs = sft.all_reduce_sum(local_tokens) / world, sft.all_reduce_sum(len(update)) / world
-            acc.add(rows=len(update), tokens=local_tokens, n_updates=1)
+            sums.update(rows=len(update), tokens=local_tokens, n_updates=1)
             micros, bad = micro_batches(update, args, model, has_gradient), False
-            acc.add(train_tokens=trained_positions(micros))
+            sums.update(train_tokens=trained_positions(micros))
             for micro in micros:
                 logp, mask, entropy = logprobs(model, micro, args, pad_id, device, with_entropy=True)  # (B, R)
                 old = logp.detach() if on_policy else padded([r["old_logp"] for r in micro], logp)  # (B, R)
@@ -357,11 +352,11 @@ def train_on_rollouts(
                         ref, _, _ = logprobs(ref_model, micro, args, pad_id, device)
                     kl = (k3_kl(logp, ref) * mask / loss_denominator(mask, args.loss_agg, tokens, seqs)).sum()
                     loss = loss + args.kl_coef * kl
-                    acc.add(kl=kl.detach())
+                    sums.update(kl=kl.detach())
                 bad = bad or not torch.isfinite(loss)  # backward still runs (FSDP2 collectives); no update then
                 loss.backward()
                 n = float(mask.sum())
-                acc.add(
+                sums.update(
                     loss=loss.detach(),
                     entropy=(entropy * mask).sum(),
                     entropy_tokens=n,
@@ -369,18 +364,19 @@ def train_on_rollouts(
                     **{k: m[k] * n for k in CLIP_FRACS},
                 )
             grad_norm = sft.apply_update(model, optimizer, args.grad_clip, bad)  # None: skipped, not finite
-            acc.add(updates=grad_norm is not None, nonfinite_updates=grad_norm is None, grad_norm=grad_norm or 0.0)
-    return acc.reduce(
-        loss="n_updates",
-        kl="n_updates",
-        entropy="entropy_tokens",
-        grad_norm="updates",
-        updates="ranks",
-        nonfinite_updates="ranks",
-        trained_frac="rows",
-        train_tokens=None,
-        t_old_logprobs="ranks",
-        **dict.fromkeys(CLIP_FRACS, "tokens"),
+            sums.update(updates=grad_norm is not None, nonfinite_updates=grad_norm is None, grad_norm=grad_norm or 0.0)
+    t = sft.sum_over_ranks(sums)
+    return dict(
+        loss=sft.ratio(t["loss"], t["n_updates"]),
+        kl=sft.ratio(t["kl"], t["n_updates"]),
+        entropy=sft.ratio(t["entropy"], t["entropy_tokens"]),
+        grad_norm=sft.ratio(t["grad_norm"], t["updates"]),
+        updates=t["updates"] / t["ranks"],
+        nonfinite_updates=t["nonfinite_updates"] / t["ranks"],
+        trained_frac=sft.ratio(t["trained_frac"], t["rows"]),
+        train_tokens=t["train_tokens"],
+        t_old_logprobs=t["t_old_logprobs"] / t["ranks"],
+        **{k: sft.ratio(t[k], t["tokens"]) for k in CLIP_FRACS},
     )
 
 
@@ -418,9 +414,9 @@ def collect_rollouts(run: sft.Run, step: int) -> tuple[list[dict], list[dict], d
 
 def rollout_metrics(rows: list[dict], group_size: int) -> dict:
     """The step's rollouts over all ranks: score, lengths (inside and after <think>), E(y), format, groups."""
-    acc = sft.Metrics()
+    sums = Counter()
     for x in rows:
-        acc.add(
+        sums.update(
             n=1,
             score=x["reward"],
             length=x["length"],
@@ -433,9 +429,15 @@ def rollout_metrics(rows: list[dict], group_size: int) -> dict:
             seq_tokens=len(x["prompt_ids"]) + x["length"],
         )  # bench.py's FLOPs
     groups = torch.tensor([x["reward"] for x in rows]).view(-1, group_size)
-    acc.add(groups=len(groups), degenerate_groups=(groups.max(1).values == groups.min(1).values).sum())
+    sums.update(groups=len(groups), degenerate_groups=(groups.max(1).values == groups.min(1).values).sum())
+    t = sft.sum_over_ranks(sums)
     means = ("score", "length", "think_length", "answer_length", "epistemic", "closed_think", "truncated")
-    return acc.reduce(**dict.fromkeys(means, "n"), degenerate_groups="groups", gen_tokens=None, seq_tokens=None)
+    return dict(
+        **{k: sft.ratio(t[k], t["n"]) for k in means},
+        degenerate_groups=sft.ratio(t["degenerate_groups"], t["groups"]),
+        gen_tokens=t["gen_tokens"],
+        seq_tokens=t["seq_tokens"],
+    )
 
 
 def grpo_train_step(run: sft.Run):  # GRPO's update, with a frozen reference policy when --kl-coef > 0
@@ -445,7 +447,7 @@ def grpo_train_step(run: sft.Run):  # GRPO's update, with a frozen reference pol
     )
 
 
-def run_loop(args: Args, loss_name: str = "grpo", make_train_step=grpo_train_step):
+def run_loop(args: RLArgs, loss_name: str = "grpo", make_train_step=grpo_train_step):
     """The RL loop; sdpo.py passes its `make_train_step` (the self-distillation loss) and keeps the rest."""
     run = sft.setup(args)
     train_step = make_train_step(run)

@@ -67,12 +67,12 @@ import shutil
 import socket
 import tempfile
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers.hf_argparser import HfArg
 
 import data
 import epistemic
@@ -84,90 +84,90 @@ SETTINGS = ("unguided", "solution", "solution-no-think", "regenerated", "uncerta
 
 @dataclass
 class Args:
-    CHECKS: ClassVar[dict] = dict(
-        setting=(*SETTINGS, "all"),
-        solution_source=("rollout", "dataset"),
-        n_samples=data.POSITIVE,
-        limit=data.POSITIVE,
-        backend=data.BACKENDS,
-        temperature=data.NON_NEGATIVE,
-        top_p=data.FRACTION,
-        top_k=data.NON_NEGATIVE,
-        max_new_tokens=data.POSITIVE,
-        batch_size=data.POSITIVE,
-        thinking=data.THINKING,
-        dtype=data.DTYPES,
-        vllm_gpu_memory=data.FRACTION,
+    model: str = HfArg(default=EMBEDDED, help="Hugging Face id or directory, or 'smollm2-135m' (embedded, offline)")
+    data: str = HfArg(
+        default="synthetic:difficulty=1,n=16",
+        help="problems: a .parquet/.jsonl/.json path or an embedded source (see data.py)",
     )
-    model: str = EMBEDDED
-    """Hugging Face id or directory, or 'smollm2-135m' (embedded, offline)"""
-    data: str = "synthetic:difficulty=1,n=16"
-    """problems: a .parquet/.jsonl/.json path or an embedded source (see data.py)"""
-    setting: str = "all"
-    """unguided | solution | solution-no-think | regenerated | uncertainty | all (Table 1 + App. C)"""
-    solution_source: str = "dataset"
-    """where s comes from: 'dataset' (the problems' `solution`: for the paper's pipeline the selection's first correct
-    response, `rollout.py select`) or 'rollout' (this run's first correct unguided response; problems without one
-    are left out of settings (2)-(5))"""
-    n_samples: int = 4
-    """rollouts per problem and setting (paper: 8). Under torchrun spell it out: torchrun rejects --n"""
-    limit: int | None = None
-    """use only the first `limit` problems"""
-    backend: str = "hf"
-    """hf (transformers, CPU/GPU) or vllm (GPU)"""
-    vllm_gpu_memory: float = 0.9
-    """vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"""
-    temperature: float = 0.6
-    """sampling temperature (the released analysis scripts: 0.6)"""
-    top_p: float = 0.95
-    """nucleus sampling (the released analysis scripts: 0.95)"""
-    top_k: int = 20
-    """top-k sampling, 0 = off (the released analysis scripts: 20)"""
-    max_new_tokens: int = 256
-    """response budget in tokens (the released analysis scripts: 32768)"""
-    batch_size: int = 64
-    """hf backend: sequences decoded together"""
-    fast: bool = True
-    """hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop"""
-    thinking: str = "auto"
-    """chat template thinking mode for Qwen3-style templates: on | off | auto (template default)"""
-    system: str | None = None
-    """system prompt (OLMo-3 style); None = the template's default"""
-    dtype: str = "auto"
-    """float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16)"""
-    seed: int = 0
-    """sampling seed (each rank adds its rank)"""
-    lenient: bool = False
-    """grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)"""
-    out: str = "runs/table1"
-    """output directory: samples.jsonl and table.md"""
+    setting: str = HfArg(
+        default="all",
+        help="unguided | solution | solution-no-think | regenerated | uncertainty | all (Table 1 + App. C)",
+    )
+    solution_source: str = HfArg(
+        default="dataset",
+        help="where s comes from: 'dataset' (the problems' `solution`: for the paper's pipeline the selection's "
+        "first correct response, `rollout.py select`) or 'rollout' (this run's first correct unguided response; "
+        "problems without one are left out of settings (2)-(5))",
+    )
+    n_samples: int = HfArg(
+        default=4,
+        help="rollouts per problem and setting (paper: 8). Under torchrun spell it out: torchrun rejects --n",
+    )
+    limit: int | None = HfArg(default=None, help="use only the first `limit` problems")
+    backend: str = HfArg(default="hf", help="hf (transformers, CPU/GPU) or vllm (GPU)")
+    vllm_gpu_memory: float = HfArg(
+        default=0.9, help="vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"
+    )
+    temperature: float = HfArg(default=0.6, help="sampling temperature (the released analysis scripts: 0.6)")
+    top_p: float = HfArg(default=0.95, help="nucleus sampling (the released analysis scripts: 0.95)")
+    top_k: int = HfArg(default=20, help="top-k sampling, 0 = off (the released analysis scripts: 20)")
+    max_new_tokens: int = HfArg(default=256, help="response budget in tokens (the released analysis scripts: 32768)")
+    batch_size: int = HfArg(default=64, help="hf backend: sequences decoded together")
+    fast: bool = HfArg(
+        default=True,
+        help="hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop",
+    )
+    thinking: str = HfArg(
+        default="auto",
+        help="chat template thinking mode for Qwen3-style templates: on | off | auto (template default)",
+    )
+    system: str | None = HfArg(default=None, help="system prompt (OLMo-3 style); None = the template's default")
+    dtype: str = HfArg(
+        default="auto",
+        help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16)",
+    )
+    seed: int = HfArg(default=0, help="sampling seed (each rank adds its rank)")
+    lenient: bool = HfArg(
+        default=False,
+        help="grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)",
+    )
+    out: str = HfArg(default="runs/table1", help="output directory: samples.jsonl and table.md")
+
+    def __post_init__(self):
+        data.check(self, "n_samples limit max_new_tokens batch_size", *data.POSITIVE)
+        data.check(self, "temperature top_k", *data.NON_NEGATIVE)
+        data.check(self, "top_p vllm_gpu_memory", *data.FRACTION)
+        data.choose(self, "setting", (*SETTINGS, "all"))
+        data.choose(self, "solution_source", ("rollout", "dataset"))
+        data.choose(self, "backend", data.BACKENDS)
+        data.choose(self, "thinking", data.THINKING)
+        data.choose(self, "dtype", data.DTYPES)
 
 
 @dataclass
 class SelectArgs(Args):
     """`rollout.py select`: Sec. 3's problems, as the released eval_dapo_dataset.py picks them."""
 
-    CHECKS: ClassVar[dict] = dict(
-        Args.CHECKS,
-        min_correct=data.NON_NEGATIVE,
-        max_correct=data.NON_NEGATIVE,
-        keep=data.POSITIVE,
-        chunk=data.POSITIVE,
+    data: str = HfArg(
+        default="synthetic:difficulty=1,n=64", help="the pool, read in file order (the paper: DAPO-Math-17k)"
     )
-    data: str = "synthetic:difficulty=1,n=64"
-    """the pool, read in file order (the paper: DAPO-Math-17k)"""
-    n_samples: int = 8
-    """samples per problem (the paper: 8)"""
-    min_correct: int = 1
-    """keep a problem with at least this many correct samples (the paper: 1)"""
-    max_correct: int = 4
-    """and at most this many (the paper: 4, so accuracy in [0.125, 0.5])"""
-    keep: int = 100
-    """stop once this many are kept: the first in file order (the paper: 100)"""
-    chunk: int = 64
-    """problems generated together (over all ranks) before checking whether enough are kept"""
-    out: str = "runs/select"
-    """output directory: selected.jsonl (question, answer, solution = the first correct sample) and samples.jsonl"""
+    n_samples: int = HfArg(default=8, help="samples per problem (the paper: 8)")
+    min_correct: int = HfArg(default=1, help="keep a problem with at least this many correct samples (the paper: 1)")
+    max_correct: int = HfArg(default=4, help="and at most this many (the paper: 4, so accuracy in [0.125, 0.5])")
+    keep: int = HfArg(default=100, help="stop once this many are kept: the first in file order (the paper: 100)")
+    chunk: int = HfArg(
+        default=64, help="problems generated together (over all ranks) before checking whether enough are kept"
+    )
+    out: str = HfArg(
+        default="runs/select",
+        help="output directory: selected.jsonl (question, answer, solution = the first correct sample) and "
+        "samples.jsonl",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        data.check(self, "min_correct max_correct", *data.NON_NEGATIVE)
+        data.check(self, "keep chunk", *data.POSITIVE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1124,7 +1124,6 @@ def first_correct(records: list[dict], or_first: bool = False) -> dict[str, str]
 
 def table1(args: Args) -> dict:
     rank, _, world, device = init_distributed()
-    data.check_args(args)
     chosen = list(SETTINGS) if args.setting == "all" else [args.setting]
     problems = shard(data.load_problems(args.data, limit=args.limit, seed=args.seed), rank, world)
     chat = dict(system=args.system, thinking=args.thinking)
@@ -1207,7 +1206,6 @@ def select(args: SelectArgs) -> list[dict]:
     keep the problems with --min-correct..--max-correct correct ones, the first --keep of them, each with its first
     correct response as `solution`: the file Table 1 reads (`--data OUT/selected.jsonl`, s = that solution).
     As eval_dapo_dataset.py, except that its batches of 128 problems become --chunk."""
-    data.check_args(args)
     rank, _, world, device = init_distributed()
     problems = data.load_problems(args.data, limit=args.limit, seed=args.seed)
     chat = dict(system=args.system, thinking=args.thinking)

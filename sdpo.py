@@ -42,10 +42,11 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
+from transformers.hf_argparser import HfArg
 
 import data
 import epistemic
@@ -55,61 +56,78 @@ import sft
 
 
 @dataclass
-class Args(grpo.Args):
-    CHECKS: ClassVar[dict] = dict(
-        grpo.Args.CHECKS,
-        alpha=data.UNIT,
-        topk=data.NON_NEGATIVE,
-        is_clip=data.POSITIVE,
-        teacher_context=("sibling", "sibling-no-think", "dataset", "regenerated"),
-        reprompt=("sdpo", "uncertainty"),
-        sibling=("balanced", "first"),
-        sibling_dp=data.POSITIVE,
-        success_threshold=data.UNIT,
-        teacher_ema=data.UNIT,
-        pg_coef=data.NON_NEGATIVE,
-        distill_prefix=data.NON_NEGATIVE,
-        max_reprompt_len=data.POSITIVE,
-        kl_coef=(lambda v: v == 0, "0: SDPO's loss has no KL term (grpo.py's --kl-coef)"),
+class Args(grpo.RLArgs):
+    out: str = HfArg(default="runs/sdpo", help="output directory: metrics.jsonl, step_N/ checkpoints")
+    lr: float = HfArg(default=1e-5, help="learning rate (Table 10: 1e-5; App. G: 1e-6)")
+    alpha: float = HfArg(
+        default=0.5,
+        help="divergence: 0 forward KL(T||S), 1 reverse KL(S||T), else generalized JSD (Table 10: Jensen-Shannon, "
+        "0.5)",
     )
-    out: str = "runs/sdpo"
-    """output directory: metrics.jsonl, step_N/ checkpoints"""
-    lr: float = 1e-5
-    """learning rate (Table 10: 1e-5; App. G: 1e-6)"""
-    alpha: float = 0.5
-    """divergence: 0 forward KL(T||S), 1 reverse KL(S||T), else generalized JSD (Table 10: Jensen-Shannon, 0.5)"""
-    topk: int = 100
-    """distil over the student's top-k tokens, 0 = the full vocabulary (Table 10: 100; App. G: 256)"""
-    add_tail: bool = True
-    """add the tail bucket log(1 - sum p_topk); off = renormalise over the top-k (reference default: on)"""
-    is_clip: float = 2.0
-    """cap of the importance weight exp(logp - old_logp) (reference: 2)"""
-    teacher_context: str = "sibling"
-    """c: sibling (c = s, Sec. 5) | sibling-no-think (c = s\\think) | dataset (OPSD) | regenerated (y_r)"""
-    sibling: str = "balanced"
-    """which successful sibling: balanced (first in verl's length-balanced order, `balanced_positions`) or
-    first (rollout order)"""
-    sibling_dp: int = 4
-    """balanced: the data-parallel ranks verl balanced the batch over (the released runs: 4 GPUs); the step's
-    rollouts must split evenly over them"""
-    reprompt: str = "sdpo"
-    """teacher instruction: sdpo ('Correctly solve the original question.') or uncertainty (App. C)"""
-    success_threshold: float = 0.5
-    """reward at which a sibling counts as a success (reference: 0.5)"""
-    teacher_ema: float = 0.0
-    """EMA rate of the teacher; 0 = frozen initial policy (the paper's choice; Fig. 6 ablation: 0.05)"""
-    teacher_thinking: bool = False
-    """OPSD hybrid (App. E): the teacher's template has thinking on while the student's (--thinking) is off"""
-    distill_prefix: int = 0
-    """distil only the first N response tokens (OPSD: 1024); 0 = all"""
-    max_reprompt_len: int = 22528
-    """teacher prompts longer than this many tokens are masked (reference: 22528)"""
-    protect_epistemic: bool = False
-    """remedy: no distillation loss at the response tokens where an epistemic marker begins (off in the paper)"""
-    pg_coef: float = 0.0
-    """remedy: add grpo.py's policy loss (clipped surrogate, same advantages), weighted by this (0 in the paper)"""
-    entropy_weight: bool = False
-    """remedy: weight each token's distillation loss by the teacher's entropy / log V (off in the paper)"""
+    topk: int = HfArg(
+        default=100,
+        help="distil over the student's top-k tokens, 0 = the full vocabulary (Table 10: 100; App. G: 256)",
+    )
+    add_tail: bool = HfArg(
+        default=True,
+        help="add the tail bucket log(1 - sum p_topk); off = renormalise over the top-k (reference default: on)",
+    )
+    is_clip: float = HfArg(default=2.0, help="cap of the importance weight exp(logp - old_logp) (reference: 2)")
+    teacher_context: str = HfArg(
+        default="sibling",
+        help="c: sibling (c = s, Sec. 5) | sibling-no-think (c = s\\think) | dataset (OPSD) | regenerated (y_r)",
+    )
+    sibling: str = HfArg(
+        default="balanced",
+        help="which successful sibling: balanced (first in verl's length-balanced order, `balanced_positions`) or "
+        "first (rollout order)",
+    )
+    sibling_dp: int = HfArg(
+        default=4,
+        help="balanced: the data-parallel ranks verl balanced the batch over (the released runs: 4 GPUs); the step's "
+        "rollouts must split evenly over them",
+    )
+    reprompt: str = HfArg(
+        default="sdpo",
+        help="teacher instruction: sdpo ('Correctly solve the original question.') or uncertainty (App. C)",
+    )
+    success_threshold: float = HfArg(
+        default=0.5, help="reward at which a sibling counts as a success (reference: 0.5)"
+    )
+    teacher_ema: float = HfArg(
+        default=0.0,
+        help="EMA rate of the teacher; 0 = frozen initial policy (the paper's choice; Fig. 6 ablation: 0.05)",
+    )
+    teacher_thinking: bool = HfArg(
+        default=False,
+        help="OPSD hybrid (App. E): the teacher's template has thinking on while the student's (--thinking) is off",
+    )
+    distill_prefix: int = HfArg(default=0, help="distil only the first N response tokens (OPSD: 1024); 0 = all")
+    max_reprompt_len: int = HfArg(
+        default=22528, help="teacher prompts longer than this many tokens are masked (reference: 22528)"
+    )
+    protect_epistemic: bool = HfArg(
+        default=False,
+        help="remedy: no distillation loss at the response tokens where an epistemic marker begins (off in the paper)",
+    )
+    pg_coef: float = HfArg(
+        default=0.0,
+        help="remedy: add grpo.py's policy loss (clipped surrogate, same advantages), weighted by this (0 in the "
+        "paper)",
+    )
+    entropy_weight: bool = HfArg(
+        default=False,
+        help="remedy: weight each token's distillation loss by the teacher's entropy / log V (off in the paper)",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        data.check(self, "alpha success_threshold teacher_ema", *data.UNIT)
+        data.check(self, "topk pg_coef distill_prefix", *data.NON_NEGATIVE)
+        data.check(self, "is_clip sibling_dp max_reprompt_len", *data.POSITIVE)
+        data.choose(self, "teacher_context", ("sibling", "sibling-no-think", "dataset", "regenerated"))
+        data.choose(self, "reprompt", ("sdpo", "uncertainty"))
+        data.choose(self, "sibling", ("balanced", "first"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,8 +532,8 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
 
     if not on_policy:
         grpo.attach_old_logprobs(run.model, rows, args, pad, device, has_gradient)
-    acc, with_c = sft.Metrics(), [r for r in rows if r["context"] is not None]
-    acc.add(
+    sums, with_c = Counter(), [r for r in rows if r["context"] is not None]  # the step's metrics on this rank
+    sums.update(
         ranks=1,
         protected_frac=n_protected,
         protectable=n_protected + sum(sum(r["distill"]) for r in rows),
@@ -534,15 +552,15 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
                 tokens=sum(len(r["response_ids"]) for r in update),
             )
             n = {k: sft.all_reduce_sum(v) / world for k, v in n.items()}
-            acc.add(n_updates=1, update_rows=len(update))
+            sums.update(n_updates=1, update_rows=len(update))
             micros, bad = grpo.micro_batches(update, args, run.model, has_gradient), False
-            acc.add(train_tokens=grpo.trained_positions(micros))
+            sums.update(train_tokens=grpo.trained_positions(micros))
             for micro in micros:
                 terms = terms_of(run.model, teacher, micro, args, pad, device)  # forwards: (N,) per position
                 loss, parts, d = micro_loss(terms, micro, n, args, on_policy)  # Eq. 1 (+ remedies)
                 bad = bad or not torch.isfinite(loss)  # the update is then skipped on every rank
                 loss.backward()
-                acc.add(
+                sums.update(
                     loss=loss.detach(),
                     distill_loss=parts["distill_loss"],
                     pg_loss=parts.get("pg_loss", 0.0),
@@ -555,7 +573,7 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
                 )
                 for token, kl in zip(terms["targets"][d].tolist(), terms["kl"][d].tolist()):  # App. B.6
                     if token in variants:
-                        acc.add(
+                        sums.update(
                             **{
                                 "kl_epistemic": kl,
                                 "n_epi": 1,
@@ -564,27 +582,27 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
                             }
                         )
             grad_norm = sft.apply_update(run.model, run.optimizer, args.grad_clip, bad)  # None: skipped
-            acc.add(updates=grad_norm is not None, nonfinite_updates=grad_norm is None, grad_norm=grad_norm or 0.0)
+            sums.update(updates=grad_norm is not None, nonfinite_updates=grad_norm is None, grad_norm=grad_norm or 0.0)
     if ema is not None:  # once per step, after all its updates (verl: once per update_policy call)
         sft.ema_update(ema, teacher, run.model, args.teacher_ema)
-    acc.add(t_teacher=sft.forward_seconds(teacher))
-    out = acc.reduce(
-        **dict.fromkeys(("loss", "distill_loss", "pg_loss"), "n_updates"),
-        **dict.fromkeys(DISTILLED, "tokens"),
-        protected_frac="protectable",
-        masked_frac="rows",
-        kl_epistemic="n_epi",
-        teacher_context_len="with_c",
-        grad_norm="updates",
-        updates="ranks",
-        nonfinite_updates="ranks",
-        teacher_tokens=None,
-        train_tokens=None,
-        trained_frac="update_rows",
-        t_teacher="ranks",
-        **{f"kl/{v!r}": f"n/{v!r}" for v in sorted(set(variants.values()))},
+    sums.update(t_teacher=sft.forward_seconds(teacher))
+    t = sft.sum_over_ranks(sums)
+    return dict(
+        **{k: sft.ratio(t[k], t["n_updates"]) for k in ("loss", "distill_loss", "pg_loss")},
+        **{k: sft.ratio(t[k], t["tokens"]) for k in DISTILLED},
+        protected_frac=sft.ratio(t["protected_frac"], t["protectable"]),
+        masked_frac=sft.ratio(t["masked_frac"], t["rows"]),
+        kl_epistemic=sft.ratio(t["kl_epistemic"], t["n_epi"]),
+        teacher_context_len=sft.ratio(t["teacher_context_len"], t["with_c"]),
+        grad_norm=sft.ratio(t["grad_norm"], t["updates"]),
+        updates=t["updates"] / t["ranks"],
+        nonfinite_updates=t["nonfinite_updates"] / t["ranks"],
+        teacher_tokens=t["teacher_tokens"],
+        train_tokens=t["train_tokens"],
+        trained_frac=sft.ratio(t["trained_frac"], t["update_rows"]),
+        t_teacher=t["t_teacher"] / t["ranks"],
+        **{k: t[k] / t["n/" + k[3:]] for k in t if k.startswith("kl/")},  # App. B.6: per marker variant, where met
     )
-    return {k: v for k, v in out.items() if not (k.startswith("kl/") and v is None)}
 
 
 def sdpo_train_step(run: sft.Run):

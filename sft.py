@@ -12,7 +12,7 @@ Implements, for arXiv 2603.24472:
     (ranks, problems, the sharded policy, optimizer, generation backend, resume), `init_distributed`,
     `shard_model` (FSDP2 `fully_shard` over the decoder layers and the root, optional activation
     checkpointing, bf16 mixed precision on GPU; on CPU bf16 is `rollout.autocast`), `make_optimizer` (AdamW,
-    App. D Table 8), `lr_at`, `apply_update`, `Metrics` (a step's metrics, one all-reduce), `save_checkpoint` /
+    App. D Table 8), `lr_at`, `apply_update`, `sum_over_ranks` (a step's metrics, one all-reduce), `save_checkpoint` /
     `load_checkpoint`, the EMA teacher's fp32 weights (`ema_weights`, `ema_update`), `--wandb` (`open_wandb`,
     `log_metrics`), and the per-GPU memory estimate that refuses a run before it loads (`memory_plan`, `check_memory`).
 
@@ -59,14 +59,15 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 from tqdm import tqdm
+from transformers.hf_argparser import HfArg
 
 import data
 import epistemic
@@ -82,121 +83,106 @@ class BuildArgs:
     are left out). The released generation (eval_dapo_dataset.py, eval_with_hint.py): 8 samples at temperature 0.6,
     top-p 0.95, top-k 20, 32,768 new tokens."""
 
-    CHECKS: ClassVar[dict] = dict(
-        setting=("unguided", "solution"),
-        n_samples=data.POSITIVE,
-        backend=data.BACKENDS,
-        temperature=data.NON_NEGATIVE,
-        top_p=data.FRACTION,
-        top_k=data.NON_NEGATIVE,
-        max_new_tokens=data.POSITIVE,
-        batch_size=data.POSITIVE,
-        thinking=data.THINKING,
-        dtype=data.DTYPES,
-        vllm_gpu_memory=data.FRACTION,
+    setting: str = HfArg(
+        default="solution",
+        help="unguided (D_ug: each problem's s) or solution (D_sg: the first correct response under c = s)",
     )
-    setting: str = "solution"
-    """unguided (D_ug: each problem's s) or solution (D_sg: the first correct response under c = s)"""
-    model: str = rollout.EMBEDDED
-    """Hugging Face id or directory, or 'smollm2-135m' (embedded); D_sg's generator"""
-    data: str = "runs/select/selected.jsonl"
-    """`rollout.py select`'s selected.jsonl: the problems, each with its `solution` s"""
-    n_samples: int = 8
-    """D_sg: responses per problem under c = s (the released: 8)"""
-    lenient: bool = False
-    """grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)"""
-    backend: str = "hf"
-    """hf or vllm"""
-    vllm_gpu_memory: float = 0.9
-    """vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"""
-    temperature: float = 0.6
-    """sampling temperature (the released: 0.6)"""
-    top_p: float = 0.95
-    """nucleus sampling (the released: 0.95)"""
-    top_k: int = 20
-    """top-k sampling, 0 = off (the released: 20)"""
-    max_new_tokens: int = 256
-    """response budget (the released: 32768)"""
-    batch_size: int = 64
-    """hf backend: sequences decoded together"""
-    fast: bool = True
-    """hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop"""
-    thinking: str = "auto"
-    """Qwen3-style chat templates: on | off | auto"""
-    system: str | None = None
-    """system prompt; None = the template's default"""
-    dtype: str = "auto"
-    """float32 | bfloat16 | auto"""
-    seed: int = 0
-    """sampling seed"""
-    out: str = "runs/d_sg.jsonl"
-    """output jsonl: question, response, setting, length, epistemic per row"""
+    model: str = HfArg(
+        default=rollout.EMBEDDED, help="Hugging Face id or directory, or 'smollm2-135m' (embedded); D_sg's generator"
+    )
+    data: str = HfArg(
+        default="runs/select/selected.jsonl",
+        help="`rollout.py select`'s selected.jsonl: the problems, each with its `solution` s",
+    )
+    n_samples: int = HfArg(default=8, help="D_sg: responses per problem under c = s (the released: 8)")
+    lenient: bool = HfArg(
+        default=False,
+        help="grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)",
+    )
+    backend: str = HfArg(default="hf", help="hf or vllm")
+    vllm_gpu_memory: float = HfArg(
+        default=0.9, help="vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"
+    )
+    temperature: float = HfArg(default=0.6, help="sampling temperature (the released: 0.6)")
+    top_p: float = HfArg(default=0.95, help="nucleus sampling (the released: 0.95)")
+    top_k: int = HfArg(default=20, help="top-k sampling, 0 = off (the released: 20)")
+    max_new_tokens: int = HfArg(default=256, help="response budget (the released: 32768)")
+    batch_size: int = HfArg(default=64, help="hf backend: sequences decoded together")
+    fast: bool = HfArg(
+        default=True,
+        help="hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop",
+    )
+    thinking: str = HfArg(default="auto", help="Qwen3-style chat templates: on | off | auto")
+    system: str | None = HfArg(default=None, help="system prompt; None = the template's default")
+    dtype: str = HfArg(default="auto", help="float32 | bfloat16 | auto")
+    seed: int = HfArg(default=0, help="sampling seed")
+    out: str = HfArg(
+        default="runs/d_sg.jsonl", help="output jsonl: question, response, setting, length, epistemic per row"
+    )
+
+    def __post_init__(self):
+        data.check(self, "n_samples max_new_tokens batch_size", *data.POSITIVE)
+        data.check(self, "temperature top_k", *data.NON_NEGATIVE)
+        data.check(self, "top_p vllm_gpu_memory", *data.FRACTION)
+        data.choose(self, "setting", ("unguided", "solution"))
+        data.choose(self, "backend", data.BACKENDS)
+        data.choose(self, "thinking", data.THINKING)
+        data.choose(self, "dtype", data.DTYPES)
 
 
 @dataclass
 class TrainArgs:
-    CHECKS: ClassVar[dict] = dict(
-        steps=data.NON_NEGATIVE,
-        batch_size=data.POSITIVE,
-        micro_batch=data.POSITIVE,
-        lr=data.NON_NEGATIVE,
-        warmup=data.NON_NEGATIVE,
-        weight_decay=data.NON_NEGATIVE,
-        grad_clip=data.POSITIVE,
-        max_len=data.POSITIVE,
-        save_every=data.NON_NEGATIVE,
-        thinking=data.THINKING,
-        dtype=data.DTYPES,
-        chunk=data.NON_NEGATIVE,
-        keep_checkpoints=data.NON_NEGATIVE,
+    data: str = HfArg(
+        default="runs/d_sg.jsonl",
+        help="SFT jsonl with 'question' (or 'prompt') and 'response' per row (e.g. from `sft.py build`), or an "
+        "embedded source whose solutions are the responses (synthetic:style=think,n=512: the reasoning warm start)",
     )
-    data: str = "runs/d_sg.jsonl"
-    """SFT jsonl with 'question' (or 'prompt') and 'response' per row (e.g. from `sft.py build`), or an embedded
-    source whose solutions are the responses (synthetic:style=think,n=512: the reasoning warm start)"""
-    model: str = rollout.EMBEDDED
-    """initial model: Hugging Face id or directory, or 'smollm2-135m'"""
-    out: str = "runs/sft"
-    """output directory: step_N/ checkpoints and metrics.jsonl"""
-    steps: int = 20
-    """optimizer steps"""
-    batch_size: int = 32
-    """sequences per optimizer step, over all ranks"""
-    micro_batch: int = 4
-    """sequences per forward/backward on one rank (memory knob; gradients accumulate)"""
-    lr: float = 1e-5
-    """peak learning rate (App. D gives none for SFT; SDPO's 1e-5)"""
-    warmup: int = 10
-    """linear warmup steps (App. D Table 8: 10)"""
-    weight_decay: float = 0.01
-    """AdamW weight decay (Table 8: 0.01)"""
-    grad_clip: float = 1.0
-    """gradient clip norm (Table 8: 1.0)"""
-    max_len: int = 2048
-    """truncate prompt + response to this many tokens"""
-    save_every: int = 10
-    """write OUT/step_N every this many steps (and at the end)"""
-    resume: bool = False
-    """continue from the latest complete checkpoint in OUT"""
-    grad_ckpt: bool = False
-    """gradient checkpointing (memory knob)"""
-    thinking: str = "auto"
-    """Qwen3-style chat templates: on | off | auto"""
-    system: str | None = None
-    """system prompt; None = the template's default"""
-    dtype: str = "auto"
-    """float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16). bf16: the forwards
-    compute in bf16 (CPU: torch.autocast; GPU: FSDP2's mixed precision) over fp32 weights, gradients and AdamW state"""
-    seed: int = 0
-    """data order seed"""
-    chunk: int = 0
-    """--fast: positions per chunk of the LM head's loss (memory knob); 0 = 256 on CPU, 1024 on GPU"""
-    fast: bool = True
-    """the LM head on response positions only, in chunks recomputed in backward (fast.token_nll); --no-fast: the
-    full logits"""
-    wandb: str | None = None
-    """log the metrics to this Weights & Biases project too (rank 0; pip install wandb; WANDB_MODE=offline works)"""
-    keep_checkpoints: int = 2
-    """keep this many newest checkpoints in OUT, removing older ones (0 = keep all)"""
+    model: str = HfArg(default=rollout.EMBEDDED, help="initial model: Hugging Face id or directory, or 'smollm2-135m'")
+    out: str = HfArg(default="runs/sft", help="output directory: step_N/ checkpoints and metrics.jsonl")
+    steps: int = HfArg(default=20, help="optimizer steps")
+    batch_size: int = HfArg(default=32, help="sequences per optimizer step, over all ranks")
+    micro_batch: int = HfArg(
+        default=4, help="sequences per forward/backward on one rank (memory knob; gradients accumulate)"
+    )
+    lr: float = HfArg(default=1e-5, help="peak learning rate (App. D gives none for SFT; SDPO's 1e-5)")
+    warmup: int = HfArg(default=10, help="linear warmup steps (App. D Table 8: 10)")
+    weight_decay: float = HfArg(default=0.01, help="AdamW weight decay (Table 8: 0.01)")
+    grad_clip: float = HfArg(default=1.0, help="gradient clip norm (Table 8: 1.0)")
+    max_len: int = HfArg(default=2048, help="truncate prompt + response to this many tokens")
+    save_every: int = HfArg(default=10, help="write OUT/step_N every this many steps (and at the end)")
+    resume: bool = HfArg(default=False, help="continue from the latest complete checkpoint in OUT")
+    grad_ckpt: bool = HfArg(default=False, help="gradient checkpointing (memory knob)")
+    thinking: str = HfArg(default="auto", help="Qwen3-style chat templates: on | off | auto")
+    system: str | None = HfArg(default=None, help="system prompt; None = the template's default")
+    dtype: str = HfArg(
+        default="auto",
+        help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16). bf16: the "
+        "forwards compute in bf16 (CPU: torch.autocast; GPU: FSDP2's mixed precision) over fp32 weights, gradients "
+        "and AdamW state",
+    )
+    seed: int = HfArg(default=0, help="data order seed")
+    chunk: int = HfArg(
+        default=0, help="--fast: positions per chunk of the LM head's loss (memory knob); 0 = 256 on CPU, 1024 on GPU"
+    )
+    fast: bool = HfArg(
+        default=True,
+        help="the LM head on response positions only, in chunks recomputed in backward (fast.token_nll); --no-fast: "
+        "the full logits",
+    )
+    wandb: str | None = HfArg(
+        default=None,
+        help="log the metrics to this Weights & Biases project too (rank 0; pip install wandb; WANDB_MODE=offline "
+        "works)",
+    )
+    keep_checkpoints: int = HfArg(
+        default=2, help="keep this many newest checkpoints in OUT, removing older ones (0 = keep all)"
+    )
+
+    def __post_init__(self):
+        data.check(self, "steps lr warmup weight_decay save_every chunk keep_checkpoints", *data.NON_NEGATIVE)
+        data.check(self, "batch_size micro_batch grad_clip max_len", *data.POSITIVE)
+        data.choose(self, "thinking", data.THINKING)
+        data.choose(self, "dtype", data.DTYPES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,100 +190,118 @@ class TrainArgs:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class RunArgs:
-    """The flags every RL trainer shares beside its algorithm's (grpo.Args and sdpo.Args extend it): the run, the
+    """The flags every RL trainer shares (grpo.RLArgs extends it, grpo.Args and sdpo.Args extend that): the run, the
     chat template, held-out evaluation, output and checkpoints, the generation backend, memory and speed."""
 
-    CHECKS: ClassVar[dict] = dict(  # data.check_args: a value outside these is refused, naming its flag
-        eval_every=data.NON_NEGATIVE,
-        eval_n=data.POSITIVE,
-        eval_max_new_tokens=data.POSITIVE,
-        eval_temperature=data.NON_NEGATIVE,
-        eval_top_p=data.FRACTION,
-        eval_top_k=data.NON_NEGATIVE,
-        steps=data.NON_NEGATIVE,
-        thinking=data.THINKING,
-        save_every=data.NON_NEGATIVE,
-        keep_checkpoints=data.NON_NEGATIVE,
-        backend=data.BACKENDS,
-        gen_batch_size=data.POSITIVE,
-        vllm_gpu_memory=data.UNIT,
-        vllm_sleep=(0, 1, 2),
-        dtype=data.DTYPES,
-        micro_batch=data.POSITIVE,
-        chunk=data.NON_NEGATIVE,
-        pack_tokens=data.NON_NEGATIVE,
-        reward_window=data.NON_NEGATIVE,
+    out: str = HfArg(default="runs/grpo", help="output directory: metrics.jsonl, step_N/ checkpoints")
+    steps: int = HfArg(default=10, help="training steps")
+    seed: int = HfArg(default=0, help="seed for problem order and sampling")
+    thinking: str = HfArg(default="auto", help="Qwen3-style chat templates: on | off | auto")
+    system: str | None = HfArg(default=None, help="system prompt; None = the template's default")
+    dedup: bool = HfArg(
+        default=False,
+        help="keep one row of each repeated question of --data. DAPO-Math-17k ships ~100 copies of each; the "
+        "released pipeline keeps them all and samples rows (Sec. 6.1: 100 steps x 256 prompts see ~14k distinct "
+        "problems)",
     )
-    out: str = "runs/grpo"
-    """output directory: metrics.jsonl, step_N/ checkpoints"""
-    steps: int = 10
-    """training steps"""
-    seed: int = 0
-    """seed for problem order and sampling"""
-    thinking: str = "auto"
-    """Qwen3-style chat templates: on | off | auto"""
-    system: str | None = None
-    """system prompt; None = the template's default"""
-    dedup: bool = False
-    """keep one row of each repeated question of --data. DAPO-Math-17k ships ~100 copies of each; the released
-    pipeline keeps them all and samples rows (Sec. 6.1: 100 steps x 256 prompts see ~14k distinct problems)"""
-    eval_data: list[str] = field(default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"])
-    """held-out benchmarks for --eval-every (the paper: AIME24, AMC23)"""
-    eval_every: int = 0
-    """evaluate on --eval-data every this many steps (0 = only at the end)"""
-    eval_n: int = 4
-    """samples per eval problem (the figures' Acc@16: 16; the released scripts validate with 1)"""
-    eval_max_new_tokens: int = 128
-    """eval response budget (Table 11: 38912)"""
-    eval_temperature: float = 0.6
-    """eval sampling temperature (Table 11: 0.6; Qwen3-8B thinking off: 0.7)"""
-    eval_top_p: float = 0.95
-    """eval nucleus (Table 11: 0.95; Qwen3-8B thinking off: 0.8)"""
-    eval_top_k: int = 0
-    """eval top-k, 0 = off (the released validation, user.yaml val_kwargs, sets none; Table 11 lists 20)"""
-    reward_window: int = 100
-    """the training reward looks for the box in the last this many characters of a response (the released reward:
-    100, so a response with more after its box scores 0); 0 = all of it. Evaluation always reads all of it"""
-    save_rollouts: bool = False
-    """append each step's rollouts to OUT/rollouts.jsonl (ids, text, log-probs, reward, advantage; SDPO: context c)"""
-    save_every: int = 10
-    """checkpoint every this many steps (and at the end); 0 = never (benchmarks)"""
-    keep_checkpoints: int = 2
-    """keep this many newest checkpoints in --out, removing older ones (0 = keep all)"""
-    resume: bool = False
-    """continue from the latest complete checkpoint in --out"""
-    wandb: str | None = None
-    """log the metrics to this Weights & Biases project too (rank 0; pip install wandb; WANDB_MODE=offline works)"""
-    backend: str = "hf"
-    """rollouts: hf (transformers, CPU/GPU) or vllm (GPU, weights pushed every step)"""
-    gen_batch_size: int = 64
-    """hf backend: sequences decoded together"""
-    vllm_gpu_memory: float = 0.0
-    """vllm: share of total GPU memory for the engine; 0 = the largest that fits beside the trainer's weights, AdamW
-    and teacher (`sft.memory_plan`, at most 0.9)"""
-    vllm_sleep: int = 2
-    """vllm: engine sleep level while the trainer runs (2: weights and KV cache freed, 1: weights in CPU memory, 0:
-    never)"""
-    dtype: str = "auto"
-    """float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16). bf16: the forwards
-    compute in bf16 (CPU: torch.autocast; GPU: FSDP2's mixed precision) over fp32 weights, gradients and AdamW state;
-    the frozen teacher or reference policy and the hf generation replica hold bf16 weights"""
-    micro_batch: int = 4
-    """sequences per forward/backward on one rank (memory knob)"""
-    grad_ckpt: bool = False
-    """gradient checkpointing (memory knob)"""
-    chunk: int = 0
-    """--fast: positions per chunk of the LM-head losses (memory knob); 0 = 256 on CPU, 1024 on GPU"""
-    fast: bool = True
-    """speedups from fast.py (the same updates up to float rounding); --no-fast runs the plain code only"""
-    skip_zero_rows: bool = True
-    """--fast: leave out of the training forwards the rows whose gradient is exactly zero (GRPO: zero advantage and
-    no KL; SDPO: no distilled position and no --pg-coef term); they still count in the loss's means"""
-    pack_tokens: int = 2048
-    """--fast: a prompt's rollouts share one copy of it in a row of at most this many tokens (fast.pack_batch);
-    0 = one padded row per rollout"""
-    segment_attention: bool = True
-    """--fast: packed rows attend response by response (fast.segment_attention), not through one block mask"""
+    eval_data: list[str] = HfArg(
+        default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"],
+        help="held-out benchmarks for --eval-every (the paper: AIME24, AMC23)",
+    )
+    eval_every: int = HfArg(default=0, help="evaluate on --eval-data every this many steps (0 = only at the end)")
+    eval_n: int = HfArg(
+        default=4, help="samples per eval problem (the figures' Acc@16: 16; the released scripts validate with 1)"
+    )
+    eval_max_new_tokens: int = HfArg(default=128, help="eval response budget (Table 11: 38912)")
+    eval_temperature: float = HfArg(
+        default=0.6, help="eval sampling temperature (Table 11: 0.6; Qwen3-8B thinking off: 0.7)"
+    )
+    eval_top_p: float = HfArg(default=0.95, help="eval nucleus (Table 11: 0.95; Qwen3-8B thinking off: 0.8)")
+    eval_top_k: int = HfArg(
+        default=0,
+        help="eval top-k, 0 = off (the released validation, user.yaml val_kwargs, sets none; Table 11 lists 20)",
+    )
+    reward_window: int = HfArg(
+        default=100,
+        help="the training reward looks for the box in the last this many characters of a response (the released "
+        "reward: 100, so a response with more after its box scores 0); 0 = all of it. Evaluation always reads all of "
+        "it",
+    )
+    save_rollouts: bool = HfArg(
+        default=False,
+        help="append each step's rollouts to OUT/rollouts.jsonl (ids, text, log-probs, reward, advantage; SDPO: "
+        "context c)",
+    )
+    save_every: int = HfArg(
+        default=10, help="checkpoint every this many steps (and at the end); 0 = never (benchmarks)"
+    )
+    keep_checkpoints: int = HfArg(
+        default=2, help="keep this many newest checkpoints in --out, removing older ones (0 = keep all)"
+    )
+    resume: bool = HfArg(default=False, help="continue from the latest complete checkpoint in --out")
+    wandb: str | None = HfArg(
+        default=None,
+        help="log the metrics to this Weights & Biases project too (rank 0; pip install wandb; WANDB_MODE=offline "
+        "works)",
+    )
+    backend: str = HfArg(
+        default="hf", help="rollouts: hf (transformers, CPU/GPU) or vllm (GPU, weights pushed every step)"
+    )
+    gen_batch_size: int = HfArg(default=64, help="hf backend: sequences decoded together")
+    vllm_gpu_memory: float = HfArg(
+        default=0.0,
+        help="vllm: share of total GPU memory for the engine; 0 = the largest that fits beside the trainer's "
+        "weights, AdamW and teacher (`sft.memory_plan`, at most 0.9)",
+    )
+    vllm_sleep: int = HfArg(
+        default=2,
+        help="vllm: engine sleep level while the trainer runs (2: weights and KV cache freed, 1: weights in CPU "
+        "memory, 0: never)",
+    )
+    dtype: str = HfArg(
+        default="auto",
+        help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16). bf16: the "
+        "forwards compute in bf16 (CPU: torch.autocast; GPU: FSDP2's mixed precision) over fp32 weights, gradients "
+        "and AdamW state; the frozen teacher or reference policy and the hf generation replica hold bf16 weights",
+    )
+    micro_batch: int = HfArg(default=4, help="sequences per forward/backward on one rank (memory knob)")
+    grad_ckpt: bool = HfArg(default=False, help="gradient checkpointing (memory knob)")
+    chunk: int = HfArg(
+        default=0, help="--fast: positions per chunk of the LM-head losses (memory knob); 0 = 256 on CPU, 1024 on GPU"
+    )
+    fast: bool = HfArg(
+        default=True,
+        help="speedups from fast.py (the same updates up to float rounding); --no-fast runs the plain code only",
+    )
+    skip_zero_rows: bool = HfArg(
+        default=True,
+        help="--fast: leave out of the training forwards the rows whose gradient is exactly zero (GRPO: zero "
+        "advantage and no KL; SDPO: no distilled position and no --pg-coef term); they still count in the loss's "
+        "means",
+    )
+    pack_tokens: int = HfArg(
+        default=2048,
+        help="--fast: a prompt's rollouts share one copy of it in a row of at most this many tokens "
+        "(fast.pack_batch); 0 = one padded row per rollout",
+    )
+    segment_attention: bool = HfArg(
+        default=True,
+        help="--fast: packed rows attend response by response (fast.segment_attention), not through one block mask",
+    )
+
+    def __post_init__(self):
+        data.check(
+            self,
+            "eval_every eval_temperature eval_top_k steps save_every keep_checkpoints chunk pack_tokens reward_window",
+            *data.NON_NEGATIVE,
+        )
+        data.check(self, "eval_n eval_max_new_tokens gen_batch_size micro_batch", *data.POSITIVE)
+        data.check(self, "eval_top_p", *data.FRACTION)
+        data.check(self, "vllm_gpu_memory", *data.UNIT)
+        data.choose(self, "thinking", data.THINKING)
+        data.choose(self, "backend", data.BACKENDS)
+        data.choose(self, "vllm_sleep", (0, 1, 2))
+        data.choose(self, "dtype", data.DTYPES)
 
 
 def run_main(job) -> None:
@@ -746,27 +750,23 @@ def append_metrics(path: Path, row: dict, resumed_from: int | None = None):
             f.write(json.dumps(row) + "\n")
 
 
-class Metrics:
-    """A step's metrics: named sums (`add`), all-reduced once and divided by one another (`reduce`)."""
+def sum_over_ranks(sums: Counter) -> Counter:
+    """A step's named sums (a Counter: `sums.update(name=value)` adds) added over the ranks in one all-reduce. A
+    name that some rank never added counts 0 there."""
+    keys = sorted(set(sums))
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, keys)  # the union of the ranks' names, in one order
+        keys = sorted(set().union(*every))
+    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return Counter(dict(zip(keys, t.tolist())))
 
-    def __init__(self):
-        self.sums: dict[str, float] = {}
 
-    def add(self, **values) -> None:
-        for name, v in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-
-    def reduce(self, **denominators) -> dict:
-        """name=denominator: the sum of `name` over ranks divided by the sum of `denominator` (None: not divided;
-        0 / 0: None). Every rank names the same sums (any it never added count 0): one all_reduce for all."""
-        keys = sorted({k for pair in denominators.items() for k in pair if isinstance(k, str)})
-        t = torch.tensor([self.sums.get(k, 0.0) for k in keys], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)  # collective: all of the step's metrics at once
-        total = dict(zip(keys, t.tolist()))
-        return {
-            k: total[k] if d is None else total[k] / total[d] if total[d] else None for k, d in denominators.items()
-        }
+def ratio(a: float, b: float) -> float | None:
+    """a / b, or None when b is 0 (a mean over nothing)."""
+    return a / b if b else None
 
 
 @dataclass
@@ -792,7 +792,6 @@ class Run:
 
 def setup(args) -> Run:
     """Everything the RL trainers need: ranks, problems, policy (sharded), optimizer, generation backend, resume."""
-    data.check_args(args)  # again: a run may be started from Python, without parse_args
     rank, _, world, device = init_distributed()
     args.dtype = rollout.compute_dtype(args.dtype, device)  # auto resolved, as the checkpoints record it
     if args.prompts_per_step % world:
@@ -1091,7 +1090,6 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
 def build(args: BuildArgs):
     """D_ug / D_sg (Sec. 4, Table 2), one correct response per problem of `rollout.py select`'s output
     (`BuildArgs`)."""
-    data.check_args(args)
     rank, _, world, device = init_distributed()
     problems = [p for p in data.load_problems(args.data) if p.get("solution")]
     if not problems:
@@ -1175,7 +1173,6 @@ def build(args: BuildArgs):
 
 
 def train(args: TrainArgs):
-    data.check_args(args)
     rank, _, world, device = init_distributed()
     args.dtype = rollout.compute_dtype(args.dtype, device)
     if args.batch_size % world or (args.batch_size // world) < 1:

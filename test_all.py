@@ -6,6 +6,7 @@ benchmarks/.
 """
 
 import copy
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -4753,38 +4754,60 @@ CHOICE_FLAGS = {
 FREE_FLAGS = {"seed"}  # numeric flags that take any value
 
 
-def _bad_value(spec):
-    """A value outside a CHECKS entry: a choice that does not exist, or the first of -1, 0, 1.5 the predicate
-    refuses."""
-    if callable(spec[0]):
-        return next(v for v in (-1, 0, 1.5) if not spec[0](v))
-    return 99 if isinstance(spec[0], int) else "bogus"
+def _refused(cls, name, value):
+    """The ValueError that cls's __post_init__ raises for this field's value, or None."""
+    try:
+        cls(**{name: value})
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 @pytest.mark.parametrize(
     "cls",
-    [data.Args, rollout.Args, rollout.SelectArgs, evaluate.Args, sft.BuildArgs, sft.TrainArgs, grpo.Args, sdpo.Args],
+    [
+        data.Args,
+        rollout.Args,
+        rollout.SelectArgs,
+        evaluate.Args,
+        evaluate.ReportArgs,
+        sft.BuildArgs,
+        sft.TrainArgs,
+        grpo.Args,
+        sdpo.Args,
+    ],
     ids=lambda c: f"{c.__module__}.{c.__name__}",
 )
 def test_every_choice_and_range_flag_is_refused_naming_it(cls, capsys):
-    """Every numeric flag and every flag with choices has a check; a value outside it exits 2 naming the flag."""
-    import dataclasses
+    """Every numeric flag and every flag with choices refuses some value (a choice that does not exist, or one of
+    -1, 0, 1.5, 2); through parse_args the refusal exits 2 naming the flag. The defaults pass."""
+    import typing
 
-    fields = dataclasses.fields(cls)
-    checked = {
-        f.name
-        for f in fields
-        if f.name in CHOICE_FLAGS or f.type.replace(" | None", "") in ("int", "float", "list[int]")
-    } - FREE_FLAGS
-    assert checked == set(cls.CHECKS), checked ^ set(cls.CHECKS)
-    data.parse_args(cls, [])  # the defaults pass
-    fields_by_name = {f.name: f for f in fields}
-    for name, spec in cls.CHECKS.items():
-        flag, bad = "--" + name.replace("_", "-"), _bad_value(spec)
+    data.parse_args(cls, [])
+    for name, hint in typing.get_type_hints(cls).items():
+        if name in FREE_FLAGS or not (
+            name in CHOICE_FLAGS or hint in (int, float, int | None, float | None, list[int])
+        ):
+            continue
+        listed = typing.get_origin(hint) is list
+        tries = ["bogus", 99] if name in CHOICE_FLAGS else [-1, 0, 1.5, 2]
+        tries = [v for v in tries if not (int in typing.get_args(hint) + (hint,) and v == 1.5)]
+        bad = next((v for v in tries if _refused(cls, name, [v] if listed else v)), None)
+        assert bad is not None, f"{cls.__name__}.{name} takes any of {tries}"
+        flag = "--" + name.replace("_", "-")
         with pytest.raises(SystemExit) as e:
             data.parse_args(cls, [flag, str(bad)])
-        shown = [bad] if fields_by_name[name].type.startswith("list") else bad
+        shown = [bad] if listed else bad
         assert e.value.code == 2 and f"error: {flag} {shown!r}" in capsys.readouterr().err, flag
+
+
+def test_a_script_offers_only_the_flags_it_uses(capsys):
+    """SDPO's loss has no KL term: sdpo.py has no --kl-coef (grpo.py has); an unknown flag exits 2 naming it."""
+    assert "kl_coef" in {f.name for f in dataclasses.fields(grpo.Args)}
+    assert "kl_coef" not in {f.name for f in dataclasses.fields(sdpo.Args)}
+    with pytest.raises(SystemExit) as e:
+        data.parse_args(sdpo.Args, ["--kl-coef", "0.1"])
+    assert e.value.code == 2 and "--kl-coef" in capsys.readouterr().err
 
 
 def test_scripts_refuse_bad_flags_before_any_work(tmp_path, capsys):
@@ -5453,10 +5476,10 @@ def test_the_math_copies_with_torch_alone(module):
     """The advantages, the policy loss, the divergence and Eq. 1, the SDPO weighting and the teacher contexts read
     nothing but torch, the standard library and their own file: copied, they run alone. Two exceptions, named: the
     SDPO objective's --pg-coef remedy adds grpo.policy_loss, and c = s\\think rollout.strip_think (each pure itself).
-    The checker itself flags a class of another file (sft.Metrics in grpo.rollout_metrics) and an import met on the
+    The checker itself flags a class of another file (rollout.SamplingParams in grpo.collect_rollouts) and an import met on the
     way (transformers, under grpo.grpo_train_step's sft.frozen_model)."""
     for name in PURE_MATH[module]:
         want = {"sdpo_loss": ["grpo.policy_loss"], "teacher_contexts": ["rollout.strip_think"]}.get(name, [])
         assert _reads_beyond_torch(getattr(module, name), set()) == want, (module.__name__, name)
-    assert _reads_beyond_torch(grpo.rollout_metrics, set()) == ["sft.Metrics"]
+    assert "rollout.SamplingParams" in _reads_beyond_torch(grpo.collect_rollouts, set())
     assert "import transformers" in _reads_beyond_torch(grpo.grpo_train_step, set())
