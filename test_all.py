@@ -1222,10 +1222,10 @@ def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path, capsys):
         "6",
         "--lenient",
     ]
-    _main_in_process("rollout.py", "select", *sel, "--keep", "3", "--out", str(tmp_path / "sel"))
+    _main_in_process("evaluate.py", "select", *sel, "--keep", "3", "--out", str(tmp_path / "sel"))
     run(
         *_worker_command(
-            tmp_path, TORCHRUN2, "rollout.py", "select", *sel, "--keep", "1", "--out", str(tmp_path / "sel2")
+            tmp_path, TORCHRUN2, "evaluate.py", "select", *sel, "--keep", "1", "--out", str(tmp_path / "sel2")
         ),
         env={"OMP_NUM_THREADS": "1"},
     )
@@ -1261,7 +1261,8 @@ def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path, capsys):
     )
     selected = _jsonl(given)
     _main_in_process(
-        "rollout.py",
+        "evaluate.py",
+        "table1",
         "--model",
         digit_model_dir,
         "--setting",
@@ -1280,7 +1281,7 @@ def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path, capsys):
     rows = _jsonl(tmp_path / "t1" / "samples.jsonl")
     table, md = json.loads((tmp_path / "t1" / "table.json").read_text()), (tmp_path / "t1" / "table.md").read_text()
     ids = {f"given-{k}": s for k, s in enumerate(selected)}
-    by = {s: [r for r in rows if r["setting"] == s] for s in rollout.SETTINGS}
+    by = {s: [r for r in rows if r["setting"] == s] for s in evaluate.SETTINGS}
     for r in rows:
         assert r["score"] == _correct_by_hand(r["response"], r["answer"])
     first = {}  # y_r: the first correct response under c = s, else the first
@@ -1315,10 +1316,10 @@ def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path, capsys):
         cells = next(
             c
             for c in ([x.strip() for x in line.split("|")[1:-1]] for line in md.splitlines())
-            if c[0] == rollout.SETTING_NAMES[setting]
+            if c[0] == evaluate.SETTING_NAMES[setting]
         )
         assert cells[1:3] == [f"{len(ids)}/{len(ids)}", f"{table[setting]['score']:.2f}"]
-        assert rollout.SETTING_NAMES[setting] in out
+        assert evaluate.SETTING_NAMES[setting] in out
 
 
 # ============================================================================================
@@ -3555,8 +3556,8 @@ def test_sdpo_reprompt_strings_and_strip_think():
 def test_ema_direction():
     t, s = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     t0, s0 = t.weight.detach().clone(), s.weight.detach().clone()
-    ema = sft.fp32_shards(t)  # the teacher's own weights, in fp32
-    sft.ema_update(ema, t, s, 0.05)
+    ema = sdpo.fp32_shards(t)  # the teacher's own weights, in fp32
+    sdpo.ema_update(ema, t, s, 0.05)
     assert torch.allclose(t.weight, 0.95 * t0 + 0.05 * s0)  # the teacher keeps 1 - rate of itself
     assert torch.equal(s.weight, s0) and torch.equal(ema["weight"], t.weight.detach())
 
@@ -4546,7 +4547,7 @@ def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
         gens = [c for c in _calls(log) if c["call"] == "generate"]
         assert gens and all(c["logprobs"] == ["None"] and c["detokenize"] == [False] for c in gens)
     for cmd in (
-        ["rollout.py", "select", "--data", "synthetic:types=add,n=2", "--n-samples", "2", "--keep", "1"],
+        ["evaluate.py", "select", "--data", "synthetic:types=add,n=2", "--n-samples", "2", "--keep", "1"],
         ["sft.py", "build", "--setting", "solution", "--data", "synthetic:types=add,n=2", "--n-samples", "2"],
     ):
         log.unlink(missing_ok=True)  # every script that makes an engine takes --vllm-gpu-memory (in this process)
@@ -4663,7 +4664,7 @@ def test_ema_teacher_in_bf16_follows_the_fp32_ema(tiny_model_dir):
     torch.manual_seed(0)
     student, _ = rollout.load_model(tiny_model_dir)
     teacher, naive = copy.deepcopy(student).to(torch.bfloat16), copy.deepcopy(student).to(torch.bfloat16)
-    ema = sft.fp32_shards(student)
+    ema = sdpo.fp32_shards(student)
     t0 = {n: p.detach().to(torch.bfloat16) for n, p in student.named_parameters()}
     want = {n: p.detach().double().clone() for n, p in student.named_parameters()}
     drift = {n: torch.randn_like(p).sign() * 1e-4 for n, p in student.named_parameters()}  # a training direction
@@ -4675,7 +4676,7 @@ def test_ema_teacher_in_bf16_follows_the_fp32_ema(tiny_model_dir):
                 p.lerp_(s.to(torch.bfloat16), 0.05)  # the defect: the EMA kept in bf16
         for n, p in student.named_parameters():
             want[n] = 0.95 * want[n] + 0.05 * p.detach().double()
-        sft.ema_update(ema, teacher, student, 0.05)
+        sdpo.ema_update(ema, teacher, student, 0.05)
     for n, p in teacher.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(p, ema[n].to(torch.bfloat16)), n
         assert torch.allclose(ema[n].double(), want[n], atol=1e-6)
@@ -4767,8 +4768,8 @@ def _refused(cls, name, value):
     "cls",
     [
         data.Args,
-        rollout.Args,
-        rollout.SelectArgs,
+        evaluate.Table1Args,
+        evaluate.SelectArgs,
         evaluate.Args,
         evaluate.ReportArgs,
         sft.BuildArgs,
@@ -5476,8 +5477,8 @@ def test_the_math_copies_with_torch_alone(module):
     """The advantages, the policy loss, the divergence and Eq. 1, the SDPO weighting and the teacher contexts read
     nothing but torch, the standard library and their own file: copied, they run alone. Two exceptions, named: the
     SDPO objective's --pg-coef remedy adds grpo.policy_loss, and c = s\\think rollout.strip_think (each pure itself).
-    The checker itself flags a class of another file (rollout.SamplingParams in grpo.collect_rollouts) and an import met on the
-    way (transformers, under grpo.grpo_train_step's sft.frozen_model)."""
+    The checker itself flags a class of another file (rollout.SamplingParams in grpo.collect_rollouts) and an import
+    met on the way (transformers, under grpo.grpo_train_step's sft.frozen_model)."""
     for name in PURE_MATH[module]:
         want = {"sdpo_loss": ["grpo.policy_loss"], "teacher_contexts": ["rollout.strip_think"]}.get(name, [])
         assert _reads_beyond_torch(getattr(module, name), set()) == want, (module.__name__, name)
