@@ -525,6 +525,17 @@ def _decode(value, where: str):
         raise ValueError(f"{where}: cannot decode {s[:60]!r} as JSON or a Python literal ({e})") from None
 
 
+def read_jsonl(path) -> list[dict]:
+    """The rows of a .jsonl file, blank lines skipped; a line that is not JSON is refused, naming the file and row."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: row {i}: not valid JSON ({e})") from None
+    return rows
+
+
 def _read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -537,16 +548,7 @@ def _read_rows(path: Path) -> list[dict]:
         except Exception as e:
             raise ValueError(f"{path}: not a readable parquet file ({e})") from None
     if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: row {i}: not valid JSON ({e})") from None
-        return rows
+        return read_jsonl(path)
     if suffix == ".json":
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))

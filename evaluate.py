@@ -68,56 +68,24 @@ import rollout
 
 
 @dataclass
-class Args:
-    model: str = HfArg(default=rollout.EMBEDDED, help="Hugging Face id or directory, or 'smollm2-135m' (embedded)")
+class Args(rollout.SamplingArgs):
     data: list[str] = HfArg(
         default_factory=lambda: ["synthetic:split=ood,difficulty=1,n=16"],
         help="benchmarks: .parquet/.jsonl/.json paths or embedded sources; the default is the held-out OOD synthetic "
         "types",
     )
-    n_samples: int = HfArg(
-        default=4, help="samples per problem (paper: 16). Under torchrun spell it out: torchrun rejects --n"
-    )
     k: list[int] = HfArg(default_factory=lambda: [1, 4], help="pass@k values to report, each <= n (paper: 1 and 16)")
-    temperature: float = HfArg(default=0.6, help="sampling temperature (Table 11: 0.6; Qwen3 non-thinking 0.7)")
-    top_p: float = HfArg(default=0.95, help="nucleus sampling (Table 11: 0.95; Qwen3 non-thinking 0.8)")
-    top_k: int = HfArg(default=20, help="top-k sampling, 0 = off (Table 11: 20, applied here for real)")
-    max_new_tokens: int = HfArg(default=256, help="response budget (Table 11: 38912)")
     limit: int | None = HfArg(default=None, help="first `limit` problems of each benchmark")
-    backend: str = HfArg(default="hf", help="hf (transformers, CPU/GPU) or vllm (GPU)")
-    vllm_gpu_memory: float = HfArg(
-        default=0.9, help="vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"
-    )
-    batch_size: int = HfArg(default=64, help="hf backend: sequences decoded together")
-    fast: bool = HfArg(
-        default=True,
-        help="hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop",
-    )
     chunk: int = HfArg(
         default=8, help="problems generated together per rank before their samples are appended to samples.jsonl"
-    )
-    thinking: str = HfArg(default="auto", help="Qwen3-style chat templates: on | off | auto")
-    system: str | None = HfArg(default=None, help="system prompt (OLMo-3 style); None = the template's default")
-    dtype: str = HfArg(
-        default="auto",
-        help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16)",
-    )
-    seed: int = HfArg(default=0, help="sampling seed")
-    lenient: bool = HfArg(
-        default=False,
-        help="grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)",
     )
     out: str = HfArg(
         default="runs/eval", help="output directory: samples.jsonl (one line per problem), summary.json, summary.md"
     )
 
     def __post_init__(self):
-        data.check(self, "n_samples k max_new_tokens limit batch_size chunk", *data.POSITIVE)
-        data.check(self, "temperature top_k", *data.NON_NEGATIVE)
-        data.check(self, "top_p vllm_gpu_memory", *data.FRACTION)
-        data.choose(self, "backend", data.BACKENDS)
-        data.choose(self, "thinking", data.THINKING)
-        data.choose(self, "dtype", data.DTYPES)
+        super().__post_init__()
+        data.check(self, "k limit chunk", *data.POSITIVE)
         if any(k > self.n_samples for k in self.k):
             raise ValueError(f"--k {self.k}: pass@k needs 1 <= k <= n, and --n-samples is {self.n_samples}")
 
@@ -350,10 +318,7 @@ SETTINGS = ("unguided", "solution", "solution-no-think", "regenerated", "uncerta
 
 
 @dataclass
-class Table1Args:
-    model: str = HfArg(
-        default=rollout.EMBEDDED, help="Hugging Face id or directory, or 'smollm2-135m' (embedded, offline)"
-    )
+class Table1Args(rollout.SamplingArgs):
     data: str = HfArg(
         default="synthetic:difficulty=1,n=16",
         help="problems: a .parquet/.jsonl/.json path or an embedded source (see data.py)",
@@ -368,49 +333,14 @@ class Table1Args:
         "first correct response, `evaluate.py select`) or 'rollout' (this run's first correct unguided response; "
         "problems without one are left out of settings (2)-(5))",
     )
-    n_samples: int = HfArg(
-        default=4,
-        help="rollouts per problem and setting (paper: 8). Under torchrun spell it out: torchrun rejects --n",
-    )
     limit: int | None = HfArg(default=None, help="use only the first `limit` problems")
-    backend: str = HfArg(default="hf", help="hf (transformers, CPU/GPU) or vllm (GPU)")
-    vllm_gpu_memory: float = HfArg(
-        default=0.9, help="vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"
-    )
-    temperature: float = HfArg(default=0.6, help="sampling temperature (the released analysis scripts: 0.6)")
-    top_p: float = HfArg(default=0.95, help="nucleus sampling (the released analysis scripts: 0.95)")
-    top_k: int = HfArg(default=20, help="top-k sampling, 0 = off (the released analysis scripts: 20)")
-    max_new_tokens: int = HfArg(default=256, help="response budget in tokens (the released analysis scripts: 32768)")
-    batch_size: int = HfArg(default=64, help="hf backend: sequences decoded together")
-    fast: bool = HfArg(
-        default=True,
-        help="hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop",
-    )
-    thinking: str = HfArg(
-        default="auto",
-        help="chat template thinking mode for Qwen3-style templates: on | off | auto (template default)",
-    )
-    system: str | None = HfArg(default=None, help="system prompt (OLMo-3 style); None = the template's default")
-    dtype: str = HfArg(
-        default="auto",
-        help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16)",
-    )
-    seed: int = HfArg(default=0, help="sampling seed (each rank adds its rank)")
-    lenient: bool = HfArg(
-        default=False,
-        help="grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)",
-    )
     out: str = HfArg(default="runs/table1", help="output directory: samples.jsonl and table.md")
 
     def __post_init__(self):
-        data.check(self, "n_samples limit max_new_tokens batch_size", *data.POSITIVE)
-        data.check(self, "temperature top_k", *data.NON_NEGATIVE)
-        data.check(self, "top_p vllm_gpu_memory", *data.FRACTION)
+        super().__post_init__()
+        data.check(self, "limit", *data.POSITIVE)
         data.choose(self, "setting", (*SETTINGS, "all"))
         data.choose(self, "solution_source", ("rollout", "dataset"))
-        data.choose(self, "backend", data.BACKENDS)
-        data.choose(self, "thinking", data.THINKING)
-        data.choose(self, "dtype", data.DTYPES)
 
 
 @dataclass
@@ -724,14 +654,7 @@ class ReportArgs:
 
 def read_metrics(path: Path) -> list[dict]:
     """The per-step rows of a metrics.jsonl, one per step (a resumed run's repeated steps: the last wins)."""
-    rows = {}
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: row {i}: not valid JSON ({e})") from None
-        if "step" in row:
-            rows[row["step"]] = row
+    rows = {row["step"]: row for row in data.read_jsonl(path) if "step" in row}
     return [rows[k] for k in sorted(rows)]
 
 
@@ -739,9 +662,8 @@ def read_samples(path: Path) -> dict:
     """Per-problem means over a samples.jsonl's responses, keyed (benchmark, id): acc, length, E(y), format (the
     share that close </think> and box an answer) and truncated."""
     out = {}
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+    for i, r in enumerate(data.read_jsonl(path)):
         try:
-            r = json.loads(line)
             n = len(r["scores"])
             out[(r["benchmark"], r["id"])] = dict(
                 acc=sum(r["scores"]) / n,
@@ -751,7 +673,7 @@ def read_samples(path: Path) -> dict:
                 / n,
                 truncated=sum(f == "length" for f in r["finish_reasons"]) / n,
             )
-        except (json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError) as e:
+        except (KeyError, TypeError, ZeroDivisionError) as e:
             raise ValueError(f"{path}: row {i}: not a samples.jsonl record ({e!r})") from None
     return out
 
@@ -883,7 +805,7 @@ def _table2(root: Path, boot: int) -> str | None:
         d, ev = root / "sft" / f"d_{setting}.jsonl", root / "sft" / setting / "eval" / "samples.jsonl"
         if not (d.exists() and ev.exists()):
             continue
-        rows = [json.loads(line) for line in d.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = data.read_jsonl(d)
         s = read_samples(ev)
         ids = sorted(s)
 

@@ -62,9 +62,6 @@ class RLArgs(sft.RunArgs):
     """The flags GRPO and SDPO share beside sft.RunArgs: data, batch, optimizer, PPO clipping, sampling and reward."""
 
     # data
-    model: str = HfArg(
-        default=rollout.EMBEDDED, help="initial policy: Hugging Face id or directory, or 'smollm2-135m'"
-    )
     data: str = HfArg(
         default="synthetic:difficulty=1,types=add+sub+mul+div,n=256",
         help="training problems (the paper: DAPO-Math-17k)",
@@ -80,10 +77,6 @@ class RLArgs(sft.RunArgs):
     )
     ppo_epochs: int = HfArg(default=1, help="passes over the step's rollouts (verl default: 1)")
     # optimizer and loss
-    lr: float = HfArg(default=1e-6, help="learning rate (Table 9: 1e-6)")
-    warmup: int = HfArg(default=10, help="linear warmup steps (Table 8: 10)")
-    weight_decay: float = HfArg(default=0.01, help="AdamW weight decay (Table 8: 0.01)")
-    grad_clip: float = HfArg(default=1.0, help="gradient clip norm (Table 8: 1.0)")
     clip_low: float = HfArg(default=0.2, help="PPO clip epsilon-low (verl: 0.2)")
     clip_high: float = HfArg(default=0.28, help="PPO clip epsilon-high (Table 9: 0.28)")
     clip_c: float = HfArg(default=3.0, help="dual-clip constant for negative advantages (verl: 3.0)")
@@ -105,10 +98,10 @@ class RLArgs(sft.RunArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        data.check(self, "coverage lr mini_batch warmup weight_decay clip_high", *data.NON_NEGATIVE)
+        data.check(self, "coverage mini_batch clip_high", *data.NON_NEGATIVE)
         data.check(
             self,
-            "prompts_per_step rollouts ppo_epochs max_prompt_len grad_clip rollout_is_clip temperature max_new_tokens",
+            "prompts_per_step rollouts ppo_epochs max_prompt_len rollout_is_clip temperature max_new_tokens",
             *data.POSITIVE,
         )
         data.check(self, "clip_low", lambda v: 0 <= v < 1, "in [0, 1)")

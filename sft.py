@@ -77,7 +77,7 @@ from rollout import init_distributed, print0
 
 
 @dataclass
-class BuildArgs:
+class BuildArgs(rollout.SamplingArgs):
     """`sft.py build`: Table 2's sets as the released make_sft_dataset.py builds them, one response per problem of
     `evaluate.py select`'s output (problems with 1-4 of 8 correct): D_ug, each problem's `solution` (its first correct
     unguided response); D_sg, its first correct response under c = s (Table 1's hint prompt; problems without one
@@ -88,117 +88,104 @@ class BuildArgs:
         default="solution",
         help="unguided (D_ug: each problem's s) or solution (D_sg: the first correct response under c = s)",
     )
-    model: str = HfArg(
-        default=rollout.EMBEDDED, help="Hugging Face id or directory, or 'smollm2-135m' (embedded); D_sg's generator"
-    )
     data: str = HfArg(
         default="runs/select/selected.jsonl",
         help="`evaluate.py select`'s selected.jsonl: the problems, each with its `solution` s",
     )
     n_samples: int = HfArg(default=8, help="D_sg: responses per problem under c = s (the released: 8)")
-    lenient: bool = HfArg(
-        default=False,
-        help="grade the last number when a response has no \\boxed{} (for the embedded model; not the paper's reward)",
-    )
-    backend: str = HfArg(default="hf", help="hf or vllm")
-    vllm_gpu_memory: float = HfArg(
-        default=0.9, help="vllm: share of total GPU memory for the engine (nothing else shares the GPU here)"
-    )
-    temperature: float = HfArg(default=0.6, help="sampling temperature (the released: 0.6)")
-    top_p: float = HfArg(default=0.95, help="nucleus sampling (the released: 0.95)")
-    top_k: int = HfArg(default=20, help="top-k sampling, 0 = off (the released: 20)")
-    max_new_tokens: int = HfArg(default=256, help="response budget (the released: 32768)")
-    batch_size: int = HfArg(default=64, help="hf backend: sequences decoded together")
-    fast: bool = HfArg(
-        default=True,
-        help="hf backend: fast.py's decoding speedups (the same samples); --no-fast: the plain decoding loop",
-    )
-    thinking: str = HfArg(default="auto", help="Qwen3-style chat templates: on | off | auto")
-    system: str | None = HfArg(default=None, help="system prompt; None = the template's default")
-    dtype: str = HfArg(default="auto", help="float32 | bfloat16 | auto")
-    seed: int = HfArg(default=0, help="sampling seed")
     out: str = HfArg(
         default="runs/d_sg.jsonl", help="output jsonl: question, response, setting, length, epistemic per row"
     )
 
     def __post_init__(self):
-        data.check(self, "n_samples max_new_tokens batch_size", *data.POSITIVE)
-        data.check(self, "temperature top_k", *data.NON_NEGATIVE)
-        data.check(self, "top_p vllm_gpu_memory", *data.FRACTION)
+        super().__post_init__()
         data.choose(self, "setting", ("unguided", "solution"))
-        data.choose(self, "backend", data.BACKENDS)
-        data.choose(self, "thinking", data.THINKING)
-        data.choose(self, "dtype", data.DTYPES)
 
 
 @dataclass
-class TrainArgs:
-    data: str = HfArg(
-        default="runs/d_sg.jsonl",
-        help="SFT jsonl with 'question' (or 'prompt') and 'response' per row (e.g. from `sft.py build`), or an "
-        "embedded source whose solutions are the responses (synthetic:style=think,n=512: the reasoning warm start)",
-    )
+class TrainerArgs:
+    """The flags of every trainer (`sft.py train`, grpo.py, sdpo.py): the model, the optimizer (AdamW, App. D
+    Table 8), precision, memory knobs, checkpoints and logging."""
+
     model: str = HfArg(default=rollout.EMBEDDED, help="initial model: Hugging Face id or directory, or 'smollm2-135m'")
-    out: str = HfArg(default="runs/sft", help="output directory: step_N/ checkpoints and metrics.jsonl")
-    steps: int = HfArg(default=20, help="optimizer steps")
-    batch_size: int = HfArg(default=32, help="sequences per optimizer step, over all ranks")
-    micro_batch: int = HfArg(
-        default=4, help="sequences per forward/backward on one rank (memory knob; gradients accumulate)"
-    )
-    lr: float = HfArg(default=1e-5, help="peak learning rate (App. D gives none for SFT; SDPO's 1e-5)")
-    warmup: int = HfArg(default=10, help="linear warmup steps (App. D Table 8: 10)")
-    weight_decay: float = HfArg(default=0.01, help="AdamW weight decay (Table 8: 0.01)")
-    grad_clip: float = HfArg(default=1.0, help="gradient clip norm (Table 8: 1.0)")
-    max_len: int = HfArg(default=2048, help="truncate prompt + response to this many tokens")
-    save_every: int = HfArg(default=10, help="write OUT/step_N every this many steps (and at the end)")
-    resume: bool = HfArg(default=False, help="continue from the latest complete checkpoint in OUT")
-    grad_ckpt: bool = HfArg(default=False, help="gradient checkpointing (memory knob)")
+    out: str = HfArg(default="runs/grpo", help="output directory: metrics.jsonl, step_N/ checkpoints")
+    steps: int = HfArg(default=10, help="optimizer steps (RL: one per batch of rollouts)")
+    seed: int = HfArg(default=0, help="seed for data order and sampling")
     thinking: str = HfArg(default="auto", help="Qwen3-style chat templates: on | off | auto")
     system: str | None = HfArg(default=None, help="system prompt; None = the template's default")
+    lr: float = HfArg(default=1e-6, help="peak learning rate, after the warmup (GRPO, Table 9: 1e-6)")
+    warmup: int = HfArg(default=10, help="linear warmup steps (Table 8: 10)")
+    weight_decay: float = HfArg(default=0.01, help="AdamW weight decay (Table 8: 0.01)")
+    grad_clip: float = HfArg(default=1.0, help="gradient clip norm (Table 8: 1.0)")
     dtype: str = HfArg(
         default="auto",
         help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16). bf16: the "
         "forwards compute in bf16 (CPU: torch.autocast; GPU: FSDP2's mixed precision) over fp32 weights, gradients "
-        "and AdamW state",
+        "and AdamW state; the RL trainers' frozen teacher or reference policy and hf generation replica hold bf16 "
+        "weights",
     )
-    seed: int = HfArg(default=0, help="data order seed")
+    micro_batch: int = HfArg(
+        default=4, help="sequences per forward/backward on one rank (memory knob; gradients accumulate)"
+    )
+    grad_ckpt: bool = HfArg(default=False, help="gradient checkpointing (memory knob)")
     chunk: int = HfArg(
-        default=0, help="--fast: positions per chunk of the LM head's loss (memory knob); 0 = 256 on CPU, 1024 on GPU"
+        default=0, help="--fast: positions per chunk of the LM-head losses (memory knob); 0 = 256 on CPU, 1024 on GPU"
     )
     fast: bool = HfArg(
         default=True,
-        help="the LM head on response positions only, in chunks recomputed in backward (fast.token_nll); --no-fast: "
-        "the full logits",
+        help="speedups from fast.py (the same updates up to float rounding); --no-fast runs the plain code only",
     )
+    save_every: int = HfArg(
+        default=10, help="checkpoint every this many steps (and at the end); 0 = never (benchmarks)"
+    )
+    keep_checkpoints: int = HfArg(
+        default=2, help="keep this many newest checkpoints in --out, removing older ones (0 = keep all)"
+    )
+    resume: bool = HfArg(default=False, help="continue from the latest complete checkpoint in --out")
     wandb: str | None = HfArg(
         default=None,
         help="log the metrics to this Weights & Biases project too (rank 0; pip install wandb; WANDB_MODE=offline "
         "works)",
     )
-    keep_checkpoints: int = HfArg(
-        default=2, help="keep this many newest checkpoints in OUT, removing older ones (0 = keep all)"
-    )
 
     def __post_init__(self):
         data.check(self, "steps lr warmup weight_decay save_every chunk keep_checkpoints", *data.NON_NEGATIVE)
-        data.check(self, "batch_size micro_batch grad_clip max_len", *data.POSITIVE)
+        data.check(self, "micro_batch grad_clip", *data.POSITIVE)
         data.choose(self, "thinking", data.THINKING)
         data.choose(self, "dtype", data.DTYPES)
+
+
+@dataclass
+class TrainArgs(TrainerArgs):
+    data: str = HfArg(
+        default="runs/d_sg.jsonl",
+        help="SFT jsonl with 'question' (or 'prompt') and 'response' per row (e.g. from `sft.py build`), or an "
+        "embedded source whose solutions are the responses (synthetic:style=think,n=512: the reasoning warm start)",
+    )
+    out: str = HfArg(default="runs/sft", help="output directory: step_N/ checkpoints and metrics.jsonl")
+    steps: int = HfArg(default=20, help="optimizer steps")
+    batch_size: int = HfArg(default=32, help="sequences per optimizer step, over all ranks")
+    lr: float = HfArg(default=1e-5, help="peak learning rate (App. D gives none for SFT; SDPO's 1e-5)")
+    max_len: int = HfArg(default=2048, help="truncate prompt + response to this many tokens")
+    fast: bool = HfArg(
+        default=True,
+        help="the LM head on response positions only, in chunks recomputed in backward (fast.token_nll); --no-fast: "
+        "the full logits",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        data.check(self, "batch_size max_len", *data.POSITIVE)
 
 
 # --------------------------------------------------------------------------------------------
 # Plumbing (grpo.py and sdpo.py use these)
 # --------------------------------------------------------------------------------------------
 @dataclass
-class RunArgs:
-    """The flags every RL trainer shares (grpo.RLArgs extends it, grpo.Args and sdpo.Args extend that): the run, the
-    chat template, held-out evaluation, output and checkpoints, the generation backend, memory and speed."""
+class RunArgs(TrainerArgs):
+    """The flags every RL trainer shares beside TrainerArgs' (grpo.RLArgs extends it, grpo.Args and sdpo.Args extend
+    that): the data, held-out evaluation, the reward window, the generation backend, and the speedups of fast.py."""
 
-    out: str = HfArg(default="runs/grpo", help="output directory: metrics.jsonl, step_N/ checkpoints")
-    steps: int = HfArg(default=10, help="training steps")
-    seed: int = HfArg(default=0, help="seed for problem order and sampling")
-    thinking: str = HfArg(default="auto", help="Qwen3-style chat templates: on | off | auto")
-    system: str | None = HfArg(default=None, help="system prompt; None = the template's default")
     dedup: bool = HfArg(
         default=False,
         help="keep one row of each repeated question of --data. DAPO-Math-17k ships ~100 copies of each; the "
@@ -233,18 +220,6 @@ class RunArgs:
         help="append each step's rollouts to OUT/rollouts.jsonl (ids, text, log-probs, reward, advantage; SDPO: "
         "context c)",
     )
-    save_every: int = HfArg(
-        default=10, help="checkpoint every this many steps (and at the end); 0 = never (benchmarks)"
-    )
-    keep_checkpoints: int = HfArg(
-        default=2, help="keep this many newest checkpoints in --out, removing older ones (0 = keep all)"
-    )
-    resume: bool = HfArg(default=False, help="continue from the latest complete checkpoint in --out")
-    wandb: str | None = HfArg(
-        default=None,
-        help="log the metrics to this Weights & Biases project too (rank 0; pip install wandb; WANDB_MODE=offline "
-        "works)",
-    )
     backend: str = HfArg(
         default="hf", help="rollouts: hf (transformers, CPU/GPU) or vllm (GPU, weights pushed every step)"
     )
@@ -258,21 +233,6 @@ class RunArgs:
         default=2,
         help="vllm: engine sleep level while the trainer runs (2: weights and KV cache freed, 1: weights in CPU "
         "memory, 0: never)",
-    )
-    dtype: str = HfArg(
-        default="auto",
-        help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16). bf16: the "
-        "forwards compute in bf16 (CPU: torch.autocast; GPU: FSDP2's mixed precision) over fp32 weights, gradients "
-        "and AdamW state; the frozen teacher or reference policy and the hf generation replica hold bf16 weights",
-    )
-    micro_batch: int = HfArg(default=4, help="sequences per forward/backward on one rank (memory knob)")
-    grad_ckpt: bool = HfArg(default=False, help="gradient checkpointing (memory knob)")
-    chunk: int = HfArg(
-        default=0, help="--fast: positions per chunk of the LM-head losses (memory knob); 0 = 256 on CPU, 1024 on GPU"
-    )
-    fast: bool = HfArg(
-        default=True,
-        help="speedups from fast.py (the same updates up to float rounding); --no-fast runs the plain code only",
     )
     skip_zero_rows: bool = HfArg(
         default=True,
@@ -291,18 +251,13 @@ class RunArgs:
     )
 
     def __post_init__(self):
-        data.check(
-            self,
-            "eval_every eval_temperature eval_top_k steps save_every keep_checkpoints chunk pack_tokens reward_window",
-            *data.NON_NEGATIVE,
-        )
-        data.check(self, "eval_n eval_max_new_tokens gen_batch_size micro_batch", *data.POSITIVE)
+        super().__post_init__()
+        data.check(self, "eval_every eval_temperature eval_top_k pack_tokens reward_window", *data.NON_NEGATIVE)
+        data.check(self, "eval_n eval_max_new_tokens gen_batch_size", *data.POSITIVE)
         data.check(self, "eval_top_p", *data.FRACTION)
         data.check(self, "vllm_gpu_memory", *data.UNIT)
-        data.choose(self, "thinking", data.THINKING)
         data.choose(self, "backend", data.BACKENDS)
         data.choose(self, "vllm_sleep", (0, 1, 2))
-        data.choose(self, "dtype", data.DTYPES)
 
 
 def run_main(job) -> None:
@@ -986,21 +941,14 @@ def read_sft_rows(path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{path}: no such file")
-    with open(p, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {i}: not valid JSON ({e})") from None
-            if not isinstance(r, dict) or not isinstance(r.get("response"), str):
-                raise ValueError(f"{path}: row {i}: missing field 'response'")
-            if not r["response"].strip():
-                raise ValueError(f"{path}: row {i}: empty 'response'")
-            if not isinstance(r.get("question", r.get("prompt")), str):
-                raise ValueError(f"{path}: row {i}: missing field 'question' (or 'prompt')")
-            rows.append(r)
+    for i, r in enumerate(data.read_jsonl(p)):
+        if not isinstance(r, dict) or not isinstance(r.get("response"), str):
+            raise ValueError(f"{path}: row {i}: missing field 'response'")
+        if not r["response"].strip():
+            raise ValueError(f"{path}: row {i}: empty 'response'")
+        if not isinstance(r.get("question", r.get("prompt")), str):
+            raise ValueError(f"{path}: row {i}: missing field 'question' (or 'prompt')")
+        rows.append(r)
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -1199,131 +1199,8 @@ def test_vllm_backend_matches_contract(tiny_model_dir):
     assert len(rollout.generate(backend, prompts, params)) == 2
 
 
-def test_rollout_select_and_table1_by_hand(digit_model_dir, tmp_path, capsys):
-    """`rollout.py select` reads the problems in file order, two at a time, and keeps those with 1 to 3 correct of
-    3 samples, each with its first correct sample as s: the first 3 of them, or on two ranks the first 1 (stopping
-    after the chunk that fills the quota). Table 1 on a file of all four problems with s given: settings (2)-(4)
-    carry the released hint, y_r is the first correct response under c = s or else the first, and each row is
-    the mean of its samples."""
-    sel = [
-        "--model",
-        digit_model_dir,
-        "--data",
-        _digit_problems(tmp_path),
-        "--n-samples",
-        "3",
-        "--min-correct",
-        "1",
-        "--max-correct",
-        "3",
-        "--chunk",
-        "2",
-        "--max-new-tokens",
-        "6",
-        "--lenient",
-    ]
-    _main_in_process("evaluate.py", "select", *sel, "--keep", "3", "--out", str(tmp_path / "sel"))
-    run(
-        *_worker_command(
-            tmp_path, TORCHRUN2, "evaluate.py", "select", *sel, "--keep", "1", "--out", str(tmp_path / "sel2")
-        ),
-        env={"OMP_NUM_THREADS": "1"},
-    )
-    samples = _jsonl(tmp_path / "sel" / "samples.jsonl")
-    correct = {}
-    for r in samples:
-        assert r["score"] == _correct_by_hand(r["response"], DIGIT_PROBLEMS[r["index"]]["answer"])
-        correct.setdefault(r["index"], []).extend([r["response"]] if r["score"] else [])
-    assert [len([r for r in samples if r["index"] == i]) for i in sorted(correct)] == [3] * 4
-    want = [i for i in sorted(correct) if 1 <= len(correct[i]) <= 3][:3]
-    assert len(want) == 3 and want != [0, 1, 2]  # the band left a problem out
-    selected = _jsonl(tmp_path / "sel" / "selected.jsonl")
-    assert [s["question"] for s in selected] == [DIGIT_PROBLEMS[i]["question"] for i in want]
-    assert [s["solution"] for s in selected] == [correct[i][0] for i in want]
-    assert (tmp_path / "sel2" / "selected.jsonl").read_text().splitlines() == (
-        tmp_path / "sel" / "selected.jsonl"
-    ).read_text().splitlines()[:1]  # two ranks, the same first pick
-    assert {r["index"] for r in _jsonl(tmp_path / "sel2" / "samples.jsonl")} < {0, 1, 2, 3}  # stopped early
-
-    given = tmp_path / "given.jsonl"  # every problem, s = a think block, then its answer: s\think is the answer
-    given.write_text(
-        "".join(
-            json.dumps(
-                dict(
-                    question=p["question"],
-                    answer=p["answer"],
-                    solution=f"<think>Wait, {p['answer']}?</think>\n {p['answer']}",
-                )
-            )
-            + "\n"
-            for p in DIGIT_PROBLEMS
-        )
-    )
-    selected = _jsonl(given)
-    _main_in_process(
-        "evaluate.py",
-        "table1",
-        "--model",
-        digit_model_dir,
-        "--setting",
-        "all",
-        "--data",
-        str(given),
-        "--n-samples",
-        "3",
-        "--max-new-tokens",
-        "6",
-        "--lenient",
-        "--out",
-        str(tmp_path / "t1"),
-    )
-    out = capsys.readouterr().out
-    rows = _jsonl(tmp_path / "t1" / "samples.jsonl")
-    table, md = json.loads((tmp_path / "t1" / "table.json").read_text()), (tmp_path / "t1" / "table.md").read_text()
-    ids = {f"given-{k}": s for k, s in enumerate(selected)}
-    by = {s: [r for r in rows if r["setting"] == s] for s in evaluate.SETTINGS}
-    for r in rows:
-        assert r["score"] == _correct_by_hand(r["response"], r["answer"])
-    first = {}  # y_r: the first correct response under c = s, else the first
-    for r in by["solution"]:
-        first.setdefault(r["id"], r["response"])
-    y_r = {i: next((r["response"] for r in by["solution"] if r["id"] == i and r["score"]), first[i]) for i in first}
-    assert any(not any(r["score"] for r in by["solution"] if r["id"] == i) for i in first)  # a y_r fell back
-
-    def hint(q, c):
-        return f"{data.format_prompt(q)}\n\nCorrect solution: {c}\n\nCorrectly solve the original question."
-
-    s_of = {i: s["solution"] for i, s in ids.items()}
-    no_think = {i: s["answer"] for i, s in ids.items()}  # the pair and the whitespace after it removed
-    for setting, given, context in (
-        ("unguided", {i: None for i in ids}, lambda q, c: data.format_prompt(q)),
-        ("solution", s_of, hint),
-        ("solution-no-think", no_think, hint),
-        ("regenerated", y_r, hint),
-        ("uncertainty", s_of, lambda q, c: rollout.reprompt(q, c, template="uncertainty")),
-    ):
-        assert sorted({r["id"] for r in by[setting]}) == sorted(ids) and len(by[setting]) == 3 * len(ids)
-        assert all(r["context"] == context(ids[r["id"]]["question"], given[r["id"]]) for r in by[setting])
-        n = len(by[setting])
-        assert table[setting] == pytest.approx(
-            dict(
-                samples=n,
-                score=sum(r["score"] for r in by[setting]) / n,
-                length=sum(r["length"] for r in by[setting]) / n,
-                epistemic=sum(r["response"].count("Wait") for r in by[setting]) / n,
-            )
-        )
-        cells = next(
-            c
-            for c in ([x.strip() for x in line.split("|")[1:-1]] for line in md.splitlines())
-            if c[0] == evaluate.SETTING_NAMES[setting]
-        )
-        assert cells[1:3] == [f"{len(ids)}/{len(ids)}", f"{table[setting]['score']:.2f}"]
-        assert evaluate.SETTING_NAMES[setting] in out
-
-
 # ============================================================================================
-# evaluate.py
+# evaluate.py: the benchmarks, Sec. 3's selection and Table 1
 # ============================================================================================
 def test_answer_part_is_what_follows_the_think_pair():
     assert evaluate.answer_part("<think>\\boxed{3}</think>\n\n So \\boxed{4}. ") == "So \\boxed{4}."
@@ -1508,6 +1385,129 @@ def test_evaluate_cli_embedded_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"\| synthetic:split=ood,n=2 \| 2\s+\|", out)
     assert json.loads((tmp_path / "summary.json").read_text())["synthetic:split=ood,n=2"]["samples"] == 4
+
+
+def test_select_and_table1_by_hand(digit_model_dir, tmp_path, capsys):
+    """`rollout.py select` reads the problems in file order, two at a time, and keeps those with 1 to 3 correct of
+    3 samples, each with its first correct sample as s: the first 3 of them, or on two ranks the first 1 (stopping
+    after the chunk that fills the quota). Table 1 on a file of all four problems with s given: settings (2)-(4)
+    carry the released hint, y_r is the first correct response under c = s or else the first, and each row is
+    the mean of its samples."""
+    sel = [
+        "--model",
+        digit_model_dir,
+        "--data",
+        _digit_problems(tmp_path),
+        "--n-samples",
+        "3",
+        "--min-correct",
+        "1",
+        "--max-correct",
+        "3",
+        "--chunk",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--lenient",
+    ]
+    _main_in_process("evaluate.py", "select", *sel, "--keep", "3", "--out", str(tmp_path / "sel"))
+    run(
+        *_worker_command(
+            tmp_path, TORCHRUN2, "evaluate.py", "select", *sel, "--keep", "1", "--out", str(tmp_path / "sel2")
+        ),
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    samples = _jsonl(tmp_path / "sel" / "samples.jsonl")
+    correct = {}
+    for r in samples:
+        assert r["score"] == _correct_by_hand(r["response"], DIGIT_PROBLEMS[r["index"]]["answer"])
+        correct.setdefault(r["index"], []).extend([r["response"]] if r["score"] else [])
+    assert [len([r for r in samples if r["index"] == i]) for i in sorted(correct)] == [3] * 4
+    want = [i for i in sorted(correct) if 1 <= len(correct[i]) <= 3][:3]
+    assert len(want) == 3 and want != [0, 1, 2]  # the band left a problem out
+    selected = _jsonl(tmp_path / "sel" / "selected.jsonl")
+    assert [s["question"] for s in selected] == [DIGIT_PROBLEMS[i]["question"] for i in want]
+    assert [s["solution"] for s in selected] == [correct[i][0] for i in want]
+    assert (tmp_path / "sel2" / "selected.jsonl").read_text().splitlines() == (
+        tmp_path / "sel" / "selected.jsonl"
+    ).read_text().splitlines()[:1]  # two ranks, the same first pick
+    assert {r["index"] for r in _jsonl(tmp_path / "sel2" / "samples.jsonl")} < {0, 1, 2, 3}  # stopped early
+
+    given = tmp_path / "given.jsonl"  # every problem, s = a think block, then its answer: s\think is the answer
+    given.write_text(
+        "".join(
+            json.dumps(
+                dict(
+                    question=p["question"],
+                    answer=p["answer"],
+                    solution=f"<think>Wait, {p['answer']}?</think>\n {p['answer']}",
+                )
+            )
+            + "\n"
+            for p in DIGIT_PROBLEMS
+        )
+    )
+    selected = _jsonl(given)
+    _main_in_process(
+        "evaluate.py",
+        "table1",
+        "--model",
+        digit_model_dir,
+        "--setting",
+        "all",
+        "--data",
+        str(given),
+        "--n-samples",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--lenient",
+        "--out",
+        str(tmp_path / "t1"),
+    )
+    out = capsys.readouterr().out
+    rows = _jsonl(tmp_path / "t1" / "samples.jsonl")
+    table, md = json.loads((tmp_path / "t1" / "table.json").read_text()), (tmp_path / "t1" / "table.md").read_text()
+    ids = {f"given-{k}": s for k, s in enumerate(selected)}
+    by = {s: [r for r in rows if r["setting"] == s] for s in evaluate.SETTINGS}
+    for r in rows:
+        assert r["score"] == _correct_by_hand(r["response"], r["answer"])
+    first = {}  # y_r: the first correct response under c = s, else the first
+    for r in by["solution"]:
+        first.setdefault(r["id"], r["response"])
+    y_r = {i: next((r["response"] for r in by["solution"] if r["id"] == i and r["score"]), first[i]) for i in first}
+    assert any(not any(r["score"] for r in by["solution"] if r["id"] == i) for i in first)  # a y_r fell back
+
+    def hint(q, c):
+        return f"{data.format_prompt(q)}\n\nCorrect solution: {c}\n\nCorrectly solve the original question."
+
+    s_of = {i: s["solution"] for i, s in ids.items()}
+    no_think = {i: s["answer"] for i, s in ids.items()}  # the pair and the whitespace after it removed
+    for setting, given, context in (
+        ("unguided", {i: None for i in ids}, lambda q, c: data.format_prompt(q)),
+        ("solution", s_of, hint),
+        ("solution-no-think", no_think, hint),
+        ("regenerated", y_r, hint),
+        ("uncertainty", s_of, lambda q, c: rollout.reprompt(q, c, template="uncertainty")),
+    ):
+        assert sorted({r["id"] for r in by[setting]}) == sorted(ids) and len(by[setting]) == 3 * len(ids)
+        assert all(r["context"] == context(ids[r["id"]]["question"], given[r["id"]]) for r in by[setting])
+        n = len(by[setting])
+        assert table[setting] == pytest.approx(
+            dict(
+                samples=n,
+                score=sum(r["score"] for r in by[setting]) / n,
+                length=sum(r["length"] for r in by[setting]) / n,
+                epistemic=sum(r["response"].count("Wait") for r in by[setting]) / n,
+            )
+        )
+        cells = next(
+            c
+            for c in ([x.strip() for x in line.split("|")[1:-1]] for line in md.splitlines())
+            if c[0] == evaluate.SETTING_NAMES[setting]
+        )
+        assert cells[1:3] == [f"{len(ids)}/{len(ids)}", f"{table[setting]['score']:.2f}"]
+        assert evaluate.SETTING_NAMES[setting] in out
 
 
 # ============================================================================================
