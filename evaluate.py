@@ -281,14 +281,7 @@ def evaluate_model(args: Args) -> dict:
     bar = tqdm(total=len(pending), desc="problems", disable=rank != 0)
     for i, start in enumerate(range(0, len(pending), step)):
         mine = rollout.shard(pending[start : start + step], rank, world)
-        params = rollout.SamplingParams(
-            n=args.n_samples,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed + 1000003 * i + rank,
-        )
+        params = args.sampling_params(seed=args.seed + 1000003 * i + rank)
         records = score_problems(backend, [p for _, p in mine], params, chat, rank == 0, args.lenient) if mine else []
         for (name, _), r in zip(mine, records):
             r["benchmark"] = name
@@ -478,14 +471,7 @@ def table1(args: Table1Args) -> dict:
         )
     )
     backend = rollout.backend_from_args(args, device, max_len, seed=args.seed + rank)
-    params = rollout.SamplingParams(
-        n=args.n_samples,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed + rank,
-    )
+    params = args.sampling_params(seed=args.seed + rank)
     records = {}
 
     def run(setting: str, given: dict):
@@ -558,14 +544,7 @@ def select(args: SelectArgs) -> list[dict]:
         else settings_engine_length(args.model, problems, ["unguided"], "rollout", args.max_new_tokens, chat)
     )
     backend = rollout.backend_from_args(args, device, max_len, seed=args.seed + rank)
-    params = rollout.SamplingParams(
-        n=args.n_samples,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
+    params = args.sampling_params(seed=args.seed)
     kept, seen = [], []
     bar = tqdm(total=args.keep, desc="select", disable=rank != 0)
     for start in range(0, len(problems), args.chunk):

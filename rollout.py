@@ -102,6 +102,9 @@ class SamplingArgs:
         data.choose(self, "thinking", data.THINKING)
         data.choose(self, "dtype", data.DTYPES)
 
+    def sampling_params(self, seed: int) -> SamplingParams:
+        return SamplingParams(self.n_samples, self.temperature, self.top_p, self.top_k, self.max_new_tokens, seed)
+
 
 # --------------------------------------------------------------------------------------------
 # Distributed: one function, works under `python` (world 1) and `torchrun`

@@ -1029,14 +1029,7 @@ def build(args: BuildArgs):
             else evaluate.settings_engine_length(args.model, mine, ["solution"], "dataset", args.max_new_tokens, chat)
         )
         backend = rollout.backend_from_args(args, device, max_len, seed=args.seed + rank)
-        params = rollout.SamplingParams(
-            n=args.n_samples,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
+        params = args.sampling_params(seed=args.seed)
         prompts = [rollout.chat_prompt(backend.tokenizer, contexts[p["id"]], **chat) for p in mine]
         kept, done = [], set()
         for s in rollout.generate(backend, prompts, params, indices=indices):  # a problem's samples in order
