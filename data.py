@@ -856,10 +856,8 @@ def main(args: Args):
 
 
 # --------------------------------------------------------------------------------------------
-# Command line: flags from dataclass fields, checked against each class's CHECKS
+# Command line: a dataclass's fields as flags (transformers.HfArgumentParser), checked in its __post_init__
 # --------------------------------------------------------------------------------------------
-
-
 def benchmark_name(source: str) -> str:
     """A benchmark's name in metrics and reports: a file's stem, or the embedded source as written."""
     return Path(source).stem if os.path.splitext(source)[1] else source

@@ -362,9 +362,6 @@ class SelectArgs(Table1Args):
         data.check(self, "keep chunk", *data.POSITIVE)
 
 
-# --------------------------------------------------------------------------------------------
-# Table 1 analysis
-# --------------------------------------------------------------------------------------------
 def setting_summary(records: list[dict]) -> dict:
     """Table 1's columns over a list of per-sample records: avg score, length (tokens), epistemic count."""
     n = max(len(records), 1)
