@@ -349,13 +349,14 @@ def train_on_rollouts(
                 bad = bad or not torch.isfinite(loss)  # backward still runs (FSDP2 collectives); no update then
                 loss.backward()
                 n = float(mask.sum())
-                sums.update(
-                    loss=loss.detach(),
-                    entropy=(entropy * mask).sum(),
-                    entropy_tokens=n,
-                    trained_frac=len(micro),
-                    **{k: m[k] * n for k in CLIP_FRACS},
-                )
+                with torch.no_grad():  # sums of tensors, not of their graphs
+                    sums.update(
+                        loss=loss.detach(),
+                        entropy=(entropy * mask).sum(),
+                        entropy_tokens=n,
+                        trained_frac=len(micro),
+                        **{k: m[k] * n for k in CLIP_FRACS},
+                    )
             grad_norm = sft.apply_update(model, optimizer, args.grad_clip, bad)  # None: skipped, not finite
             sums.update(updates=grad_norm is not None, nonfinite_updates=grad_norm is None, grad_norm=grad_norm or 0.0)
     t = sft.sum_over_ranks(sums)

@@ -605,17 +605,18 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
                 loss, parts, d = micro_loss(terms, micro, n, args, on_policy)  # Eq. 1 (+ remedies)
                 bad = bad or not torch.isfinite(loss)  # the update is then skipped on every rank
                 loss.backward()
-                sums.update(
-                    loss=loss.detach(),
-                    distill_loss=parts["distill_loss"],
-                    pg_loss=parts.get("pg_loss", 0.0),
-                    trained_frac=len(micro),
-                    tokens=d.sum(),
-                    **{k: terms[k][d].sum() for k in DISTILLED},
-                    teacher_tokens=sum(
-                        len(r["teacher_prompt_ids"] or r["prompt_ids"]) + len(r["response_ids"]) for r in micro
-                    ),
-                )
+                with torch.no_grad():  # sums of tensors, not of their graphs
+                    sums.update(
+                        loss=loss.detach(),
+                        distill_loss=parts["distill_loss"],
+                        pg_loss=parts.get("pg_loss", 0.0),
+                        trained_frac=len(micro),
+                        tokens=d.sum(),
+                        **{k: terms[k][d].sum() for k in DISTILLED},
+                        teacher_tokens=sum(
+                            len(r["teacher_prompt_ids"] or r["prompt_ids"]) + len(r["response_ids"]) for r in micro
+                        ),
+                    )
                 for token, kl in zip(terms["targets"][d].tolist(), terms["kl"][d].tolist()):  # App. B.6
                     if token in variants:
                         sums.update(
