@@ -55,6 +55,7 @@ import select
 import subprocess
 import sys
 import threading
+import dataclasses
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -887,16 +888,17 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 def parse_args(cls, argv=None, positional: str | None = None):
     """The flags of a dataclass, by transformers.HfArgumentParser: --a-field (or --a_field) per field, its help the
     field's metadata, --no-X for a boolean that defaults on. The class's __post_init__ checks the values; a bad one
-    exits 2 with the usage line. `positional`: a field that the first argument may give without its flag."""
+    exits 2 with the usage line. `positional`: a field that may also be given without its flag."""
     from transformers import HfArgumentParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if positional and argv and not argv[0].startswith("-"):
-        argv = [f"--{positional}", *argv]
     doc = (sys.modules[cls.__module__].__doc__ or "").split("\n")
     parser = HfArgumentParser(cls, description=doc[0], epilog="\n".join(doc[1:]), formatter_class=_Help)
+    if positional:
+        parser.add_argument("given", nargs="?", metavar=positional.upper(), help=f"the same as --{positional}")
     try:
-        (args,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+        args, *given = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+        if given and given[0].given is not None:
+            args = dataclasses.replace(args, **{positional: given[0].given})
     except ValueError as e:
         parser.error(str(e))  # exit 2
     return args

@@ -103,7 +103,14 @@ class SamplingArgs:
         data.choose(self, "dtype", data.DTYPES)
 
     def sampling_params(self, seed: int) -> SamplingParams:
-        return SamplingParams(self.n_samples, self.temperature, self.top_p, self.top_k, self.max_new_tokens, seed)
+        return SamplingParams(
+            n=self.n_samples,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            seed=seed,
+        )
 
 
 # --------------------------------------------------------------------------------------------

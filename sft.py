@@ -1135,10 +1135,10 @@ def train(args: TrainArgs):
         if rank == 0:
             log_metrics(out / "metrics.jsonl", row, wandb_run)
             bar.set_postfix(loss=f"{loss:.4f}", gnorm=f"{grad_norm:.2f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args)), keep=args.keep_checkpoints)
     print0(f"sft: trained to step {args.steps}.\n  metrics: {out / 'metrics.jsonl'}")
-    print0(f"  checkpoint: {latest_checkpoint(out)}")
+    print0(f"  checkpoint: {latest_checkpoint(out) or 'none (--save-every 0)'}")
     if wandb_run is not None:
         wandb_run.finish()
 

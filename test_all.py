@@ -599,6 +599,9 @@ def test_data_cli():
     out = run(sys.executable, "data.py", "synthetic:difficulty=1,n=20", "--limit", "2")
     assert out.startswith("20 problems from synthetic")
     assert len(out.strip().splitlines()) == 3
+    for argv in (["--limit", "2", "x.jsonl"], ["x.jsonl", "--limit", "2"], ["--source", "x.jsonl", "--limit", "2"]):
+        assert data.parse_args(data.Args, argv, positional="source") == data.Args(source="x.jsonl", limit=2), argv
+    assert data.parse_args(data.Args, [], positional="source") == data.Args()
 
 
 # ============================================================================================
@@ -1388,7 +1391,7 @@ def test_evaluate_cli_embedded_model(tmp_path, capsys):
 
 
 def test_select_and_table1_by_hand(digit_model_dir, tmp_path, capsys):
-    """`rollout.py select` reads the problems in file order, two at a time, and keeps those with 1 to 3 correct of
+    """`evaluate.py select` reads the problems in file order, two at a time, and keeps those with 1 to 3 correct of
     3 samples, each with its first correct sample as s: the first 3 of them, or on two ranks the first 1 (stopping
     after the chunk that fills the quota). Table 1 on a file of all four problems with s given: settings (2)-(4)
     carry the released hint, y_r is the first correct response under c = s or else the first, and each row is
@@ -1705,6 +1708,13 @@ def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monke
     assert state["step"] == 1 and state["note"] == "ok"
 
 
+def test_sft_save_every_0_writes_no_checkpoint(tiny_model_dir, tmp_path, capsys):
+    """--save-every 0 means never, in sft.py train as in the RL trainers (it divided by zero)."""
+    rows = _train(tiny_model_dir, _sft_file(tmp_path / "d.jsonl"), tmp_path / "o", "--steps", "1", "--save-every", "0")
+    assert [r["step"] for r in rows] == [1] and not list((tmp_path / "o").glob("step_*"))
+    assert "checkpoint: none (--save-every 0)" in capsys.readouterr().out
+
+
 def test_sft_killed_mid_run_resumes_from_last_complete(tiny_model_dir, tmp_path):
     d = _sft_file(tmp_path / "d.jsonl")
     cmd = [
@@ -1813,7 +1823,7 @@ def test_sft_torchrun_trains_and_checkpoint_loads(tiny_model_dir, tmp_path):
 
 
 def _selected(path, problems):
-    """A `rollout.py select` output: question, answer, solution (s) per problem."""
+    """An `evaluate.py select` output: question, answer, solution (s) per problem."""
     path.write_text(
         "".join(
             json.dumps(dict(id=f"p{i}", question=q, answer=a, solution=s)) + "\n"
