@@ -4787,11 +4787,14 @@ def _refused(cls, name, value):
 )
 def test_every_choice_and_range_flag_is_refused_naming_it(cls, capsys):
     """Every numeric flag and every flag with choices refuses some value (a choice that does not exist, or one of
-    -1, 0, 1.5, 2); through parse_args the refusal exits 2 naming the flag. The defaults pass."""
+    -1, 0, 1.5, 2); through parse_args the refusal exits 2 naming the flag. The defaults pass, and --seed takes any
+    integer."""
     import typing
 
     data.parse_args(cls, [])
     for name, hint in typing.get_type_hints(cls).items():
+        if name in FREE_FLAGS:  # any value
+            assert _refused(cls, name, -1) is None and _refused(cls, name, 10**9) is None, name
         if name in FREE_FLAGS or not (
             name in CHOICE_FLAGS or hint in (int, float, int | None, float | None, list[int])
         ):
