@@ -8,8 +8,9 @@ Implements, for arXiv 2603.24472:
     chat template, so it learns to answer x as if it had seen s.
         python sft.py build --setting unguided|solution --data S/selected.jsonl  -> a jsonl with length, E(y)
         python sft.py train --data D.jsonl ...                 -> checkpoints OUT/step_N/
-  - the plumbing every trainer shares (grpo.py and sdpo.py too): `RunArgs` (their common flags), `setup`
-    (ranks, problems, the sharded policy, optimizer, generation backend, resume), `init_distributed`,
+  - the plumbing every trainer shares (grpo.py and sdpo.py too): `TrainerArgs` (every trainer's flags) and
+    `RunArgs` (the RL trainers'), `setup` (ranks, problems, the sharded policy, optimizer, generation backend,
+    resume), `rollout.init_distributed`,
     `shard_model` (FSDP2 `fully_shard` over the decoder layers and the root, optional activation
     checkpointing, bf16 mixed precision on GPU; on CPU bf16 is `rollout.autocast`), `make_optimizer` (AdamW,
     App. D Table 8), `lr_at`, `apply_update`, `sum_over_ranks` (a step's metrics, one all-reduce), `save_checkpoint` /
