@@ -339,7 +339,7 @@ CURVE_RUN = """--data synthetic:n=256,seed=0 --steps 10 --prompts-per-step 4 --r
     --max-new-tokens 256 --eval-data synthetic:split=ood,n=2,seed=1 --eval-n 1 --save-every 0""".split()  # noqa: SIM905 (flags as typed)
 
 
-def bench_bf16_curves(model: str = "runs/organism/step_40", out: str = "runs/bf16_curves", seeds=(0, 1)) -> dict:
+def bench_bf16_curves(model: str = "runs/organism/step_60", out: str = "runs/bf16_curves", seeds=(0, 1)) -> dict:
     """The precision check: GRPO and SDPO (c = s) from the reasoning organism (the README's warm start), 10 steps
     as the reproduction runs them, in fp32 and in bf16, over `seeds`, two jobs at a time on one thread each. Plots
     the training score, response length and E(y) per step, mean and range over the seeds, to

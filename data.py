@@ -55,6 +55,7 @@ import select
 import subprocess
 import sys
 import threading
+import zlib
 import dataclasses
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -355,19 +356,26 @@ def _slip(rng: random.Random, expr: str, value: int) -> int:
     return value + delta if value - delta < 0 or rng.random() < 0.5 else value - delta
 
 
-def think_trace(steps: list, answer, rng: random.Random, slip: bool, check: float, hesitate: float) -> str:
-    """One trace: the first plan opens with "Hmm," with probability `hesitate`; with `slip` the first computation is
-    wrong, and its check catches and corrects it; every other result is checked with probability `check`."""
+def think_trace(
+    steps: list, answer, rng: random.Random, slip: bool, check: float, hesitate: float, plan: float = 1.0
+) -> str:
+    """One trace: each step says its plan with probability `plan` (a plain sentence counts as a plan); the trace
+    opens with "Hmm," with probability `hesitate`; with `slip` the first computation is wrong, and its check catches
+    and corrects it; every other result is checked with probability `check`."""
     parts, slipped = [], False
     last = None
+    hmm = rng.random() < hesitate
     for step in steps:
         if isinstance(step, str):
-            parts.append(step)
+            parts += [step] if rng.random() < plan else []
             continue
-        plan, expr, value = step
-        if plan and not parts and rng.random() < hesitate:
-            plan = "Hmm, " + (plan[0].lower() + plan[1:] if plan.split()[0] in ("The", "First") else plan)
-        parts += [plan] if plan else []
+        say, expr, value = step
+        say = say if rng.random() < plan else ""
+        if hmm and not parts:
+            say = (
+                "Hmm, " + (say[0].lower() + say[1:] if say.split()[0] in ("The", "First") else say) if say else "Hmm,"
+            )
+        parts += [say] if say else []
         if slip and not slipped:
             slipped, wrong = True, _slip(rng, expr, value)
             inverse, result, want = _inverse(expr, wrong)
@@ -404,21 +412,26 @@ ALL_TYPES = {**TRAIN_TYPES, **OOD_TYPES}
 def synthetic_problems(
     n: int = 1000,
     seed: int = 0,
-    difficulty: int = 1,
+    difficulty: int | str = 1,
     types=None,
     split: str = "train",
     style: str = "plain",
     slip: float = 0.25,
     check: float = 0.6,
     hesitate: float = 0.5,
+    plan: float = 1.0,
+    part: str = "all",
 ) -> list[dict]:
     """n distinct generated problems, round-robin over the chosen types, deterministic by seed.
 
     split: "train" (the 10 training types), "ood" (the 4 held-out types), "all". `types` (a list
-    or a '+'-joined string) overrides split. difficulty >= 1: number of digits per operand.
+    or a '+'-joined string) overrides split. difficulty >= 1: number of digits per operand; '1+2': each level in turn
+    (a block of every type at 1, then at 2, ...)
     style: "plain" (a worked solution) or "think" (the same problems with a reasoning trace as the solution,
     `think_trace`): problem i's first computation slips when floor((i + 1) * slip) > floor(i * slip), an exact share
-    of every prefix; `check` and `hesitate` are probabilities, drawn from a stream of the trace's own.
+    of every prefix; `check`, `hesitate` and `plan` are probabilities, drawn from a stream of the trace's own.
+    part: "all", or "train" / "test", disjoint parts of every type's problems (a question is in "test" when the
+    CRC-32 of its text is divisible by 4): train on one, evaluate on unseen problems of the same types on the other.
     """
     if types is None:
         types = {"train": list(TRAIN_TYPES), "ood": list(OOD_TYPES), "all": list(ALL_TYPES)}.get(split)
@@ -429,13 +442,16 @@ def synthetic_problems(
     unknown = [t for t in types if t not in ALL_TYPES]
     if unknown or not types:
         raise ValueError(f"synthetic: unknown problem type(s) {unknown or types}; known: {', '.join(ALL_TYPES)}")
-    difficulty, n = int(difficulty), int(n)
-    if difficulty < 1 or n < 1:
+    levels, n = [int(d) for d in str(difficulty).split("+")], int(n)
+    if min(levels) < 1 or n < 1:
         raise ValueError(f"synthetic: difficulty and n must be >= 1 (got difficulty={difficulty}, n={n})")
+    difficulty = "+".join(map(str, levels))
+    if part not in ("all", "train", "test"):
+        raise ValueError(f"synthetic: unknown part {part!r}; choose all, train or test")
     if style not in ("plain", "think"):
         raise ValueError(f"synthetic: unknown style {style!r}; choose plain or think")
-    slip, check, hesitate = float(slip), float(check), float(hesitate)
-    for name, v in (("slip", slip), ("check", check), ("hesitate", hesitate)):
+    slip, check, hesitate, plan = float(slip), float(check), float(hesitate), float(plan)
+    for name, v in (("slip", slip), ("check", check), ("hesitate", hesitate), ("plan", plan)):
         if not 0 <= v <= 1:
             raise ValueError(f"synthetic: {name}={v} must be in [0, 1]")
     rng = random.Random(f"synthetic/{seed}/{difficulty}/{'+'.join(types)}")
@@ -446,9 +462,9 @@ def synthetic_problems(
                 f"synthetic: only {len(out)} distinct problems exist for types={types} "
                 f"difficulty={difficulty}; ask for fewer or raise the difficulty"
             )
-        kind = live[len(out) % len(live)]
-        question, answer, solution, steps = ALL_TYPES[kind](rng, difficulty)
-        if question in seen:
+        kind, level = live[len(out) % len(live)], levels[len(out) // len(live) % len(levels)]
+        question, answer, solution, steps = ALL_TYPES[kind](rng, level)
+        if question in seen or part != "all" and (zlib.crc32(question.encode()) % 4 == 0) != (part == "test"):
             misses[kind] += 1
             if misses[kind] > 200:  # this type's problem space is used up at this difficulty
                 live.remove(kind)
@@ -464,6 +480,7 @@ def synthetic_problems(
                 slip=math.floor((i + 1) * slip) > math.floor(i * slip),
                 check=check,
                 hesitate=hesitate,
+                plan=plan,
             )
         out.append(
             dict(
@@ -473,7 +490,7 @@ def synthetic_problems(
                 solution=solution,
                 source="synthetic",
                 type=kind,
-                difficulty=difficulty,
+                difficulty=level,
                 split="ood" if kind in OOD_TYPES else "train",
             )
         )
@@ -650,7 +667,7 @@ def load_problems(source: str, limit: int | None = None, seed: int = 0, dedup: b
     source: a .parquet/.jsonl/.json path (verl/SDPO layout, plain {question|problem, answer, solution?}
     rows, or raw DAPO-Math-17k), or an embedded name with options after a colon:
       synthetic[:n=1000,difficulty=1,split=train|ood|all,types=add+sub+...,style=plain|think,
-                 slip=0.25,check=0.6,hesitate=0.5,seed=K]
+                 slip=0.25,check=0.6,hesitate=0.5,plan=1,part=all|train|test,seed=K]  (difficulty=1+2: in turn)
       champ[:category=Combinatorics]
     limit: keep the first `limit` problems (files and champ keep their order; synthetic is generated
     in order). seed: synthetic generation seed. dedup: a file's first row of each question only (DAPO-Math-17k
@@ -662,7 +679,19 @@ def load_problems(source: str, limit: int | None = None, seed: int = 0, dedup: b
         name, spec_options = _parse_source(source)
         spec_options.update(options)
         if name == "synthetic":
-            allowed = {"n", "difficulty", "types", "split", "style", "slip", "check", "hesitate", "seed"}
+            allowed = {
+                "n",
+                "difficulty",
+                "types",
+                "split",
+                "style",
+                "slip",
+                "check",
+                "hesitate",
+                "plan",
+                "part",
+                "seed",
+            }
             if set(spec_options) - allowed:
                 raise ValueError(
                     f"source {source!r}: unknown option(s) {sorted(set(spec_options) - allowed)}; "

@@ -10,6 +10,8 @@ Implements, for arXiv 2603.24472:
     (Fig. 12) -> `word_frequency_shift`
   - splitting a response into its <think> part and its answer -> `split_think`
   - the tokens at which a marker begins, for sdpo.py's --protect-epistemic -> `marker_start_positions`
+  - what the checks of the reasoning organism's responses did: caught slips (not in the paper) ->
+    `check_outcomes`, `mechanism`
 
 Departures from the released analysis code (beanie00/self-distillation-analysis,
 eval/check_epistemic_tokens.py), and why:
@@ -93,6 +95,68 @@ def split_think(text: str) -> tuple[str, str]:
     if head.startswith("<think>"):
         head = head[len("<think>") :]
     return head.strip(), tail.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Caught slips: the paper's explanation, tested directly (no anchor measures it). The reasoning organism
+# (data.think_trace) computes "a op b = v" and checks a result as "Wait, let me check: <the inverse> = r." then
+# "Yes." or ", not a. I made a mistake: a op b = v'.". Each equation's truth is exact integer arithmetic, so a
+# response's checks can be graded: did one flag a wrong result, and did the correction then hold?
+# --------------------------------------------------------------------------------------------
+_EQUATION = r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)"
+_RESULT = re.compile(_EQUATION)
+_CHECK = re.compile(r"let me check: " + _EQUATION + r"(?:\.\s*(yes)|, not (-?\d+))", re.IGNORECASE)
+
+
+def equation_holds(a, op: str, b, value) -> bool:
+    """Whether "a op b = value" is true in integers ("/" is exact division)."""
+    a, b, value = int(a), int(b), int(value)
+    return {"+": a + b == value, "-": a - b == value, "*": a * b == value, "/": b != 0 and a == b * value}[op]
+
+
+def check_outcomes(response: str) -> dict[str, int]:
+    """What the verbalized checks of one response did, in its <think> part (the whole text when it has none).
+
+    checks: "let me check" occurrences. Results are the equations outside a check's own equation; each graded
+    check refers to the last result before it. wrong: false results; caught: false results a check flags
+    ("..., not a"); fixed: caught results whose next result (the correction) is true; confirmed_wrong: false
+    results a check passes ("Yes"); false_alarms: true results a check flags."""
+    think, _ = split_think(response)
+    text = think or response
+    checks = list(_CHECK.finditer(text))
+    spans = [c.span() for c in checks]
+    results = [m for m in _RESULT.finditer(text) if not any(a <= m.start() < b for a, b in spans)]
+    out = dict(
+        checks=text.lower().count("let me check"), wrong=0, caught=0, fixed=0, confirmed_wrong=0, false_alarms=0
+    )
+    out["wrong"] = sum(not equation_holds(*m.groups()) for m in results)
+    for c in checks:
+        before = [m for m in results if m.end() <= c.start()]
+        if not before:
+            continue
+        right, flagged = equation_holds(*before[-1].groups()), c.group(6) is not None
+        if flagged and not right:
+            out["caught"] += 1
+            after = [m for m in results if m.start() >= c.end()]
+            out["fixed"] += bool(after) and equation_holds(*after[0].groups())
+        out["confirmed_wrong"] += not flagged and not right
+        out["false_alarms"] += flagged and right
+    return out
+
+
+def mechanism(responses: list[str], correct: list[bool]) -> dict[str, float]:
+    """Shares of responses that verbalize a check, catch a wrong result, and end right after a caught and fixed
+    slip ("right because of the catch"); and that leave a wrong result standing (not caught), with their accuracy."""
+    n = max(len(responses), 1)
+    rows = [check_outcomes(r) for r in responses]
+    standing = [o["wrong"] > o["caught"] for o in rows]
+    return dict(
+        check=sum(o["checks"] > 0 for o in rows) / n,
+        catch=sum(o["caught"] > 0 for o in rows) / n,
+        rescued=sum(o["fixed"] > 0 and ok for o, ok in zip(rows, correct)) / n,
+        uncaught=sum(standing) / n,
+        confirmed_wrong=sum(o["confirmed_wrong"] > 0 for o in rows) / n,
+    )
 
 
 def marker_breakdown(responses: list[str], whole_words: bool = False) -> dict[str, float]:

@@ -10,7 +10,7 @@ Implements, for arXiv 2603.24472:
         Qwen3-8B (thinking)          38912  0.6  0.95  20   --thinking on
         Qwen3-8B (non-thinking)      38912  0.7  0.8   20   --thinking off
         OLMo-3-7B-Instruct           38912  0.6  0.95  20
-  - `evaluate(...)`, the function the trainers call every --eval-every steps.
+  - `evaluate(...)`, the function the trainers call every --eval-every steps (their OUT/eval_samples.jsonl).
   - Sec. 3 and Table 1, as the released analysis scripts run them (beanie00/self-distillation-analysis,
     analyzing_reasoning_behavior/): `evaluate.py select` samples 8 responses per DAPO problem at 0.6 / 0.95 /
     top-k 20 and keeps the first 100 problems (file order) with 1-4 correct, each one's first correct response as s
@@ -19,7 +19,8 @@ Implements, for arXiv 2603.24472:
     the original question.` (eval_with_hint.py build_augmented_prompt), and y_r, the first correct response under
     c = s, or else the first (its second round's best_response) -> `table1`, `context_for`.
   - `python evaluate.py report runs/cpu --out report`: the README's CPU reproduction as REPORT.md with
-    PNG plots (matplotlib, an optional extra) -> `report`
+    PNG plots (matplotlib, an optional extra): per evaluation set and step, accuracy, length, E(y) and what the
+    checks did (`epistemic.mechanism`), each run minus GRPO -> `report`
 
 Departures from the released evaluation code, and why:
   1. The released eval passes top_k=20 on its command line but never hands it to the sampler;
@@ -192,10 +193,13 @@ def evaluate(
     chat: dict | None = None,
     progress: bool = False,
     lenient: bool = False,
+    records_to: Path | None = None,
+    step: int = 0,
 ) -> dict:
     """Periodic evaluation for the trainers: {benchmark: summary}, the same on every rank.
 
-    Problems are split across ranks; records are gathered on rank 0, summarised there and broadcast."""
+    Problems are split across ranks; records are gathered on rank 0, summarised there and broadcast. With
+    `records_to`, rank 0 appends each problem's record (its responses, scores, `benchmark` and `step`) to that file."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     chat = chat or {}
@@ -210,6 +214,9 @@ def evaluate(
     summary = None
     if rank == 0:
         summary = {name: summarize([r for r in every if r["benchmark"] == name], list(ks)) for name in benchmarks}
+        if records_to is not None:
+            with open(records_to, "a") as f:
+                f.writelines(json.dumps(dict(r, step=step)) + "\n" for r in every)
     if world > 1:
         box = [summary]
         dist.broadcast_object_list(box, src=0)  # collective: every rank gets rank 0's summary
@@ -636,18 +643,26 @@ def read_metrics(path: Path) -> list[dict]:
 
 def read_samples(path: Path) -> dict:
     """Per-problem means over a samples.jsonl's responses, keyed (benchmark, id): acc, length, E(y), format (the
-    share that close </think> and box an answer) and truncated."""
+    share that close </think> and box an answer), truncated, and the checks' outcomes (`epistemic.mechanism`)."""
+    return read_steps(path).get(0, {})
+
+
+def read_steps(path: Path) -> dict[int, dict]:
+    """{step: read_samples' dict} from a file of evaluation records; a record without 'step' counts as step 0 (an
+    evaluate.py run). A step evaluated twice (a resumed run) keeps its last records."""
     out = {}
     for i, r in enumerate(data.read_jsonl(path)):
         try:
             n = len(r["scores"])
-            out[(r["benchmark"], r["id"])] = dict(
+            out.setdefault(r.get("step", 0), {})[(r["benchmark"], r["id"])] = dict(
                 acc=sum(r["scores"]) / n,
                 length=sum(r["lengths"]) / n,
                 epistemic=sum(r["epistemic"]) / n,
                 format=sum("</think>" in x and data.last_boxed(answer_part(x)) is not None for x in r["responses"])
                 / n,
                 truncated=sum(f == "length" for f in r["finish_reasons"]) / n,
+                n=n,
+                **epistemic.mechanism(r["responses"], [s > 0 for s in r["scores"]]),
             )
         except (KeyError, TypeError, ZeroDivisionError) as e:
             raise ValueError(f"{path}: row {i}: not a samples.jsonl record ({e!r})") from None
@@ -973,6 +988,102 @@ def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) ->
     return md
 
 
+MECHANISM = dict(check="verbalize a check", catch="catch a wrong result", rescued="right after a caught slip")
+
+
+def plot_sets(curves: dict, base: dict, benches: list, path: Path, boot: int) -> bool:
+    """Accuracy, length and E(y) against step, one row per evaluation set (Fig. 3's manner): the mean over seeds and
+    problems with its 95% bootstrap band; step 0 is the organism before training. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = dict(acc="accuracy", length="response length (tokens)", epistemic="E(y)")
+    fig, axes = plt.subplots(len(benches), 3, figsize=(15, 3.2 * len(benches)), squeeze=False)
+    for row, bench in zip(axes, benches):
+        for ax, key in zip(row, keys):
+            for name, (steps, mats) in curves.items():
+                stats = [bootstrap(mats[t][bench][key], reps=boot) for t in steps]
+                at0 = [k for k in base if k[0] == bench]
+                if at0:
+                    steps, stats = [0, *steps], [bootstrap([[base[k][key] for k in at0]], reps=boot), *stats]
+                ax.plot(steps, [s[0] for s in stats], marker="o", markersize=3, label=name)
+                ax.fill_between(steps, [s[1] for s in stats], [s[2] for s in stats], alpha=0.2)
+            ax.set_title(f"{bench}: {keys[key]}", fontsize=9)
+            ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _set_sections(root: Path, args: ReportArgs, out: Path) -> list[str]:
+    """The evaluation sets over steps: each run's evaluations during training (eval_samples.jsonl, at every seed)
+    and the organism's before it (base/): accuracy, length, E(y) and what the checks did, per set and step; each
+    run minus the baseline; the curves."""
+    runs = {}
+    for path in sorted(root.glob("*/seed*/eval_samples.jsonl")):
+        runs.setdefault(path.parent.parent.name, {})[path.parent.name] = read_steps(path)
+    if not runs:
+        return []
+    every = [ev for seeds in runs.values() for st in seeds.values() for ev in st.values()]
+    steps = sorted(set.intersection(*(set(st) for seeds in runs.values() for st in seeds.values())))
+    shared = set.intersection(*(set(ev) for ev in every))  # the problems every evaluation graded
+    benches = sorted({b for b, _ in shared})
+    ids = {b: sorted(k for k in shared if k[0] == b) for b in benches}
+    keys = ("acc", "length", "epistemic", *MECHANISM, "uncaught")
+    curves = {  # name -> (steps, {step: {bench: {key: (seeds, problems)}}})
+        name: (steps, {t: {b: {k: eval_matrix({s: st[t] for s, st in seeds.items()}, k, ids[b]) for k in keys}
+                           for b in benches} for t in steps})
+        for name, seeds in runs.items()
+    }  # fmt: skip
+    base_path = root / "base" / "samples.jsonl"
+    base = read_samples(base_path) if base_path.exists() else {}
+    last, reps = steps[-1], args.boot
+    md = [
+        f"## The evaluation sets over {last} steps\n\nEach run evaluated during training at steps "
+        f"{', '.join(map(str, steps))} (step 0: the organism, base/). Shares of responses that "
+        + "; ".join(f"{k}: {v}" for k, v in MECHANISM.items())
+        + "; uncaught: that leave a wrong result standing (`epistemic.check_outcomes`).\n"
+    ]
+    png = "three_sets_over_steps.png"
+    if plot_sets(curves, base, benches, out / png, reps):
+        md.append(f"![accuracy, length and E(y) per evaluation set against step]({png})\n")
+
+    def cell(key, a, b=None):
+        return ci(bootstrap(a, b, reps=reps), {"length": ".1f", "epistemic": ".2f"}.get(key, ".3f"), b is not None)
+
+    cols = (*(f"acc step {t}" for t in steps), *(f"{k} (step {last})" for k in keys[1:]))
+    for b in benches:
+        table, diffs = [], []
+        for name, (_, mats) in curves.items():
+            row = [cell("acc", mats[t][b]["acc"]) for t in steps] + [cell(k, mats[last][b][k]) for k in keys[1:]]
+            table.append((name, len(runs[name]), *row))
+            if name != args.baseline and args.baseline in curves:
+                bm = curves[args.baseline][1]
+                row = [cell("acc", mats[t][b]["acc"], bm[t][b]["acc"]) for t in steps]
+                diffs.append((name, *row, *(cell(k, mats[last][b][k], bm[last][b][k]) for k in keys[1:])))
+        at0 = [k for k in base if k[0] == b]
+        before = ", ".join(f"{k} {cell(k, [[base[i][k] for i in at0]])}" for k in keys) if at0 else "not evaluated"
+        md.append(
+            f"### {b}\n\n{len(ids[b])} problems x {first_n(runs, last, ids[b][0])} samples per seed. Before "
+            f"training (the organism): {before}.\n\n"
+            + epistemic.format_table(table, ("run", "seeds", *cols))
+            + (f"\n\nMinus {args.baseline}:\n\n" + epistemic.format_table(diffs, ("run", *cols)) if diffs else "")
+            + "\n"
+        )
+    return md
+
+
+def first_n(runs: dict, step: int, key) -> int:
+    """Samples per problem of one evaluation (the first run's first seed)."""
+    return next(iter(next(iter(runs.values())).values()))[step][key]["n"]
+
+
 def report(args: ReportArgs) -> str:
     """REPORT.md (+ PNGs) from the reproduction's outputs, every figure with its 95% bootstrap interval. Returns
     the markdown."""
@@ -1002,6 +1113,20 @@ def report(args: ReportArgs) -> str:
     table2 = _table2(root, args.boot)
     if table2:
         md.append(table2)
+    sweep = []
+    for path in sorted(root.glob("sweep/*/seed*/metrics.jsonl")):
+        rows = read_metrics(path)[-args.last :]
+        sweep.append(
+            (path.parent.parent.name, f"{rows[-1]['lr']:g}")
+            + tuple(f"{sum(r[k] for r in rows) / len(rows):.3f}" for k in ("score", "length", "epistemic"))
+        )
+    if sweep:
+        md.append(
+            f"## Learning-rate sweep (one seed; the mean over the last {args.last} steps)\n\n"
+            + epistemic.format_table(sweep, ("run", "lr", "training score", "length", "E(y)"))
+            + "\n"
+        )
+    md += _set_sections(root, args, out)
     md += _run_sections(root, args, base, out)
     text = "\n".join(md)
     (out / "REPORT.md").write_text(text)

@@ -489,6 +489,8 @@ def run_loop(args: RLArgs, loss_name: str = "grpo", make_train_step=grpo_train_s
                 ks=(1,),
                 lenient=args.lenient,
                 chat=dict(system=args.system, thinking=args.thinking),
+                records_to=run.out / "eval_samples.jsonl",
+                step=step + 1,
             )
             for name, s in ev.items():
                 metrics.update({f"eval/{name}/{k}": v for k, v in s.items() if k in ("acc", "length", "epistemic")})

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zlib
 import threading
 import time
 from pathlib import Path
@@ -448,6 +449,47 @@ def test_synthetic_answers_and_solutions_are_right(difficulty):
         assert data.grade(p["solution"], p["answer"]) == 1.0
         if difficulty == 1 and p["type"] in ("add", "sub", "word"):  # single-digit operands
             assert all(int(x) < 10 for x in re.findall(r"\d+", p["question"]))
+
+
+def test_mixed_difficulty_and_traces_without_plans():
+    ps = data.load_problems("synthetic:difficulty=1+2,n=60,seed=4")
+    # blocks of the ten training types, at difficulty 1, then 2, then 1 ...
+    assert [p["difficulty"] for p in ps] == [1] * 10 + [2] * 10 + [1] * 10 + [2] * 10 + [1] * 10 + [2] * 10
+    assert all(int(p["answer"]) == _solve_independently(p) for p in ps)
+    for p in ps:  # the first operand has as many digits as the level (sub, mod: the larger, or d + 1)
+        if p["type"] in ("add", "word", "mul"):
+            assert len(re.findall(r"\d+", p["question"])[0]) <= p["difficulty"]
+    assert max(int(re.findall(r"\d+", p["question"])[0]) for p in ps if p["difficulty"] == 2) >= 10
+    plain = data.load_problems("synthetic:style=think,n=40,plan=0,slip=0.25")
+    planned = data.load_problems("synthetic:style=think,n=40,plan=1,slip=0.25")
+    assert [p["question"] for p in plain] == [p["question"] for p in planned]
+    for p, q in zip(plain, planned):
+        think = p["solution"].split("</think>")[0].removeprefix("<think>\n")
+        # without plans a trace is its equations, checks and corrections only: no sentence but these
+        rest = re.sub(r"Wait, let me check: [^.]*?(\. Yes\.|, not \d+\. I made a mistake: [^.]*\.)", "", think)
+        rest = re.sub(r"\d+ [-+*/] \d+ = \d+\.", "", rest.removeprefix("Hmm,"))
+        assert rest.split() == ["So", "the", "answer", "is", f"{p['answer']}."], p["solution"]
+        assert len(p["solution"]) < len(q["solution"]) and data.grade(p["solution"], p["answer"]) == 1.0
+        assert len(_EQUATION.findall(think)) == len(_EQUATION.findall(q["solution"].split("</think>")[0]))
+    # train and test parts: disjoint, every type in both, the test part exactly the questions whose CRC-32 is 0 mod 4
+    train = data.load_problems("synthetic:difficulty=1+2,n=400,part=train")
+    test = data.load_problems("synthetic:difficulty=1+2,n=100,seed=1,part=test")
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    assert {p["type"] for p in test} == {p["type"] for p in train} == set(data.TRAIN_TYPES)
+    assert all(zlib.crc32(p["question"].encode()) % 4 == 0 for p in test)
+    assert all(zlib.crc32(p["question"].encode()) % 4 for p in train)
+    sums = [f"What is {a} + {b}?" for a in range(1, 10) for b in range(1, 10)]  # every single-digit sum
+    k = sum(zlib.crc32(q.encode()) % 4 == 0 for q in sums)
+    assert {p["question"] for p in data.load_problems(f"synthetic:types=add,n={k},part=test")} < set(sums)
+    with pytest.raises(ValueError, match=f"only {k} distinct problems exist"):
+        data.load_problems(f"synthetic:types=add,n={k + 1},part=test")
+    for bad, match in (
+        ("difficulty=0+1", "difficulty and n must be >= 1"),
+        ("plan=2", "plan=2.0 must be in"),
+        ("part=dev", "unknown part"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            data.load_problems(f"synthetic:{bad}")
 
 
 def test_synthetic_types_splits_and_seed():
@@ -3258,6 +3300,12 @@ def test_grpo_embedded_model_one_step(tmp_path):
     ]
     assert row["length"] == sum(len(r["response_ids"]) for r in rolls) / 8 <= 24 and math.isfinite(row["loss"])
     acc = row["eval/synthetic:split=ood,n=2/acc"]
+    records = _jsonl(tmp_path / "eval_samples.jsonl")  # the evaluation's responses, graded, for the report
+    assert [(r["step"], r["benchmark"]) for r in records] == [(1, "synthetic:split=ood,n=2")] * 2
+    assert sum(s for r in records for s in r["scores"]) / 2 == acc and all(len(r["responses"]) == 1 for r in records)
+    assert [r["scores"] for r in records] == [
+        [data.grade(evaluate.answer_part(r["responses"][0]), r["answer"], lenient=True)] for r in records
+    ]
     assert out.splitlines()[-4:] == [
         "grpo: trained to step 1.",
         f"  synthetic:split=ood,n=2: held-out accuracy {acc:.2f} on 2 problems (2 responses), "
@@ -3788,9 +3836,29 @@ def test_report_from_fake_runs(tmp_path):
         )
         + "\n"
     )
+    sweep = root / "sweep" / "grpo_lr1e-5" / "seed0"  # the learning-rate sweep: not a run of the comparisons
+    sweep.mkdir(parents=True)
+    rows = [dict(step=i + 1, lr=1e-5, score=x, length=50 + i, epistemic=2.0) for i, x in enumerate([0.2, 0.4, 0.7])]
+    (sweep / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert evaluate.read_samples(root / "base" / "samples.jsonl")[("ood", "p0")] == dict(
-        acc=0.5, length=5.0, epistemic=0.0, format=1.0, truncated=0.0
+        acc=0.5, length=5.0, epistemic=0.0, format=1.0, truncated=0.0, n=2, check=0.0, catch=0.0, rescued=0.0,
+        uncaught=0.0, confirmed_wrong=0.0
+    )  # fmt: skip
+    # evaluations during training (eval_samples.jsonl) at steps 10 and 20 on two problems: GRPO's step-20 responses
+    # to p0 catch and fix a slip and end right; SDPO's never check, and end wrong
+    caught = (
+        "<think>\n4 + 5 = 8. Wait, let me check: 8 - 5 = 3, not 4. I made a mistake: 4 + 5 = 9.\n</think> \\boxed{9}"
     )
+    unchecked = "<think>\n6 * 7 = 41.\n</think> \\boxed{41}"
+    for name, seed, p0 in (("grpo", 0, [caught, caught]), ("sdpo", 0, [unchecked] * 2), ("sdpo", 1, [unchecked] * 2)):
+        records = [
+            dict(benchmark="ood", id=pid, step=step, scores=[float(x == caught) for x in xs], lengths=[10, 20],
+                 epistemic=[2 * ("check" in x) for x in xs], responses=xs, finish_reasons=["stop", "stop"])
+            for step in (10, 20)
+            for pid, xs in (("p0", p0 if step == 20 else [unchecked] * 2), ("p1", [unchecked] * 2))
+        ]  # fmt: skip
+        with open(root / name / f"seed{seed}" / "eval_samples.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records + records[:1])  # a repeated record: the last wins
     md = evaluate.report(
         evaluate.ReportArgs(
             runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope", "B=sdpo,gone"], last=1, boot=400
@@ -3828,6 +3896,17 @@ def test_report_from_fake_runs(tmp_path):
         "| ood       | 1        | 0.500 [0.500, 0.500] | 0.00 [0.00, 0.00] | 5.0 [5.0, 5.0] | 1.000 [1.000, 1.000]"
         in md
     )  # the table before training: one problem, its two responses both close </think> and box
+    assert "| grpo_lr1e-5 | 1e-05 | 0.700          | 52.000 | 2.000 |" in md  # the last step's (--last 1)
+    assert "sweep" not in md[md.index("## The evaluation sets") :]
+    sets = md[md.index("## The evaluation sets over 20 steps") : md.index("## Training runs")]
+    assert "2 problems x 2 samples per seed" in sets and "![accuracy" in sets
+    # GRPO at step 20: p0 right (1.0), p1 wrong (0.0): acc 0.5; half its responses catch, fix and end right
+    assert cells("grpo", "### ood")[:4] == ["1", "0.000 [0.000, 0.000]", "0.500 [0.000, 1.000]", "15.0 [15.0, 15.0]"]
+    assert cells("grpo", "### ood")[5:9] == ["0.500 [0.000, 1.000]"] * 3 + ["0.500 [0.000, 1.000]"]  # check, catch,
+    # rescued; uncaught: p1's slip
+    assert cells("sdpo", "Minus grpo:")[:2] == ["+0.000 [+0.000, +0.000]", "-0.500 [-1.000, +0.000]"]
+    assert cells("sdpo", "Minus grpo:")[4:8] == ["-0.500 [-1.000, +0.000]"] * 3 + ["+0.500 [+0.000, +1.000]"]
+    assert (tmp_path / "rep" / "three_sets_over_steps.png").read_bytes()[:4] == b"\x89PNG"
     assert "## B\n" not in md and "## A\n" in md  # B: its only run is in A's plot
     assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib: in the
     # README's test install
@@ -3845,6 +3924,42 @@ def test_report_from_fake_runs(tmp_path):
     (root / "base" / "samples.jsonl").write_text('{"benchmark": "ood"}\n')
     with pytest.raises(ValueError, match="samples.jsonl: row 0"):
         evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep")))
+
+
+def test_check_outcomes_on_hand_labelled_responses():
+    def r(think, boxed):
+        return f"<think>\n{think}\n</think>\n\nThe answer is \\boxed{{{boxed}}}."
+
+    labelled = [  # (response, its outcomes, counted by hand, and whether it is graded right)
+        (r("4 + 5 = 8. Wait, let me check: 8 - 5 = 3, not 4. I made a mistake: 4 + 5 = 9. So the answer is 9.", 9),
+         dict(checks=1, wrong=1, caught=1, fixed=1, confirmed_wrong=0, false_alarms=0), True),
+        (r("Hmm, 2 + 4 = 7. Wait, let me check: 7 - 4 = 3. Yes. So the answer is 7.", 7),  # the check passes it
+         dict(checks=1, wrong=1, caught=0, fixed=0, confirmed_wrong=1, false_alarms=0), False),
+        (r("3 * 4 = 12. Wait, let me check: 12 / 4 = 2, not 3. I made a mistake: 3 * 4 = 13.", 13),  # false alarm
+         dict(checks=1, wrong=1, caught=0, fixed=0, confirmed_wrong=0, false_alarms=1), False),
+        (r("9 - 3 = 5. Wait, let me check: 5 + 3 = 8, not 9. I made a mistake: 9 - 3 = 7. So 7.", 7),  # bad fix
+         dict(checks=1, wrong=2, caught=1, fixed=0, confirmed_wrong=0, false_alarms=0), False),
+        (r("6 * 7 = 41. So the answer is 41.", 41),  # a slip no check looks at
+         dict(checks=0, wrong=1, caught=0, fixed=0, confirmed_wrong=0, false_alarms=0), False),
+        (r("Hmm, let me check this again. 12 / 4 = 3. Wait, let me check: 3 * 4 = 12. Yes.", 3),  # one ungradable
+         dict(checks=2, wrong=0, caught=0, fixed=0, confirmed_wrong=0, false_alarms=0), True),
+        ("12 - 5 = 8. Wait, let me check: 8 + 5 = 13, not 12. I made a mistake: 12 - 5 = 7. \\boxed{7}",  # no think
+         dict(checks=1, wrong=1, caught=1, fixed=1, confirmed_wrong=0, false_alarms=0), True),
+    ]  # fmt: skip
+    for response, want, _ in labelled:
+        assert epistemic.check_outcomes(response) == want, response
+    shares = epistemic.mechanism([x for x, _, _ in labelled], [ok for _, _, ok in labelled])
+    assert shares == dict(check=6 / 7, catch=3 / 7, rescued=2 / 7, uncaught=4 / 7, confirmed_wrong=1 / 7)
+    # the organism's own traces: exactly the slipped ones are caught and fixed, by the generator's own rule
+    ps = data.load_problems("synthetic:style=think,split=all,n=120,slip=0.25", seed=5)
+    for i, p in enumerate(ps):
+        slipped = math.floor((i + 1) * 0.25) > math.floor(i * 0.25)
+        o = epistemic.check_outcomes(p["solution"])
+        assert (o["wrong"], o["caught"], o["fixed"], o["confirmed_wrong"], o["false_alarms"]) == (slipped,) * 3 + (
+            0,
+            0,
+        )
+        assert o["checks"] == p["solution"].count("Wait, let me check")
 
 
 def test_marker_start_positions_by_hand():
