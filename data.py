@@ -364,14 +364,13 @@ def think_trace(
     and corrects it; every other result is checked with probability `check`."""
     parts, slipped = [], False
     last = None
-    hmm = rng.random() < hesitate
     for step in steps:
         if isinstance(step, str):
-            parts += [step] if rng.random() < plan else []
+            parts += [step] if plan >= 1 or rng.random() < plan else []
             continue
         say, expr, value = step
-        say = say if rng.random() < plan else ""
-        if hmm and not parts:
+        say = "" if plan < 1 and rng.random() >= plan else say  # plan = 1 draws nothing: the traces of before
+        if not parts and (say or plan < 1) and rng.random() < hesitate:
             say = (
                 "Hmm, " + (say[0].lower() + say[1:] if say.split()[0] in ("The", "First") else say) if say else "Hmm,"
             )
@@ -442,7 +441,12 @@ def synthetic_problems(
     unknown = [t for t in types if t not in ALL_TYPES]
     if unknown or not types:
         raise ValueError(f"synthetic: unknown problem type(s) {unknown or types}; known: {', '.join(ALL_TYPES)}")
-    levels, n = [int(d) for d in str(difficulty).split("+")], int(n)
+    try:
+        levels, n = [int(d) for d in str(difficulty).split("+")], int(n)
+    except ValueError:
+        raise ValueError(
+            f"synthetic: difficulty={difficulty!r} and n={n!r} must be whole numbers (levels: 1+2)"
+        ) from None
     if min(levels) < 1 or n < 1:
         raise ValueError(f"synthetic: difficulty and n must be >= 1 (got difficulty={difficulty}, n={n})")
     difficulty = "+".join(map(str, levels))
@@ -455,21 +459,22 @@ def synthetic_problems(
         if not 0 <= v <= 1:
             raise ValueError(f"synthetic: {name}={v} must be in [0, 1]")
     rng = random.Random(f"synthetic/{seed}/{difficulty}/{'+'.join(types)}")
-    seen, out, live, misses = set(), [], list(types), {t: 0 for t in types}
+    live = [(kind, level) for level in levels for kind in types]  # in turn: every type at a level, then the next
+    seen, out, misses = set(), [], dict.fromkeys(live, 0)
     while len(out) < n:
         if not live:
             raise ValueError(
-                f"synthetic: only {len(out)} distinct problems exist for types={types} "
-                f"difficulty={difficulty}; ask for fewer or raise the difficulty"
+                f"synthetic: only {len(out)} distinct problems exist for types={types} difficulty={difficulty}"
+                f"{'' if part == 'all' else ' part=' + part}; ask for fewer or raise the difficulty"
             )
-        kind, level = live[len(out) % len(live)], levels[len(out) // len(live) % len(levels)]
+        kind, level = slot = live[len(out) % len(live)]
         question, answer, solution, steps = ALL_TYPES[kind](rng, level)
         if question in seen or part != "all" and (zlib.crc32(question.encode()) % 4 == 0) != (part == "test"):
-            misses[kind] += 1
-            if misses[kind] > 200:  # this type's problem space is used up at this difficulty
-                live.remove(kind)
+            misses[slot] += 1
+            if misses[slot] > 200:  # this type's problem space is used up at this level
+                live.remove(slot)
             continue
-        misses[kind] = 0
+        misses[slot] = 0
         seen.add(question)
         if style == "think":
             i = len(out)

@@ -103,7 +103,7 @@ def split_think(text: str) -> tuple[str, str]:
 # "Yes." or ", not a. I made a mistake: a op b = v'.". Each equation's truth is exact integer arithmetic, so a
 # response's checks can be graded: did one flag a wrong result, and did the correction then hold?
 # --------------------------------------------------------------------------------------------
-_EQUATION = r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)"
+_EQUATION = r"(?<![\d.])(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)(?!\.\d)"  # whole numbers, not parts of decimals
 _RESULT = re.compile(_EQUATION)
 _CHECK = re.compile(r"let me check: " + _EQUATION + r"(?:\.\s*(yes)|, not (-?\d+))", re.IGNORECASE)
 
@@ -118,30 +118,35 @@ def check_outcomes(response: str) -> dict[str, int]:
     """What the verbalized checks of one response did, in its <think> part (the whole text when it has none).
 
     checks: "let me check" occurrences. Results are the equations outside a check's own equation; each graded
-    check refers to the last result before it. wrong: false results; caught: false results a check flags
-    ("..., not a"); fixed: caught results whose next result (the correction) is true; confirmed_wrong: false
-    results a check passes ("Yes"); false_alarms: true results a check flags."""
+    check refers to the last result before it. Counts of results (one checked twice counts once): wrong: false ones;
+    caught: false ones a check flags ("..., not a"); fixed: caught ones whose next result (the correction) is true;
+    confirmed_wrong: false ones a check passes ("Yes"); false_alarms: true ones a check flags."""
     think, _ = split_think(response)
     text = think or response
     checks = list(_CHECK.finditer(text))
     spans = [c.span() for c in checks]
     results = [m for m in _RESULT.finditer(text) if not any(a <= m.start() < b for a, b in spans)]
-    out = dict(
-        checks=text.lower().count("let me check"), wrong=0, caught=0, fixed=0, confirmed_wrong=0, false_alarms=0
-    )
-    out["wrong"] = sum(not equation_holds(*m.groups()) for m in results)
+    wrong = {i for i, m in enumerate(results) if not equation_holds(*m.groups())}
+    caught, fixed, passed, alarms = set(), set(), set(), set()  # results, by index: a result checked twice counts once
     for c in checks:
-        before = [m for m in results if m.end() <= c.start()]
+        before = [i for i, m in enumerate(results) if m.end() <= c.start()]
         if not before:
             continue
-        right, flagged = equation_holds(*before[-1].groups()), c.group(6) is not None
-        if flagged and not right:
-            out["caught"] += 1
+        i, flagged = before[-1], c.group(6) is not None
+        if flagged and i in wrong:
+            caught.add(i)
             after = [m for m in results if m.start() >= c.end()]
-            out["fixed"] += bool(after) and equation_holds(*after[0].groups())
-        out["confirmed_wrong"] += not flagged and not right
-        out["false_alarms"] += flagged and right
-    return out
+            if after and equation_holds(*after[0].groups()):
+                fixed.add(i)
+        (alarms if flagged else passed).add(i)
+    return dict(
+        checks=text.lower().count("let me check"),
+        wrong=len(wrong),
+        caught=len(caught),
+        fixed=len(fixed),
+        confirmed_wrong=len(passed & wrong),
+        false_alarms=len(alarms - wrong),
+    )
 
 
 def mechanism(responses: list[str], correct: list[bool]) -> dict[str, float]:

@@ -876,8 +876,8 @@ def _run_sections(root: Path, args: ReportArgs, base: dict | None, out: Path) ->
         )
     md.append(
         f"## Training runs\n\nTraining figures: step 1, and the mean over the last {last} steps, one value "
-        f"per seed (their intervals draw seeds only). Held-out: the final checkpoint on {len(shared)} "
-        f"held-out problems.\n\n"
+        f"per seed (their intervals draw seeds only). Held-out: "
+        + (f"the final checkpoint on {len(shared)} held-out problems (eval/).\n\n" if shared else "no eval/ yet.\n\n")
         + epistemic.format_table(
             table,
             (
@@ -1028,12 +1028,19 @@ def _set_sections(root: Path, args: ReportArgs, out: Path) -> list[str]:
     runs = {}
     for path in sorted(root.glob("*/seed*/eval_samples.jsonl")):
         runs.setdefault(path.parent.parent.name, {})[path.parent.name] = read_steps(path)
-    if not runs:
-        return []
+    steps = sorted({t for seeds in runs.values() for st in seeds.values() for t in st})
+    unfinished = sorted(n for n, seeds in runs.items() if any(sorted(st) != steps for st in seeds.values()))
+    runs = {n: seeds for n, seeds in runs.items() if n not in unfinished}
     every = [ev for seeds in runs.values() for st in seeds.values() for ev in st.values()]
-    steps = sorted(set.intersection(*(set(st) for seeds in runs.values() for st in seeds.values())))
-    shared = set.intersection(*(set(ev) for ev in every))  # the problems every evaluation graded
-    benches = sorted({b for b, _ in shared})
+    shared = set.intersection(*(set(ev) for ev in every)) if every else set()  # problems every evaluation graded
+    if not shared:
+        left = f" (not yet evaluated at every step: {', '.join(unfinished)})" if unfinished else ""
+        return [f"## The evaluation sets\n\nNo problem was graded at every step of every run{left}.\n"] * bool(
+            runs or unfinished
+        )
+    benches = [
+        b for b in dict.fromkeys(b for ev in every for b, _ in ev) if any(k[0] == b for k in shared)
+    ]  # --eval-data's order
     ids = {b: sorted(k for k in shared if k[0] == b) for b in benches}
     keys = ("acc", "length", "epistemic", *MECHANISM, "uncaught")
     curves = {  # name -> (steps, {step: {bench: {key: (seeds, problems)}}})
@@ -1042,13 +1049,15 @@ def _set_sections(root: Path, args: ReportArgs, out: Path) -> list[str]:
         for name, seeds in runs.items()
     }  # fmt: skip
     base_path = root / "base" / "samples.jsonl"
-    base = read_samples(base_path) if base_path.exists() else {}
+    base = {k: v for k, v in read_samples(base_path).items() if k in shared} if base_path.exists() else {}
     last, reps = steps[-1], args.boot
     md = [
         f"## The evaluation sets over {last} steps\n\nEach run evaluated during training at steps "
         f"{', '.join(map(str, steps))} (step 0: the organism, base/). Shares of responses that "
         + "; ".join(f"{k}: {v}" for k, v in MECHANISM.items())
-        + "; uncaught: that leave a wrong result standing (`epistemic.check_outcomes`).\n"
+        + "; uncaught: that leave a wrong result standing (`epistemic.check_outcomes`)."
+        + (f" Left out, not yet evaluated at every step: {', '.join(unfinished)}." if unfinished else "")
+        + "\n"
     ]
     png = "three_sets_over_steps.png"
     if plot_sets(curves, base, benches, out / png, reps):
@@ -1070,7 +1079,7 @@ def _set_sections(root: Path, args: ReportArgs, out: Path) -> list[str]:
         at0 = [k for k in base if k[0] == b]
         before = ", ".join(f"{k} {cell(k, [[base[i][k] for i in at0]])}" for k in keys) if at0 else "not evaluated"
         md.append(
-            f"### {b}\n\n{len(ids[b])} problems x {first_n(runs, last, ids[b][0])} samples per seed. Before "
+            f"### {b}\n\n{len(ids[b])} problems x {first_n(runs, last, ids[b][0])} sample(s) per seed. Before "
             f"training (the organism): {before}.\n\n"
             + epistemic.format_table(table, ("run", "seeds", *cols))
             + (f"\n\nMinus {args.baseline}:\n\n" + epistemic.format_table(diffs, ("run", *cols)) if diffs else "")
@@ -1116,6 +1125,8 @@ def report(args: ReportArgs) -> str:
     sweep = []
     for path in sorted(root.glob("sweep/*/seed*/metrics.jsonl")):
         rows = read_metrics(path)[-args.last :]
+        if not rows:
+            continue
         sweep.append(
             (path.parent.parent.name, f"{rows[-1]['lr']:g}")
             + tuple(f"{sum(r[k] for r in rows) / len(rows):.3f}" for k in ("score", "length", "epistemic"))

@@ -463,14 +463,18 @@ def test_mixed_difficulty_and_traces_without_plans():
     plain = data.load_problems("synthetic:style=think,n=40,plan=0,slip=0.25")
     planned = data.load_problems("synthetic:style=think,n=40,plan=1,slip=0.25")
     assert [p["question"] for p in plain] == [p["question"] for p in planned]
-    for p, q in zip(plain, planned):
+    for p in plain:
         think = p["solution"].split("</think>")[0].removeprefix("<think>\n")
         # without plans a trace is its equations, checks and corrections only: no sentence but these
         rest = re.sub(r"Wait, let me check: [^.]*?(\. Yes\.|, not \d+\. I made a mistake: [^.]*\.)", "", think)
         rest = re.sub(r"\d+ [-+*/] \d+ = \d+\.", "", rest.removeprefix("Hmm,"))
         assert rest.split() == ["So", "the", "answer", "is", f"{p['answer']}."], p["solution"]
-        assert len(p["solution"]) < len(q["solution"]) and data.grade(p["solution"], p["answer"]) == 1.0
-        assert len(_EQUATION.findall(think)) == len(_EQUATION.findall(q["solution"].split("</think>")[0]))
+        assert data.grade(p["solution"], p["answer"]) == 1.0
+    bare = "slip=0,check=0,hesitate=0"  # no random draws but the plans': the same equations, with or without plans
+    for p, q in zip(*(data.load_problems(f"synthetic:style=think,n=40,{bare},plan={x}") for x in (0, 1))):
+        assert len(p["solution"]) < len(q["solution"]) and _EQUATION.findall(p["solution"]) == _EQUATION.findall(
+            q["solution"]
+        )
     # train and test parts: disjoint, every type in both, the test part exactly the questions whose CRC-32 is 0 mod 4
     train = data.load_problems("synthetic:difficulty=1+2,n=400,part=train")
     test = data.load_problems("synthetic:difficulty=1+2,n=100,seed=1,part=test")
@@ -3840,6 +3844,10 @@ def test_report_from_fake_runs(tmp_path):
     sweep.mkdir(parents=True)
     rows = [dict(step=i + 1, lr=1e-5, score=x, length=50 + i, epistemic=2.0) for i, x in enumerate([0.2, 0.4, 0.7])]
     (sweep / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    late = root / "grpo_late" / "seed0"  # a run evaluated at step 10 only, so far: left out, and said
+    late.mkdir(parents=True)
+    (late / "eval_samples.jsonl").write_text(json.dumps(dict(benchmark="ood", id="p0", step=10, scores=[1.0],
+        lengths=[5], epistemic=[0], responses=["x"], finish_reasons=["stop"])) + "\n")  # fmt: skip
     assert evaluate.read_samples(root / "base" / "samples.jsonl")[("ood", "p0")] == dict(
         acc=0.5, length=5.0, epistemic=0.0, format=1.0, truncated=0.0, n=2, check=0.0, catch=0.0, rescued=0.0,
         uncaught=0.0, confirmed_wrong=0.0
@@ -3899,7 +3907,8 @@ def test_report_from_fake_runs(tmp_path):
     assert "| grpo_lr1e-5 | 1e-05 | 0.700          | 52.000 | 2.000 |" in md  # the last step's (--last 1)
     assert "sweep" not in md[md.index("## The evaluation sets") :]
     sets = md[md.index("## The evaluation sets over 20 steps") : md.index("## Training runs")]
-    assert "2 problems x 2 samples per seed" in sets and "![accuracy" in sets
+    assert "2 problems x 2 sample(s) per seed" in sets and "![accuracy" in sets and "grpo_late |" not in sets
+    assert "Left out, not yet evaluated at every step: grpo_late." in sets
     # GRPO at step 20: p0 right (1.0), p1 wrong (0.0): acc 0.5; half its responses catch, fix and end right
     assert cells("grpo", "### ood")[:4] == ["1", "0.000 [0.000, 0.000]", "0.500 [0.000, 1.000]", "15.0 [15.0, 15.0]"]
     assert cells("grpo", "### ood")[5:9] == ["0.500 [0.000, 1.000]"] * 3 + ["0.500 [0.000, 1.000]"]  # check, catch,
@@ -3945,11 +3954,14 @@ def test_check_outcomes_on_hand_labelled_responses():
          dict(checks=2, wrong=0, caught=0, fixed=0, confirmed_wrong=0, false_alarms=0), True),
         ("12 - 5 = 8. Wait, let me check: 8 + 5 = 13, not 12. I made a mistake: 12 - 5 = 7. \\boxed{7}",  # no think
          dict(checks=1, wrong=1, caught=1, fixed=1, confirmed_wrong=0, false_alarms=0), True),
+        (r("5 / 2 = 2.5. 4 + 4 = 9. Wait, let me check: 9 - 4 = 5, not 4. Wait, let me check: 9 - 4 = 5, not 4. "
+           "I made a mistake: 4 + 4 = 8. 6 - 1 = 4.", 4),  # a decimal is no equation; checked twice, caught once
+         dict(checks=2, wrong=2, caught=1, fixed=1, confirmed_wrong=0, false_alarms=0), False),
     ]  # fmt: skip
     for response, want, _ in labelled:
         assert epistemic.check_outcomes(response) == want, response
     shares = epistemic.mechanism([x for x, _, _ in labelled], [ok for _, _, ok in labelled])
-    assert shares == dict(check=6 / 7, catch=3 / 7, rescued=2 / 7, uncaught=4 / 7, confirmed_wrong=1 / 7)
+    assert shares == dict(check=7 / 8, catch=4 / 8, rescued=2 / 8, uncaught=5 / 8, confirmed_wrong=1 / 8)
     # the organism's own traces: exactly the slipped ones are caught and fixed, by the generator's own rule
     ps = data.load_problems("synthetic:style=think,split=all,n=120,slip=0.25", seed=5)
     for i, p in enumerate(ps):
