@@ -150,16 +150,15 @@ def check_outcomes(response: str) -> dict[str, int]:
 
 
 def mechanism(responses: list[str], correct: list[bool]) -> dict[str, float]:
-    """Shares of responses that verbalize a check, catch a wrong result, and end right after a caught and fixed
-    slip ("right because of the catch"); and that leave a wrong result standing (not caught), with their accuracy."""
+    """Shares of responses that verbalize a check, catch a wrong result, end right (`correct`) after a caught and
+    fixed slip ("right because of the catch"), leave a wrong result uncaught, and pass a wrong result with a check."""
     n = max(len(responses), 1)
     rows = [check_outcomes(r) for r in responses]
-    standing = [o["wrong"] > o["caught"] for o in rows]
     return dict(
         check=sum(o["checks"] > 0 for o in rows) / n,
         catch=sum(o["caught"] > 0 for o in rows) / n,
         rescued=sum(o["fixed"] > 0 and ok for o, ok in zip(rows, correct)) / n,
-        uncaught=sum(standing) / n,
+        uncaught=sum(o["wrong"] > o["caught"] for o in rows) / n,
         confirmed_wrong=sum(o["confirmed_wrong"] > 0 for o in rows) / n,
     )
 
