@@ -790,41 +790,40 @@ def _problem_table(samples: dict, reps: int) -> str:
 
 
 def _table2(root: Path, boot: int) -> str | None:
-    """Table 2's section: SFT on D_ug vs D_sg, their training rows and held-out figures."""
-    sft_rows = []
+    """Table 2's section: SFT on D_ug vs D_sg, their training rows, then per evaluation set (in the order they were
+    evaluated) the organism's figures (base/, where it exists), each SFT model's, and D_sg minus D_ug paired on
+    problems, * where its interval excludes 0."""
+    train, evals = [], {}
     for setting, name in (("unguided", "D_ug"), ("solution", "D_sg")):
         d, ev = root / "sft" / f"d_{setting}.jsonl", root / "sft" / setting / "eval" / "samples.jsonl"
-        if not (d.exists() and ev.exists()):
-            continue
-        rows = data.read_jsonl(d)
-        s = read_samples(ev)
-        ids = sorted(s)
-
-        def mean(key, rows=rows):
-            return sum(r[key] for r in rows) / max(len(rows), 1)
-
-        def col(key, fmt=".3f", s=s, ids=ids):
-            return ci(bootstrap([[s[i][key] for i in ids]], reps=boot), fmt)
-
-        sft_rows.append(
-            (
-                f"SFT on {name}",
-                len(rows),
-                f"{mean('length'):.1f}",
-                f"{mean('epistemic'):.2f}",
-                col("acc"),
-                col("length", ".1f"),
-                col("epistemic", ".2f"),
-            )
-        )
-    if not sft_rows:
+        if d.exists() and ev.exists():
+            rows = data.read_jsonl(d)
+            n = max(len(rows), 1)
+            length, e = sum(r["length"] for r in rows) / n, sum(r["epistemic"] for r in rows) / n
+            train.append((f"SFT on {name}", len(rows), f"{length:.1f}", f"{e:.2f}"))
+            evals[name] = read_samples(ev)
+    if not train:
         return None
+    if (root / "base" / "samples.jsonl").exists():
+        evals = {"organism": read_samples(root / "base" / "samples.jsonl"), **evals}
+    rows, keys = [], (("acc", ".3f"), ("length", ".1f"), ("epistemic", ".2f"))
+    for bench in dict.fromkeys(b for name in ("D_ug", "D_sg") for b, _ in evals.get(name, {})):
+        for name, s in evals.items():
+            ids = [k for k in s if k[0] == bench]
+            if ids:
+                rows.append([bench, name if name == "organism" else f"SFT on {name}", len(ids)])
+                rows[-1] += [ci(bootstrap([[s[i][k] for i in ids]], reps=boot), f) for k, f in keys]
+        if "D_ug" in evals and "D_sg" in evals and set(evals["D_ug"]) == set(evals["D_sg"]):
+            ids = [k for k in evals["D_sg"] if k[0] == bench]
+            rows.append([bench, "D_sg minus D_ug", len(ids)])
+            for k, f in keys:
+                a, b = ([[evals[m][i][k] for i in ids]] for m in ("D_sg", "D_ug"))
+                rows[-1].append(ci(bootstrap(a, b, reps=boot), f, sign=True))
     return (
         "## Table 2: SFT on D_ug vs D_sg\n\n"
-        + epistemic.format_table(
-            sft_rows,
-            ("model", "train rows", "train length", "train E(y)", "held-out acc", "held-out length", "held-out E(y)"),
-        )
+        + epistemic.format_table(train, ("model", "train rows", "train length", "train E(y)"))
+        + "\n\n"
+        + epistemic.format_table(rows, ("set", "model", "problems", "acc", "length", "E(y)"))
         + "\n"
     )
 

@@ -3935,6 +3935,50 @@ def test_report_from_fake_runs(tmp_path):
         evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep")))
 
 
+def test_report_table2_per_evaluation_set(tmp_path):
+    """Table 2's section: the training sets' means, then per set (in the order evaluated) the organism, each SFT
+    model and D_sg minus D_ug paired on problems; every cell computed here by hand (constant problems: intervals
+    collapse to their point)."""
+    root = tmp_path / "runs"
+    (root / "sft" / "unguided" / "eval").mkdir(parents=True)
+    (root / "sft" / "solution" / "eval").mkdir(parents=True)
+    (root / "base").mkdir()
+    for name, rows in (("unguided", [(10, 1), (20, 3)]), ("solution", [(6, 0)])):
+        with open(root / "sft" / f"d_{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(dict(length=n, epistemic=e)) + "\n" for n, e in rows)
+
+    def write(path, acc):  # sets "two" then "one", 3 problems each, 2 responses a problem
+        records = [
+            dict(benchmark=b, id=f"p{k}", scores=[acc[b]] * 2, lengths=[8, 12], epistemic=[1, 1],
+                 responses=["x", "y"], finish_reasons=["stop", "stop"])
+            for b in ("two", "one") for k in range(3)
+        ]  # fmt: skip
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    write(root / "sft" / "unguided" / "eval" / "samples.jsonl", {"two": 0.0, "one": 0.5})
+    write(root / "sft" / "solution" / "eval" / "samples.jsonl", {"two": 1.0, "one": 0.5})
+    write(root / "base" / "samples.jsonl", {"two": 0.5, "one": 0.0})
+    md = evaluate._table2(root, boot=200)
+    lines = [[c.strip() for c in x.strip("|").split("|")] for x in md.splitlines() if x.startswith("| ")]
+    assert lines[1:3] == [["SFT on D_ug", "2", "15.0", "2.00"], ["SFT on D_sg", "1", "6.0", "0.00"]]
+    body = [x for x in lines if x[0] in ("two", "one")]
+    assert [x[:3] for x in body] == [[b, m, "3"] for b in ("two", "one") for m in
+        ("organism", "SFT on D_ug", "SFT on D_sg", "D_sg minus D_ug")]  # fmt: skip
+    assert body[0][3:] == ["0.500 [0.500, 0.500]", "10.0 [10.0, 10.0]", "1.00 [1.00, 1.00]"]
+    assert body[3][3:] == ["+1.000 [+1.000, +1.000] *", "+0.0 [+0.0, +0.0]", "+0.00 [+0.00, +0.00]"]
+    assert body[7][3] == "+0.000 [+0.000, +0.000]" and body[4][3] == "0.000 [0.000, 0.000]"
+    (root / "sft" / "solution" / "eval" / "samples.jsonl").unlink()  # one model evaluated: no difference row
+    md = evaluate._table2(root, boot=200)
+    assert (
+        "SFT on D_sg" not in md
+        and "minus" not in md
+        and md.count("| SFT on D_ug |") == 3
+        and md.count("| organism ") == 2
+    )
+    shutil.rmtree(root / "sft")
+    assert evaluate._table2(root, boot=200) is None
+
+
 def test_check_outcomes_on_hand_labelled_responses():
     def r(think, boxed):
         return f"<think>\n{think}\n</think>\n\nThe answer is \\boxed{{{boxed}}}."
