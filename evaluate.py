@@ -620,7 +620,7 @@ class ReportArgs:
     boot: int = HfArg(default=2000, help="bootstrap replicates for the 95%% intervals")
     groups: list[str] = field(
         default_factory=lambda: [
-            "GRPO vs SDPO (Fig. 3-5)=grpo,sdpo,sdpo_nothink",
+            "GRPO vs SDPO (Fig. 3-5)=grpo,sdpo,grpo_at_sdpo_lr,sdpo_nothink",
             "Fixed vs EMA teacher (Fig. 6)=sdpo,sdpo_ema",
             "Task coverage |D| (Fig. 7/8)=grpo_d1,grpo,sdpo_d1,sdpo",
             "Remedies (beyond the paper)=grpo,sdpo,sdpo_protect,sdpo_pg,sdpo_entw",
@@ -1058,9 +1058,17 @@ def _set_sections(root: Path, args: ReportArgs, out: Path) -> list[str]:
         + (f" Left out, not yet evaluated at every step: {', '.join(unfinished)}." if unfinished else "")
         + "\n"
     ]
-    png = "three_sets_over_steps.png"
-    if plot_sets(curves, base, benches, out / png, reps):
-        md.append(f"![accuracy, length and E(y) per evaluation set against step]({png})\n")
+    drawn = set()  # one figure a comparison (--groups), as the training plots; the first is the headline
+    for spec in args.groups:
+        title, _, names = spec.partition("=")
+        group = {n: curves[n] for n in names.split(",") if n in curves}
+        if not group or set(group) <= drawn:
+            continue
+        slug = "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")[:40]
+        png = f"sets_{slug}.png" if drawn else "three_sets_over_steps.png"
+        drawn |= set(group)
+        if plot_sets(group, base, benches, out / png, reps):
+            md.append(f"![{title}: accuracy, length and E(y) per evaluation set against step]({png})\n")
 
     def cell(key, a, b=None):
         return ci(bootstrap(a, b, reps=reps), {"length": ".1f", "epistemic": ".2f"}.get(key, ".3f"), b is not None)

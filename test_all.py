@@ -3907,7 +3907,7 @@ def test_report_from_fake_runs(tmp_path):
     assert "| grpo_lr1e-5 | 1e-05 | 0.700          | 52.000 | 2.000 |" in md  # the last step's (--last 1)
     assert "sweep" not in md[md.index("## The evaluation sets") :]
     sets = md[md.index("## The evaluation sets over 20 steps") : md.index("## Training runs")]
-    assert "2 problems x 2 sample(s) per seed" in sets and "![accuracy" in sets and "grpo_late |" not in sets
+    assert "2 problems x 2 sample(s) per seed" in sets and "![A: accuracy" in sets and "grpo_late |" not in sets
     assert "Left out, not yet evaluated at every step: grpo_late." in sets
     # GRPO at step 20: p0 right (1.0), p1 wrong (0.0): acc 0.5; half its responses catch, fix and end right
     assert cells("grpo", "### ood")[:4] == ["1", "0.000 [0.000, 0.000]", "0.500 [0.000, 1.000]", "15.0 [15.0, 15.0]"]
@@ -3916,6 +3916,10 @@ def test_report_from_fake_runs(tmp_path):
     assert cells("sdpo", "Minus grpo:")[:2] == ["+0.000 [+0.000, +0.000]", "-0.500 [-1.000, +0.000]"]
     assert cells("sdpo", "Minus grpo:")[4:8] == ["-0.500 [-1.000, +0.000]"] * 3 + ["+0.500 [+0.000, +1.000]"]
     assert (tmp_path / "rep" / "three_sets_over_steps.png").read_bytes()[:4] == b"\x89PNG"
+    two = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "two"), groups=["A=grpo",
+        "B b=sdpo,grpo"], last=1, boot=50))  # fmt: skip
+    assert "![A: accuracy, length and E(y) per evaluation set against step](three_sets_over_steps.png)" in two
+    assert "![B b: accuracy" in two and (tmp_path / "two" / "sets_b_b.png").read_bytes()[:4] == b"\x89PNG"
     assert "## B\n" not in md and "## A\n" in md  # B: its only run is in A's plot
     assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib: in the
     # README's test install
