@@ -620,7 +620,7 @@ class ReportArgs:
     boot: int = HfArg(default=2000, help="bootstrap replicates for the 95%% intervals")
     groups: list[str] = field(
         default_factory=lambda: [
-            "GRPO vs SDPO (Fig. 3-5)=grpo,sdpo,grpo_at_sdpo_lr,sdpo_nothink",
+            "GRPO vs SDPO (Fig. 3-5)=grpo,sdpo,grpo_lr1e-6,sdpo_nothink",
             "Fixed vs EMA teacher (Fig. 6)=sdpo,sdpo_ema",
             "Task coverage |D| (Fig. 7/8)=grpo_d1,grpo,sdpo_d1,sdpo",
             "Remedies (beyond the paper)=grpo,sdpo,sdpo_protect,sdpo_pg,sdpo_entw",
