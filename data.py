@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import math
 import os
@@ -684,19 +685,7 @@ def load_problems(source: str, limit: int | None = None, seed: int = 0, dedup: b
         name, spec_options = _parse_source(source)
         spec_options.update(options)
         if name == "synthetic":
-            allowed = {
-                "n",
-                "difficulty",
-                "types",
-                "split",
-                "style",
-                "slip",
-                "check",
-                "hesitate",
-                "plan",
-                "part",
-                "seed",
-            }
+            allowed = set(inspect.signature(synthetic_problems).parameters)
             if set(spec_options) - allowed:
                 raise ValueError(
                     f"source {source!r}: unknown option(s) {sorted(set(spec_options) - allowed)}; "

@@ -162,18 +162,9 @@ def score_problems(
     params = replace(params, logprobs=False)
     prompts = [rollout.chat_prompt(backend.tokenizer, data.format_prompt(p["question"]), **chat) for p in problems]
     samples = rollout.generate(backend, prompts, params, progress=progress, indices=indices)
+    lists = ("responses", "scores", "lengths", "epistemic", "finish_reasons")
     records = [
-        dict(
-            id=p["id"],
-            question=p["question"],
-            answer=p["answer"],
-            responses=[],
-            scores=[],
-            lengths=[],
-            epistemic=[],
-            finish_reasons=[],
-        )
-        for p in problems
+        dict(id=p["id"], question=p["question"], answer=p["answer"], **{k: [] for k in lists}) for p in problems
     ]
     for s in tqdm(samples, desc="grade", disable=not progress, leave=False):
         r = records[s.prompt_index]
@@ -274,15 +265,7 @@ def evaluate_model(args: Args) -> dict:
     pending = [(name, p) for name, ps in benchmarks.items() for p in ps if (name, p["id"]) not in done]
     rollout.print0(f"{sum(map(len, benchmarks.values()))} problems, {len(done)} already done, {len(pending)} to go")
     chat = dict(system=args.system, thinking=args.thinking)
-    max_len = 0
-    if args.backend == "vllm":  # sized from the longest prompt: vLLM cuts longer requests silently
-        tok = rollout.load_tokenizer(args.model)
-        max_len = rollout.engine_length(
-            tok,
-            [rollout.chat_prompt(tok, data.format_prompt(p["question"]), **chat) for _, p in pending],
-            args.max_new_tokens,
-            args.model,
-        )
+    max_len = settings_engine_length(args, [p for _, p in pending], ["unguided"], "dataset")  # vLLM: longest prompt
     backend = rollout.backend_from_args(args, device, max_len, seed=args.seed + rank)
     step = args.chunk * world
     bar = tqdm(total=len(pending), desc="problems", disable=rank != 0)
@@ -380,38 +363,6 @@ def setting_summary(records: list[dict]) -> dict:
     )
 
 
-def run_setting(
-    backend,
-    problems: list[dict],
-    contexts: dict,
-    setting: str,
-    params: rollout.SamplingParams,
-    chat: dict,
-    lenient: bool = False,
-) -> list[dict]:
-    """Generate and grade one setting. contexts maps problem id -> user prompt text."""
-    todo = [p for p in problems if p["id"] in contexts]
-    prompts = [rollout.chat_prompt(backend.tokenizer, contexts[p["id"]], **chat) for p in todo]
-    samples = rollout.generate(backend, prompts, params)
-    records = []
-    for s in samples:
-        p = todo[s.prompt_index]
-        records.append(
-            dict(
-                setting=setting,
-                id=p["id"],
-                answer=p["answer"],
-                context=contexts[p["id"]],
-                response=s.text,
-                score=data.grade(s.text, p["answer"], lenient=lenient),
-                length=len(s.response_ids),
-                epistemic=epistemic.epistemic_count(s.text),
-                finish_reason=s.finish_reason,
-            )
-        )
-    return records
-
-
 SETTING_NAMES = {
     "unguided": "(1) Unguided",
     "solution": "(2) Solution-Guided (c = s)",
@@ -433,13 +384,13 @@ def context_for(setting: str, question: str, s: str | None) -> str:
     return rollout.reprompt(question, s, template="hint")  # "solution" (c = s) and "regenerated" (c = y_r)
 
 
-def settings_engine_length(
-    model: str, problems: list[dict], settings: list[str], solution_source: str, max_new_tokens: int, chat: dict
-) -> int:
-    """`rollout.engine_length` for the settings of Table 1 (and `sft.py build`): every setting's prompt for every
-    problem. Where s is drawn from the model (a rollout, or y_r), it is not known yet: room for one more
-    response of max_new_tokens is added."""
-    tok = rollout.load_tokenizer(model)
+def settings_engine_length(args, problems: list[dict], settings: list[str], solution_source: str) -> int:
+    """`rollout.engine_length` for the settings of Table 1 (and `sft.py build`) under vLLM, else 0: every setting's
+    prompt for every problem. Where s is drawn from the model (a rollout, or y_r), it is not known yet: room for one
+    more response of max_new_tokens is added."""
+    if args.backend != "vllm":
+        return 0
+    tok, chat = rollout.load_tokenizer(args.model), dict(system=args.system, thinking=args.thinking)
     dataset = solution_source == "dataset"
     prompts = [
         rollout.chat_prompt(tok, context_for(s, p["question"], (p.get("solution") or "x") if dataset else "x"), **chat)
@@ -447,7 +398,8 @@ def settings_engine_length(
         for p in problems
     ]
     drawn = any(s != "unguided" for s in settings) and (not dataset or "regenerated" in settings)
-    return rollout.engine_length(tok, prompts, max_new_tokens, model, extra=max_new_tokens if drawn else 0)
+    n = args.max_new_tokens
+    return rollout.engine_length(tok, prompts, n, args.model, extra=n if drawn else 0)
 
 
 def first_correct(records: list[dict], or_first: bool = False) -> dict[str, str]:
@@ -467,25 +419,30 @@ def table1(args: Table1Args) -> dict:
     chosen = list(SETTINGS) if args.setting == "all" else [args.setting]
     problems = rollout.shard(data.load_problems(args.data, limit=args.limit, seed=args.seed), rank, world)
     chat = dict(system=args.system, thinking=args.thinking)
-    max_len = (
-        0
-        if args.backend != "vllm"
-        else settings_engine_length(
-            args.model, problems, ["unguided", *chosen], args.solution_source, args.max_new_tokens, chat
-        )
-    )
+    max_len = settings_engine_length(args, problems, ["unguided", *chosen], args.solution_source)
     backend = rollout.backend_from_args(args, device, max_len, seed=args.seed + rank)
     params = args.sampling_params(seed=args.seed + rank)
     records = {}
 
-    def run(setting: str, given: dict):
+    def run(setting: str, given: dict):  # generate and grade one setting; given: problem id -> s (or y_r)
         rollout.print0(SETTING_NAMES[setting])
-        contexts = {
-            p["id"]: context_for(setting, p["question"], given.get(p["id"]))
-            for p in problems
-            if setting == "unguided" or p["id"] in given
-        }
-        records[setting] = run_setting(backend, problems, contexts, setting, params, chat, args.lenient)
+        todo = [p for p in problems if setting == "unguided" or p["id"] in given]
+        contexts = [context_for(setting, p["question"], given.get(p["id"])) for p in todo]
+        prompts = [rollout.chat_prompt(backend.tokenizer, c, **chat) for c in contexts]
+        records[setting] = [
+            dict(
+                setting=setting,
+                id=todo[s.prompt_index]["id"],
+                answer=todo[s.prompt_index]["answer"],
+                context=contexts[s.prompt_index],
+                response=s.text,
+                score=data.grade(s.text, todo[s.prompt_index]["answer"], lenient=args.lenient),
+                length=len(s.response_ids),
+                epistemic=epistemic.epistemic_count(s.text),
+                finish_reason=s.finish_reason,
+            )
+            for s in rollout.generate(backend, prompts, params)
+        ]
 
     need_s = chosen != ["unguided"]
     if "unguided" in chosen or (need_s and args.solution_source == "rollout"):
@@ -542,11 +499,7 @@ def select(args: SelectArgs) -> list[dict]:
     rank, _, world, device = rollout.init_distributed()
     problems = data.load_problems(args.data, limit=args.limit, seed=args.seed)
     chat = dict(system=args.system, thinking=args.thinking)
-    max_len = (
-        0
-        if args.backend != "vllm"
-        else settings_engine_length(args.model, problems, ["unguided"], "rollout", args.max_new_tokens, chat)
-    )
+    max_len = settings_engine_length(args, problems, ["unguided"], "rollout")
     backend = rollout.backend_from_args(args, device, max_len, seed=args.seed + rank)
     params = args.sampling_params(seed=args.seed)
     kept, seen = [], []

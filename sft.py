@@ -762,8 +762,6 @@ def setup(args) -> Run:
     ckpt = resume_point(args.out, args.resume)
     start_from = str(ckpt) if ckpt else args.model
     tok = rollout.load_tokenizer(start_from)
-    if args.backend not in ("hf", "vllm"):
-        raise ValueError(f"--backend {args.backend!r}: hf or vllm")
     engine = None
     if args.backend == "vllm":
         max_len = rollout.trainer_engine_length(
@@ -1024,11 +1022,7 @@ def build(args: BuildArgs):
         ]
     else:  # D_sg: the first correct of n responses under c = s
         contexts = {p["id"]: evaluate.context_for("solution", p["question"], p["solution"]) for p in mine}
-        max_len = (
-            0
-            if args.backend != "vllm"
-            else evaluate.settings_engine_length(args.model, mine, ["solution"], "dataset", args.max_new_tokens, chat)
-        )
+        max_len = evaluate.settings_engine_length(args, mine, ["solution"], "dataset")
         backend = rollout.backend_from_args(args, device, max_len, seed=args.seed + rank)
         params = args.sampling_params(seed=args.seed)
         prompts = [rollout.chat_prompt(backend.tokenizer, contexts[p["id"]], **chat) for p in mine]
