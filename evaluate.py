@@ -385,9 +385,9 @@ def context_for(setting: str, question: str, s: str | None) -> str:
 
 
 def settings_engine_length(args, problems: list[dict], settings: list[str], solution_source: str) -> int:
-    """`rollout.engine_length` for the settings of Table 1 (and `sft.py build`) under vLLM, else 0: every setting's
-    prompt for every problem. Where s is drawn from the model (a rollout, or y_r), it is not known yet: room for one
-    more response of max_new_tokens is added."""
+    """`rollout.engine_length` under vLLM, else 0: every setting's prompt for every problem (Table 1, `select`,
+    `sft.py build`, and the benchmarks' unguided prompts). Where s is drawn from the model (a rollout, or y_r), it is
+    not known yet: room for one more response of max_new_tokens is added."""
     if args.backend != "vllm":
         return 0
     tok, chat = rollout.load_tokenizer(args.model), dict(system=args.system, thinking=args.thinking)
@@ -745,7 +745,7 @@ def _problem_table(samples: dict, reps: int) -> str:
 def _table2(root: Path, boot: int) -> str | None:
     """Table 2's section: SFT on D_ug vs D_sg, their training rows, then per evaluation set (in the order they were
     evaluated) the organism's figures (base/, where it exists), each SFT model's, and D_sg minus D_ug paired on
-    problems, * where its interval excludes 0."""
+    problems (where both graded the same problems of that set), * where its interval excludes 0."""
     train, evals = [], {}
     for setting, name in (("unguided", "D_ug"), ("solution", "D_sg")):
         d, ev = root / "sft" / f"d_{setting}.jsonl", root / "sft" / setting / "eval" / "samples.jsonl"
@@ -766,8 +766,8 @@ def _table2(root: Path, boot: int) -> str | None:
             if ids:
                 rows.append([bench, name if name == "organism" else f"SFT on {name}", len(ids)])
                 rows[-1] += [ci(bootstrap([[s[i][k] for i in ids]], reps=boot), f) for k, f in keys]
-        if "D_ug" in evals and "D_sg" in evals and set(evals["D_ug"]) == set(evals["D_sg"]):
-            ids = [k for k in evals["D_sg"] if k[0] == bench]
+        ids = [k for k in evals.get("D_sg", {}) if k[0] == bench]
+        if ids and {k for k in evals.get("D_ug", {}) if k[0] == bench} == set(ids):  # the same problems: paired
             rows.append([bench, "D_sg minus D_ug", len(ids)])
             for k, f in keys:
                 a, b = ([[evals[m][i][k] for i in ids]] for m in ("D_sg", "D_ug"))

@@ -3920,6 +3920,8 @@ def test_report_from_fake_runs(tmp_path):
         "B b=sdpo,grpo"], last=1, boot=50))  # fmt: skip
     assert "![A: accuracy, length and E(y) per evaluation set against step](three_sets_over_steps.png)" in two
     assert "![B b: accuracy" in two and (tmp_path / "two" / "sets_b_b.png").read_bytes()[:4] == b"\x89PNG"
+    none = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "none"), groups=["none"], boot=50))
+    assert "![" not in none and not list((tmp_path / "none").glob("*.png"))  # `--groups none`: tables only
     assert "## B\n" not in md and "## A\n" in md  # B: its only run is in A's plot
     assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib: in the
     # README's test install
@@ -3941,8 +3943,8 @@ def test_report_from_fake_runs(tmp_path):
 
 def test_report_table2_per_evaluation_set(tmp_path):
     """Table 2's section: the training sets' means, then per set (in the order evaluated) the organism, each SFT
-    model and D_sg minus D_ug paired on problems; every cell computed here by hand (constant problems: intervals
-    collapse to their point)."""
+    model and D_sg minus D_ug paired on problems. The problems differ and the files list them in other orders; D_sg
+    differs from D_ug by a constant per problem, so only a paired difference collapses to that constant."""
     root = tmp_path / "runs"
     (root / "sft" / "unguided" / "eval").mkdir(parents=True)
     (root / "sft" / "solution" / "eval").mkdir(parents=True)
@@ -3951,34 +3953,45 @@ def test_report_table2_per_evaluation_set(tmp_path):
         with open(root / "sft" / f"d_{name}.jsonl", "w") as f:
             f.writelines(json.dumps(dict(length=n, epistemic=e)) + "\n" for n, e in rows)
 
-    def write(path, acc):  # sets "two" then "one", 3 problems each, 2 responses a problem
+    def write(path, acc, gap, order):  # sets "two" then "one", problems p0-p2 in `order`, 2 responses a problem
         records = [
-            dict(benchmark=b, id=f"p{k}", scores=[acc[b]] * 2, lengths=[8, 12], epistemic=[1, 1],
-                 responses=["x", "y"], finish_reasons=["stop", "stop"])
-            for b in ("two", "one") for k in range(3)
+            dict(benchmark=b, id=f"p{k}", scores=[acc[b][k]] * 2, lengths=[10 * k + gap, 10 * k + gap],
+                 epistemic=[k, k + 2 * gap], responses=["x", "y"], finish_reasons=["stop", "stop"])
+            for b in ("two", "one") for k in order
         ]  # fmt: skip
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    write(root / "sft" / "unguided" / "eval" / "samples.jsonl", {"two": 0.0, "one": 0.5})
-    write(root / "sft" / "solution" / "eval" / "samples.jsonl", {"two": 1.0, "one": 0.5})
-    write(root / "base" / "samples.jsonl", {"two": 0.5, "one": 0.0})
-    md = evaluate._table2(root, boot=200)
-    lines = [[c.strip() for c in x.strip("|").split("|")] for x in md.splitlines() if x.startswith("| ")]
+    ug = {"two": [0.0, 0.5, 0.0], "one": [0.5, 1.0, 0.0]}
+    write(root / "sft" / "unguided" / "eval" / "samples.jsonl", ug, 0, (2, 0, 1))
+    sg = {"two": [1.0, 1.0, 1.0], "one": [0.5, 1.0, 0.0]}  # "two": +1, +0.5, +1 per problem; "one": the same
+    write(root / "sft" / "solution" / "eval" / "samples.jsonl", sg, 3, (0, 1, 2))
+    write(root / "base" / "samples.jsonl", {"two": [0.5] * 3, "one": [0.0] * 3}, 0, (0, 1, 2))
+
+    def table():
+        md = evaluate._table2(root, boot=200)
+        return [[c.strip() for c in x.strip("|").split("|")] for x in md.splitlines() if x.startswith("| ")]
+
+    lines = table()
     assert lines[1:3] == [["SFT on D_ug", "2", "15.0", "2.00"], ["SFT on D_sg", "1", "6.0", "0.00"]]
     body = [x for x in lines if x[0] in ("two", "one")]
     assert [x[:3] for x in body] == [[b, m, "3"] for b in ("two", "one") for m in
         ("organism", "SFT on D_ug", "SFT on D_sg", "D_sg minus D_ug")]  # fmt: skip
-    assert body[0][3:] == ["0.500 [0.500, 0.500]", "10.0 [10.0, 10.0]", "1.00 [1.00, 1.00]"]
-    assert body[3][3:] == ["+1.000 [+1.000, +1.000] *", "+0.0 [+0.0, +0.0]", "+0.00 [+0.00, +0.00]"]
-    assert body[7][3] == "+0.000 [+0.000, +0.000]" and body[4][3] == "0.000 [0.000, 0.000]"
+    assert body[0][3] == "0.500 [0.500, 0.500]" and body[1][3].startswith("0.167 [")
+    assert body[1][4].startswith("10.0 [") and body[2][4].startswith("13.0 [")  # lengths 0, 10, 20 (+3 for D_sg)
+    assert body[3][4:] == ["+3.0 [+3.0, +3.0] *", "+3.00 [+3.00, +3.00] *"]  # paired: the constant gap
+    assert body[3][3] == "+0.833 [+0.500, +1.000] *"  # gaps 1, 0.5, 1: p1 alone in 1/27 > 2.5% of draws
+    assert body[7][3] == "+0.000 [+0.000, +0.000]"  # "one": the same scores, problem by problem
+    shutil.rmtree(root / "base")  # no organism evaluated: no organism rows
+    assert [x[1] for x in table() if x[0] == "one"] == ["SFT on D_ug", "SFT on D_sg", "D_sg minus D_ug"]
+    records = _jsonl(root / "sft" / "solution" / "eval" / "samples.jsonl")  # D_sg graded "one" on other problems
+    (root / "sft" / "solution" / "eval" / "samples.jsonl").write_text(
+        "".join(json.dumps(dict(r, id=r["id"] + "x") if r["benchmark"] == "one" else r) + "\n" for r in records)
+    )
+    assert [x[1] for x in table() if x[0] == "one"] == ["SFT on D_ug", "SFT on D_sg"]  # unpaired: no difference
+    assert [x[1] for x in table() if x[0] == "two"][-1] == "D_sg minus D_ug"  # set by set
     (root / "sft" / "solution" / "eval" / "samples.jsonl").unlink()  # one model evaluated: no difference row
     md = evaluate._table2(root, boot=200)
-    assert (
-        "SFT on D_sg" not in md
-        and "minus" not in md
-        and md.count("| SFT on D_ug |") == 3
-        and md.count("| organism ") == 2
-    )
+    assert "SFT on D_sg" not in md and "minus" not in md and md.count("| SFT on D_ug |") == 3
     shutil.rmtree(root / "sft")
     assert evaluate._table2(root, boot=200) is None
 
