@@ -764,17 +764,7 @@ def setup(args) -> Run:
     tok = rollout.load_tokenizer(start_from)
     engine = None
     if args.backend == "vllm":
-        max_len = rollout.trainer_engine_length(
-            tok,
-            args.model,
-            problems,
-            benchmarks,
-            dict(system=args.system, thinking=args.thinking),
-            args.max_prompt_len,
-            args.max_new_tokens,
-            args.eval_max_new_tokens,
-            regenerated=getattr(args, "teacher_context", None) == "regenerated",
-        )
+        max_len = rollout.trainer_engine_length(tok, args, problems, benchmarks)
         share = check_memory(args, start_from, device, world, max_len)  # before anything large is loaded
         # the engine starts first: vLLM wants its share free at start-up, so the policy must not be on the GPU yet;
         # asleep (--vllm-sleep 1 or 2) it frees that share while the policy moves in, and wakes with its weights
