@@ -3773,229 +3773,6 @@ def test_bench_rows_are_the_documented_ones_and_grade_runs():
     assert out["row"] == "grade" and out["responses"] == 24 and out["mean_score"] == round(1 - wrong / 24, 3)
 
 
-def test_bootstrap_against_its_exact_distribution():
-    # 2 seeds x 2 problems: 16 equally likely replicates (6.25% each), so the 2.5% and 97.5% points are the smallest
-    # and largest: seed 0 with problem 0 twice (0.2), seed 1 with problem 1 twice (1.0)
-    assert evaluate.bootstrap([[0.2, 0.4], [0.6, 1.0]], reps=4000) == pytest.approx((0.55, 0.2, 1.0))
-    x = [0.0, 0.25, 1.0, 0.5, 0.75]
-    # a paired difference: the same problems drawn for both, so a constant shift has no spread
-    assert evaluate.bootstrap([[v + 0.1 for v in x]], [x], reps=500) == pytest.approx((0.1, 0.1, 0.1))
-    point, low, high = evaluate.bootstrap([x], reps=4000)
-    assert point == pytest.approx(0.5) and 0.1 < low < 0.5 < high < 0.9
-    assert evaluate.ci((0.1, 0.02, 0.2), ".2f", sign=True) == "+0.10 [+0.02, +0.20] *"
-    assert evaluate.ci((0.1, -0.02, 0.2), ".2f", sign=True) == "+0.10 [-0.02, +0.20]"
-
-
-def test_report_from_fake_runs(tmp_path):
-    root = tmp_path / "runs"
-    good = "<think>\nHmm.\n</think>\n\\boxed{3}"
-    for name, seed, scores, accs in (
-        ("grpo", 0, [0.1, 0.3], [0, 1, 0.5]),
-        ("sdpo", 0, [0.2, 0.4], [1, 1, 1]),
-        ("sdpo", 1, [0.2, 0.6], [1, 1, 1]),
-    ):
-        d = root / name / f"seed{seed}"
-        (d / "eval").mkdir(parents=True)
-        rows = [{"resumed_from": 0}] + [
-            dict(
-                step=i + 1,
-                score=x,
-                length=100 - 10 * i,
-                epistemic=0.5,
-                think_length=80,
-                answer_length=20 - 10 * i,
-                kl=0.0,
-            )
-            for i, x in enumerate(scores)
-        ]
-        if name == "sdpo":
-            rows[-1].update(kl=0.02 * (seed + 1), kl_epistemic=0.0)
-        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[1]]))  # a resumed step
-        samples = [
-            dict(
-                benchmark="ood",
-                id=f"p{k}",
-                scores=[a, a],
-                lengths=[10, 30],
-                epistemic=[1, 2],
-                responses=[good, "3"],
-                finish_reasons=["stop", "length"],
-            )
-            for k, a in enumerate(accs)
-        ]
-        (d / "eval" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-        (d / "eval" / "summary.json").write_text("{}")
-    (root / "base").mkdir()
-    (root / "base" / "samples.jsonl").write_text(
-        json.dumps(
-            dict(
-                benchmark="ood",
-                id="p0",
-                scores=[0, 1],
-                lengths=[4, 6],
-                epistemic=[0, 0],
-                responses=[good, good + "x"],
-                finish_reasons=["stop", "stop"],
-            )
-        )
-        + "\n"
-    )
-    sweep = root / "sweep" / "grpo_lr1e-5" / "seed0"  # the learning-rate sweep: not a run of the comparisons
-    sweep.mkdir(parents=True)
-    rows = [dict(step=i + 1, lr=1e-5, score=x, length=50 + i, epistemic=2.0) for i, x in enumerate([0.2, 0.4, 0.7])]
-    (sweep / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    late = root / "grpo_late" / "seed0"  # a run evaluated at step 10 only, so far: left out, and said
-    late.mkdir(parents=True)
-    (late / "eval_samples.jsonl").write_text(json.dumps(dict(benchmark="ood", id="p0", step=10, scores=[1.0],
-        lengths=[5], epistemic=[0], responses=["x"], finish_reasons=["stop"])) + "\n")  # fmt: skip
-    assert evaluate.read_samples(root / "base" / "samples.jsonl")[("ood", "p0")] == dict(
-        acc=0.5, length=5.0, epistemic=0.0, format=1.0, truncated=0.0, n=2, check=0.0, catch=0.0, rescued=0.0,
-        uncaught=0.0, confirmed_wrong=0.0
-    )  # fmt: skip
-    # evaluations during training (eval_samples.jsonl) at steps 10 and 20 on two problems: GRPO's step-20 responses
-    # to p0 catch and fix a slip and end right; SDPO's never check, and end wrong
-    caught = (
-        "<think>\n4 + 5 = 8. Wait, let me check: 8 - 5 = 3, not 4. I made a mistake: 4 + 5 = 9.\n</think> \\boxed{9}"
-    )
-    unchecked = "<think>\n6 * 7 = 41.\n</think> \\boxed{41}"
-    for name, seed, p0 in (("grpo", 0, [caught, caught]), ("sdpo", 0, [unchecked] * 2), ("sdpo", 1, [unchecked] * 2)):
-        records = [
-            dict(benchmark="ood", id=pid, step=step, scores=[float(x == caught) for x in xs], lengths=[10, 20],
-                 epistemic=[2 * ("check" in x) for x in xs], responses=xs, finish_reasons=["stop", "stop"])
-            for step in (10, 20)
-            for pid, xs in (("p0", p0 if step == 20 else [unchecked] * 2), ("p1", [unchecked] * 2))
-        ]  # fmt: skip
-        with open(root / name / f"seed{seed}" / "eval_samples.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records + records[:1])  # a repeated record: the last wins
-    md = evaluate.report(
-        evaluate.ReportArgs(
-            runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope", "B=sdpo,gone"], last=1, boot=400
-        )
-    )
-    assert md == (tmp_path / "rep" / "REPORT.md").read_text()
-    _main_in_process(
-        "evaluate.py",
-        "report",
-        str(root),
-        "--out",
-        str(tmp_path / "cli"),
-        "--groups",
-        "A=grpo,sdpo,nope",
-        "B=sdpo,gone",
-        "--last",
-        "1",
-        "--boot",
-        "400",
-    )  # the command the README runs
-    assert (tmp_path / "cli" / "REPORT.md").read_text() == md.replace(str(tmp_path / "rep"), str(tmp_path / "cli"))
-
-    def cells(run, after):
-        return [c.strip() for c in md[md.index(after) :].split(f"| {run} ")[1].split("\n")[0].strip("|").split("|")]
-
-    sdpo = cells("sdpo", "## Training runs")
-    # last scores 0.4 and 0.6 -> 0.5, seeds drawn: [0.4, 0.6]; length 100 at step 1, 90 last; answer length 10
-    assert sdpo[:4] == ["2", "0.500 [0.400, 0.600]", "100.0 [100.0, 100.0]", "90.0 [90.0, 90.0]"]
-    assert sdpo[6:8] == ["80.0 [80.0, 80.0]", "10.0 [10.0, 10.0]"] and sdpo[9] == "1.000 [1.000, 1.000]"
-    assert sdpo[8] == "0.030 [0.020, 0.040]"  # the teacher KL of the last step: 0.02 and 0.04
-    assert cells("grpo", "## Training runs")[8:10] == ["-", "0.500 [0.000, 1.000]"]  # GRPO has no teacher
-    diff = cells("sdpo", "## Each run minus grpo")
-    assert diff[:2] == ["2", "+0.0 [+0.0, +0.0]"] and diff[4].startswith("+0.500 [+0.000, +1.000]")  # touches 0
-    assert (
-        "| ood       | 1        | 0.500 [0.500, 0.500] | 0.00 [0.00, 0.00] | 5.0 [5.0, 5.0] | 1.000 [1.000, 1.000]"
-        in md
-    )  # the table before training: one problem, its two responses both close </think> and box
-    assert "| grpo_lr1e-5 | 1e-05 | 0.700          | 52.000 | 2.000 |" in md  # the last step's (--last 1)
-    assert "sweep" not in md[md.index("## The evaluation sets") :]
-    sets = md[md.index("## The evaluation sets over 20 steps") : md.index("## Training runs")]
-    assert "2 problems x 2 sample(s) per seed" in sets and "![A: accuracy" in sets and "grpo_late |" not in sets
-    assert "Left out, not yet evaluated at every step: grpo_late." in sets
-    # GRPO at step 20: p0 right (1.0), p1 wrong (0.0): acc 0.5; half its responses catch, fix and end right
-    assert cells("grpo", "### ood")[:4] == ["1", "0.000 [0.000, 0.000]", "0.500 [0.000, 1.000]", "15.0 [15.0, 15.0]"]
-    assert cells("grpo", "### ood")[5:9] == ["0.500 [0.000, 1.000]"] * 3 + ["0.500 [0.000, 1.000]"]  # check, catch,
-    # rescued; uncaught: p1's slip
-    assert cells("sdpo", "Minus grpo:")[:2] == ["+0.000 [+0.000, +0.000]", "-0.500 [-1.000, +0.000]"]
-    assert cells("sdpo", "Minus grpo:")[4:8] == ["-0.500 [-1.000, +0.000]"] * 3 + ["+0.500 [+0.000, +1.000]"]
-    assert (tmp_path / "rep" / "three_sets_over_steps.png").read_bytes()[:4] == b"\x89PNG"
-    two = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "two"), groups=["A=grpo",
-        "B b=sdpo,grpo"], last=1, boot=50))  # fmt: skip
-    assert "![A: accuracy, length and E(y) per evaluation set against step](three_sets_over_steps.png)" in two
-    assert "![B b: accuracy" in two and (tmp_path / "two" / "sets_b_b.png").read_bytes()[:4] == b"\x89PNG"
-    none = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "none"), groups=["none"], boot=50))
-    assert "![" not in none and not list((tmp_path / "none").glob("*.png"))  # `--groups none`: tables only
-    assert "## B\n" not in md and "## A\n" in md  # B: its only run is in A's plot
-    assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib: in the
-    # README's test install
-    per_step = md[md.index("## Per step") :]
-    assert per_step.count("| grpo ") == 2 and "| sdpo | 2     | 2    | 0.500 | 90.0" in per_step  # the repeat dropped
-    # a third seed trained, its evaluation under way (samples.jsonl, no summary.json): sdpo has no held-out figures
-    shutil.copytree(root / "sdpo" / "seed1", root / "sdpo" / "seed2")
-    (root / "sdpo" / "seed2" / "eval" / "summary.json").unlink()
-    md = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), last=1, boot=400))
-    sdpo = cells("sdpo", "## Training runs")
-    assert sdpo[0] == "3" and sdpo[9:] == ["-", "-", "-"] and cells("grpo", "## Training runs")[9] != "-"
-    assert cells("sdpo", "## Each run minus grpo")[4:] == ["-", "-", "-"]
-    with pytest.raises(FileNotFoundError, match="no such directory"):
-        evaluate.report(evaluate.ReportArgs(runs=str(tmp_path / "missing")))
-    (root / "base" / "samples.jsonl").write_text('{"benchmark": "ood"}\n')
-    with pytest.raises(ValueError, match="samples.jsonl: row 0"):
-        evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep")))
-
-
-def test_report_table2_per_evaluation_set(tmp_path):
-    """Table 2's section: the training sets' means, then per set (in the order evaluated) the organism, each SFT
-    model and D_sg minus D_ug paired on problems. The problems differ and the files list them in other orders; D_sg
-    differs from D_ug by a constant per problem, so only a paired difference collapses to that constant."""
-    root = tmp_path / "runs"
-    (root / "sft" / "unguided" / "eval").mkdir(parents=True)
-    (root / "sft" / "solution" / "eval").mkdir(parents=True)
-    (root / "base").mkdir()
-    for name, rows in (("unguided", [(10, 1), (20, 3)]), ("solution", [(6, 0)])):
-        with open(root / "sft" / f"d_{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(dict(length=n, epistemic=e)) + "\n" for n, e in rows)
-
-    def write(path, acc, gap, order):  # sets "two" then "one", problems p0-p2 in `order`, 2 responses a problem
-        records = [
-            dict(benchmark=b, id=f"p{k}", scores=[acc[b][k]] * 2, lengths=[10 * k + gap, 10 * k + gap],
-                 epistemic=[k, k + 2 * gap], responses=["x", "y"], finish_reasons=["stop", "stop"])
-            for b in ("two", "one") for k in order
-        ]  # fmt: skip
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-    ug = {"two": [0.0, 0.5, 0.0], "one": [0.5, 1.0, 0.0]}
-    write(root / "sft" / "unguided" / "eval" / "samples.jsonl", ug, 0, (2, 0, 1))
-    sg = {"two": [1.0, 1.0, 1.0], "one": [0.5, 1.0, 0.0]}  # "two": +1, +0.5, +1 per problem; "one": the same
-    write(root / "sft" / "solution" / "eval" / "samples.jsonl", sg, 3, (0, 1, 2))
-    write(root / "base" / "samples.jsonl", {"two": [0.5] * 3, "one": [0.0] * 3}, 0, (0, 1, 2))
-
-    def table():
-        md = evaluate._table2(root, boot=200)
-        return [[c.strip() for c in x.strip("|").split("|")] for x in md.splitlines() if x.startswith("| ")]
-
-    lines = table()
-    assert lines[1:3] == [["SFT on D_ug", "2", "15.0", "2.00"], ["SFT on D_sg", "1", "6.0", "0.00"]]
-    body = [x for x in lines if x[0] in ("two", "one")]
-    assert [x[:3] for x in body] == [[b, m, "3"] for b in ("two", "one") for m in
-        ("organism", "SFT on D_ug", "SFT on D_sg", "D_sg minus D_ug")]  # fmt: skip
-    assert body[0][3] == "0.500 [0.500, 0.500]" and body[1][3].startswith("0.167 [")
-    assert body[1][4].startswith("10.0 [") and body[2][4].startswith("13.0 [")  # lengths 0, 10, 20 (+3 for D_sg)
-    assert body[3][4:] == ["+3.0 [+3.0, +3.0] *", "+3.00 [+3.00, +3.00] *"]  # paired: the constant gap
-    assert body[3][3] == "+0.833 [+0.500, +1.000] *"  # gaps 1, 0.5, 1: p1 alone in 1/27 > 2.5% of draws
-    assert body[7][3] == "+0.000 [+0.000, +0.000]"  # "one": the same scores, problem by problem
-    shutil.rmtree(root / "base")  # no organism evaluated: no organism rows
-    assert [x[1] for x in table() if x[0] == "one"] == ["SFT on D_ug", "SFT on D_sg", "D_sg minus D_ug"]
-    records = _jsonl(root / "sft" / "solution" / "eval" / "samples.jsonl")  # D_sg graded "one" on other problems
-    (root / "sft" / "solution" / "eval" / "samples.jsonl").write_text(
-        "".join(json.dumps(dict(r, id=r["id"] + "x") if r["benchmark"] == "one" else r) + "\n" for r in records)
-    )
-    assert [x[1] for x in table() if x[0] == "one"] == ["SFT on D_ug", "SFT on D_sg"]  # unpaired: no difference
-    assert [x[1] for x in table() if x[0] == "two"][-1] == "D_sg minus D_ug"  # set by set
-    (root / "sft" / "solution" / "eval" / "samples.jsonl").unlink()  # one model evaluated: no difference row
-    md = evaluate._table2(root, boot=200)
-    assert "SFT on D_sg" not in md and "minus" not in md and md.count("| SFT on D_ug |") == 3
-    shutil.rmtree(root / "sft")
-    assert evaluate._table2(root, boot=200) is None
-
-
 def test_check_outcomes_on_hand_labelled_responses():
     def r(think, boxed):
         return f"<think>\n{think}\n</think>\n\nThe answer is \\boxed{{{boxed}}}."
@@ -4430,6 +4207,234 @@ def test_marker_tokens_surface_variants(embedded_tokenizer):
         assert embedded_tokenizer.decode([tid]) == text and text.strip().lower() in epistemic.MARKERS
     wait_id = embedded_tokenizer(" Wait", add_special_tokens=False)["input_ids"]
     assert len(wait_id) == 1 and table[wait_id[0]] == " Wait"
+
+
+# ============================================================================================
+# report.py
+# ============================================================================================
+import report
+
+
+def test_bootstrap_against_its_exact_distribution():
+    # 2 seeds x 2 problems: 16 equally likely replicates (6.25% each), so the 2.5% and 97.5% points are the smallest
+    # and largest: seed 0 with problem 0 twice (0.2), seed 1 with problem 1 twice (1.0)
+    assert report.bootstrap([[0.2, 0.4], [0.6, 1.0]], reps=4000) == pytest.approx((0.55, 0.2, 1.0))
+    x = [0.0, 0.25, 1.0, 0.5, 0.75]
+    # a paired difference: the same problems drawn for both, so a constant shift has no spread
+    assert report.bootstrap([[v + 0.1 for v in x]], [x], reps=500) == pytest.approx((0.1, 0.1, 0.1))
+    point, low, high = report.bootstrap([x], reps=4000)
+    assert point == pytest.approx(0.5) and 0.1 < low < 0.5 < high < 0.9
+    assert report.ci((0.1, 0.02, 0.2), ".2f", sign=True) == "+0.10 [+0.02, +0.20] *"
+    assert report.ci((0.1, -0.02, 0.2), ".2f", sign=True) == "+0.10 [-0.02, +0.20]"
+
+
+def test_report_from_fake_runs(tmp_path):
+    root = tmp_path / "runs"
+    good = "<think>\nHmm.\n</think>\n\\boxed{3}"
+    for name, seed, scores, accs in (
+        ("grpo", 0, [0.1, 0.3], [0, 1, 0.5]),
+        ("sdpo", 0, [0.2, 0.4], [1, 1, 1]),
+        ("sdpo", 1, [0.2, 0.6], [1, 1, 1]),
+    ):
+        d = root / name / f"seed{seed}"
+        (d / "eval").mkdir(parents=True)
+        rows = [{"resumed_from": 0}] + [
+            dict(
+                step=i + 1,
+                score=x,
+                length=100 - 10 * i,
+                epistemic=0.5,
+                think_length=80,
+                answer_length=20 - 10 * i,
+                kl=0.0,
+            )
+            for i, x in enumerate(scores)
+        ]
+        if name == "sdpo":
+            rows[-1].update(kl=0.02 * (seed + 1), kl_epistemic=0.0)
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[1]]))  # a resumed step
+        samples = [
+            dict(
+                benchmark="ood",
+                id=f"p{k}",
+                scores=[a, a],
+                lengths=[10, 30],
+                epistemic=[1, 2],
+                responses=[good, "3"],
+                finish_reasons=["stop", "length"],
+            )
+            for k, a in enumerate(accs)
+        ]
+        (d / "eval" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        (d / "eval" / "summary.json").write_text("{}")
+    (root / "base").mkdir()
+    (root / "base" / "samples.jsonl").write_text(
+        json.dumps(
+            dict(
+                benchmark="ood",
+                id="p0",
+                scores=[0, 1],
+                lengths=[4, 6],
+                epistemic=[0, 0],
+                responses=[good, good + "x"],
+                finish_reasons=["stop", "stop"],
+            )
+        )
+        + "\n"
+    )
+    sweep = root / "sweep" / "grpo_lr1e-5" / "seed0"  # the learning-rate sweep: not a run of the comparisons
+    sweep.mkdir(parents=True)
+    rows = [dict(step=i + 1, lr=1e-5, score=x, length=50 + i, epistemic=2.0) for i, x in enumerate([0.2, 0.4, 0.7])]
+    (sweep / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    late = root / "grpo_late" / "seed0"  # a run evaluated at step 10 only, so far: left out, and said
+    late.mkdir(parents=True)
+    (late / "eval_samples.jsonl").write_text(json.dumps(dict(benchmark="ood", id="p0", step=10, scores=[1.0],
+        lengths=[5], epistemic=[0], responses=["x"], finish_reasons=["stop"])) + "\n")  # fmt: skip
+    assert report.read_samples(root / "base" / "samples.jsonl")[("ood", "p0")] == dict(
+        acc=0.5, length=5.0, epistemic=0.0, format=1.0, truncated=0.0, n=2, check=0.0, catch=0.0, rescued=0.0,
+        uncaught=0.0, confirmed_wrong=0.0
+    )  # fmt: skip
+    # evaluations during training (eval_samples.jsonl) at steps 10 and 20 on two problems: GRPO's step-20 responses
+    # to p0 catch and fix a slip and end right; SDPO's never check, and end wrong
+    caught = (
+        "<think>\n4 + 5 = 8. Wait, let me check: 8 - 5 = 3, not 4. I made a mistake: 4 + 5 = 9.\n</think> \\boxed{9}"
+    )
+    unchecked = "<think>\n6 * 7 = 41.\n</think> \\boxed{41}"
+    for name, seed, p0 in (("grpo", 0, [caught, caught]), ("sdpo", 0, [unchecked] * 2), ("sdpo", 1, [unchecked] * 2)):
+        records = [
+            dict(benchmark="ood", id=pid, step=step, scores=[float(x == caught) for x in xs], lengths=[10, 20],
+                 epistemic=[2 * ("check" in x) for x in xs], responses=xs, finish_reasons=["stop", "stop"])
+            for step in (10, 20)
+            for pid, xs in (("p0", p0 if step == 20 else [unchecked] * 2), ("p1", [unchecked] * 2))
+        ]  # fmt: skip
+        with open(root / name / f"seed{seed}" / "eval_samples.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records + records[:1])  # a repeated record: the last wins
+    md = report.report(
+        report.ReportArgs(
+            runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope", "B=sdpo,gone"], last=1, boot=400
+        )
+    )
+    assert md == (tmp_path / "rep" / "REPORT.md").read_text()
+    _main_in_process(
+        "report.py",
+        str(root),
+        "--out",
+        str(tmp_path / "cli"),
+        "--groups",
+        "A=grpo,sdpo,nope",
+        "B=sdpo,gone",
+        "--last",
+        "1",
+        "--boot",
+        "400",
+    )  # the command the README runs
+    assert (tmp_path / "cli" / "REPORT.md").read_text() == md.replace(str(tmp_path / "rep"), str(tmp_path / "cli"))
+
+    def cells(run, after):
+        return [c.strip() for c in md[md.index(after) :].split(f"| {run} ")[1].split("\n")[0].strip("|").split("|")]
+
+    sdpo = cells("sdpo", "## Training runs")
+    # last scores 0.4 and 0.6 -> 0.5, seeds drawn: [0.4, 0.6]; length 100 at step 1, 90 last; answer length 10
+    assert sdpo[:4] == ["2", "0.500 [0.400, 0.600]", "100.0 [100.0, 100.0]", "90.0 [90.0, 90.0]"]
+    assert sdpo[6:8] == ["80.0 [80.0, 80.0]", "10.0 [10.0, 10.0]"] and sdpo[9] == "1.000 [1.000, 1.000]"
+    assert sdpo[8] == "0.030 [0.020, 0.040]"  # the teacher KL of the last step: 0.02 and 0.04
+    assert cells("grpo", "## Training runs")[8:10] == ["-", "0.500 [0.000, 1.000]"]  # GRPO has no teacher
+    diff = cells("sdpo", "## Each run minus grpo")
+    assert diff[:2] == ["2", "+0.0 [+0.0, +0.0]"] and diff[4].startswith("+0.500 [+0.000, +1.000]")  # touches 0
+    assert (
+        "| ood       | 1        | 0.500 [0.500, 0.500] | 0.00 [0.00, 0.00] | 5.0 [5.0, 5.0] | 1.000 [1.000, 1.000]"
+        in md
+    )  # the table before training: one problem, its two responses both close </think> and box
+    assert "| grpo_lr1e-5 | 1e-05 | 0.700          | 52.000 | 2.000 |" in md  # the last step's (--last 1)
+    assert "sweep" not in md[md.index("## The evaluation sets") :]
+    sets = md[md.index("## The evaluation sets over 20 steps") : md.index("## Training runs")]
+    assert "2 problems x 2 sample(s) per seed" in sets and "![A: accuracy" in sets and "grpo_late |" not in sets
+    assert "Left out, not yet evaluated at every step: grpo_late." in sets
+    # GRPO at step 20: p0 right (1.0), p1 wrong (0.0): acc 0.5; half its responses catch, fix and end right
+    assert cells("grpo", "### ood")[:4] == ["1", "0.000 [0.000, 0.000]", "0.500 [0.000, 1.000]", "15.0 [15.0, 15.0]"]
+    assert cells("grpo", "### ood")[5:9] == ["0.500 [0.000, 1.000]"] * 3 + ["0.500 [0.000, 1.000]"]  # check, catch,
+    # rescued; uncaught: p1's slip
+    assert cells("sdpo", "Minus grpo:")[:2] == ["+0.000 [+0.000, +0.000]", "-0.500 [-1.000, +0.000]"]
+    assert cells("sdpo", "Minus grpo:")[4:8] == ["-0.500 [-1.000, +0.000]"] * 3 + ["+0.500 [+0.000, +1.000]"]
+    assert (tmp_path / "rep" / "three_sets_over_steps.png").read_bytes()[:4] == b"\x89PNG"
+    two = report.report(report.ReportArgs(runs=str(root), out=str(tmp_path / "two"), groups=["A=grpo",
+        "B b=sdpo,grpo"], last=1, boot=50))  # fmt: skip
+    assert "![A: accuracy, length and E(y) per evaluation set against step](three_sets_over_steps.png)" in two
+    assert "![B b: accuracy" in two and (tmp_path / "two" / "sets_b_b.png").read_bytes()[:4] == b"\x89PNG"
+    none = report.report(report.ReportArgs(runs=str(root), out=str(tmp_path / "none"), groups=["none"], boot=50))
+    assert "![" not in none and not list((tmp_path / "none").glob("*.png"))  # `--groups none`: tables only
+    assert "## B\n" not in md and "## A\n" in md  # B: its only run is in A's plot
+    assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib: in the
+    # README's test install
+    per_step = md[md.index("## Per step") :]
+    assert per_step.count("| grpo ") == 2 and "| sdpo | 2     | 2    | 0.500 | 90.0" in per_step  # the repeat dropped
+    # a third seed trained, its evaluation under way (samples.jsonl, no summary.json): sdpo has no held-out figures
+    shutil.copytree(root / "sdpo" / "seed1", root / "sdpo" / "seed2")
+    (root / "sdpo" / "seed2" / "eval" / "summary.json").unlink()
+    md = report.report(report.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), last=1, boot=400))
+    sdpo = cells("sdpo", "## Training runs")
+    assert sdpo[0] == "3" and sdpo[9:] == ["-", "-", "-"] and cells("grpo", "## Training runs")[9] != "-"
+    assert cells("sdpo", "## Each run minus grpo")[4:] == ["-", "-", "-"]
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        report.report(report.ReportArgs(runs=str(tmp_path / "missing")))
+    (root / "base" / "samples.jsonl").write_text('{"benchmark": "ood"}\n')
+    with pytest.raises(ValueError, match="samples.jsonl: row 0"):
+        report.report(report.ReportArgs(runs=str(root), out=str(tmp_path / "rep")))
+
+
+def test_report_table2_per_evaluation_set(tmp_path):
+    """Table 2's section: the training sets' means, then per set (in the order evaluated) the organism, each SFT
+    model and D_sg minus D_ug paired on problems. The problems differ and the files list them in other orders; D_sg
+    differs from D_ug by a constant per problem, so only a paired difference collapses to that constant."""
+    root = tmp_path / "runs"
+    (root / "sft" / "unguided" / "eval").mkdir(parents=True)
+    (root / "sft" / "solution" / "eval").mkdir(parents=True)
+    (root / "base").mkdir()
+    for name, rows in (("unguided", [(10, 1), (20, 3)]), ("solution", [(6, 0)])):
+        with open(root / "sft" / f"d_{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(dict(length=n, epistemic=e)) + "\n" for n, e in rows)
+
+    def write(path, acc, gap, order):  # sets "two" then "one", problems p0-p2 in `order`, 2 responses a problem
+        records = [
+            dict(benchmark=b, id=f"p{k}", scores=[acc[b][k]] * 2, lengths=[10 * k + gap, 10 * k + gap],
+                 epistemic=[k, k + 2 * gap], responses=["x", "y"], finish_reasons=["stop", "stop"])
+            for b in ("two", "one") for k in order
+        ]  # fmt: skip
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    ug = {"two": [0.0, 0.5, 0.0], "one": [0.5, 1.0, 0.0]}
+    write(root / "sft" / "unguided" / "eval" / "samples.jsonl", ug, 0, (2, 0, 1))
+    sg = {"two": [1.0, 1.0, 1.0], "one": [0.5, 1.0, 0.0]}  # "two": +1, +0.5, +1 per problem; "one": the same
+    write(root / "sft" / "solution" / "eval" / "samples.jsonl", sg, 3, (0, 1, 2))
+    write(root / "base" / "samples.jsonl", {"two": [0.5] * 3, "one": [0.0] * 3}, 0, (0, 1, 2))
+
+    def table():
+        md = report._table2(root, boot=200)
+        return [[c.strip() for c in x.strip("|").split("|")] for x in md.splitlines() if x.startswith("| ")]
+
+    lines = table()
+    assert lines[1:3] == [["SFT on D_ug", "2", "15.0", "2.00"], ["SFT on D_sg", "1", "6.0", "0.00"]]
+    body = [x for x in lines if x[0] in ("two", "one")]
+    assert [x[:3] for x in body] == [[b, m, "3"] for b in ("two", "one") for m in
+        ("organism", "SFT on D_ug", "SFT on D_sg", "D_sg minus D_ug")]  # fmt: skip
+    assert body[0][3] == "0.500 [0.500, 0.500]" and body[1][3].startswith("0.167 [")
+    assert body[1][4].startswith("10.0 [") and body[2][4].startswith("13.0 [")  # lengths 0, 10, 20 (+3 for D_sg)
+    assert body[3][4:] == ["+3.0 [+3.0, +3.0] *", "+3.00 [+3.00, +3.00] *"]  # paired: the constant gap
+    assert body[3][3] == "+0.833 [+0.500, +1.000] *"  # gaps 1, 0.5, 1: p1 alone in 1/27 > 2.5% of draws
+    assert body[7][3] == "+0.000 [+0.000, +0.000]"  # "one": the same scores, problem by problem
+    shutil.rmtree(root / "base")  # no organism evaluated: no organism rows
+    assert [x[1] for x in table() if x[0] == "one"] == ["SFT on D_ug", "SFT on D_sg", "D_sg minus D_ug"]
+    records = _jsonl(root / "sft" / "solution" / "eval" / "samples.jsonl")  # D_sg graded "one" on other problems
+    (root / "sft" / "solution" / "eval" / "samples.jsonl").write_text(
+        "".join(json.dumps(dict(r, id=r["id"] + "x") if r["benchmark"] == "one" else r) + "\n" for r in records)
+    )
+    assert [x[1] for x in table() if x[0] == "one"] == ["SFT on D_ug", "SFT on D_sg"]  # unpaired: no difference
+    assert [x[1] for x in table() if x[0] == "two"][-1] == "D_sg minus D_ug"  # set by set
+    (root / "sft" / "solution" / "eval" / "samples.jsonl").unlink()  # one model evaluated: no difference row
+    md = report._table2(root, boot=200)
+    assert "SFT on D_sg" not in md and "minus" not in md and md.count("| SFT on D_ug |") == 3
+    shutil.rmtree(root / "sft")
+    assert report._table2(root, boot=200) is None
 
 
 # ============================================================================================
@@ -4965,7 +4970,7 @@ def _refused(cls, name, value):
         evaluate.Table1Args,
         evaluate.SelectArgs,
         evaluate.Args,
-        evaluate.ReportArgs,
+        report.ReportArgs,
         sft.BuildArgs,
         sft.TrainArgs,
         grpo.Args,
