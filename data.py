@@ -15,7 +15,7 @@ Implements, for "Why Does Self-Distillation (Sometimes) Degrade the Reasoning Ca
     problems of the champ-dataset wheel).
   - the paper's models are R1-Distill models, distilled from a reasoning model's traces. `synthetic:style=think`
     writes such traces at CPU scale (`think_trace`): `<think>` reasoning `</think>` then a boxed answer sentence,
-    with hesitation, optional checks and corrected slips in the paper's markers; `sft.py train` on them turns the
+    with hesitation, optional checks and corrected slips in the paper's markers; `sft.py` on them turns the
     embedded model into a small thinking model (README, "A reasoning model in miniature").
 
 Where this departs from the paper's released reward (beanie00/self-distillation-analysis,

@@ -18,6 +18,8 @@ Implements, for arXiv 2603.24472:
     E(y) per conditioning setting: c = s with the hint `{prompt}\\n\\nCorrect solution: {s}\\n\\nCorrectly solve
     the original question.` (eval_with_hint.py build_augmented_prompt), and y_r, the first correct response under
     c = s, or else the first (its second round's best_response) -> `table1`, `context_for`.
+  - Sec. 4, Table 2's sets, as the released make_sft_dataset.py: per selected problem, D_ug its s and D_sg its first
+    correct response under c = s (Table 1's hint), for `sft.py --data` -> `build`.
 
 Departures from the released evaluation code, and why:
   1. The released eval passes top_k=20 on its command line but never hands it to the sampler;
@@ -45,6 +47,7 @@ Run it:
         --data dapo-math-17k.parquet --max-new-tokens 32768 --out runs/select-r1       # Sec. 3's 100 problems
     torchrun --nproc_per_node 8 evaluate.py table1 --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --backend vllm \\
         --data runs/select-r1/selected.jsonl --setting all --n-samples 8 --max-new-tokens 32768   # Table 1
+    python evaluate.py build --setting solution --data runs/select/selected.jsonl --lenient --out runs/d_sg.jsonl
 """
 
 from __future__ import annotations
@@ -292,7 +295,7 @@ def evaluate_model(args: Args) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Sec. 3: the problems (`evaluate.py select`) and Table 1's conditioning settings (`evaluate.py table1`)
+# Sec. 3's problems (`select`), Table 1's conditioning settings (`table1`), Table 2's sets (`build`)
 # --------------------------------------------------------------------------------------------
 SETTINGS = ("unguided", "solution", "solution-no-think", "regenerated", "uncertainty")
 
@@ -383,7 +386,7 @@ def context_for(setting: str, question: str, s: str | None) -> str:
 
 def settings_engine_length(args, problems: list[dict], settings: list[str], solution_source: str) -> int:
     """`rollout.engine_length` under vLLM, else 0: every setting's prompt for every problem (Table 1, `select`,
-    `sft.py build`, and the benchmarks' unguided prompts). Where s is drawn from the model (a rollout, or y_r), it is
+    `build`, and the benchmarks' unguided prompts). Where s is drawn from the model (a rollout, or y_r), it is
     not known yet: room for one more response of max_new_tokens is added."""
     if args.backend != "vllm":
         return 0
@@ -554,15 +557,117 @@ def select(args: SelectArgs) -> list[dict]:
     return kept
 
 
+@dataclass
+class BuildArgs(rollout.SamplingArgs):
+    """`evaluate.py build`: Table 2's sets as the released make_sft_dataset.py builds them, one response per problem of
+    `evaluate.py select`'s output (problems with 1-4 of 8 correct): D_ug, each problem's `solution` (its first correct
+    unguided response); D_sg, its first correct response under c = s (Table 1's hint prompt; problems without one
+    are left out). The released generation (eval_dapo_dataset.py, eval_with_hint.py): 8 samples at temperature 0.6,
+    top-p 0.95, top-k 20, 32,768 new tokens."""
+
+    setting: str = HfArg(
+        default="solution",
+        help="unguided (D_ug: each problem's s) or solution (D_sg: the first correct response under c = s)",
+    )
+    data: str = HfArg(
+        default="runs/select/selected.jsonl",
+        help="`evaluate.py select`'s selected.jsonl: the problems, each with its `solution` s",
+    )
+    n_samples: int = HfArg(default=8, help="D_sg: responses per problem under c = s (the released: 8)")
+    out: str = HfArg(
+        default="runs/d_sg.jsonl", help="output jsonl: question, response, setting, length, epistemic per row"
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        data.choose(self, "setting", ("unguided", "solution"))
+
+
+def build(args: BuildArgs):
+    """D_ug / D_sg (Sec. 4, Table 2), one correct response per problem of `evaluate.py select`'s output
+    (`BuildArgs`)."""
+    rank, _, world, device = rollout.init_distributed()
+    problems = [p for p in data.load_problems(args.data) if p.get("solution")]
+    if not problems:
+        raise ValueError(
+            f"{args.data}: no problem has a `solution`; D_ug and D_sg are built from `evaluate.py "
+            f"select`'s selected.jsonl (each problem's first correct response)"
+        )
+    indices = rollout.shard(list(range(len(problems))), rank, world)
+    mine = [problems[i] for i in indices]
+    chat = dict(system=args.system, thinking=args.thinking)
+    if args.setting == "unguided":  # D_ug: s itself, generated unguided by `evaluate.py select`
+        tok = rollout.load_tokenizer(args.model)
+        kept = [
+            dict(
+                index=i,
+                problem=p,
+                context=rollout.unguided_prompt(p["question"]),
+                response=p["solution"],
+                length=len(tok(p["solution"], add_special_tokens=False)["input_ids"]),
+            )
+            for i, p in zip(indices, mine)
+        ]
+    else:  # D_sg: the first correct of n responses under c = s
+        contexts = {p["id"]: context_for("solution", p["question"], p["solution"]) for p in mine}
+        max_len = settings_engine_length(args, mine, ["solution"], "dataset")
+        backend = rollout.backend_from_args(args, device, max_len, seed=args.seed + rank)
+        params = args.sampling_params(seed=args.seed)
+        prompts = [rollout.chat_prompt(backend.tokenizer, contexts[p["id"]], **chat) for p in mine]
+        kept, done = [], set()
+        for s in rollout.generate(backend, prompts, params, indices=indices):  # a problem's samples in order
+            p = mine[s.prompt_index]
+            if s.prompt_index not in done and data.grade(s.text, p["answer"], lenient=args.lenient) == 1.0:
+                done.add(s.prompt_index)
+                kept.append(
+                    dict(
+                        index=indices[s.prompt_index],
+                        problem=p,
+                        context=contexts[p["id"]],
+                        response=s.text,
+                        length=len(s.response_ids),
+                    )
+                )
+    rows = [
+        dict(
+            id=k["problem"]["id"],
+            question=k["problem"]["question"],
+            answer=k["problem"]["answer"],
+            response=k["response"],
+            setting=args.setting,
+            context=k["context"],
+            length=k["length"],
+            epistemic=epistemic.epistemic_count(k["response"]),
+            index=k["index"],
+        )
+        for k in kept
+    ]
+    rows = rollout.gather_to_rank0(rows, world)
+    if rank != 0:
+        return
+    rows.sort(key=lambda r: r.pop("index"))  # file order, on any number of ranks
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    n = max(len(rows), 1)
+    rollout.print0(
+        f"D_{'sg' if args.setting == 'solution' else 'ug'}: {len(rows)} responses from {len(problems)} problems "
+        f"-> {args.out}; mean length {sum(r['length'] for r in rows) / n:.1f} tokens, mean E(y) "
+        f"{sum(r['epistemic'] for r in rows) / n:.2f}"
+    )
+
+
 def main(argv=None):
     """`evaluate.py ...` (the benchmarks), `evaluate.py select ...` (Sec. 3's problems), `evaluate.py table1 ...`
-    (Table 1)."""
+    (Table 1) or `evaluate.py build ...` (Table 2's D_ug and D_sg)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["select"]:
             select(data.parse_args(SelectArgs, argv[1:]))
         elif argv[:1] == ["table1"]:
             table1(data.parse_args(Table1Args, argv[1:]))
+        elif argv[:1] == ["build"]:
+            build(data.parse_args(BuildArgs, argv[1:]))
         else:
             evaluate_model(data.parse_args(Args, argv))
         if dist.is_initialized():

@@ -52,10 +52,9 @@ def pack_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device, lim
     what it would see in a row of its own: the same log-probs and gradients up to float rounding
     (test_packed_rows_equal_padded_rows). A micro-batch with no shared prompt gets the limit = 0 layout.
 
-    Why: GRPO's n rollouts of a prompt carry n copies of it, and a micro-batch pads every row to its longest.
-    In bench.py's step (16 rollouts of 56-token prompts, micro-batches of 8) the two steps' updates ran over
-    1,984 and 2,014 positions packed, against 2,944 padded (-32%; 1,909 and 1,945 without any padding).
-    Why a limit: the mask is dense, so attention in a row costs W^2, and a long row's mask W^2 bytes."""
+    Why: GRPO's n rollouts of a prompt carry n copies of it, and a micro-batch pads every row to its longest;
+    packed, bench.py's GRPO updates run over 32% fewer positions. Why a limit: the mask is dense, so attention in
+    a row costs W^2, and a long row's mask W^2 bytes."""
     rows, newest = [], {}  # rows: [prompt, length, members]; newest: prompt -> its latest row
     for i, (p, r) in enumerate(seqs):
         row = newest.get(tuple(p))
@@ -70,13 +69,12 @@ def pack_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device, lim
     seg = torch.full_like(ids, -1)  # -1 padding, 0 the prompt, k the row's k-th response
     window = torch.zeros((len(seqs), R), dtype=torch.long)
     j = torch.arange(R)
+    segments = []  # per row: (prompt length, [(start, end) of each response])
     for g, (p, _, members) in enumerate(rows):
-        ids[g, : len(p)], pos[g, : len(p)], seg[g, : len(p)] = (
-            torch.tensor(p, dtype=torch.long),
-            torch.arange(len(p)),
-            0,
-        )
-        o = len(p)
+        ids[g, : len(p)] = torch.tensor(p, dtype=torch.long)
+        pos[g, : len(p)] = torch.arange(len(p))
+        seg[g, : len(p)] = 0
+        o, spans = len(p), []
         for k, i in enumerate(members, 1):
             r = seqs[i][1]
             e = o + len(r)
@@ -84,28 +82,17 @@ def pack_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int, device, lim
             pos[g, o:e] = torch.arange(len(p), len(p) + len(r))  # as if the response followed the prompt alone
             # token 0 is predicted from the prompt's last position, token t from the response's token t - 1
             window[i] = g * W + torch.where(j == 0, len(p) - 1, (o + j - 1).clamp(max=W - 1))
+            spans.append((o, e))
             o = e
-    segments = None
+        segments.append((len(p), spans))
     if all(len(m) == 1 for *_, m in rows):
-        attn = (seg >= 0).long()
+        attn, segments = (seg >= 0).long(), None
     else:  # query q sees key k <= q of the prompt or of its own response (padding sees the prompt: no empty row)
         q = torch.arange(W)
         attn = (((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])) & (q[None, :] <= q[:, None]))[:, None]
-        segments = []
-        for p, _, members in rows:
-            starts = [len(p) + sum(len(seqs[i][1]) for i in members[:k]) for k in range(len(members) + 1)]
-            segments.append((len(p), list(zip(starts[:-1], starts[1:]))))
     targets = torch.tensor([(r + [pad_id] * R)[:R] for _, r in seqs], dtype=torch.long)
     mask = (j[None, :] < torch.tensor([[len(r)] for _, r in seqs])).float()
-    return (
-        ids.to(device),
-        pos.to(device),
-        attn.to(device),
-        window.to(device),
-        targets.to(device),
-        mask.to(device),
-        segments,
-    )
+    return (*(t.to(device) for t in (ids, pos, attn, window, targets, mask)), segments)
 
 
 def segment_attention(
@@ -118,9 +105,8 @@ def segment_attention(
     with anything sdpa would apply besides the mask (soft-capping, sinks, a position bias), it is transformers'
     sdpa on the block mask.
 
-    Why: torch's CPU sdpa kernels compute every query-key pair of a row, whatever the mask; the block mask of a
-    56-token prompt and four ~92-token responses (W = 424) leaves a fifth of the row's W^2 pairs unmasked, and
-    attending per response computes a third of them (the prompt's keys once per response). The pieces are
+    Why: torch's CPU sdpa kernels compute every query-key pair of a row, whatever the mask; in bench.py's packed
+    rows a fifth of the W^2 pairs are unmasked, and attending per response computes a third of them. The pieces are
     split off once (`split`: one concatenation in backward, where slicing would build a full-size gradient per
     slice) and the grouped KV heads go to sdpa as they are (enable_gqa), not repeated. A sliding window (a
     `sliding_window` argument) needs nothing: `packing_limit` keeps rows within it. Outputs and gradients equal
@@ -134,8 +120,7 @@ def segment_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     W, gqa = query.shape[2], query.shape[1] != key.shape[1]
-    # under CPU autocast (--dtype bfloat16) attention runs in fp32: torch's bf16 CPU kernel took 2.6x fp32's time in
-    # backward (0.28 s against 0.11 s a packed micro-batch), and attention is a small share of the FLOPs
+    # CPU autocast (--dtype bfloat16): attention in fp32, a small share of the FLOPs (bf16: 2.6x fp32's backward time)
     fp32 = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
     def attend(q, k, v, **kw):
@@ -167,8 +152,8 @@ SDPA = ("sdpa", SEGMENT_ATTENTION)  # torch's sdpa; `segment_attention` is sdpa 
 def use_segment_attention(model):
     """Switch a model on torch's sdpa to `segment_attention`, which is sdpa wherever no packed row's segments
     are passed (generation, evaluation, unpacked rows): only packed training forwards change. The first call
-    registers it with transformers' attention and mask tables (nothing is registered at import). The name is not
-    saved with checkpoints (config.json holds no attention implementation). Returns the model."""
+    registers it with transformers' attention and mask tables. The name is not saved with checkpoints (config.json
+    holds no attention implementation). Returns the model."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -197,12 +182,8 @@ def plain_lm_head(model) -> bool:
     """True when the logits are exactly hidden @ W.T: a bias-free Linear head with no soft-capping or
     logit scaling (Llama, Qwen2/3, OLMo, SmolLM). Other heads take the full-logits path."""
     head, cfg = model.get_output_embeddings(), model.config
-    return (
-        type(head) is torch.nn.Linear
-        and head.bias is None
-        and not getattr(cfg, "final_logit_softcapping", None)
-        and getattr(cfg, "logit_scale", None) in (None, 1.0)
-    )
+    scaled = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0)
+    return type(head) is torch.nn.Linear and head.bias is None and not scaled
 
 
 def last_hidden_state(model, **inputs) -> torch.Tensor:
@@ -232,10 +213,8 @@ def response_states(model, seqs: list[tuple[list[int], list[int]]], pad_id: int,
     is not `plain_lm_head`, x = the logits (B, R, V) and W = None -- then targets and mask (B, R).
 
     Why: the LM head then runs on response positions only, chunk by chunk (`chunked_logprobs`,
-    `chunked_distillation`), never on (B, W, V) logits; logits_to_keep=1 makes the model's own head
-    compute one position. FSDP2: fully_shard leaves the root module's parameters unsharded after its
-    forward (the default for the root), so W read after the forward is the full weight, and the gradient
-    that reaches it is reduce-scattered with the root's other gradients when backward ends."""
+    `chunked_distillation`), never on (B, W, V) logits. FSDP2 leaves the root module's parameters unsharded after
+    its forward, so W read after it is the full weight, and its gradient is reduce-scattered with the root's."""
     ids, pos, attn, window, targets, mask, segments = pack_batch(seqs, pad_id, device, packing_limit(model, pack))
 
     def at(h):
@@ -316,10 +295,8 @@ class ChunkedHead(torch.autograd.Function):
 
     Why not torch.utils.checkpoint per chunk: each chunk's backward then makes a fresh (V, H) weight gradient
     (113 MB for SmolLM2) and adds it into W.grad; here the chunks accumulate into one buffer (addmm_), and
-    piece's statistics are not recomputed. At 1,721 positions, H = 576, V = 49,152 (bench-style A/B,
-    interleaved, best of 4): `chunked_logprobs` forward + backward 4.4 s against 5.35 s with
-    torch.utils.checkpoint, ``chunked_distillation`` 5.9 s against 6.9 s (both before their vjp). The weight
-    gradient accumulates in at least fp32 and is returned in W's dtype.
+    piece's statistics are not recomputed: 4.4 s against 5.35 s for `chunked_logprobs` (PERFORMANCE.md). The
+    weight gradient accumulates in at least fp32 and is returned in W's dtype.
 
     Under torch.autocast (CPU bf16: rollout.autocast) x @ W.T runs in autocast's dtype, and so do the backward's
     three matmuls: autocast is off in a backward, so the forward's dtype is kept in ctx and cast to explicitly."""
@@ -419,17 +396,15 @@ def chunked_distillation(
     on the support, the student's entropy and the teacher's entropy / log V (the last three detached).
     `divergence` and `finish_support` are sdpo.py's (passed in: this file imports no algorithm file).
 
-    student_x / teacher_x are hidden states (N, H) with LM-head weights *_w (V, H), or logits (N, V) when
-    the weights are None. Chunks of `chunk` positions; each student chunk is recomputed in backward
-    (ChunkedHead), so only (chunk, V) logits are alive at a time.
+    student_x / teacher_x are hidden states (N, H) with LM-head weights *_w (V, H), or logits (N, V) when the
+    weights are None. Each student chunk is recomputed in backward (ChunkedHead): (chunk, V) logits at a time.
 
-    Why `support` and `vjp`: the backward needs only the student's side. The student's top-k indices, the
-    teacher's log-probs on them (chunk, k+1) and the student's logsumexp (chunk,) are kept from the forward,
-    instead of recomputing the teacher's LM head, the log_softmaxes, the top-k and the entropies. With top-k,
-    the loss reads the student's log-probs s = z - logsumexp(z) at k + 1 entries per position, so the gradient
-    is written out: autograd over those (chunk, k+1) values, then dL/dz = scatter(dL/ds) - softmax(z) *
-    sum(dL/ds) (one exp pass, in place). With topk=0 the teacher's full log-probs would be (chunk, V) each,
-    so that path recomputes them and lets autograd differentiate the full log_softmax."""
+    Why `support` and `vjp`: the backward needs only the student's side. The student's top-k indices, the teacher's
+    log-probs on them (chunk, k+1) and the student's logsumexp (chunk,) are kept from the forward, instead of
+    recomputing the teacher's LM head, the log_softmaxes, the top-k and the entropies. With top-k, the loss reads
+    the student's log-probs s = z - logsumexp(z) at k + 1 entries per position, so the gradient is written out:
+    autograd over those (chunk, k+1) values, then `log_softmax_vjp`. With topk=0 the teacher's full log-probs would
+    be (chunk, V) each: that path recomputes them and lets autograd differentiate the full log_softmax."""
     scale = (lambda z: z) if temperature == 1.0 else (lambda z: z / temperature)  # skip a (chunk, V) division
     support = {}  # chunk start -> (student's top-k indices, teacher's log-probs on them, student's logsumexp)
 
@@ -442,9 +417,8 @@ def chunked_distillation(
         if torch.is_grad_enabled():  # ChunkedHead's backward, topk=0 only: autograd through the full log_softmax
             s = torch.log_softmax(z, dim=-1)
             loss = divergence(s, torch.log_softmax(teacher_logits(tx), dim=-1), alpha)
-            return torch.cat(
-                [torch.stack([loss, s.gather(-1, y[:, None]).squeeze(-1)], dim=-1), s.new_zeros(len(s), 3)], dim=-1
-            )
+            logp = s.gather(-1, y[:, None]).squeeze(-1)
+            return torch.cat([torch.stack([loss, logp], dim=-1), s.new_zeros(len(s), 3)], dim=-1)
         zt = teacher_logits(tx)
         lse, entropy = softmax_stats(z)
         lse_t, entropy_t = softmax_stats(zt)
@@ -456,16 +430,9 @@ def chunked_distillation(
         else:
             s_sup, t_sup = z - lse[:, None], zt - lse_t[:, None]
         logp = z.gather(-1, y[:, None]).squeeze(-1) - lse
-        return torch.stack(
-            [
-                divergence(s_sup, t_sup, alpha),
-                logp,
-                divergence(s_sup, t_sup, 1.0),
-                entropy,
-                entropy_t / math.log(zt.shape[-1]),
-            ],
-            dim=-1,
-        )  # the teacher's entropy: in [0, 1]
+        entropy_t = entropy_t / math.log(zt.shape[-1])  # the teacher's entropy: in [0, 1]
+        terms = [divergence(s_sup, t_sup, alpha), logp, divergence(s_sup, t_sup, 1.0), entropy, entropy_t]
+        return torch.stack(terms, dim=-1)
 
     def vjp(z, start, grad, tx, y):  # top-k only; z is ChunkedHead's fresh (c, V) logits, overwritten here
         idx, t_sup, lse = support[start]
@@ -561,10 +528,8 @@ def micro_batches(
     `rows_with_gradient` fills up to the most micro-batches before it runs out of rows.
 
     Why: `rows_with_gradient` can keep part of a group (SDPO: a group's rollouts differ in whether they have a
-    teacher context), and a micro-batch holding two prompts' rows is two packed rows padded to the longer one.
-    In bench.py's SDPO step (10 of 16 rows kept, from 4 prompts) 3 micro-batches of 4 took nearly the time of
-    all 16 rows, at a higher peak (5.10 GB against 4.77). Whole groups of --rollouts = --micro-batch split
-    as before."""
+    teacher context), and a micro-batch holding two prompts' rows is two packed rows padded to the longer one:
+    SDPO's train time 18.0-20.4 s -> 13.4-13.7 s. Whole groups of --rollouts = --micro-batch split as before."""
     out = []
     for r in rows:
         if not out or len(out[-1]) == micro_batch or (by_prompt and r["prompt_ids"] != out[-1][-1]["prompt_ids"]):
@@ -594,18 +559,15 @@ def token_nll(
 
     Memory: the LM head runs on the response positions only, `chunk` at a time, each chunk's (chunk, V) logits
     recomputed in backward (torch.utils.checkpoint), never the full (B, T, V) fp32 logits (45-52 GB for 24k
-    positions and V = 152k). FSDP2 leaves the root's parameters unsharded after its forward, so the head's W
-    read here is the full weight, and its gradient is reduce-scattered with the root's others."""
+    positions and V = 152k). FSDP2: W is the full weight, as in `response_states`."""
     width = max(len(x) for x in ids)
     input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], device=device)  # (B, T)
     attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)  # (B, T)
     sel = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)[:, 1:].bool()  # (B, T-1)
     targets = input_ids[:, 1:][sel]  # (N,)
     if plain_lm_head(model):
-        x, w = (
-            last_hidden_state(model, input_ids=input_ids, attention_mask=attn)[:, :-1][sel],
-            model.get_output_embeddings().weight,
-        )  # (N, H), (V, H)
+        x = last_hidden_state(model, input_ids=input_ids, attention_mask=attn)[:, :-1][sel]  # (N, H)
+        w = model.get_output_embeddings().weight  # (V, H)
     else:
         x, w = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits[:, :-1][sel], None  # (N, V)
 
@@ -657,13 +619,11 @@ def sample_next(
 def skinny_linear(model, max_rows: int = 32):
     """Compute nn.Linear as (W @ x.T).T while few rows go through it (decoding).
 
-    Why: for row-major weights and 8-32 rows, MKL's kernel for x @ W.T runs ~4x slower on this
-    CPU than the same product ordered W @ x.T (and the 49k-row LM head 2.5x slower). Same values,
-    no weight copy; prefill (many rows) keeps the stock path. Restored on exit.
-    The result is made contiguous (a copy of rows x out, ~0.1 MB a layer): the transposed view left
-    the query's last dimension at stride `rows`, and torch's CPU sdpa then skips its flash kernel
-    for the math one, which repeats the grouped KV cache for every head at every step (7.2 s of a
-    21 s rollout at batch 16, profiled)."""
+    Why: for row-major weights and 8-32 rows, MKL's kernel for x @ W.T runs ~4x slower on this CPU than the same
+    product ordered W @ x.T (the 49k-row LM head 2.5x). Same values, no weight copy; prefill (many rows) keeps the
+    stock path. Restored on exit. The result is made contiguous (a copy of rows x out, ~0.1 MB a layer): with the
+    transposed view's query at stride `rows`, torch's CPU sdpa skips its flash kernel for the math one, which
+    repeats the grouped KV cache for every head at every step (7.2 s of a 21 s rollout at batch 16)."""
     if next(model.parameters()).device.type != "cpu":
         yield
         return
@@ -709,11 +669,7 @@ def preallocate_kv(cache, room: int = 256) -> None:
         def update(k, v, *args, L=layer, **kwargs):
             end = L.length + k.shape[-2]
             if end > L.kbuf.shape[-2]:  # full: double the room
-
-                def grow(b):
-                    return torch.cat([b, b.new_empty((*b.shape[:-2], b.shape[-2], b.shape[-1]))], dim=-2)
-
-                L.kbuf, L.vbuf = grow(L.kbuf), grow(L.vbuf)
+                L.kbuf, L.vbuf = (torch.cat([b, torch.empty_like(b)], dim=-2) for b in (L.kbuf, L.vbuf))
             L.kbuf[..., L.length : end, :], L.vbuf[..., L.length : end, :] = k, v
             L.length = end
             L.keys, L.values = L.kbuf[..., :end, :], L.vbuf[..., :end, :]
@@ -744,19 +700,15 @@ def lean_decoding(model) -> bool:
     ):
         return False
 
-    def plain(mod):
-        return (
-            type(mod) is torch.nn.Linear
-            and "forward" not in mod.__dict__
-            and not mod._forward_hooks
-            and not mod._forward_pre_hooks
-        )
+    def hooked(mod):
+        return mod._forward_hooks or mod._forward_pre_hooks
 
     linears = [model.get_output_embeddings()]
     for layer in model.model.layers:
         linears += [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         linears += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
-    return all(plain(mod) for mod in linears) and not model._forward_hooks and not model._forward_pre_hooks
+    plain = all(type(m) is torch.nn.Linear and "forward" not in m.__dict__ and not hooked(m) for m in linears)
+    return plain and not hooked(model)
 
 
 class LeanDecoder:
@@ -764,9 +716,8 @@ class LeanDecoder:
     transformers prefill: `step(ids, pos)` -> (B, V) next-token logits; `select(rows)` keeps those rows.
 
     Why: at 16 rows the model's forward spends more of a step on Python and dispatch (mask building, cache
-    classes, reshapes, an RMSNorm in 6 ops) than on anything but the matmuls. Written out, 4 prompts x 4
-    rollouts of up to 128 tokens of SmolLM2-135M (1,530 tokens) took 12.6-13.3 s against 15.0-16.0 s through
-    the model's forward (alternating, one process), with the same tokens. Every linear is `W @ x.T` (see
+    classes, reshapes, an RMSNorm in 6 ops) than on anything but the matmuls: written out, rollouts took
+    12.6-13.3 s against 15.0-16.0 s, with the same tokens (PERFORMANCE.md). Every linear is `W @ x.T` (see
     `skinny_linear`); q and k are made contiguous, so that sdpa takes its flash kernel; the query heads of a
     key/value head go in the query-length slot (as transformers' own decoding does), so the cache is never
     repeated. Logits match a plain forward of the whole sequence within 1e-5 in fp32

@@ -49,6 +49,7 @@ import torch
 from tqdm import tqdm
 from transformers.hf_argparser import HfArg
 
+import checkpoint
 import data
 import evaluate
 import rollout
@@ -504,7 +505,7 @@ def run_loop(args: RLArgs, loss_name: str = "grpo", make_train_step=grpo_train_s
                 gnorm=f"{metrics.get('grad_norm') or 0:.3f}",
             )
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            sft.save_checkpoint(
+            checkpoint.save_checkpoint(
                 run.out,
                 step + 1,
                 run.model,
@@ -522,7 +523,7 @@ def run_loop(args: RLArgs, loss_name: str = "grpo", make_train_step=grpo_train_s
     ]  # the last evaluation
     lines += [
         f"  metrics: {run.out / 'metrics.jsonl'}",
-        f"  checkpoint: {sft.latest_checkpoint(run.out) or 'none (--save-every 0)'}",
+        f"  checkpoint: {checkpoint.latest_checkpoint(run.out) or 'none (--save-every 0)'}",
     ]
     rollout.print0("\n".join(lines))
     sft.finish(run)

@@ -6,7 +6,7 @@ evaluations) and writes REPORT.md: per evaluation set and step, accuracy, length
 (`epistemic.mechanism`), each run minus a baseline (GRPO), every figure with a 95% bootstrap interval over seeds and
 problems, and one plot per comparison of runs (Figs. 3-8's manner; matplotlib, an optional extra).
 
-Needs, when copied: numpy; data.py, epistemic.py and evaluate.py (`answer_part`) beside it.
+Copying: needs numpy, and data.py, epistemic.py and evaluate.py (`answer_part`) beside it.
 
 Run it:
     python report.py runs/cpu --out report

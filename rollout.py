@@ -60,7 +60,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass
 class SamplingArgs:
-    """The flags of every script that samples from one model (evaluate.py, its `select` and `table1`, `sft.py build`):
+    """The flags of every script that samples from one model (evaluate.py and its `select`, `table1`, `build`):
     the model and its precision, the backend, and the sampling (Table 11 and the released analysis scripts: 0.6,
     0.95, top-k 20)."""
 
@@ -121,9 +121,8 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     (FSDP2) and gloo for CPU ones: the trainers' scalar all-reduces (sft.all_reduce_sum) and object collectives
     are CPU tensors, which nccl alone refuses ("No backend type associated with device type cpu"). The
     per-device backend string is torch.distributed.init_process_group's documented form. CPU: gloo."""
-    rank, local_rank, world = (
-        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))
-    )
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -139,12 +138,10 @@ def keep_freed_memory() -> None:
     """CPU: glibc's malloc keeps freed tensors of up to 32 MB for reuse, and never hands freed memory back.
 
     Why: by default it returns each large freed block to the kernel (munmap, or a heap trim), and the next tensor of
-    that size is mapped afresh, one page fault per 4 KB page touched. A process running eight packed forwards and
-    backwards of the 135M model took 1.35M page faults (fp32) and 2.5M (bf16 autocast, whose casts allocate more),
-    a third of its time in the kernel; with these settings 0.43-0.45M, and each forward and backward 1.2x faster
-    (3.0 -> 2.5 s fp32, 2.2 -> 1.8 s bf16). Peak memory is the same: memory is kept, not added. mallopt(3):
-    M_TRIM_THRESHOLD = -1, M_TOP_PAD = -2, M_MMAP_THRESHOLD = -3 (32 MB: the largest glibc allows on 64-bit).
-    Elsewhere (not glibc) nothing happens."""
+    that size is mapped afresh, one page fault per 4 KB page touched: eight packed forwards and backwards of the
+    135M model spent a third of their time in the kernel, and these settings make each 1.2x faster (PERFORMANCE.md).
+    Peak memory is the same: memory is kept, not added. mallopt(3): M_TRIM_THRESHOLD = -1, M_TOP_PAD = -2,
+    M_MMAP_THRESHOLD = -3 (32 MB: the largest glibc allows on 64-bit). Elsewhere (not glibc) nothing happens."""
     import ctypes
     import ctypes.util
 
@@ -352,9 +349,8 @@ def chat_prompt(tokenizer, user: str, system: str | None = None, thinking: str =
     thinking: "on"/"off" pass enable_thinking to Qwen3-style templates ("off" makes Qwen3 emit an empty
     <think></think>); "auto" leaves the template's default. DeepSeek-R1-Distill's template opens
     <think> itself; OLMo-3 takes its system prompt here."""
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": user}
-    ]
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": user})
     kwargs = {} if thinking == "auto" else {"enable_thinking": thinking == "on"}
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
@@ -618,16 +614,8 @@ def generate_hf(
                 )
                 cache, logits = kv_cache(res), res.logits[:, -1]
             for row, (pi, ids, _) in enumerate(batch):
-                out.append(
-                    Sample(
-                        pi,
-                        ids,
-                        tokens[row],
-                        tokenizer.decode(tokens[row], skip_special_tokens=True),
-                        reason[row],
-                        logps[row],
-                    )
-                )
+                text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+                out.append(Sample(pi, ids, tokens[row], text, reason[row], logps[row]))
             bar.update(len(batch))
     bar.close()
     out.sort(key=lambda s: s.prompt_index)  # stable: the n samples of a prompt stay in order
@@ -722,26 +710,15 @@ def generate_vllm(
         )
         for i in (indices or range(len(prompts)))
     ]  # the text is decoded here, from the token ids
-    results = (
-        backend.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], sps, use_tqdm=False)
-        if prompts
-        else []
-    )
+    requests = [TokensPrompt(prompt_token_ids=ids) for ids in encoded]
+    results = backend.llm.generate(requests, sps, use_tqdm=False) if prompts else []
     out = []
     for i, (ids, res) in enumerate(zip(encoded, results)):
         for o in res.outputs:
             toks = list(o.token_ids)
             lps = [o.logprobs[t][tok].logprob for t, tok in enumerate(toks)] if o.logprobs else []
-            out.append(
-                Sample(
-                    i,
-                    ids,
-                    toks,
-                    backend.tokenizer.decode(toks, skip_special_tokens=True),
-                    "stop" if o.finish_reason == "stop" else "length",
-                    lps,
-                )
-            )
+            text = backend.tokenizer.decode(toks, skip_special_tokens=True)
+            out.append(Sample(i, ids, toks, text, "stop" if o.finish_reason == "stop" else "length", lps))
     return out
 
 

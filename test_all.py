@@ -370,12 +370,12 @@ EXPECTED_SHARED = {
 
 
 def test_sft_answers_help(capsys):
-    sft.main(["--help"])
-    out = capsys.readouterr().out
-    assert "sft.py build" in out and "sft.py train" in out
     with pytest.raises(SystemExit) as e:
-        sft.main([])
-    assert "sft.py build" in str(e.value.code)  # no command: the usage, as an error (exit status 1)
+        sft.main(["--help"])
+    out = capsys.readouterr().out
+    assert (
+        e.value.code == 0 and "--data DATA" in out and "--batch_size BATCH_SIZE" in out and "evaluate.py build" in out
+    )
 
 
 def test_the_benchmark_files_ship():
@@ -1105,7 +1105,7 @@ def test_lean_decoding_past_its_first_256_positions(tiny, monkeypatch):
 
 
 def test_bfloat16_model_generates_in_bfloat16(tiny_model_dir):
-    """--dtype bfloat16 (evaluate.py, rollout.py, sft.py build): the model's weights in bf16, rollouts with finite
+    """--dtype bfloat16 (evaluate.py, rollout.py, evaluate.py build): the model's weights in bf16, rollouts with finite
     log-probs through the fast path and the plain one."""
     model, tok = rollout.load_model(tiny_model_dir, "bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -1559,9 +1559,138 @@ def test_select_and_table1_by_hand(digit_model_dir, tmp_path, capsys):
         assert evaluate.SETTING_NAMES[setting] in out
 
 
+def _selected(path, problems):
+    """An `evaluate.py select` output: question, answer, solution (s) per problem."""
+    path.write_text(
+        "".join(
+            json.dumps(dict(id=f"p{i}", question=q, answer=a, solution=s)) + "\n"
+            for i, (q, a, s) in enumerate(problems)
+        )
+    )
+    return str(path)
+
+
+def test_build_sets_as_released(tmp_path, monkeypatch, embedded_tokenizer):
+    """Table 2's sets as make_sft_dataset.py builds them, by construction (the samples are given): D_ug is each
+    selected problem's s; D_sg each problem's FIRST correct response under c = s (Table 1's hint prompt), none for a
+    problem without one; a problem without s is in neither."""
+    selected = _selected(
+        tmp_path / "selected.jsonl",
+        [
+            ("What is 1 + 1?", "2", "s0 \\boxed{2}"),
+            ("What is 2 + 2?", "4", "s1 \\boxed{4}"),
+            ("What is 3 + 3?", "6", None),
+            ("What is 4 + 4?", "8", "s3"),
+        ],
+    )
+    drawn = {0: ["\\boxed{3}", "A \\boxed{2}", "B \\boxed{2}"], 1: ["\\boxed{5}"] * 3, 2: ["x", "y", "C \\boxed{8}"]}
+    seen = {}
+
+    def generate(backend, prompts, params, **kw):
+        seen.update(prompts=prompts, params=params, indices=list(kw["indices"]))
+        return [
+            rollout.Sample(i, [1], [2] * (k + 1), t, "stop")
+            for i in range(len(prompts))
+            for k, t in enumerate(drawn[i])
+        ]
+
+    monkeypatch.setattr(rollout, "make_backend", lambda *a, **kw: rollout.Backend("hf", embedded_tokenizer))
+    monkeypatch.setattr(rollout, "generate", generate)
+    monkeypatch.setattr(rollout, "load_tokenizer", lambda *a: embedded_tokenizer)
+    for setting in ("unguided", "solution"):
+        evaluate.build(
+            evaluate.BuildArgs(setting=setting, data=selected, n_samples=3, out=str(tmp_path / f"{setting}.jsonl"))
+        )
+    ug = _jsonl(tmp_path / "unguided.jsonl")
+    sg = _jsonl(tmp_path / "solution.jsonl")
+    assert [(r["id"], r["response"]) for r in ug] == [
+        ("selected-0", "s0 \\boxed{2}"),
+        ("selected-1", "s1 \\boxed{4}"),
+        ("selected-3", "s3"),
+    ]
+    assert [(r["id"], r["response"], r["length"]) for r in sg] == [
+        ("selected-0", "A \\boxed{2}", 2),
+        ("selected-3", "C \\boxed{8}", 3),
+    ]
+    hint = (
+        "What is 1 + 1?\nPlease reason step by step, and put your final answer within \\boxed{}.\n\nCorrect solution: "
+        "s0 \\boxed{2}\n\nCorrectly solve the original question."
+    )
+    assert sg[0]["context"] == hint and seen["prompts"][0] == rollout.chat_prompt(embedded_tokenizer, hint)
+    assert ug[0]["context"] == data.format_prompt("What is 1 + 1?") and ug[0]["setting"] == "unguided"
+    p = seen["params"]
+    assert (p.n, p.temperature, p.top_p, p.top_k, seen["indices"]) == (3, 0.6, 0.95, 20, [0, 1, 2])
+    with pytest.raises(ValueError, match="no problem has a `solution`"):
+        evaluate.build(
+            evaluate.BuildArgs(data=_selected(tmp_path / "none.jsonl", [("q", "1", None)]), out=str(tmp_path / "x"))
+        )
+
+
+def test_build_runs_on_the_digit_model(digit_model_dir, tmp_path):
+    """`evaluate.py build` end to end under the tests' sampler (the same draws on every CPU): D_sg holds at most one
+    response per problem, each correct, with its marker count, and it is valid SFT input."""
+    selected = _selected(
+        tmp_path / "selected.jsonl",
+        [(p["question"], p["answer"], p.get("solution", p["answer"])) for p in DIGIT_PROBLEMS],
+    )
+    out = tmp_path / "d_sg.jsonl"
+    _main_in_process(
+        "evaluate.py",
+        "build",
+        "--model",
+        digit_model_dir,
+        "--data",
+        selected,
+        "--n-samples",
+        "4",
+        "--lenient",
+        "--max-new-tokens",
+        "6",
+        "--out",
+        str(out),
+    )
+    rows = _jsonl(out)
+    assert 0 < len(rows) == len({r["id"] for r in rows}) <= 4  # at most one per problem
+    for r in rows:
+        assert _correct_by_hand(r["response"], r["answer"]) == 1.0 and r["setting"] == "solution"
+        assert r["epistemic"] == epistemic.epistemic_count(r["response"])
+    assert len(sft.read_sft_rows(out)) == len(rows)  # and it is valid SFT input
+
+
+EVALUATE_WORKER = (
+    """import json, math, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+import data, evaluate, rollout
+"""
+    + FORCED_DRAW
+    + """
+rollout.sample_tokens = forced_draw  # the same samples on every CPU
+rollout.native_bf16 = lambda device: False  # --dtype auto: fp32 on every CPU, as in the tests' process
+rank, _, world, _ = rollout.init_distributed()
+model, tok = rollout.load_model(sys.argv[2])
+problems = data.load_problems(sys.argv[3])
+benches = {"all": problems, "three": problems[:3]}
+params = rollout.SamplingParams(n=3, max_new_tokens=5, seed=7)
+backend = rollout.Backend("hf", tok, model=model, batch_size=4)
+summary = evaluate.evaluate(backend, benches, params, ks=(1, 2), lenient=True)
+records = evaluate.score_problems(rollout.Backend("hf", tok, model=model), problems, params, {}, False, True)
+three = evaluate.score_problems(rollout.Backend("hf", tok, model=model), problems[:3], params, {}, False, True,
+                                indices=[4, 5, 6])  # numbered after "all"'s four: seeded by place across benchmarks
+if rank == 0:
+    open(sys.argv[4], "w").write(json.dumps(dict(summary=summary, records=records, three=three)))
+if dist.is_initialized():
+    dist.barrier()  # every rank done before any closes the group
+    dist.destroy_process_group()
+"""
+)
+
+
 # ============================================================================================
 # sft.py
 # ============================================================================================
+import checkpoint
 import sft
 
 
@@ -1584,7 +1713,7 @@ def test_sft_rows_bad_input(tmp_path, capsys):
         sft.read_sft_rows(p)
     data_file, out = str(_sft_file(tmp_path / "d.jsonl")), str(tmp_path / "none")
     assert "--resume: no complete checkpoint" in _fails(
-        capsys, "sft.py", "train", "--data", data_file, "--out", out, "--resume"
+        capsys, "sft.py", "--data", data_file, "--out", out, "--resume"
     )
 
 
@@ -1640,7 +1769,6 @@ def test_fused_adamw_matches_the_textbook_update():
 
 def _train(tiny_model_dir, data_path, out, *extra, torchrun=False):
     argv = [
-        "train",
         "--model",
         tiny_model_dir,
         "--data",
@@ -1691,7 +1819,6 @@ def test_sft_one_and_two_processes_equal_the_gradient_by_hand(tiny_model_dir, tm
     rank): the loss, gradient norm and gradient are the token mean of the response tokens' NLL, by hand."""
     d = _sft_file(tmp_path / "d.jsonl")
     argv = [
-        "train",
         "--model",
         tiny_model_dir,
         "--data",
@@ -1731,31 +1858,8 @@ def test_sft_one_and_two_processes_equal_the_gradient_by_hand(tiny_model_dir, tm
         )
 
 
-def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monkeypatch):
-    model, tok = rollout.load_model(tiny_model_dir)
-    opt = sft.make_optimizer(model, 1e-3)
-    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
-    opt.step()
-    first = sft.save_checkpoint(tmp_path, 1, model, tok, opt, {"note": "ok"})
-    import safetensors.torch
-
-    def disk_full(*a, **k):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(OSError, match="checkpoint step 2 not written"):
-        sft.save_checkpoint(tmp_path, 2, model, tok, opt, {})
-    assert sft.latest_checkpoint(tmp_path) == first and not (tmp_path / "step_2").exists()
-    assert not list(tmp_path.glob(".step_*"))
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(first)  # still loads as it is
-    state = sft.load_checkpoint(first, model, sft.make_optimizer(model, 1e-3))
-    assert state["step"] == 1 and state["note"] == "ok"
-
-
 def test_sft_save_every_0_writes_no_checkpoint(tiny_model_dir, tmp_path, capsys):
-    """--save-every 0 means never, in sft.py train as in the RL trainers (it divided by zero)."""
+    """--save-every 0 means never, in sft.py as in the RL trainers (it divided by zero)."""
     rows = _train(tiny_model_dir, _sft_file(tmp_path / "d.jsonl"), tmp_path / "o", "--steps", "1", "--save-every", "0")
     assert [r["step"] for r in rows] == [1] and not list((tmp_path / "o").glob("step_*"))
     assert "checkpoint: none (--save-every 0)" in capsys.readouterr().out
@@ -1766,7 +1870,6 @@ def test_sft_killed_mid_run_resumes_from_last_complete(tiny_model_dir, tmp_path)
     cmd = [
         sys.executable,
         "sft.py",
-        "train",
         "--model",
         tiny_model_dir,
         "--data",
@@ -1788,7 +1891,7 @@ def test_sft_killed_mid_run_resumes_from_last_complete(tiny_model_dir, tmp_path)
         time.sleep(0.05)
     p.kill()  # at an arbitrary moment, quite possibly mid-save
     p.wait()
-    last = sft.latest_checkpoint(tmp_path / "k")
+    last = checkpoint.latest_checkpoint(tmp_path / "k")
     assert last is not None
     from transformers import AutoModelForCausalLM
 
@@ -1802,7 +1905,6 @@ def test_sft_trains_and_checkpoint_generates(tiny_model_dir, tmp_path):
     d = _sft_file(tmp_path / "d.jsonl", n=4)
     _main_in_process(
         "sft.py",
-        "train",
         "--model",
         tiny_model_dir,
         "--data",
@@ -1840,7 +1942,6 @@ def test_sft_torchrun_trains_and_checkpoint_loads(tiny_model_dir, tmp_path):
     run(
         *TORCHRUN2,
         "sft.py",
-        "train",
         "--model",
         tiny_model_dir,
         "--data",
@@ -1868,130 +1969,6 @@ def test_sft_torchrun_trains_and_checkpoint_loads(tiny_model_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "e" / "step_2")
 
 
-def _selected(path, problems):
-    """An `evaluate.py select` output: question, answer, solution (s) per problem."""
-    path.write_text(
-        "".join(
-            json.dumps(dict(id=f"p{i}", question=q, answer=a, solution=s)) + "\n"
-            for i, (q, a, s) in enumerate(problems)
-        )
-    )
-    return str(path)
-
-
-def test_sft_build_sets_as_released(tmp_path, monkeypatch, embedded_tokenizer):
-    """Table 2's sets as make_sft_dataset.py builds them, by construction (the samples are given): D_ug is each
-    selected problem's s; D_sg each problem's FIRST correct response under c = s (Table 1's hint prompt), none for a
-    problem without one; a problem without s is in neither."""
-    selected = _selected(
-        tmp_path / "selected.jsonl",
-        [
-            ("What is 1 + 1?", "2", "s0 \\boxed{2}"),
-            ("What is 2 + 2?", "4", "s1 \\boxed{4}"),
-            ("What is 3 + 3?", "6", None),
-            ("What is 4 + 4?", "8", "s3"),
-        ],
-    )
-    drawn = {0: ["\\boxed{3}", "A \\boxed{2}", "B \\boxed{2}"], 1: ["\\boxed{5}"] * 3, 2: ["x", "y", "C \\boxed{8}"]}
-    seen = {}
-
-    def generate(backend, prompts, params, **kw):
-        seen.update(prompts=prompts, params=params, indices=list(kw["indices"]))
-        return [
-            rollout.Sample(i, [1], [2] * (k + 1), t, "stop")
-            for i in range(len(prompts))
-            for k, t in enumerate(drawn[i])
-        ]
-
-    monkeypatch.setattr(rollout, "make_backend", lambda *a, **kw: rollout.Backend("hf", embedded_tokenizer))
-    monkeypatch.setattr(rollout, "generate", generate)
-    monkeypatch.setattr(rollout, "load_tokenizer", lambda *a: embedded_tokenizer)
-    for setting in ("unguided", "solution"):
-        sft.build(sft.BuildArgs(setting=setting, data=selected, n_samples=3, out=str(tmp_path / f"{setting}.jsonl")))
-    ug = _jsonl(tmp_path / "unguided.jsonl")
-    sg = _jsonl(tmp_path / "solution.jsonl")
-    assert [(r["id"], r["response"]) for r in ug] == [
-        ("selected-0", "s0 \\boxed{2}"),
-        ("selected-1", "s1 \\boxed{4}"),
-        ("selected-3", "s3"),
-    ]
-    assert [(r["id"], r["response"], r["length"]) for r in sg] == [
-        ("selected-0", "A \\boxed{2}", 2),
-        ("selected-3", "C \\boxed{8}", 3),
-    ]
-    hint = (
-        "What is 1 + 1?\nPlease reason step by step, and put your final answer within \\boxed{}.\n\nCorrect solution: "
-        "s0 \\boxed{2}\n\nCorrectly solve the original question."
-    )
-    assert sg[0]["context"] == hint and seen["prompts"][0] == rollout.chat_prompt(embedded_tokenizer, hint)
-    assert ug[0]["context"] == data.format_prompt("What is 1 + 1?") and ug[0]["setting"] == "unguided"
-    p = seen["params"]
-    assert (p.n, p.temperature, p.top_p, p.top_k, seen["indices"]) == (3, 0.6, 0.95, 20, [0, 1, 2])
-    with pytest.raises(ValueError, match="no problem has a `solution`"):
-        sft.build(sft.BuildArgs(data=_selected(tmp_path / "none.jsonl", [("q", "1", None)]), out=str(tmp_path / "x")))
-
-
-def test_sft_build_runs_on_the_digit_model(digit_model_dir, tmp_path):
-    """`sft.py build` end to end under the tests' sampler (the same draws on every CPU): D_sg holds at most one
-    response per problem, each correct, with its marker count, and it is valid SFT input."""
-    selected = _selected(
-        tmp_path / "selected.jsonl",
-        [(p["question"], p["answer"], p.get("solution", p["answer"])) for p in DIGIT_PROBLEMS],
-    )
-    out = tmp_path / "d_sg.jsonl"
-    _main_in_process(
-        "sft.py",
-        "build",
-        "--model",
-        digit_model_dir,
-        "--data",
-        selected,
-        "--n-samples",
-        "4",
-        "--lenient",
-        "--max-new-tokens",
-        "6",
-        "--out",
-        str(out),
-    )
-    rows = _jsonl(out)
-    assert 0 < len(rows) == len({r["id"] for r in rows}) <= 4  # at most one per problem
-    for r in rows:
-        assert _correct_by_hand(r["response"], r["answer"]) == 1.0 and r["setting"] == "solution"
-        assert r["epistemic"] == epistemic.epistemic_count(r["response"])
-    assert len(sft.read_sft_rows(out)) == len(rows)  # and it is valid SFT input
-
-
-EVALUATE_WORKER = (
-    """import json, math, sys
-import torch
-sys.path.insert(0, sys.argv[1])
-import torch.distributed as dist
-import data, evaluate, rollout
-"""
-    + FORCED_DRAW
-    + """
-rollout.sample_tokens = forced_draw  # the same samples on every CPU
-rollout.native_bf16 = lambda device: False  # --dtype auto: fp32 on every CPU, as in the tests' process
-rank, _, world, _ = rollout.init_distributed()
-model, tok = rollout.load_model(sys.argv[2])
-problems = data.load_problems(sys.argv[3])
-benches = {"all": problems, "three": problems[:3]}
-params = rollout.SamplingParams(n=3, max_new_tokens=5, seed=7)
-backend = rollout.Backend("hf", tok, model=model, batch_size=4)
-summary = evaluate.evaluate(backend, benches, params, ks=(1, 2), lenient=True)
-records = evaluate.score_problems(rollout.Backend("hf", tok, model=model), problems, params, {}, False, True)
-three = evaluate.score_problems(rollout.Backend("hf", tok, model=model), problems[:3], params, {}, False, True,
-                                indices=[4, 5, 6])  # numbered after "all"'s four: seeded by place across benchmarks
-if rank == 0:
-    open(sys.argv[4], "w").write(json.dumps(dict(summary=summary, records=records, three=three)))
-if dist.is_initialized():
-    dist.barrier()  # every rank done before any closes the group
-    dist.destroy_process_group()
-"""
-)
-
-
 def test_periodic_evaluate_splits_and_gathers_over_ranks(digit_model_dir, tmp_path):
     """evaluate() splits the benchmarks' problems over the ranks (rank 0: places 0, 2, 4, 6, rank 1: 1, 3, 5) and
     summarises the records gathered on rank 0: two ranks give one process's summary, which is `summarize` of every
@@ -2007,6 +1984,86 @@ def test_periodic_evaluate_splits_and_gathers_over_ranks(digit_model_dir, tmp_pa
     assert one["summary"]["three"] == evaluate.summarize(one["three"], [1, 2])
     # the samples differ (the tests' sampler draws them alike on every CPU): a split that lost or repeated one shows
     assert 0 < one["summary"]["all"]["acc"] < 1
+
+
+# ============================================================================================
+# checkpoint.py
+# ============================================================================================
+
+
+def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monkeypatch):
+    model, tok = rollout.load_model(tiny_model_dir)
+    opt = sft.make_optimizer(model, 1e-3)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    first = checkpoint.save_checkpoint(tmp_path, 1, model, tok, opt, {"note": "ok"})
+    import safetensors.torch
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="checkpoint step 2 not written"):
+        checkpoint.save_checkpoint(tmp_path, 2, model, tok, opt, {})
+    assert checkpoint.latest_checkpoint(tmp_path) == first and not (tmp_path / "step_2").exists()
+    assert not list(tmp_path.glob(".step_*"))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(first)  # still loads as it is
+    state = checkpoint.load_checkpoint(first, model, sft.make_optimizer(model, 1e-3))
+    assert state["step"] == 1 and state["note"] == "ok"
+
+
+def test_keep_checkpoints_prunes_older_complete_ones(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / ".step_9.tmp").mkdir(parents=True)  # a torn write: not complete, never removed
+    (out / "step_0").mkdir()  # no trainer_state.json: not complete either
+    _main_in_process(
+        "grpo.py",
+        "--model",
+        tiny_model_dir,
+        *GRPO_FLAGS[2:],
+        "--steps",
+        "3",
+        "--save-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+        "--out",
+        str(out),
+        forced=False,
+    )
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_2", "step_3"]
+    for d in ("step_5", "step_6"):
+        (out / d).mkdir()
+        (out / d / "trainer_state.json").write_text("{}")
+    checkpoint.prune_checkpoints(out, 1)
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_6"]
+
+
+def test_checkpoint_optimizer_shards_resume_on_another_number_of_ranks(tiny_model_dir, tmp_path):
+    """Each rank writes its own rows of the AdamW state (safetensors, no pickle); a run saved on one process resumes
+    on two, and one saved on two resumes on one, with the same next step as an uninterrupted run."""
+    d = _sft_file(tmp_path / "d.jsonl")
+    straight = _train(tiny_model_dir, d, tmp_path / "a", "--steps", "2", "--save-every", "2")
+    want = _weights(tmp_path / "a" / "step_2")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "a" / "step_2" / "optimizer" / "shard_0.safetensors", "pt") as f:
+        moments = {k for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118 (safe_open is not iterable)
+    assert len(moments) == len(want)  # every parameter's state (the tied head is one parameter)
+    for name, first, second in (("one_then_two", 1, 2), ("two_then_one", 2, 1)):
+        metrics, got = _resume_across(tiny_model_dir, tmp_path, name, first, second)
+        assert [r["step"] for r in metrics] == [1, 2]
+        for a, b in zip(straight, metrics):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
+                a["grad_norm"], rel=1e-4
+            )
+        for k in want:
+            assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
+    with safe_open(tmp_path / "two_then_one" / "step_1" / "optimizer" / "shard_1.safetensors", "pt") as f:
+        rows = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118
+    assert all(shape[0] <= -(-want[k.rpartition("/")[0]].shape[0] // 2) for k, shape in rows.items())  # half each
 
 
 # ============================================================================================
@@ -4722,7 +4779,7 @@ def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
     """evaluate.py --backend vllm under plain python (no RANK: external_launcher reads it), under torchrun with one
     rank (RANK set, no group: vLLM would make an nccl-only one) and with two; every problem answered, the engine
     sized to the longest prompt plus --max-new-tokens, counted here independently, and given 0.9 of the GPU by
-    default; requests ask for no log-probs and no detokenization. rollout.py and sft.py build pass
+    default; requests ask for no log-probs and no detokenization. rollout.py and evaluate.py build pass
     --vllm-gpu-memory to their engines."""
     env, log = fake_vllm
     flags = f"--model {tiny_model_dir} --backend vllm --data synthetic:types=add,n=5 --n-samples 2 --k 1 "
@@ -4756,11 +4813,11 @@ def test_vllm_single_process_and_torchrun(tiny_model_dir, tmp_path, fake_vllm):
         assert gens and all(c["logprobs"] == ["None"] and c["detokenize"] == [False] for c in gens)
     for cmd in (
         ["evaluate.py", "select", "--data", "synthetic:types=add,n=2", "--n-samples", "2", "--keep", "1"],
-        ["sft.py", "build", "--setting", "solution", "--data", "synthetic:types=add,n=2", "--n-samples", "2"],
+        ["evaluate.py", "build", "--setting", "solution", "--data", "synthetic:types=add,n=2", "--n-samples", "2"],
     ):
         log.unlink(missing_ok=True)  # every script that makes an engine takes --vllm-gpu-memory (in this process)
         flags = f"--model {tiny_model_dir} --backend vllm --max-new-tokens 4 --vllm-gpu-memory 0.7".split()
-        _main_in_process(*cmd, *flags, "--out", str(tmp_path / cmd[0] / "out.jsonl"), forced=False, env=env)
+        _main_in_process(*cmd, *flags, "--out", str(tmp_path / cmd[1] / "out.jsonl"), forced=False, env=env)
         assert [c["gpu_memory_utilization"] for c in _calls(log) if c["call"] == "init"] == [0.7]
 
 
@@ -4971,7 +5028,7 @@ def _refused(cls, name, value):
         evaluate.SelectArgs,
         evaluate.Args,
         report.ReportArgs,
-        sft.BuildArgs,
+        evaluate.BuildArgs,
         sft.TrainArgs,
         grpo.Args,
         sdpo.Args,
@@ -5041,33 +5098,6 @@ def test_chunk_size_suits_the_device():
     assert sft.chunk_size(0, "cpu") == 256 and sft.chunk_size(0, "cuda") == 1024 and sft.chunk_size(7, "cpu") == 7
     with pytest.raises(ValueError, match="--chunk -1"):
         sft.chunk_size(-1, "cpu")
-
-
-def test_keep_checkpoints_prunes_older_complete_ones(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    (out / ".step_9.tmp").mkdir(parents=True)  # a torn write: not complete, never removed
-    (out / "step_0").mkdir()  # no trainer_state.json: not complete either
-    _main_in_process(
-        "grpo.py",
-        "--model",
-        tiny_model_dir,
-        *GRPO_FLAGS[2:],
-        "--steps",
-        "3",
-        "--save-every",
-        "1",
-        "--keep-checkpoints",
-        "2",
-        "--out",
-        str(out),
-        forced=False,
-    )
-    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_2", "step_3"]
-    for d in ("step_5", "step_6"):
-        (out / d).mkdir()
-        (out / d / "trainer_state.json").write_text("{}")
-    sft.prune_checkpoints(out, 1)
-    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_6"]
 
 
 ONE_GPU_MP = """
@@ -5309,7 +5339,7 @@ def test_periodic_evaluation_generates_every_benchmark_in_one_call(tiny_model_di
 
 
 def _resume_across(tiny_model_dir, tmp_path, name, first, second):
-    """sft.py train: step 1 on `first` (1 or 2 processes), saved; resumed for step 2 on `second`."""
+    """sft.py: step 1 on `first` (1 or 2 processes), saved; resumed for step 2 on `second`."""
     d = _sft_file(tmp_path / "d.jsonl")
     _train(tiny_model_dir, d, tmp_path / name, "--steps", "1", "--save-every", "1", torchrun=first == 2)
     ckpt = tmp_path / name / "step_1"
@@ -5317,31 +5347,6 @@ def _resume_across(tiny_model_dir, tmp_path, name, first, second):
     assert not [f for f in ckpt.rglob("*") if f.suffix in (".pt", ".pkl", ".bin")]  # nothing to unpickle
     _train(tiny_model_dir, d, tmp_path / name, "--steps", "2", "--save-every", "1", "--resume", torchrun=second == 2)
     return _jsonl(tmp_path / name / "metrics.jsonl"), _weights(tmp_path / name / "step_2")
-
-
-def test_checkpoint_optimizer_shards_resume_on_another_number_of_ranks(tiny_model_dir, tmp_path):
-    """Each rank writes its own rows of the AdamW state (safetensors, no pickle); a run saved on one process resumes
-    on two, and one saved on two resumes on one, with the same next step as an uninterrupted run."""
-    d = _sft_file(tmp_path / "d.jsonl")
-    straight = _train(tiny_model_dir, d, tmp_path / "a", "--steps", "2", "--save-every", "2")
-    want = _weights(tmp_path / "a" / "step_2")
-    from safetensors import safe_open
-
-    with safe_open(tmp_path / "a" / "step_2" / "optimizer" / "shard_0.safetensors", "pt") as f:
-        moments = {k for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118 (safe_open is not iterable)
-    assert len(moments) == len(want)  # every parameter's state (the tied head is one parameter)
-    for name, first, second in (("one_then_two", 1, 2), ("two_then_one", 2, 1)):
-        metrics, got = _resume_across(tiny_model_dir, tmp_path, name, first, second)
-        assert [r["step"] for r in metrics] == [1, 2]
-        for a, b in zip(straight, metrics):
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
-                a["grad_norm"], rel=1e-4
-            )
-        for k in want:
-            assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
-    with safe_open(tmp_path / "two_then_one" / "step_1" / "optimizer" / "shard_1.safetensors", "pt") as f:
-        rows = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118
-    assert all(shape[0] <= -(-want[k.rpartition("/")[0]].shape[0] // 2) for k, shape in rows.items())  # half each
 
 
 def _paper_models() -> dict:
@@ -5630,7 +5635,7 @@ def _reads_beyond_torch(fn, seen) -> list[str]:
     import dis
     import types
 
-    project = {m.__name__ for m in (data, epistemic, rollout, evaluate, sft, grpo, sdpo, fast)}
+    project = {m.__name__ for m in (data, epistemic, rollout, evaluate, sft, checkpoint, grpo, sdpo, fast, report)}
     allowed = ("torch", *sys.stdlib_module_names)
     bad, codes = [], [fn.__code__]
     while codes:
