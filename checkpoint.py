@@ -9,6 +9,9 @@ trainer_state.json; nothing is pickled. It is written under a temporary name and
 at any moment leaves the previous checkpoint whole. `--keep-checkpoints N` removes complete checkpoints older than
 the N newest.
 
+No command line: sft.setup and sft.train restore from it, grpo.run_loop and sft.train write it; --save-every,
+--keep-checkpoints and --resume are sft.TrainerArgs' flags.
+
 Copying: needs torch and safetensors alone.
 """
 
@@ -222,6 +225,7 @@ def load_checkpoint(path, model, optimizer) -> dict:
 
 
 def resume_point(out, resume: bool) -> Path | None:
+    """--resume: the latest complete checkpoint in OUT (an error when there is none); None without the flag."""
     if not resume:
         return None
     ckpt = latest_checkpoint(out)

@@ -835,6 +835,14 @@ def last_number(text: str) -> str | None:
     return m[-1] if m else None
 
 
+def answer_part(response: str) -> str:
+    """What is graded: with a <think>...</think> pair in the response, the text after the first one (stripped);
+    otherwise all of it. As the reference's eval/eval.py, which does so with --enable_thinking; R1-Distill's
+    responses, whose template opens the tag, carry no pair and are graded whole there and here."""
+    pair = re.search(r"<think>(.*?)</think>", response, flags=re.S)
+    return response[pair.end() :].strip() if pair else response
+
+
 def grade(
     response: str, answer: str, timeout: float = GRADE_TIMEOUT_S, lenient: bool = False, window: int = 0
 ) -> float:

@@ -1,4 +1,5 @@
-"""evaluate.py -- acc@n, pass@k, response length and epistemic markers on benchmarks; Sec. 3 and Table 1.
+"""evaluate.py -- acc@n, pass@k, response length and epistemic markers on benchmarks; Sec. 3, Table 1 and Table 2's
+sets.
 
 Implements, for arXiv 2603.24472:
   - Acc@16 (the mean correctness over 16 samples per problem; Figs. 3-8, 14) -> `summarize`
@@ -20,6 +21,8 @@ Implements, for arXiv 2603.24472:
     c = s, or else the first (its second round's best_response) -> `table1`, `context_for`.
   - Sec. 4, Table 2's sets, as the released make_sft_dataset.py: per selected problem, D_ug its s and D_sg its first
     correct response under c = s (Table 1's hint), for `sft.py --data` -> `build`.
+
+Copying: needs data.py, rollout.py and epistemic.py beside it (vllm for --backend vllm).
 
 Departures from the released evaluation code, and why:
   1. The released eval passes top_k=20 on its command line but never hands it to the sampler;
@@ -54,7 +57,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -140,14 +142,6 @@ def format_summary(summary: dict, ks: list[int]) -> str:
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
-def answer_part(response: str) -> str:
-    """What is graded: with a <think>...</think> pair in the response, the text after the first one (stripped);
-    otherwise all of it. As the reference's eval/eval.py, which does so with --enable_thinking; R1-Distill's
-    responses, whose template opens the tag, carry no pair and are graded whole there and here."""
-    pair = re.search(r"<think>(.*?)</think>", response, flags=re.S)
-    return response[pair.end() :].strip() if pair else response
-
-
 def score_problems(
     backend,
     problems: list[dict],
@@ -169,7 +163,7 @@ def score_problems(
     for s in tqdm(samples, desc="grade", disable=not progress, leave=False):
         r = records[s.prompt_index]
         r["responses"].append(s.text)
-        r["scores"].append(data.grade(answer_part(s.text), r["answer"], lenient=lenient))
+        r["scores"].append(data.grade(data.answer_part(s.text), r["answer"], lenient=lenient))
         r["lengths"].append(len(s.response_ids))
         r["epistemic"].append(epistemic.epistemic_count(s.text))
         r["finish_reasons"].append(s.finish_reason)

@@ -29,7 +29,8 @@ Departures, and why:
   8. --fast (the default) runs the training forwards through fast.py's twins: the same update up to rounding.
 
 Copying: the math (`group_advantages`, `loss_denominator`, `policy_loss`, `k3_kl`, `upcast`) needs torch alone
-(test_the_math_copies_with_torch_alone); the step and the loop need sft.py, rollout.py, data.py and evaluate.py.
+(test_the_math_copies_with_torch_alone); the step and the loop need sft.py, checkpoint.py,
+rollout.py, data.py, epistemic.py and evaluate.py.
 
 Run it:
     python grpo.py --lenient                                        # embedded model, easy synthetic problems

@@ -6,7 +6,7 @@ evaluations) and writes REPORT.md: per evaluation set and step, accuracy, length
 (`epistemic.mechanism`), each run minus a baseline (GRPO), every figure with a 95% bootstrap interval over seeds and
 problems, and one plot per comparison of runs (Figs. 3-8's manner; matplotlib, an optional extra).
 
-Copying: needs numpy, and data.py, epistemic.py and evaluate.py (`answer_part`) beside it.
+Copying: needs numpy (and matplotlib for the plots), and data.py and epistemic.py beside it.
 
 Run it:
     python report.py runs/cpu --out report
@@ -23,7 +23,6 @@ from transformers.hf_argparser import HfArg
 
 import data
 import epistemic
-from evaluate import answer_part
 
 
 @dataclass
@@ -77,7 +76,9 @@ def read_steps(path: Path) -> dict[int, dict]:
                 acc=sum(r["scores"]) / n,
                 length=sum(r["lengths"]) / n,
                 epistemic=sum(r["epistemic"]) / n,
-                format=sum("</think>" in x and data.last_boxed(answer_part(x)) is not None for x in r["responses"])
+                format=sum(
+                    "</think>" in x and data.last_boxed(data.answer_part(x)) is not None for x in r["responses"]
+                )
                 / n,
                 truncated=sum(f == "length" for f in r["finish_reasons"]) / n,
                 n=n,

@@ -1,4 +1,5 @@
-"""sft.py -- the trainer every script builds on (distributed setup, FSDP2, optimizer, checkpoints), and SFT (Sec. 4).
+"""sft.py -- the trainers' shared plumbing (distributed setup, FSDP2, AdamW, resume, metrics, --wandb), and SFT
+(Sec. 4).
 
 Implements, for arXiv 2603.24472:
   - Sec. 4, Table 2: off-policy self-distillation. The model is fine-tuned on (x -> y) with the prompt masked, in
@@ -17,6 +18,8 @@ response positions only, in chunks recomputed in backward, so (T, V) logits neve
 Checkpoints (`checkpoint.py`): OUT/step_N/, a Hugging Face directory with each rank's AdamW shard. `--resume`
 continues from the latest one with the same data order: on CPU in fp32 the resumed run's metrics equal an
 uninterrupted run's.
+
+Copying: needs checkpoint.py, data.py, rollout.py and epistemic.py beside it (fast.py under --fast).
 
 Departures, and why:
   1. App. D gives no SFT hyperparameters for Sec. 4; defaults here are LR 1e-5 (SDPO's, Table 10),

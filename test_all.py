@@ -222,6 +222,13 @@ def test_grade_time_bound_holds_in_worker_threads():
     assert out == dict(score=0.0, killed=True, ok=1.0)
 
 
+def test_answer_part_is_what_follows_the_think_pair():
+    assert data.answer_part("<think>\\boxed{3}</think>\n\n So \\boxed{4}. ") == "So \\boxed{4}."
+    assert data.answer_part("<think>a</think> b <think>c</think> d") == "b <think>c</think> d"  # the first pair
+    assert data.answer_part("R1: reasoning \\boxed{4}</think> so 4") == "R1: reasoning \\boxed{4}</think> so 4"
+    assert data.grade(data.answer_part("<think>\\boxed{4}</think> I say \\boxed{3}"), "4") == 0.0
+
+
 # ============================================================================================
 # data.py: prompts and sources
 # ============================================================================================
@@ -535,7 +542,7 @@ def test_think_traces_are_right_and_slips_are_corrected(slip):
         assert trace.startswith("<think>\n") and trace.count("<think>") == trace.count("</think>") == 1, trace
         think, after = trace[len("<think>") :].split("</think>")
         assert data.grade(trace, p["answer"]) == 1.0 and data.grade(after, p["answer"]) == 1.0
-        assert rollout.strip_think(trace) == after.strip() == evaluate.answer_part(trace)
+        assert rollout.strip_think(trace) == after.strip() == data.answer_part(trace)
         assert after.strip().endswith(f"\\boxed{{{answer}}}.") and after.count(".") <= 2
         assert think.strip().endswith(f"So the answer is {answer}.")
         equations = list(_EQUATION.finditer(think))
@@ -606,7 +613,7 @@ def test_think_lengths_of_a_rollout_and_the_warm_start_rows(embedded_tokenizer):
     ]
     rows = rollout.score_rollouts(samples, [p], lenient=False, tokenizer=tok)
     assert [r["reward"] for r in rows] == [1.0, float(p["answer"] == "8"), 0.0]
-    answer = evaluate.answer_part(p["solution"])  # a second route to the text after </think>
+    answer = data.answer_part(p["solution"])  # a second route to the text after </think>
     assert rows[0]["answer_length"] == len(tok(answer)["input_ids"]) < rows[0]["length"]
     assert [r["answer_length"] for r in rows[1:]] == [r["length"] for r in rows[1:]]  # no </think>: all answer
     assert sft.read_sft_rows("synthetic:style=think,n=4") == [
@@ -1251,13 +1258,6 @@ def test_vllm_backend_matches_contract(tiny_model_dir):
 # ============================================================================================
 # evaluate.py: the benchmarks, Sec. 3's selection and Table 1
 # ============================================================================================
-def test_answer_part_is_what_follows_the_think_pair():
-    assert evaluate.answer_part("<think>\\boxed{3}</think>\n\n So \\boxed{4}. ") == "So \\boxed{4}."
-    assert evaluate.answer_part("<think>a</think> b <think>c</think> d") == "b <think>c</think> d"  # the first pair
-    assert evaluate.answer_part("R1: reasoning \\boxed{4}</think> so 4") == "R1: reasoning \\boxed{4}</think> so 4"
-    assert data.grade(evaluate.answer_part("<think>\\boxed{4}</think> I say \\boxed{3}"), "4") == 0.0
-
-
 def test_evaluation_grades_the_answer_part(embedded_tokenizer, monkeypatch):
     """score_problems (evaluate.py and the trainers' evaluation) grades what follows the think pair."""
     texts = ["<think>\\boxed{4}</think> so it is four", "<think>\\boxed{3}</think> so \\boxed{4}", "just \\boxed{4}"]
@@ -3365,7 +3365,7 @@ def test_grpo_embedded_model_one_step(tmp_path):
     assert [(r["step"], r["benchmark"]) for r in records] == [(1, "synthetic:split=ood,n=2")] * 2
     assert sum(s for r in records for s in r["scores"]) / 2 == acc and all(len(r["responses"]) == 1 for r in records)
     assert [r["scores"] for r in records] == [
-        [data.grade(evaluate.answer_part(r["responses"][0]), r["answer"], lenient=True)] for r in records
+        [data.grade(data.answer_part(r["responses"][0]), r["answer"], lenient=True)] for r in records
     ]
     assert out.splitlines()[-4:] == [
         "grpo: trained to step 1.",
