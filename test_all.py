@@ -1256,7 +1256,7 @@ def test_vllm_backend_matches_contract(tiny_model_dir):
 
 
 # ============================================================================================
-# evaluate.py: the benchmarks, Sec. 3's selection and Table 1
+# evaluate.py: the benchmarks, Sec. 3's selection, Table 1 and Table 2's sets
 # ============================================================================================
 def test_evaluation_grades_the_answer_part(embedded_tokenizer, monkeypatch):
     """score_problems (evaluate.py and the trainers' evaluation) grades what follows the think pair."""
@@ -1688,9 +1688,89 @@ if dist.is_initialized():
 
 
 # ============================================================================================
-# sft.py
+# checkpoint.py
 # ============================================================================================
 import checkpoint
+
+
+def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monkeypatch):
+    model, tok = rollout.load_model(tiny_model_dir)
+    opt = sft.make_optimizer(model, 1e-3)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    first = checkpoint.save_checkpoint(tmp_path, 1, model, tok, opt, {"note": "ok"})
+    import safetensors.torch
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="checkpoint step 2 not written"):
+        checkpoint.save_checkpoint(tmp_path, 2, model, tok, opt, {})
+    assert checkpoint.latest_checkpoint(tmp_path) == first and not (tmp_path / "step_2").exists()
+    assert not list(tmp_path.glob(".step_*"))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(first)  # still loads as it is
+    state = checkpoint.load_checkpoint(first, model, sft.make_optimizer(model, 1e-3))
+    assert state["step"] == 1 and state["note"] == "ok"
+
+
+def test_keep_checkpoints_prunes_older_complete_ones(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / ".step_9.tmp").mkdir(parents=True)  # a torn write: not complete, never removed
+    (out / "step_0").mkdir()  # no trainer_state.json: not complete either
+    _main_in_process(
+        "grpo.py",
+        "--model",
+        tiny_model_dir,
+        *GRPO_FLAGS[2:],
+        "--steps",
+        "3",
+        "--save-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+        "--out",
+        str(out),
+        forced=False,
+    )
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_2", "step_3"]
+    for d in ("step_5", "step_6"):
+        (out / d).mkdir()
+        (out / d / "trainer_state.json").write_text("{}")
+    checkpoint.prune_checkpoints(out, 1)
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_6"]
+
+
+def test_checkpoint_optimizer_shards_resume_on_another_number_of_ranks(tiny_model_dir, tmp_path):
+    """Each rank writes its own rows of the AdamW state (safetensors, no pickle); a run saved on one process resumes
+    on two, and one saved on two resumes on one, with the same next step as an uninterrupted run."""
+    d = _sft_file(tmp_path / "d.jsonl")
+    straight = _train(tiny_model_dir, d, tmp_path / "a", "--steps", "2", "--save-every", "2")
+    want = _weights(tmp_path / "a" / "step_2")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "a" / "step_2" / "optimizer" / "shard_0.safetensors", "pt") as f:
+        moments = {k for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118 (safe_open is not iterable)
+    assert len(moments) == len(want)  # every parameter's state (the tied head is one parameter)
+    for name, first, second in (("one_then_two", 1, 2), ("two_then_one", 2, 1)):
+        metrics, got = _resume_across(tiny_model_dir, tmp_path, name, first, second)
+        assert [r["step"] for r in metrics] == [1, 2]
+        for a, b in zip(straight, metrics):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
+                a["grad_norm"], rel=1e-4
+            )
+        for k in want:
+            assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
+    with safe_open(tmp_path / "two_then_one" / "step_1" / "optimizer" / "shard_1.safetensors", "pt") as f:
+        rows = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118
+    assert all(shape[0] <= -(-want[k.rpartition("/")[0]].shape[0] // 2) for k, shape in rows.items())  # half each
+
+
+# ============================================================================================
+# sft.py
+# ============================================================================================
 import sft
 
 
@@ -1984,86 +2064,6 @@ def test_periodic_evaluate_splits_and_gathers_over_ranks(digit_model_dir, tmp_pa
     assert one["summary"]["three"] == evaluate.summarize(one["three"], [1, 2])
     # the samples differ (the tests' sampler draws them alike on every CPU): a split that lost or repeated one shows
     assert 0 < one["summary"]["all"]["acc"] < 1
-
-
-# ============================================================================================
-# checkpoint.py
-# ============================================================================================
-
-
-def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monkeypatch):
-    model, tok = rollout.load_model(tiny_model_dir)
-    opt = sft.make_optimizer(model, 1e-3)
-    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
-    opt.step()
-    first = checkpoint.save_checkpoint(tmp_path, 1, model, tok, opt, {"note": "ok"})
-    import safetensors.torch
-
-    def disk_full(*a, **k):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(OSError, match="checkpoint step 2 not written"):
-        checkpoint.save_checkpoint(tmp_path, 2, model, tok, opt, {})
-    assert checkpoint.latest_checkpoint(tmp_path) == first and not (tmp_path / "step_2").exists()
-    assert not list(tmp_path.glob(".step_*"))
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(first)  # still loads as it is
-    state = checkpoint.load_checkpoint(first, model, sft.make_optimizer(model, 1e-3))
-    assert state["step"] == 1 and state["note"] == "ok"
-
-
-def test_keep_checkpoints_prunes_older_complete_ones(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    (out / ".step_9.tmp").mkdir(parents=True)  # a torn write: not complete, never removed
-    (out / "step_0").mkdir()  # no trainer_state.json: not complete either
-    _main_in_process(
-        "grpo.py",
-        "--model",
-        tiny_model_dir,
-        *GRPO_FLAGS[2:],
-        "--steps",
-        "3",
-        "--save-every",
-        "1",
-        "--keep-checkpoints",
-        "2",
-        "--out",
-        str(out),
-        forced=False,
-    )
-    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_2", "step_3"]
-    for d in ("step_5", "step_6"):
-        (out / d).mkdir()
-        (out / d / "trainer_state.json").write_text("{}")
-    checkpoint.prune_checkpoints(out, 1)
-    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_6"]
-
-
-def test_checkpoint_optimizer_shards_resume_on_another_number_of_ranks(tiny_model_dir, tmp_path):
-    """Each rank writes its own rows of the AdamW state (safetensors, no pickle); a run saved on one process resumes
-    on two, and one saved on two resumes on one, with the same next step as an uninterrupted run."""
-    d = _sft_file(tmp_path / "d.jsonl")
-    straight = _train(tiny_model_dir, d, tmp_path / "a", "--steps", "2", "--save-every", "2")
-    want = _weights(tmp_path / "a" / "step_2")
-    from safetensors import safe_open
-
-    with safe_open(tmp_path / "a" / "step_2" / "optimizer" / "shard_0.safetensors", "pt") as f:
-        moments = {k for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118 (safe_open is not iterable)
-    assert len(moments) == len(want)  # every parameter's state (the tied head is one parameter)
-    for name, first, second in (("one_then_two", 1, 2), ("two_then_one", 2, 1)):
-        metrics, got = _resume_across(tiny_model_dir, tmp_path, name, first, second)
-        assert [r["step"] for r in metrics] == [1, 2]
-        for a, b in zip(straight, metrics):
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
-                a["grad_norm"], rel=1e-4
-            )
-        for k in want:
-            assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
-    with safe_open(tmp_path / "two_then_one" / "step_1" / "optimizer" / "shard_1.safetensors", "pt") as f:
-        rows = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118
-    assert all(shape[0] <= -(-want[k.rpartition("/")[0]].shape[0] // 2) for k, shape in rows.items())  # half each
 
 
 # ============================================================================================
