@@ -1,5 +1,4 @@
-"""evaluate.py -- acc@n, pass@k, response length and epistemic markers on benchmarks; Sec. 3, Table 1 and Table 2's
-sets.
+"""evaluate.py -- acc@n, pass@k, length and epistemic markers on benchmarks; Sec. 3, Table 1, Table 2's sets.
 
 Implements, for arXiv 2603.24472:
   - Acc@16 (the mean correctness over 16 samples per problem; Figs. 3-8, 14) -> `summarize`

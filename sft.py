@@ -1,5 +1,4 @@
-"""sft.py -- the trainers' shared plumbing (distributed setup, FSDP2, AdamW, resume, metrics, --wandb), and SFT
-(Sec. 4).
+"""sft.py -- the trainers' plumbing (ranks, FSDP2, AdamW, resume, metrics, --wandb) and SFT (Sec. 4).
 
 Implements, for arXiv 2603.24472:
   - Sec. 4, Table 2: off-policy self-distillation. The model is fine-tuned on (x -> y) with the prompt masked, in
