@@ -29,8 +29,8 @@ Departures, and why:
   8. --fast (the default) runs the training forwards through fast.py's twins: the same update up to rounding.
 
 Copying: the math (`group_advantages`, `loss_denominator`, `policy_loss`, `k3_kl`, `upcast`) needs torch alone
-(test_the_math_copies_with_torch_alone); the step and the loop need sft.py, checkpoint.py,
-rollout.py, data.py, epistemic.py and evaluate.py.
+(test_the_math_copies_with_torch_alone); the step and the loop need sft.py, rollout.py,
+data.py, epistemic.py and evaluate.py.
 
 Run it:
     python grpo.py --lenient                                        # embedded model, easy synthetic problems
@@ -50,7 +50,6 @@ import torch
 from tqdm import tqdm
 from transformers.hf_argparser import HfArg
 
-import checkpoint
 import data
 import evaluate
 import rollout
@@ -506,7 +505,7 @@ def run_loop(args: RLArgs, loss_name: str = "grpo", make_train_step=grpo_train_s
                 gnorm=f"{metrics.get('grad_norm') or 0:.3f}",
             )
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            checkpoint.save_checkpoint(
+            sft.save_checkpoint(
                 run.out,
                 step + 1,
                 run.model,
@@ -524,7 +523,7 @@ def run_loop(args: RLArgs, loss_name: str = "grpo", make_train_step=grpo_train_s
     ]  # the last evaluation
     lines += [
         f"  metrics: {run.out / 'metrics.jsonl'}",
-        f"  checkpoint: {checkpoint.latest_checkpoint(run.out) or 'none (--save-every 0)'}",
+        f"  checkpoint: {sft.latest_checkpoint(run.out) or 'none (--save-every 0)'}",
     ]
     rollout.print0("\n".join(lines))
     sft.finish(run)

@@ -460,7 +460,7 @@ def ema_weights(run: sft.Run, teacher) -> dict:
     """The EMA teacher (--teacher-ema): its fp32 weights (`fp32_shards`), restored with the teacher from the
     checkpoint a run resumes (OUT/step_N/teacher/, a HF directory of its own), and saved inside every checkpoint
     after. Never as a second top-level *.safetensors: vLLM would load it over the policy
-    (`checkpoint.save_checkpoint`)."""
+    (`sft.save_checkpoint`)."""
     saved = None
     if run.resumed_from is not None and (run.resumed_from / "teacher" / "model.safetensors").exists():
         from safetensors.torch import load_file

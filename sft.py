@@ -14,11 +14,16 @@ Implements, for arXiv 2603.24472:
 The loss is `token_nll` over the full logits, or under --fast (the default) fast.token_nll: the LM head on
 response positions only, in chunks recomputed in backward, so (T, V) logits never exist.
 
-Checkpoints (`checkpoint.py`): OUT/step_N/, a Hugging Face directory with each rank's AdamW shard. `--resume`
-continues from the latest one with the same data order: on CPU in fp32 the resumed run's metrics equal an
-uninterrupted run's.
+Checkpoints: OUT/step_N/ is a Hugging Face directory (config.json, tokenizer, model.safetensors: the policy, the
+only top-level weights, as vLLM's loader wants) that AutoModelForCausalLM.from_pretrained loads as it is, plus
+optimizer/shard_R.safetensors (each rank's rows of the AdamW state and its RNG state; a resumed run may have another
+number of ranks), SDPO's EMA teacher as a HF directory teacher/, and trainer_state.json; nothing is pickled. It is
+written under a temporary name and renamed, so a kill or a full disk at any moment leaves the previous checkpoint
+whole. `--resume` continues from the latest one with the same data order: on CPU in fp32 the resumed run's metrics
+equal an uninterrupted run's. `--keep-checkpoints N` (default 2) removes complete checkpoints older than the N newest.
+The checkpoint functions (`save_checkpoint` to `resume_point`) need torch and safetensors alone.
 
-Copying: needs checkpoint.py, data.py, rollout.py and epistemic.py beside it (fast.py under --fast).
+Copying: needs data.py, rollout.py and epistemic.py beside it (fast.py under --fast).
 
 Departures, and why:
   1. App. D gives no SFT hyperparameters for Sec. 4; defaults here are LR 1e-5 (SDPO's, Table 10),
@@ -43,10 +48,13 @@ Run it:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from collections import Counter
@@ -59,7 +67,6 @@ import torch.utils.checkpoint
 from tqdm import tqdm
 from transformers.hf_argparser import HfArg
 
-import checkpoint
 import data
 import rollout
 from rollout import init_distributed, print0
@@ -465,6 +472,200 @@ def clip_grads(model, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def _write_json(path: Path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    out, step: int, model, tokenizer, optimizer, state: dict, extra_tensors: dict | None = None, keep: int = 0
+) -> Path:
+    """Write OUT/step_N atomically: a HF directory (config, tokenizer, model.safetensors: the policy alone), each
+    rank's optimizer shard and RNG state (`optimizer/shard_R.safetensors`, `optimizer_shard`), trainer_state.json,
+    and one HF directory NAME/ per entry of extra_tensors ({NAME: {key: tensor}}, e.g. the EMA teacher).
+
+    Why NAME/ and not NAME.safetensors: vLLM's default loader reads every top-level *.safetensors of a directory
+    without model.safetensors.index.json (vllm/model_executor/model_loader/default_loader.py, 0.33), so a second
+    model's weights there would overwrite the policy's. Why per-rank shards: gathering a 7B run's AdamW state onto
+    rank 0 moves 61 GB through one process; each rank writes its own rows instead, and `load_checkpoint` reads
+    them back onto any number of ranks. Everything is safetensors or JSON: nothing is unpickled on load.
+
+    Collective (every rank calls it). Everything goes to OUT/.step_N.tmp first; the rename to OUT/step_N is the
+    last act, so a kill or an OSError (disk full) on any rank leaves earlier checkpoints whole.
+    keep > 0: then the complete checkpoints older than the `keep` newest are removed (`prune_checkpoints`)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    rank, world = world_info()
+    out = Path(out)
+    final, tmp = out / f"step_{step}", out / f".step_{step}.tmp"
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=world > 1)
+    model_sd = get_model_state_dict(model, options=opts)  # collective: gathers the FSDP shards onto rank 0
+    error = None
+    if rank == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "optimizer").mkdir(parents=True)
+        except OSError as e:
+            error = e
+    if all_reduce_sum(error is not None) == 0:  # collective: the directory exists for every rank
+        try:
+            tensors, offsets = optimizer_shard(model, optimizer)
+            save_file(tensors, tmp / "optimizer" / f"shard_{rank}.safetensors", metadata={"offsets": offsets})
+            if rank == 0:
+                save_hf_dir(tmp, model, tokenizer, model_sd)
+                for name, extra in (extra_tensors or {}).items():
+                    save_hf_dir(tmp / name, model, tokenizer, extra)
+        except OSError as e:
+            error = e
+    failed = all_reduce_sum(error is not None) > 0  # collective: every rank learns whether any write failed
+    if not failed and rank == 0:
+        try:
+            _write_json(tmp / "trainer_state.json", {**state, "step": step, "world": world})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as e:
+            error = e
+    failed = all_reduce_sum(error is not None) > 0
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(
+            f"checkpoint step {step} not written ({error or 'another rank failed'}); earlier checkpoints "
+            f"in {out} are intact"
+        )
+    if rank == 0:
+        prune_checkpoints(out, keep)
+    return final
+
+
+def save_hf_dir(path: Path, model, tokenizer, state_dict: dict) -> None:
+    """A Hugging Face directory of `model`'s config and tokenizer with these weights (rank 0)."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}  # from_pretrained re-ties it
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.detach().contiguous() for k, v in state_dict.items()},
+        path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+
+
+def first_row(p) -> int:
+    """The row of the full tensor where this rank's shard of `p` starts: FSDP2 shards dim 0 as torch.chunk does
+    (chunks of ceil(n / world) rows); a plain tensor starts at 0."""
+    if not hasattr(p, "to_local"):
+        return 0
+    from torch.distributed.tensor import Shard
+
+    if tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"a parameter sharded as {p.placements}; the checkpoint handles FSDP2's Shard(0)")
+    n, world, rank = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+    return min(rank * -(-n // world), n)
+
+
+def optimizer_shard(model, optimizer) -> tuple[dict, str]:
+    """This rank's optimizer state as plain CPU tensors keyed "param/state" (its rows of each), its RNG state under
+    "rng", and a JSON of each tensor's first row in the full tensor (None: a scalar such as `step`)."""
+    tensors, offsets = {"rng": torch.get_rng_state()}, {}
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            local = value.to_local() if hasattr(value, "to_local") else value
+            tensors[f"{name}/{key}"] = local.detach().cpu().contiguous()
+            offsets[f"{name}/{key}"] = first_row(value) if value.dim() else None
+    return tensors, json.dumps(offsets)
+
+
+def load_optimizer_shards(path: Path, model, optimizer) -> None:
+    """Restore the optimizer state from `optimizer_shard`'s files, written on any number of ranks: each rank reads
+    the rows of its own shard from the files that hold them (safetensors slices, no unpickling); and this rank's
+    RNG state, where the writing run had a rank of this number."""
+    from safetensors import safe_open
+
+    rank, _ = world_info()
+    files = sorted((path / "optimizer").glob("shard_*.safetensors"), key=lambda f: int(f.stem[6:]))
+    if not files:
+        raise ValueError(f"{path}: no optimizer/shard_R.safetensors (a checkpoint of an older version?)")
+    with contextlib.ExitStack() as stack:
+        shards = [stack.enter_context(safe_open(f, "pt")) for f in files]
+        offsets = [json.loads(s.metadata()["offsets"]) for s in shards]
+        for name, p in model.named_parameters():
+            state = {}
+            for key in (k for k in offsets[0] if k.rpartition("/")[0] == name):
+                if offsets[0][key] is None:  # a scalar (AdamW's step), the same on every rank
+                    state[key.rpartition("/")[2]] = shards[0].get_tensor(key).to(p.device)
+                    continue
+                local = p.to_local() if hasattr(p, "to_local") else p
+                start, stop = first_row(p), first_row(p) + local.shape[0]
+                pieces = []
+                for shard, offset in zip(shards, offsets):
+                    rows = shard.get_slice(key)
+                    lo, hi = max(start, offset[key]), min(stop, offset[key] + rows.get_shape()[0])
+                    if lo < hi:
+                        pieces.append(rows[lo - offset[key] : hi - offset[key]])
+                value = torch.cat(pieces).to(local.device)
+                if hasattr(p, "to_local"):
+                    from torch.distributed.tensor import DTensor
+
+                    value = DTensor.from_local(value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                state[key.rpartition("/")[2]] = value
+            if state:
+                optimizer.state[p] = state
+        if rank < len(shards):
+            torch.set_rng_state(shards[rank].get_tensor("rng"))
+
+
+def complete_checkpoints(out) -> list[Path]:
+    """OUT's complete checkpoints (step_N/ with trainer_state.json), oldest first; temporary directories are not."""
+    out = Path(out)
+    steps = []
+    for d in out.glob("step_*") if out.is_dir() else []:
+        if d.is_dir() and d.name[5:].isdigit() and (d / "trainer_state.json").exists():
+            steps.append((int(d.name[5:]), d))
+    return [d for _, d in sorted(steps)]
+
+
+def latest_checkpoint(out) -> Path | None:
+    """The complete checkpoint with the highest step in OUT (temporary directories are ignored)."""
+    done = complete_checkpoints(out)
+    return done[-1] if done else None
+
+
+def prune_checkpoints(out, keep: int) -> None:
+    """Remove the complete checkpoints older than the `keep` newest (0 = keep all). The newest always stays, and
+    so does anything not complete. Why: a 7B checkpoint with its fp32 optimizer state is ~91 GB."""
+    if keep > 0:
+        for d in complete_checkpoints(out)[:-keep]:
+            shutil.rmtree(d)
+
+
+def load_checkpoint(path, model, optimizer) -> dict:
+    """Restore the optimizer state and this rank's RNG (`load_optimizer_shards`, on any number of ranks); returns
+    trainer_state. The model weights are loaded before sharding, with from_pretrained(path)."""
+    path = Path(path)
+    load_optimizer_shards(path, model, optimizer)
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def resume_point(out, resume: bool) -> Path | None:
+    """--resume: the latest complete checkpoint in OUT (an error when there is none); None without the flag."""
+    if not resume:
+        return None
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise ValueError(f"--resume: no complete checkpoint (step_N/ with trainer_state.json) in {out}")
+    return ckpt
+
+
 def append_metrics(path: Path, row: dict, resumed_from: int | None = None):
     """metrics.jsonl on rank 0. On resume, rows past the checkpoint's step are dropped first."""
     if resumed_from is not None and path.exists():
@@ -528,7 +729,7 @@ def setup(args) -> Run:
     if args.coverage:
         problems = data.coverage_subset(problems, args.coverage, seed=args.seed)
     benchmarks = {data.benchmark_name(s): data.load_problems(s, seed=args.seed) for s in args.eval_data}
-    ckpt = checkpoint.resume_point(args.out, args.resume)
+    ckpt = resume_point(args.out, args.resume)
     start_from = str(ckpt) if ckpt else args.model
     tok = rollout.load_tokenizer(start_from)
     engine = None
@@ -573,7 +774,7 @@ def setup(args) -> Run:
     if backend.asleep:
         rollout.push_weights_to_vllm(backend, model)  # wakes the engine with the policy's weights (collective)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    start = checkpoint.load_checkpoint(ckpt, model, optimizer)["step"] if ckpt else 0
+    start = load_checkpoint(ckpt, model, optimizer)["step"] if ckpt else 0
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -760,7 +961,7 @@ def train(args: TrainArgs):
     if args.batch_size % world or (args.batch_size // world) < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be a positive multiple of the world size {world}")
     rows = read_sft_rows(args.data)
-    ckpt = checkpoint.resume_point(args.out, args.resume)
+    ckpt = resume_point(args.out, args.resume)
     check_memory(args, str(ckpt) if ckpt else args.model, device, world)  # GPU: refused before loading
     model, tok = rollout.load_model(str(ckpt) if ckpt else args.model, "float32", device)
     chat = dict(system=args.system, thinking=args.thinking)
@@ -772,7 +973,7 @@ def train(args: TrainArgs):
     start = 0
     out = Path(args.out)
     if ckpt:
-        start = checkpoint.load_checkpoint(ckpt, model, optimizer)["step"]
+        start = load_checkpoint(ckpt, model, optimizer)["step"]
         print0(f"resumed from {ckpt} (step {start})")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -816,11 +1017,9 @@ def train(args: TrainArgs):
             log_metrics(out / "metrics.jsonl", row, wandb_run)
             bar.set_postfix(loss=f"{loss:.4f}", gnorm=f"{grad_norm:.2f}")
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            checkpoint.save_checkpoint(
-                out, step + 1, model, tok, optimizer, dict(args=asdict(args)), keep=args.keep_checkpoints
-            )
+            save_checkpoint(out, step + 1, model, tok, optimizer, dict(args=asdict(args)), keep=args.keep_checkpoints)
     print0(f"sft: trained to step {args.steps}.\n  metrics: {out / 'metrics.jsonl'}")
-    print0(f"  checkpoint: {checkpoint.latest_checkpoint(out) or 'none (--save-every 0)'}")
+    print0(f"  checkpoint: {latest_checkpoint(out) or 'none (--save-every 0)'}")
     if wandb_run is not None:
         wandb_run.finish()
 

@@ -1688,87 +1688,6 @@ if dist.is_initialized():
 
 
 # ============================================================================================
-# checkpoint.py
-# ============================================================================================
-import checkpoint
-
-
-def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monkeypatch):
-    model, tok = rollout.load_model(tiny_model_dir)
-    opt = sft.make_optimizer(model, 1e-3)
-    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
-    opt.step()
-    first = checkpoint.save_checkpoint(tmp_path, 1, model, tok, opt, {"note": "ok"})
-    import safetensors.torch
-
-    def disk_full(*a, **k):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(OSError, match="checkpoint step 2 not written"):
-        checkpoint.save_checkpoint(tmp_path, 2, model, tok, opt, {})
-    assert checkpoint.latest_checkpoint(tmp_path) == first and not (tmp_path / "step_2").exists()
-    assert not list(tmp_path.glob(".step_*"))
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(first)  # still loads as it is
-    state = checkpoint.load_checkpoint(first, model, sft.make_optimizer(model, 1e-3))
-    assert state["step"] == 1 and state["note"] == "ok"
-
-
-def test_keep_checkpoints_prunes_older_complete_ones(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    (out / ".step_9.tmp").mkdir(parents=True)  # a torn write: not complete, never removed
-    (out / "step_0").mkdir()  # no trainer_state.json: not complete either
-    _main_in_process(
-        "grpo.py",
-        "--model",
-        tiny_model_dir,
-        *GRPO_FLAGS[2:],
-        "--steps",
-        "3",
-        "--save-every",
-        "1",
-        "--keep-checkpoints",
-        "2",
-        "--out",
-        str(out),
-        forced=False,
-    )
-    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_2", "step_3"]
-    for d in ("step_5", "step_6"):
-        (out / d).mkdir()
-        (out / d / "trainer_state.json").write_text("{}")
-    checkpoint.prune_checkpoints(out, 1)
-    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_6"]
-
-
-def test_checkpoint_optimizer_shards_resume_on_another_number_of_ranks(tiny_model_dir, tmp_path):
-    """Each rank writes its own rows of the AdamW state (safetensors, no pickle); a run saved on one process resumes
-    on two, and one saved on two resumes on one, with the same next step as an uninterrupted run."""
-    d = _sft_file(tmp_path / "d.jsonl")
-    straight = _train(tiny_model_dir, d, tmp_path / "a", "--steps", "2", "--save-every", "2")
-    want = _weights(tmp_path / "a" / "step_2")
-    from safetensors import safe_open
-
-    with safe_open(tmp_path / "a" / "step_2" / "optimizer" / "shard_0.safetensors", "pt") as f:
-        moments = {k for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118 (safe_open is not iterable)
-    assert len(moments) == len(want)  # every parameter's state (the tied head is one parameter)
-    for name, first, second in (("one_then_two", 1, 2), ("two_then_one", 2, 1)):
-        metrics, got = _resume_across(tiny_model_dir, tmp_path, name, first, second)
-        assert [r["step"] for r in metrics] == [1, 2]
-        for a, b in zip(straight, metrics):
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
-                a["grad_norm"], rel=1e-4
-            )
-        for k in want:
-            assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
-    with safe_open(tmp_path / "two_then_one" / "step_1" / "optimizer" / "shard_1.safetensors", "pt") as f:
-        rows = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118
-    assert all(shape[0] <= -(-want[k.rpartition("/")[0]].shape[0] // 2) for k, shape in rows.items())  # half each
-
-
-# ============================================================================================
 # sft.py
 # ============================================================================================
 import sft
@@ -1971,7 +1890,7 @@ def test_sft_killed_mid_run_resumes_from_last_complete(tiny_model_dir, tmp_path)
         time.sleep(0.05)
     p.kill()  # at an arbitrary moment, quite possibly mid-save
     p.wait()
-    last = checkpoint.latest_checkpoint(tmp_path / "k")
+    last = sft.latest_checkpoint(tmp_path / "k")
     assert last is not None
     from transformers import AutoModelForCausalLM
 
@@ -2064,6 +1983,86 @@ def test_periodic_evaluate_splits_and_gathers_over_ranks(digit_model_dir, tmp_pa
     assert one["summary"]["three"] == evaluate.summarize(one["three"], [1, 2])
     # the samples differ (the tests' sampler draws them alike on every CPU): a split that lost or repeated one shows
     assert 0 < one["summary"]["all"]["acc"] < 1
+
+
+# ============================================================================================
+# sft.py: checkpoints
+# ============================================================================================
+
+
+def test_checkpoint_write_failure_keeps_previous(tiny_model_dir, tmp_path, monkeypatch):
+    model, tok = rollout.load_model(tiny_model_dir)
+    opt = sft.make_optimizer(model, 1e-3)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    first = sft.save_checkpoint(tmp_path, 1, model, tok, opt, {"note": "ok"})
+    import safetensors.torch
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="checkpoint step 2 not written"):
+        sft.save_checkpoint(tmp_path, 2, model, tok, opt, {})
+    assert sft.latest_checkpoint(tmp_path) == first and not (tmp_path / "step_2").exists()
+    assert not list(tmp_path.glob(".step_*"))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(first)  # still loads as it is
+    state = sft.load_checkpoint(first, model, sft.make_optimizer(model, 1e-3))
+    assert state["step"] == 1 and state["note"] == "ok"
+
+
+def test_keep_checkpoints_prunes_older_complete_ones(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / ".step_9.tmp").mkdir(parents=True)  # a torn write: not complete, never removed
+    (out / "step_0").mkdir()  # no trainer_state.json: not complete either
+    _main_in_process(
+        "grpo.py",
+        "--model",
+        tiny_model_dir,
+        *GRPO_FLAGS[2:],
+        "--steps",
+        "3",
+        "--save-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+        "--out",
+        str(out),
+        forced=False,
+    )
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_2", "step_3"]
+    for d in ("step_5", "step_6"):
+        (out / d).mkdir()
+        (out / d / "trainer_state.json").write_text("{}")
+    sft.prune_checkpoints(out, 1)
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == [".step_9.tmp", "step_0", "step_6"]
+
+
+def test_checkpoint_optimizer_shards_resume_on_another_number_of_ranks(tiny_model_dir, tmp_path):
+    """Each rank writes its own rows of the AdamW state (safetensors, no pickle); a run saved on one process resumes
+    on two, and one saved on two resumes on one, with the same next step as an uninterrupted run."""
+    d = _sft_file(tmp_path / "d.jsonl")
+    straight = _train(tiny_model_dir, d, tmp_path / "a", "--steps", "2", "--save-every", "2")
+    want = _weights(tmp_path / "a" / "step_2")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "a" / "step_2" / "optimizer" / "shard_0.safetensors", "pt") as f:
+        moments = {k for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118 (safe_open is not iterable)
+    assert len(moments) == len(want)  # every parameter's state (the tied head is one parameter)
+    for name, first, second in (("one_then_two", 1, 2), ("two_then_one", 2, 1)):
+        metrics, got = _resume_across(tiny_model_dir, tmp_path, name, first, second)
+        assert [r["step"] for r in metrics] == [1, 2]
+        for a, b in zip(straight, metrics):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
+                a["grad_norm"], rel=1e-4
+            )
+        for k in want:
+            assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), k
+    with safe_open(tmp_path / "two_then_one" / "step_1" / "optimizer" / "shard_1.safetensors", "pt") as f:
+        rows = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("/exp_avg")}  # noqa: SIM118
+    assert all(shape[0] <= -(-want[k.rpartition("/")[0]].shape[0] // 2) for k, shape in rows.items())  # half each
 
 
 # ============================================================================================
@@ -4267,22 +4266,21 @@ def test_marker_tokens_surface_variants(embedded_tokenizer):
 
 
 # ============================================================================================
-# report.py
+# evaluate.py: the reproduction report
 # ============================================================================================
-import report
 
 
 def test_bootstrap_against_its_exact_distribution():
     # 2 seeds x 2 problems: 16 equally likely replicates (6.25% each), so the 2.5% and 97.5% points are the smallest
     # and largest: seed 0 with problem 0 twice (0.2), seed 1 with problem 1 twice (1.0)
-    assert report.bootstrap([[0.2, 0.4], [0.6, 1.0]], reps=4000) == pytest.approx((0.55, 0.2, 1.0))
+    assert evaluate.bootstrap([[0.2, 0.4], [0.6, 1.0]], reps=4000) == pytest.approx((0.55, 0.2, 1.0))
     x = [0.0, 0.25, 1.0, 0.5, 0.75]
     # a paired difference: the same problems drawn for both, so a constant shift has no spread
-    assert report.bootstrap([[v + 0.1 for v in x]], [x], reps=500) == pytest.approx((0.1, 0.1, 0.1))
-    point, low, high = report.bootstrap([x], reps=4000)
+    assert evaluate.bootstrap([[v + 0.1 for v in x]], [x], reps=500) == pytest.approx((0.1, 0.1, 0.1))
+    point, low, high = evaluate.bootstrap([x], reps=4000)
     assert point == pytest.approx(0.5) and 0.1 < low < 0.5 < high < 0.9
-    assert report.ci((0.1, 0.02, 0.2), ".2f", sign=True) == "+0.10 [+0.02, +0.20] *"
-    assert report.ci((0.1, -0.02, 0.2), ".2f", sign=True) == "+0.10 [-0.02, +0.20]"
+    assert evaluate.ci((0.1, 0.02, 0.2), ".2f", sign=True) == "+0.10 [+0.02, +0.20] *"
+    assert evaluate.ci((0.1, -0.02, 0.2), ".2f", sign=True) == "+0.10 [-0.02, +0.20]"
 
 
 def test_report_from_fake_runs(tmp_path):
@@ -4347,7 +4345,7 @@ def test_report_from_fake_runs(tmp_path):
     late.mkdir(parents=True)
     (late / "eval_samples.jsonl").write_text(json.dumps(dict(benchmark="ood", id="p0", step=10, scores=[1.0],
         lengths=[5], epistemic=[0], responses=["x"], finish_reasons=["stop"])) + "\n")  # fmt: skip
-    assert report.read_samples(root / "base" / "samples.jsonl")[("ood", "p0")] == dict(
+    assert evaluate.read_samples(root / "base" / "samples.jsonl")[("ood", "p0")] == dict(
         acc=0.5, length=5.0, epistemic=0.0, format=1.0, truncated=0.0, n=2, check=0.0, catch=0.0, rescued=0.0,
         uncaught=0.0, confirmed_wrong=0.0
     )  # fmt: skip
@@ -4366,14 +4364,15 @@ def test_report_from_fake_runs(tmp_path):
         ]  # fmt: skip
         with open(root / name / f"seed{seed}" / "eval_samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records + records[:1])  # a repeated record: the last wins
-    md = report.report(
-        report.ReportArgs(
+    md = evaluate.report(
+        evaluate.ReportArgs(
             runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope", "B=sdpo,gone"], last=1, boot=400
         )
     )
     assert md == (tmp_path / "rep" / "REPORT.md").read_text()
     _main_in_process(
-        "report.py",
+        "evaluate.py",
+        "report",
         str(root),
         "--out",
         str(tmp_path / "cli"),
@@ -4414,11 +4413,11 @@ def test_report_from_fake_runs(tmp_path):
     assert cells("sdpo", "Minus grpo:")[:2] == ["+0.000 [+0.000, +0.000]", "-0.500 [-1.000, +0.000]"]
     assert cells("sdpo", "Minus grpo:")[4:8] == ["-0.500 [-1.000, +0.000]"] * 3 + ["+0.500 [+0.000, +1.000]"]
     assert (tmp_path / "rep" / "three_sets_over_steps.png").read_bytes()[:4] == b"\x89PNG"
-    two = report.report(report.ReportArgs(runs=str(root), out=str(tmp_path / "two"), groups=["A=grpo",
+    two = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "two"), groups=["A=grpo",
         "B b=sdpo,grpo"], last=1, boot=50))  # fmt: skip
     assert "![A: accuracy, length and E(y) per evaluation set against step](three_sets_over_steps.png)" in two
     assert "![B b: accuracy" in two and (tmp_path / "two" / "sets_b_b.png").read_bytes()[:4] == b"\x89PNG"
-    none = report.report(report.ReportArgs(runs=str(root), out=str(tmp_path / "none"), groups=["none"], boot=50))
+    none = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "none"), groups=["none"], boot=50))
     assert "![" not in none and not list((tmp_path / "none").glob("*.png"))  # `--groups none`: tables only
     assert "## B\n" not in md and "## A\n" in md  # B: its only run is in A's plot
     assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib: in the
@@ -4428,15 +4427,15 @@ def test_report_from_fake_runs(tmp_path):
     # a third seed trained, its evaluation under way (samples.jsonl, no summary.json): sdpo has no held-out figures
     shutil.copytree(root / "sdpo" / "seed1", root / "sdpo" / "seed2")
     (root / "sdpo" / "seed2" / "eval" / "summary.json").unlink()
-    md = report.report(report.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), last=1, boot=400))
+    md = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), last=1, boot=400))
     sdpo = cells("sdpo", "## Training runs")
     assert sdpo[0] == "3" and sdpo[9:] == ["-", "-", "-"] and cells("grpo", "## Training runs")[9] != "-"
     assert cells("sdpo", "## Each run minus grpo")[4:] == ["-", "-", "-"]
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        report.report(report.ReportArgs(runs=str(tmp_path / "missing")))
+        evaluate.report(evaluate.ReportArgs(runs=str(tmp_path / "missing")))
     (root / "base" / "samples.jsonl").write_text('{"benchmark": "ood"}\n')
     with pytest.raises(ValueError, match="samples.jsonl: row 0"):
-        report.report(report.ReportArgs(runs=str(root), out=str(tmp_path / "rep")))
+        evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep")))
 
 
 def test_report_table2_per_evaluation_set(tmp_path):
@@ -4466,7 +4465,7 @@ def test_report_table2_per_evaluation_set(tmp_path):
     write(root / "base" / "samples.jsonl", {"two": [0.5] * 3, "one": [0.0] * 3}, 0, (0, 1, 2))
 
     def table():
-        md = report._table2(root, boot=200)
+        md = evaluate._table2(root, boot=200)
         return [[c.strip() for c in x.strip("|").split("|")] for x in md.splitlines() if x.startswith("| ")]
 
     lines = table()
@@ -4488,10 +4487,10 @@ def test_report_table2_per_evaluation_set(tmp_path):
     assert [x[1] for x in table() if x[0] == "one"] == ["SFT on D_ug", "SFT on D_sg"]  # unpaired: no difference
     assert [x[1] for x in table() if x[0] == "two"][-1] == "D_sg minus D_ug"  # set by set
     (root / "sft" / "solution" / "eval" / "samples.jsonl").unlink()  # one model evaluated: no difference row
-    md = report._table2(root, boot=200)
+    md = evaluate._table2(root, boot=200)
     assert "SFT on D_sg" not in md and "minus" not in md and md.count("| SFT on D_ug |") == 3
     shutil.rmtree(root / "sft")
-    assert report._table2(root, boot=200) is None
+    assert evaluate._table2(root, boot=200) is None
 
 
 # ============================================================================================
@@ -5027,7 +5026,7 @@ def _refused(cls, name, value):
         evaluate.Table1Args,
         evaluate.SelectArgs,
         evaluate.Args,
-        report.ReportArgs,
+        evaluate.ReportArgs,
         evaluate.BuildArgs,
         sft.TrainArgs,
         grpo.Args,
@@ -5635,7 +5634,7 @@ def _reads_beyond_torch(fn, seen) -> list[str]:
     import dis
     import types
 
-    project = {m.__name__ for m in (data, epistemic, rollout, evaluate, sft, checkpoint, grpo, sdpo, fast, report)}
+    project = {m.__name__ for m in (data, epistemic, rollout, evaluate, sft, grpo, sdpo, fast)}
     allowed = ("torch", *sys.stdlib_module_names)
     bad, codes = [], [fn.__code__]
     while codes:
