@@ -1209,7 +1209,8 @@ def main(argv=None):
     (Table 1), `evaluate.py build ...` (Table 2's D_ug and D_sg) or `evaluate.py report RUNS ...` (the CPU
     reproduction's report)."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def job():
         if argv[:1] == ["report"]:
             report(data.parse_args(ReportArgs, argv[1:], positional="runs"))
         elif argv[:1] == ["select"]:
@@ -1220,13 +1221,8 @@ def main(argv=None):
             build(data.parse_args(BuildArgs, argv[1:]))
         else:
             evaluate_model(data.parse_args(Args, argv))
-        if dist.is_initialized():
-            dist.barrier()  # every rank done before any closes the group
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    rollout.run_main(job)
 
 
 if __name__ == "__main__":

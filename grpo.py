@@ -530,7 +530,7 @@ def run_loop(args: RLArgs, loss_name: str = "grpo", make_train_step=grpo_train_s
 
 
 def main(argv=None):
-    sft.run_main(lambda: run_loop(data.parse_args(Args, argv)))
+    rollout.run_main(lambda: run_loop(data.parse_args(Args, argv)))
 
 
 if __name__ == "__main__":

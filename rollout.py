@@ -42,6 +42,7 @@ import random
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,41 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(process_group_backend(device), timeout=datetime.timedelta(minutes=60))
     return rank, local_rank, world, device
+
+
+def run_main(job) -> None:
+    """Run a script's job: a bad flag or input (ValueError, a missing file) exits with "error: ..." and status 1, not
+    a traceback. Under torchrun every rank finishes before any closes the group, and the process ends through
+    exit_distributed; an unexpected exception destroys the group and keeps its traceback."""
+    try:
+        job()
+        if dist.is_initialized():
+            dist.barrier()
+    except (ValueError, FileNotFoundError) as e:
+        if not dist.is_initialized():
+            sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        exit_distributed(1)
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        exit_distributed(0)
+
+
+def exit_distributed(code: int) -> None:
+    """Destroy the process group, then end the process with os._exit, skipping the interpreter's shutdown.
+
+    Why: destroy_process_group does not stop gloo's worker threads (its shutdown is a no-op for gloo); they are
+    joined only when the group's last reference goes, and the model's FSDP state holds one. A worker that drops a
+    finished collective's tensors while the interpreter shuts down takes the GIL, Python 3.11-3.13 ends that thread
+    by unwinding it through a noexcept frame, and the process aborts ("terminate called without an active
+    exception"): rarely, on whichever rank loses the race. Output is flushed first; the run's files are closed."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def keep_freed_memory() -> None:

@@ -668,7 +668,7 @@ def sdpo_train_step(run: sft.Run):
 
 
 def main(argv=None):
-    sft.run_main(lambda: grpo.run_loop(data.parse_args(Args, argv), "sdpo", sdpo_train_step))
+    rollout.run_main(lambda: grpo.run_loop(data.parse_args(Args, argv), "sdpo", sdpo_train_step))
 
 
 if __name__ == "__main__":

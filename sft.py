@@ -230,20 +230,6 @@ class RunArgs(TrainerArgs):
         data.choose(self, "vllm_sleep", (0, 1, 2))
 
 
-def run_main(job) -> None:
-    """Run a script's job: a bad flag or input (ValueError, a missing file) exits with "error: ..." and status 1,
-    not a traceback; the process group is destroyed either way."""
-    try:
-        job()
-        if dist.is_initialized():  # every rank done before any closes the group: one that closed while another
-            dist.barrier()  # still ran was seen to abort ("terminate called without an active exception")
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def finish(run: Run) -> None:
     """The end of a run: the Weights & Biases run closed (--wandb)."""
     if run.wandb is not None:
@@ -1025,7 +1011,7 @@ def train(args: TrainArgs):
 
 
 def main(argv=None):
-    run_main(lambda: train(data.parse_args(TrainArgs, sys.argv[1:] if argv is None else argv)))
+    rollout.run_main(lambda: train(data.parse_args(TrainArgs, sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -1255,6 +1255,44 @@ def test_vllm_backend_matches_contract(tiny_model_dir):
     assert len(rollout.generate(backend, prompts, params)) == 2
 
 
+RUN_MAIN_WORKER = """
+import atexit, sys, torch, torch.distributed as dist
+import rollout
+
+def job():
+    rank, _, world, _ = rollout.init_distributed()
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    atexit.register(lambda: open(f"{sys.argv[1]}.atexit{rank}", "w").close())
+    sys.stdout.write(f"rank {rank} of {world}: {total.item():.0f}\n")  # to a pipe: buffered, lost unless flushed
+    if sys.argv[2] == "bad":
+        raise ValueError("--lr must be positive")
+
+rollout.run_main(job)
+"""
+
+
+@pytest.mark.parametrize("case", ["good", "bad"])
+def test_run_main_ends_a_distributed_run_without_the_interpreters_shutdown(tmp_path, case):
+    """Under 2 ranks run_main destroys the group and ends the process with os._exit: the interpreter's shutdown,
+    where a gloo worker still freeing a collective's tensors aborts the process, never runs (an atexit handler
+    is skipped), yet the job's output arrives. A bad input ends in "error: ..." and status 1 all the same."""
+    (tmp_path / "w.py").write_text(RUN_MAIN_WORKER)
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout as a user's run has it
+    p = subprocess.run(
+        [*LAUNCH2, str(tmp_path / "w.py"), str(tmp_path / "mark"), case],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**buffered, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
+    assert p.returncode == (1 if case == "bad" else 0), p.stderr[-2000:]
+    assert sorted(p.stdout.splitlines()) == ["rank 0 of 2: 2", "rank 1 of 2: 2"]
+    assert p.stderr.count("error: --lr must be positive") == (2 if case == "bad" else 0)
+    assert not list(tmp_path.glob("mark.atexit*"))
+
+
 # ============================================================================================
 # evaluate.py: the benchmarks, Sec. 3's selection, Table 1 and Table 2's sets
 # ============================================================================================
@@ -1682,7 +1720,7 @@ if rank == 0:
     open(sys.argv[4], "w").write(json.dumps(dict(summary=summary, records=records, three=three)))
 if dist.is_initialized():
     dist.barrier()  # every rank done before any closes the group
-    dist.destroy_process_group()
+    rollout.exit_distributed(0)
 """
 )
 
@@ -3279,7 +3317,7 @@ dist.all_gather_object(every, [(r["place"], o) for r, o in zip(mine, order)])
 if rank == 0:
     json.dump(dict(sorted(x for part in every for x in part)), open(sys.argv[1], "w"))
 dist.barrier()  # every rank done before any closes the group
-dist.destroy_process_group()
+rollout.exit_distributed(0)
 """
 
 
@@ -3792,7 +3830,7 @@ if rank == 0:
     scale = max(float(g.abs().max()) for g in want.values())
     json.dump(dict(diff=diff, scale=scale, names=len(grads)), open(sys.argv[2], "w"))
 dist.barrier()  # every rank done before any closes the group
-dist.destroy_process_group()
+rollout.exit_distributed(0)
 """
 
 
@@ -5146,7 +5184,7 @@ out = grpo.train_on_rollouts(model, opt, rows, args, world, device, tok.pad_toke
 if rank == 0:
     json.dump(dict(updates=out["grad_norm"] > 0, trained_frac=out["trained_frac"]), open(sys.argv[2], "w"))
 dist.barrier()  # every rank done before any closes the group
-dist.destroy_process_group()
+rollout.exit_distributed(0)
 """
 
 
