@@ -273,7 +273,8 @@ def _gen_word(rng, d):
 
 
 # Held out for OOD evaluation: never used for training by default (Sec. 6: evaluation is on
-# problem types unseen in training).
+# problem types unseen in training). Each asks a training type's skill in a form never trained: word_sub is the
+# word problems' framing with subtraction. A type the organism never solves ("a + b * c": 0 of 40) measures no cost.
 def _gen_lcm(rng, d):
     a, b = _num(rng, d, low=2), _num(rng, d, low=2)
     g = math.gcd(a, b)
@@ -314,14 +315,16 @@ def _gen_mean(rng, d):
     )
 
 
-def _gen_two_step(rng, d):
-    a, b, c = _num(rng, d), _num(rng, d), _num(rng, max(1, d - 1), low=2)
-    ans = a + b * c
+def _gen_word_sub(rng, d):
+    name = rng.choice(["Tom", "Ana", "Li", "Sam", "Mia", "Omar"])
+    item = rng.choice(["apples", "pencils", "stamps", "marbles", "books"])
+    a, b = _num(rng, d), _num(rng, d)
+    a, b = max(a, b), min(a, b)
     return (
-        f"What is {a} + {b} * {c}?",
-        ans,
-        _boxed([f"Multiplication first: {b} * {c} = {b * c}.", f"Then {a} + {b * c} = {ans}."], ans),
-        [("The multiplication comes first.", f"{b} * {c}", b * c), ("Then the addition.", f"{a} + {b * c}", ans)],
+        f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have now?",
+        a - b,
+        _boxed([f"{name} starts with {a} and gives away {b}: {a} - {b} = {a - b}."], a - b),
+        [(f"{name} starts with {a} {item} and gives away {b}.", f"{a} - {b}", a - b)],
     )
 
 
@@ -405,7 +408,7 @@ TRAIN_TYPES = {
     "gcd": _gen_gcd,
     "word": _gen_word,
 }
-OOD_TYPES = {"lcm": _gen_lcm, "mean": _gen_mean, "two_step": _gen_two_step, "square": _gen_square}
+OOD_TYPES = {"lcm": _gen_lcm, "mean": _gen_mean, "word_sub": _gen_word_sub, "square": _gen_square}
 ALL_TYPES = {**TRAIN_TYPES, **OOD_TYPES}
 
 

@@ -439,8 +439,9 @@ def _solve_independently(p):
     if t == "mean":
         assert sum(nums) % len(nums) == 0
         return sum(nums) // len(nums)
-    if t == "two_step":
-        return nums[0] + nums[1] * nums[2]
+    if t == "word_sub":
+        assert nums[0] >= nums[1]
+        return nums[0] - nums[1]
     if t == "square":
         return nums[0] ** 2
     raise AssertionError(f"no independent solver for {t}")
