@@ -1226,4 +1226,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rollout.run_script(main)

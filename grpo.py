@@ -534,4 +534,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rollout.run_script(main)

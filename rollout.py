@@ -136,35 +136,42 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
 
 
 def run_main(job) -> None:
-    """Run a script's job: a bad flag or input (ValueError, a missing file) exits with "error: ..." and status 1, not
-    a traceback. Under torchrun every rank finishes before any closes the group, and the process ends through
-    exit_distributed; an unexpected exception destroys the group and keeps its traceback."""
+    """Run a script's job: a bad flag or input (ValueError, a missing file) exits with "error: ..." and status 1,
+    not a traceback. Under torchrun every rank finishes before any closes the group, which is destroyed either way."""
     try:
         job()
         if dist.is_initialized():
             dist.barrier()
     except (ValueError, FileNotFoundError) as e:
-        if not dist.is_initialized():
-            sys.exit(f"error: {e}")
-        print(f"error: {e}", file=sys.stderr)
-        exit_distributed(1)
-    except BaseException:
+        sys.exit(f"error: {e}")
+    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        raise
-    if dist.is_initialized():
-        exit_distributed(0)
 
 
-def exit_distributed(code: int) -> None:
-    """Destroy the process group, then end the process with os._exit, skipping the interpreter's shutdown.
+def run_script(main) -> None:
+    """A script's entry point: main(), then, where a process group was made (WORLD_SIZE is set: torchrun, or the
+    one-rank group of vLLM and FSDP2 on one GPU), end_process with main's status. Plain runs exit as usual."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if "WORLD_SIZE" not in os.environ:
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    end_process(code if isinstance(code, int) else int(code is not None))
+
+
+def end_process(code: int) -> None:
+    """End the process with os._exit after the process group is destroyed, skipping the interpreter's shutdown.
 
     Why: destroy_process_group does not stop gloo's worker threads (its shutdown is a no-op for gloo); they are
     joined only when the group's last reference goes, and the model's FSDP state holds one. A worker that drops a
     finished collective's tensors while the interpreter shuts down takes the GIL, Python 3.11-3.13 ends that thread
     by unwinding it through a noexcept frame, and the process aborts ("terminate called without an active
     exception"): rarely, on whichever rank loses the race. Output is flushed first; the run's files are closed."""
-    dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

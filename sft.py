@@ -1015,4 +1015,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rollout.run_script(main)

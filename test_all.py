@@ -1265,19 +1265,20 @@ def job():
     total = torch.ones(1)
     dist.all_reduce(total)
     atexit.register(lambda: open(f"{sys.argv[1]}.atexit{rank}", "w").close())
-    sys.stdout.write(f"rank {rank} of {world}: {total.item():.0f}\n")  # to a pipe: buffered, lost unless flushed
+    sys.stdout.write(f"rank {rank} of {world}: {total.item():.0f}\\n")  # to a pipe: buffered, lost unless flushed
     if sys.argv[2] == "bad":
         raise ValueError("--lr must be positive")
 
-rollout.run_main(job)
+rollout.run_script(lambda: rollout.run_main(job))
 """
 
 
 @pytest.mark.parametrize("case", ["good", "bad"])
-def test_run_main_ends_a_distributed_run_without_the_interpreters_shutdown(tmp_path, case):
-    """Under 2 ranks run_main destroys the group and ends the process with os._exit: the interpreter's shutdown,
-    where a gloo worker still freeing a collective's tensors aborts the process, never runs (an atexit handler
-    is skipped), yet the job's output arrives. A bad input ends in "error: ..." and status 1 all the same."""
+def test_a_distributed_script_ends_without_the_interpreters_shutdown(tmp_path, case):
+    """Under 2 ranks a script's entry point (run_script over run_main) destroys the group and ends the process with
+    os._exit: the interpreter's shutdown, where a gloo worker still freeing a collective's tensors aborts the
+    process, never runs (an atexit handler is skipped), yet the job's output arrives. A bad input ends in
+    "error: ..." and status 1 all the same. (In-process tests call main() alone, and pytest lives on.)"""
     (tmp_path / "w.py").write_text(RUN_MAIN_WORKER)
     buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout as a user's run has it
     p = subprocess.run(
@@ -1721,7 +1722,8 @@ if rank == 0:
     open(sys.argv[4], "w").write(json.dumps(dict(summary=summary, records=records, three=three)))
 if dist.is_initialized():
     dist.barrier()  # every rank done before any closes the group
-    rollout.exit_distributed(0)
+    dist.destroy_process_group()
+    rollout.end_process(0)
 """
 )
 
@@ -3318,7 +3320,8 @@ dist.all_gather_object(every, [(r["place"], o) for r, o in zip(mine, order)])
 if rank == 0:
     json.dump(dict(sorted(x for part in every for x in part)), open(sys.argv[1], "w"))
 dist.barrier()  # every rank done before any closes the group
-rollout.exit_distributed(0)
+dist.destroy_process_group()
+rollout.end_process(0)
 """
 
 
@@ -3831,7 +3834,8 @@ if rank == 0:
     scale = max(float(g.abs().max()) for g in want.values())
     json.dump(dict(diff=diff, scale=scale, names=len(grads)), open(sys.argv[2], "w"))
 dist.barrier()  # every rank done before any closes the group
-rollout.exit_distributed(0)
+dist.destroy_process_group()
+rollout.end_process(0)
 """
 
 
@@ -5185,7 +5189,8 @@ out = grpo.train_on_rollouts(model, opt, rows, args, world, device, tok.pad_toke
 if rank == 0:
     json.dump(dict(updates=out["grad_norm"] > 0, trained_frac=out["trained_frac"]), open(sys.argv[2], "w"))
 dist.barrier()  # every rank done before any closes the group
-rollout.exit_distributed(0)
+dist.destroy_process_group()
+rollout.end_process(0)
 """
 
 
