@@ -17,6 +17,8 @@ Implements, for arXiv 2603.24472:
     request), `sleep_engine` and `push_weights_to_vllm` (the weight sync after an RL step, which wakes it)
   - for the trainers: the graded rollouts of a step (`score_rollouts`, `save_rollouts`), the weights after a step
     (`refresh_weights`), the engine's length (`trainer_engine_length`).
+  - every script's process: `init_distributed`, `run_main` (its job, with "error: ..." for bad input) and
+    `run_script` (its entry point, which ends a distributed run with `end_process`).
 
 Departures, and why:
   1. The hf backend is a short decoding loop of our own rather than `model.generate`: prefill, then one token
@@ -161,7 +163,8 @@ def run_script(main) -> None:
         sys.exit(code)
     if isinstance(code, str):
         print(code, file=sys.stderr)
-    end_process(code if isinstance(code, int) else int(code is not None))
+        code = 1
+    end_process(code or 0)
 
 
 def end_process(code: int) -> None:
