@@ -4309,21 +4309,22 @@ def test_marker_tokens_surface_variants(embedded_tokenizer):
 
 
 # ============================================================================================
-# evaluate.py: the reproduction report
+# report/make.py: the reproduction report
 # ============================================================================================
+from report import make as report_make
 
 
 def test_bootstrap_against_its_exact_distribution():
     # 2 seeds x 2 problems: 16 equally likely replicates (6.25% each), so the 2.5% and 97.5% points are the smallest
     # and largest: seed 0 with problem 0 twice (0.2), seed 1 with problem 1 twice (1.0)
-    assert evaluate.bootstrap([[0.2, 0.4], [0.6, 1.0]], reps=4000) == pytest.approx((0.55, 0.2, 1.0))
+    assert report_make.bootstrap([[0.2, 0.4], [0.6, 1.0]], reps=4000) == pytest.approx((0.55, 0.2, 1.0))
     x = [0.0, 0.25, 1.0, 0.5, 0.75]
     # a paired difference: the same problems drawn for both, so a constant shift has no spread
-    assert evaluate.bootstrap([[v + 0.1 for v in x]], [x], reps=500) == pytest.approx((0.1, 0.1, 0.1))
-    point, low, high = evaluate.bootstrap([x], reps=4000)
+    assert report_make.bootstrap([[v + 0.1 for v in x]], [x], reps=500) == pytest.approx((0.1, 0.1, 0.1))
+    point, low, high = report_make.bootstrap([x], reps=4000)
     assert point == pytest.approx(0.5) and 0.1 < low < 0.5 < high < 0.9
-    assert evaluate.ci((0.1, 0.02, 0.2), ".2f", sign=True) == "+0.10 [+0.02, +0.20] *"
-    assert evaluate.ci((0.1, -0.02, 0.2), ".2f", sign=True) == "+0.10 [-0.02, +0.20]"
+    assert report_make.ci((0.1, 0.02, 0.2), ".2f", sign=True) == "+0.10 [+0.02, +0.20] *"
+    assert report_make.ci((0.1, -0.02, 0.2), ".2f", sign=True) == "+0.10 [-0.02, +0.20]"
 
 
 def test_report_from_fake_runs(tmp_path):
@@ -4388,7 +4389,7 @@ def test_report_from_fake_runs(tmp_path):
     late.mkdir(parents=True)
     (late / "eval_samples.jsonl").write_text(json.dumps(dict(benchmark="ood", id="p0", step=10, scores=[1.0],
         lengths=[5], epistemic=[0], responses=["x"], finish_reasons=["stop"])) + "\n")  # fmt: skip
-    assert evaluate.read_samples(root / "base" / "samples.jsonl")[("ood", "p0")] == dict(
+    assert report_make.read_samples(root / "base" / "samples.jsonl")[("ood", "p0")] == dict(
         acc=0.5, length=5.0, epistemic=0.0, format=1.0, truncated=0.0, n=2, check=0.0, catch=0.0, rescued=0.0,
         uncaught=0.0, confirmed_wrong=0.0
     )  # fmt: skip
@@ -4407,15 +4408,14 @@ def test_report_from_fake_runs(tmp_path):
         ]  # fmt: skip
         with open(root / name / f"seed{seed}" / "eval_samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records + records[:1])  # a repeated record: the last wins
-    md = evaluate.report(
-        evaluate.ReportArgs(
+    md = report_make.report(
+        report_make.ReportArgs(
             runs=str(root), out=str(tmp_path / "rep"), groups=["A=grpo,sdpo,nope", "B=sdpo,gone"], last=1, boot=400
         )
     )
     assert md == (tmp_path / "rep" / "REPORT.md").read_text()
     _main_in_process(
-        "evaluate.py",
-        "report",
+        "report.make",
         str(root),
         "--out",
         str(tmp_path / "cli"),
@@ -4456,11 +4456,13 @@ def test_report_from_fake_runs(tmp_path):
     assert cells("sdpo", "Minus grpo:")[:2] == ["+0.000 [+0.000, +0.000]", "-0.500 [-1.000, +0.000]"]
     assert cells("sdpo", "Minus grpo:")[4:8] == ["-0.500 [-1.000, +0.000]"] * 3 + ["+0.500 [+0.000, +1.000]"]
     assert (tmp_path / "rep" / "three_sets_over_steps.png").read_bytes()[:4] == b"\x89PNG"
-    two = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "two"), groups=["A=grpo",
+    two = report_make.report(report_make.ReportArgs(runs=str(root), out=str(tmp_path / "two"), groups=["A=grpo",
         "B b=sdpo,grpo"], last=1, boot=50))  # fmt: skip
     assert "![A: accuracy, length and E(y) per evaluation set against step](three_sets_over_steps.png)" in two
     assert "![B b: accuracy" in two and (tmp_path / "two" / "sets_b_b.png").read_bytes()[:4] == b"\x89PNG"
-    none = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "none"), groups=["none"], boot=50))
+    none = report_make.report(
+        report_make.ReportArgs(runs=str(root), out=str(tmp_path / "none"), groups=["none"], boot=50)
+    )
     assert "![" not in none and not list((tmp_path / "none").glob("*.png"))  # `--groups none`: tables only
     assert "## B\n" not in md and "## A\n" in md  # B: its only run is in A's plot
     assert "![A](a.png)" in md and (tmp_path / "rep" / "a.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib: in the
@@ -4470,15 +4472,15 @@ def test_report_from_fake_runs(tmp_path):
     # a third seed trained, its evaluation under way (samples.jsonl, no summary.json): sdpo has no held-out figures
     shutil.copytree(root / "sdpo" / "seed1", root / "sdpo" / "seed2")
     (root / "sdpo" / "seed2" / "eval" / "summary.json").unlink()
-    md = evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), last=1, boot=400))
+    md = report_make.report(report_make.ReportArgs(runs=str(root), out=str(tmp_path / "rep"), last=1, boot=400))
     sdpo = cells("sdpo", "## Training runs")
     assert sdpo[0] == "3" and sdpo[9:] == ["-", "-", "-"] and cells("grpo", "## Training runs")[9] != "-"
     assert cells("sdpo", "## Each run minus grpo")[4:] == ["-", "-", "-"]
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        evaluate.report(evaluate.ReportArgs(runs=str(tmp_path / "missing")))
+        report_make.report(report_make.ReportArgs(runs=str(tmp_path / "missing")))
     (root / "base" / "samples.jsonl").write_text('{"benchmark": "ood"}\n')
     with pytest.raises(ValueError, match="samples.jsonl: row 0"):
-        evaluate.report(evaluate.ReportArgs(runs=str(root), out=str(tmp_path / "rep")))
+        report_make.report(report_make.ReportArgs(runs=str(root), out=str(tmp_path / "rep")))
 
 
 def test_report_table2_per_evaluation_set(tmp_path):
@@ -4508,7 +4510,7 @@ def test_report_table2_per_evaluation_set(tmp_path):
     write(root / "base" / "samples.jsonl", {"two": [0.5] * 3, "one": [0.0] * 3}, 0, (0, 1, 2))
 
     def table():
-        md = evaluate._table2(root, boot=200)
+        md = report_make._table2(root, boot=200)
         return [[c.strip() for c in x.strip("|").split("|")] for x in md.splitlines() if x.startswith("| ")]
 
     lines = table()
@@ -4530,10 +4532,10 @@ def test_report_table2_per_evaluation_set(tmp_path):
     assert [x[1] for x in table() if x[0] == "one"] == ["SFT on D_ug", "SFT on D_sg"]  # unpaired: no difference
     assert [x[1] for x in table() if x[0] == "two"][-1] == "D_sg minus D_ug"  # set by set
     (root / "sft" / "solution" / "eval" / "samples.jsonl").unlink()  # one model evaluated: no difference row
-    md = evaluate._table2(root, boot=200)
+    md = report_make._table2(root, boot=200)
     assert "SFT on D_sg" not in md and "minus" not in md and md.count("| SFT on D_ug |") == 3
     shutil.rmtree(root / "sft")
-    assert evaluate._table2(root, boot=200) is None
+    assert report_make._table2(root, boot=200) is None
 
 
 # ============================================================================================
@@ -5069,7 +5071,7 @@ def _refused(cls, name, value):
         evaluate.Table1Args,
         evaluate.SelectArgs,
         evaluate.Args,
-        evaluate.ReportArgs,
+        report_make.ReportArgs,
         evaluate.BuildArgs,
         sft.TrainArgs,
         grpo.Args,
