@@ -965,19 +965,15 @@ def gather_to_rank0(items: list, world: int) -> list | None:
 
 
 def trainer_engine_length(tok, args, problems: list[dict], benchmarks: dict) -> int:
-    """`engine_length` for grpo.py and sdpo.py: a training prompt (at most --max-prompt-len), for SDPO's
-    regenerated contexts a solution of up to --max-new-tokens inside it, and --max-new-tokens; or an evaluation
-    prompt and --eval-max-new-tokens, whichever is longer."""
-    chat, max_new_tokens = dict(system=args.system, thinking=args.thinking), args.max_new_tokens
+    """`engine_length` for grpo.py and sdpo.py: a training prompt (at most --max-prompt-len) and --max-new-tokens,
+    or an evaluation prompt and --eval-max-new-tokens, whichever is longer."""
+    chat = dict(system=args.system, thinking=args.thinking)
 
     def prompts(ps):
         return [chat_prompt(tok, data.format_prompt(p["question"]), **chat) for p in ps]
 
-    solution = 0  # the reprompt's own words and the solution
-    if getattr(args, "teacher_context", None) == "regenerated":
-        solution = len(tok(reprompt("", "x"), add_special_tokens=False)["input_ids"]) + max_new_tokens
     evals = [p for ps in benchmarks.values() for p in ps]
     return max(
-        engine_length(tok, prompts(problems), max_new_tokens, args.model, solution, cap=args.max_prompt_len),
+        engine_length(tok, prompts(problems), args.max_new_tokens, args.model, cap=args.max_prompt_len),
         engine_length(tok, prompts(evals), args.eval_max_new_tokens, args.model, flag="--eval-max-new-tokens"),
     )

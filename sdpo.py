@@ -11,8 +11,7 @@ sdpo, which replaces the policy-gradient loss; App. D Table 10):
   - per-token weight min(exp(logp - old_logp), 2), detached; each response's mean over its distilled tokens (0
     without a context), then the mean over the mini-batch's responses (--loss-agg)          -> `sdpo_loss`
   - c: the first successful sibling (reward >= 0.5) of the prompt, itself excluded, first in verl's length-balanced
-    order, none -> no loss (c = s); the same without <think> (c = s\\think); the dataset's solution (OPSD); a
-    regenerated correct response (y_r)                        -> `teacher_contexts`, `attach_teacher_prompts`
+    order, none -> no loss (c = s); without <think> (c = s\\think); the dataset's solution (OPSD) -> `teacher_contexts`
   - teacher = the frozen initial policy (the paper) or an fp32 EMA of the student (Fig. 6)   -> `ema_update`
   - App. B.6: the student-teacher KL per token, overall and at each epistemic marker's tokens.
 Beyond the paper, three remedies: --protect-epistemic (no loss where a marker begins: `distill_positions`),
@@ -20,13 +19,12 @@ Beyond the paper, three remedies: --protect-epistemic (no loss where a marker be
 
 Departures, and why:
   1. A teacher prompt longer than --max-reprompt-len is masked, not truncated (which can cut the solution).
-  2. "regenerated" contexts (not in the reference trainer) are Sec. 3's y_r, drawn under c = s each step.
-  3. No environment feedback (math has none beyond right/wrong). GRPO-only flags have no effect here.
-  4. verl's sibling order depends on its number of GPUs: we use its order on the released runs' 4 (--sibling-dp), on
+  2. No environment feedback (math has none beyond right/wrong). GRPO-only flags have no effect here.
+  3. verl's sibling order depends on its number of GPUs: we use its order on the released runs' 4 (--sibling-dp), on
      any number of processes. On the embedded model's rollouts its one-GPU order chose siblings 4.7% and 1.0%
      shorter than the average success (two sets of 4-6 steps); its 4-GPU order +1.3% and -0.7%.
-  5. Logits are upcast to fp32 before the top-k; the reference works on bf16 logits.
-  6. --fast (the default) computes Eq. 1 from hidden states, the LM head in chunks (fast.distillation_terms),
+  4. Logits are upcast to fp32 before the top-k; the reference works on bf16 logits.
+  5. --fast (the default) computes Eq. 1 from hidden states, the LM head in chunks (fast.distillation_terms),
      and skips rows without a context: the same update up to float rounding.
 
 Copying: the loss (`tail_bucket` to `sdpo_loss`) needs torch alone, and grpo.policy_loss for --pg-coef; the teacher
@@ -75,7 +73,7 @@ class Args(grpo.RLArgs):
     is_clip: float = HfArg(default=2.0, help="cap of the importance weight exp(logp - old_logp) (reference: 2)")
     teacher_context: str = HfArg(
         default="sibling",
-        help="c: sibling (c = s, Sec. 5) | sibling-no-think (c = s\\think) | dataset (OPSD) | regenerated (y_r)",
+        help="c: sibling (c = s, Sec. 5) | sibling-no-think (c = s\\think) | dataset (OPSD)",
     )
     sibling: str = HfArg(
         default="balanced",
@@ -125,7 +123,7 @@ class Args(grpo.RLArgs):
         data.check(self, "alpha success_threshold teacher_ema", *data.UNIT)
         data.check(self, "topk pg_coef distill_prefix", *data.NON_NEGATIVE)
         data.check(self, "is_clip sibling_dp max_reprompt_len", *data.POSITIVE)
-        data.choose(self, "teacher_context", ("sibling", "sibling-no-think", "dataset", "regenerated"))
+        data.choose(self, "teacher_context", ("sibling", "sibling-no-think", "dataset"))
         data.choose(self, "reprompt", ("sdpo", "uncertainty"))
         data.choose(self, "sibling", ("balanced", "first"))
 
@@ -282,12 +280,11 @@ def distill_positions(n_response: int, has_context: bool, prefix: int = 0, prote
     return [has_context and (not prefix or t < prefix) and t not in protected for t in range(n_response)]
 
 
-teacher_prompt = rollout.reprompt  # (question, solution, feedback=None, template="sdpo"): the teacher's user turn
 DISTILLED = ("kl", "entropy", "teacher_entropy")  # sdpo_step's metrics over the distilled positions
 
 
 # --------------------------------------------------------------------------------------------
-# SDPO's teacher contexts (Sec. 5: c = s, c = s\\think, the dataset's solution, y_r)
+# SDPO's teacher contexts (Sec. 5: c = s, c = s\\think, the dataset's solution)
 # --------------------------------------------------------------------------------------------
 def karmarkar_karp(values: list[int], k: int) -> list[list[int]]:
     """verl's split of `values` into k sets of len / k items each with near-equal sums (the largest differencing
@@ -368,39 +365,6 @@ def teacher_contexts(
     return out
 
 
-def regenerated_contexts(run, rows, problems, args) -> list[str | None]:
-    """Sec. 3's y_r: per group with a success s, one response under c = s; kept as c if it is correct."""
-    firsts = {}
-    for i, r in enumerate(rows):
-        if r["reward"] >= args.success_threshold:
-            firsts.setdefault(i // args.rollouts, r["text"])
-    groups = sorted(firsts)
-    chat = dict(system=args.system, thinking=args.thinking)
-    prompts = [
-        rollout.chat_prompt(run.tokenizer, rollout.reprompt(problems[g]["question"], firsts[g]), **chat)
-        for g in groups
-    ]
-    params = rollout.SamplingParams(
-        n=1,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed + 7919 * len(rows) + run.rank,
-    )
-    if run.backend.asleep:  # vllm, put to sleep after the step's rollouts: wake it with the same weights (collective)
-        rollout.push_weights_to_vllm(run.backend, run.model)
-    samples = rollout.generate(run.backend, prompts, params, progress=False)  # every rank, prompts or not
-    rollout.sleep_engine(run.backend)
-    y_r = {}
-    for s in samples:
-        g = groups[s.prompt_index]
-        if (
-            data.grade(s.text, problems[g]["answer"], lenient=args.lenient, window=args.reward_window)
-            >= args.success_threshold
-        ):
-            y_r[g] = s.text
-    return [y_r.get(i // args.rollouts) for i in range(len(rows))]
-
-
 def sibling_order(rows: list[dict], world: int, ranks: int = 4) -> list[int]:
     """This rank's rows' positions in `balanced_positions` (over `ranks` verl ranks) of the whole step's batch (every
     rank's rows, by their "place"): the same choice on any number of processes here. Collective."""
@@ -416,14 +380,11 @@ def sibling_order(rows: list[dict], world: int, ranks: int = 4) -> list[int]:
 
 
 def attach_teacher_prompts(run, rows: list[dict], problems: list[dict], args) -> None:
-    """The teacher's input for each rollout: row["context"], its c (--teacher-context: `teacher_contexts`, or
-    `regenerated_contexts`), and row["teacher_prompt_ids"], the chat template of rollout.reprompt(question, c); both
-    None without a c, or when the prompt is longer than --max-reprompt-len (masked: the reference truncates it)."""
-    if args.teacher_context == "regenerated":
-        contexts = regenerated_contexts(run, rows, problems, args)
-    else:
-        order = sibling_order(rows, run.world, args.sibling_dp) if args.sibling == "balanced" else None
-        contexts = teacher_contexts(rows, problems, args.rollouts, args.teacher_context, args.success_threshold, order)
+    """The teacher's input for each rollout: row["context"], its c (--teacher-context: `teacher_contexts`), and
+    row["teacher_prompt_ids"], the chat template of rollout.reprompt(question, c); both None without a c, or when the
+    prompt is longer than --max-reprompt-len (masked: the reference truncates it)."""
+    order = sibling_order(rows, run.world, args.sibling_dp) if args.sibling == "balanced" else None
+    contexts = teacher_contexts(rows, problems, args.rollouts, args.teacher_context, args.success_threshold, order)
     chat = dict(system=args.system, thinking="on" if args.teacher_thinking else args.thinking)
     for i, (r, c) in enumerate(zip(rows, contexts)):
         r["teacher_prompt_ids"] = r["context"] = None

@@ -3705,8 +3705,8 @@ def test_teacher_contexts_sibling_rules():
 
 def test_sdpo_reprompt_strings_and_strip_think():
     base = "Q\nPlease reason step by step, and put your final answer within \\boxed{}."
-    assert sdpo.teacher_prompt("Q", "A") == base + "\nCorrect solution:\n\nA\n\nCorrectly solve the original question."
-    assert sdpo.teacher_prompt("Q", "A", template="uncertainty").endswith(
+    assert rollout.reprompt("Q", "A") == base + "\nCorrect solution:\n\nA\n\nCorrectly solve the original question."
+    assert rollout.reprompt("Q", "A", template="uncertainty").endswith(
         "include as much uncertainty or ambiguity in the explanation."
     )
     assert rollout.strip_think("<think>\nx\n</think>\n\nans") == "ans"  # Qwen3
@@ -4199,59 +4199,6 @@ def test_sdpo_remedy_and_prompt_flags_reach_the_loss(digit_model_dir, tmp_path):
     assert m["loss"] == pytest.approx(loss, rel=1e-5)
     # short rows' few distilled tokens weigh up to 1/1 each: fp32 rounding reaches ~1.3e-4 of the largest entry here
     _assert_same_gradient(_gradient_from_sgd_step(model_dir, out), grads, rel=5e-4, weights=_weights(model_dir))
-
-
-def test_sdpo_regenerated_contexts_equal_the_gradient_by_hand(digit_model_dir, tmp_path):
-    """--teacher-context regenerated: each group with a success draws y_r under c = s and keeps it when correct;
-    the saved contexts are correct responses of their problem, the rows of groups without one are masked, and the
-    loss and gradient are those of the contexts written out by hand."""
-    # --seed 1: the tests' sampler draws the same step on every CPU, one where a correct y_r is drawn
-    (m,), rolls, out = _digit_run(
-        digit_model_dir, tmp_path, "sdpo.py", "regen", "--teacher-context", "regenerated", "--seed", "1", sgd=True
-    )
-    rewards = _rewards_by_hand(rolls)
-    contexts = [r["context"] for r in rolls]
-    for i, (r, c) in enumerate(zip(rolls, contexts)):
-        group = range(i // 4 * 4, i // 4 * 4 + 4)
-        assert c == contexts[group[0]]  # one y_r per group
-        if not any(rewards[j] for j in group):
-            assert c is None  # no s, no y_r
-        elif c is not None:
-            assert _rewards_by_hand([dict(r, text=c)]) == [1.0]  # y_r is kept only when correct
-    assert any(c is not None for c in contexts)
-    model, tok = rollout.load_model(digit_model_dir)
-    loss, grads = _grads_by_hand(digit_model_dir, lambda s: _sdpo_loss_by_hand(s, model, tok, rolls, contexts))
-    assert m["loss"] == pytest.approx(loss, rel=1e-5)
-    _assert_same_gradient(_gradient_from_sgd_step(digit_model_dir, out), grads, weights=_weights(digit_model_dir))
-
-
-def test_regenerated_contexts_keep_only_correct_draws(embedded_tokenizer, monkeypatch):
-    """One draw per group with a success, prompted with c = its first success; kept only when it grades correct."""
-    import types
-
-    tok = embedded_tokenizer
-    problems = [dict(question="q0", answer="5"), dict(question="q1", answer="4"), dict(question="q2", answer="7")]
-    texts = [["no", "\\boxed{5} a", "\\boxed{5} b", "x"], ["\\boxed{4} c", "y", "z", "w"], ["a", "b", "c", "d"]]
-    rows = [dict(text=t, reward=float(t.startswith("\\boxed"))) for group in texts for t in group]
-    draws = {"q0": "so \\boxed{5}", "q1": "so \\boxed{3}"}  # group 1's draw is wrong
-    seen = []
-
-    def fake_generate(backend, prompts, params, progress=True, indices=None):
-        seen.extend(prompts)
-        return [
-            rollout.Sample(i, [], [1], draws[next(q for q in draws if f"{q}\n" in p)], "stop", [0.0])
-            for i, p in enumerate(prompts)
-        ]
-
-    monkeypatch.setattr(rollout, "generate", fake_generate)
-    run = types.SimpleNamespace(tokenizer=tok, rank=0, model=None, backend=rollout.Backend("hf", tok))
-    args = sdpo.Args(rollouts=4)
-    got = sdpo.regenerated_contexts(run, rows, problems, args)
-    assert got == ["so \\boxed{5}"] * 4 + [None] * 8
-    assert seen == [
-        rollout.chat_prompt(tok, sdpo.teacher_prompt("q0", "\\boxed{5} a")),
-        rollout.chat_prompt(tok, sdpo.teacher_prompt("q1", "\\boxed{4} c")),
-    ]  # the first success each
 
 
 def test_sdpo_ema_teacher_and_resume_equal_the_uninterrupted_run(digit_model_dir, tmp_path):
@@ -5230,7 +5177,7 @@ def _param_bytes(model_dir) -> int:
 
 @pytest.mark.parametrize(
     "script,extra",
-    [("grpo.py", []), ("sdpo.py", ["--teacher-context", "regenerated", "--teacher-ema", "0.05", "--save-every", "1"])],
+    [("grpo.py", []), ("sdpo.py", ["--teacher-ema", "0.05", "--save-every", "1"])],
 )
 def test_trainers_with_vllm_backend(tiny_model_dir, tmp_path, fake_vllm, script, extra):
     """grpo.py and sdpo.py --backend vllm on one process and two: the engine starts before the policy is loaded
@@ -5257,8 +5204,7 @@ def test_trainers_with_vllm_backend(tiny_model_dir, tmp_path, fake_vllm, script,
             mine = [c for c in calls if c["rank"] == rank]
             phases = _engine_phases(mine)
             push = "wl+rk"
-            regen = f"({push}g?s)?" if script == "sdpo.py" else ""  # regenerated contexts: woken, used, put back
-            assert re.fullmatch(f"s{push}gs{regen}{push}gs{regen}{push}g", phases), phases  # last g: evaluation
+            assert re.fullmatch(f"s{push}gs{push}gs{push}g", phases), phases  # last g: evaluation
             gens = [c for c in mine if c["call"] == "generate"]
             assert all(c["detokenize"] == [False] for c in gens)
             assert [c["logprobs"] for c in gens][-1] == ["None"] and gens[0]["logprobs"] == ["0"]
