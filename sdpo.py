@@ -1,15 +1,15 @@
 """sdpo.py -- on-policy self-distillation (SDPO), Sec. 5 of arXiv 2603.24472, on grpo.py's loop.
 
-The student samples y ~ pi(.|x); the teacher, the same model given a richer context c (a successful sibling
-rollout), scores the student's own tokens. Eq. 1, as the reference code computes it (lasgroup/SDPO, loss_mode:
+The student samples y ~ pi(.|x); the teacher, the initial model (frozen) given a richer context c (a successful
+sibling rollout), scores the student's own tokens. Eq. 1, as the reference code computes it (lasgroup/SDPO, loss_mode:
 sdpo, which replaces the policy-gradient loss; App. D Table 10):
     L = sum_t D( pi_theta(.|x, y_<t) , stopgrad pi_teacher(.|x, c, y_<t) )
   - logits / T, log-softmax, the student's top-k (100) indices, the teacher gathered at them, plus a tail bucket
     log(1 - sum p_topk) on each side                                                       -> `topk_support`
   - D by alpha: 0 forward KL(T || S), 1 reverse KL(S || T), else the generalized JSD with M = (1-alpha) S +
     alpha T: (1-alpha) KL(S || M) + alpha KL(T || M); the paper: alpha = 0.5               -> `divergence`
-  - per-token weight min(exp(logp - old_logp), 2), detached; each response's mean over its distilled tokens (0
-    without a context), then the mean over the mini-batch's responses (--loss-agg)          -> `sdpo_loss`
+  - per-token weight min(exp(logp - old_logp), 2) x grpo.py's rollout IS weight w_t, detached; each response's
+    mean over its distilled tokens (0 without c), then the mean over the mini-batch's responses    -> `sdpo_loss`
   - c: the first successful sibling (reward >= 0.5) of the prompt, itself excluded, first in verl's length-balanced
     order, none -> no loss (c = s); without <think> (c = s\\think); the dataset's solution (OPSD) -> `teacher_contexts`
   - teacher = the frozen initial policy (the paper) or an fp32 EMA of the student (Fig. 6)   -> `ema_update`
@@ -27,9 +27,10 @@ Departures, and why:
   5. --fast (the default) computes Eq. 1 from hidden states, the LM head in chunks (fast.distillation_terms),
      and skips rows without a context: the same update up to float rounding.
 
-Copying: the loss (`tail_bucket` to `sdpo_loss`) needs torch alone, and grpo.policy_loss for --pg-coef; the teacher
-contexts (`teacher_contexts`, `karmarkar_karp`, `balanced_positions`) the standard library and rollout.strip_think
-(test_the_math_copies_with_torch_alone); the step and the loop need grpo.py and what it needs.
+Copying: the loss (`tail_bucket` to `self_distillation_loss`, and `sdpo_loss`) needs torch alone, and
+grpo.policy_loss for --pg-coef; `distillation_terms` (the forwards) needs grpo.response_logits and grpo.upcast;
+the teacher contexts (`teacher_contexts`, `karmarkar_karp`, `balanced_positions`) the standard library and
+rollout.strip_think (test_the_math_copies_with_torch_alone); the step and the loop need grpo.py and what it needs.
 
 Run it (the paper's GPU commands: README):
     python sdpo.py --lenient --teacher-context sibling-no-think  # c = s\\think; --teacher-ema 0.05: Fig. 6
@@ -245,7 +246,8 @@ def sdpo_loss(
     e_t    = teacher_entropy_t (H_T / log V) with --entropy-weight, else 1           (remedy 3)
     L     += pg_coef * sum_t grpo.policy_loss's per-token terms / n_tokens_t         (remedy 2)
     distill_t: 0 without a context, past --distill-prefix, at protected positions (remedy 1). n_distill / n_tokens:
-    each position's divisor, a number (token-mean) or (N,) (seq-mean-token-mean: `grpo.loss_denominator`)."""
+    each position's divisor, a number (token-mean) or (N,) (seq-mean-token-mean), as `grpo.loss_denominator`
+    defines them (micro_loss builds them per position)."""
     rollout_w = torch.clamp(torch.exp(old_logp - rollout_logp), max=rollout_is_clip)  # (N,) detached
     w = torch.exp(torch.clamp(logp.detach() - old_logp, -20.0, 20.0)).clamp(max=is_clip) * rollout_w
     if teacher_entropy is not None:
@@ -464,8 +466,8 @@ def terms_of(model, teacher, micro: list[dict], args: Args, pad_id: int, device)
     """`distillation_terms` (fast.py's under --fast): the student on (x, y), the teacher on (x with c, y), under
     --dtype's autocast."""
     seqs = (
-        [(r["prompt_ids"], r["response_ids"]) for r in micro],  # the teacher's: the student's prompt without c
-        [(r["teacher_prompt_ids"] or r["prompt_ids"], r["response_ids"]) for r in micro],
+        [(r["prompt_ids"], r["response_ids"]) for r in micro],
+        [(r["teacher_prompt_ids"] or r["prompt_ids"], r["response_ids"]) for r in micro],  # no c: the student's prompt
         pad_id,
         device,
     )
@@ -545,7 +547,7 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
         protected_frac=n_protected,
         protectable=n_protected + sum(sum(r["distill"]) for r in rows),
         rows=len(rows),
-        masked_frac=len(rows) - len(with_c),
+        masked_frac=len(rows) - len(with_c),  # rows without c: no successful sibling, or over --max-reprompt-len
         with_c=len(with_c),
         teacher_context_len=sum(len(r["teacher_prompt_ids"]) for r in with_c),
     )
