@@ -8,7 +8,8 @@ length, E(y), the format rates and what the checks did (`epistemic.mechanism`); 
 with 95% bootstrap intervals over seeds and problems; a learning-rate sweep's table; Table 2. The plots need
 matplotlib (an optional extra) and are left out without it.
 
-Copying: needs data.py and epistemic.py on the import path (run it from the repository's root), and numpy.
+Copying: needs data.py, epistemic.py and rollout.py (its entry point: errors in one line) on the import path (run it
+from the repository's root), and numpy.
 """
 
 from __future__ import annotations
