@@ -185,15 +185,15 @@ def n_parameters(model_dir) -> int:
 
 
 def bench_rl_step(trainer: str = "grpo", steps: int = 2, **overrides) -> dict:
-    """One RL step of grpo.py or sdpo.py on the config measured against TRL: 4 prompts x 4 rollouts of
-    at most 128 tokens, single-digit addition, LR 1e-6, no KL, clip-high 0.28, fp32 (the *_bf16 rows: --dtype
-    bfloat16, autocast over fp32 weights, bf16 generation replica and teacher). `steps` steps run;
-    the last one (warm) is reported. MFU = model FLOPs / (step time x the matmul peak measured here), with
-    2 P FLOPs per token forward (every sample's prompt and response in generation, the teacher's) and 6 P
-    forward + backward per trained token (the responses of the rows trained on, each distinct prompt once: work
-    that packed rows or fast.rows_with_gradient skip is not counted as useful), P = parameters, the tied LM head
-    counted once; attention's T^2 term left out (~3% at these lengths). `overrides`: Args fields on top of RL_CONFIG
-    (the *_ckpt rows: grad_ckpt=True, as TRL runs by default).
+    """One RL step of grpo.py or sdpo.py on the config measured against TRL: 4 prompts x 4 rollouts of at most 128
+    tokens, single-digit addition, LR 1e-6, no KL, clip-high 0.28, fp32 (the *_bf16 rows: --dtype bfloat16, the bf16
+    replica generating and training into fp32 masters, sft.bf16_compute_copy, and a bf16 teacher). `steps` steps run;
+    the last one (warm) is reported. MFU = model FLOPs / (step time x the matmul peak measured here), with 2 P FLOPs
+    per token forward (every sample's prompt and response in generation, the teacher's) and 6 P forward + backward per
+    trained token (the responses of the rows trained on, each distinct prompt once: work that packed rows or
+    fast.rows_with_gradient skip is not counted as useful), P = parameters, the tied LM head counted once; attention's
+    T^2 term left out (~3% at these lengths). `overrides`: Args fields on top of RL_CONFIG (the *_ckpt rows:
+    grad_ckpt=True, as TRL runs by default).
 
     Where a group's rollouts all score alike (GRPO) or a row has no teacher context (SDPO), the row's
     gradient is zero and it is not trained (--skip-zero-rows): a step's time depends on its scores, so the
@@ -335,14 +335,14 @@ def bench_trl_step(trainer: str = "grpo", steps: int = 2, bf16: bool = False) ->
 
 
 # the README's reproduction runs (T), without checkpoints
-CURVE_RUN = """--data synthetic:n=256,seed=0 --steps 10 --prompts-per-step 4 --rollouts 4 --warmup 0
-    --max-new-tokens 256 --eval-data synthetic:split=ood,n=2,seed=1 --eval-n 1 --save-every 0""".split()  # noqa: SIM905 (flags as typed)
+CURVE_RUN = """--data synthetic:n=256,seed=0,part=train --steps 10 --prompts-per-step 4 --rollouts 4 --warmup 0
+    --max-new-tokens 256 --lr 1e-5 --eval-data synthetic:split=ood,n=2,seed=1 --eval-n 1 --save-every 0""".split()  # noqa: SIM905 (flags as typed)
 
 
 def bench_bf16_curves(model: str = "runs/organism/step_60", out: str = "runs/bf16_curves", seeds=(0, 1)) -> dict:
     """The precision check: GRPO and SDPO (c = s) from the reasoning organism (the README's warm start), 10 steps
-    as the reproduction runs them, in fp32 and in bf16, over `seeds`, two jobs at a time on one thread each. Plots
-    the training score, response length and E(y) per step, mean and range over the seeds, to
+    as the reproduction runs them (its data, batch and rate), in fp32 and in bf16, over `seeds`, two jobs at a time
+    on one thread each. Plots the training score, response length and E(y) per step, mean and range over the seeds, to
     report/bf16_vs_fp32.png; returns each curve. Runs already complete in `out` are kept."""
     import os
     import shutil

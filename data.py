@@ -11,7 +11,7 @@ Implements, for "Why Does Self-Distillation (Sometimes) Degrade the Reasoning Ca
   - the reward (App. D): last \\boxed{} of the response, exact match, then math-verify, 5 s bound
     -> `grade`
   - offline problem sources for machines with no hub: `"synthetic"` (a seeded generator with worked
-    solutions, 10 training types + 4 held-out OOD types, a difficulty knob) and `"champ"` (the 270
+    solutions, 10 training types + 5 held-out OOD types, a difficulty knob) and `"champ"` (the 270
     problems of the champ-dataset wheel).
   - the paper's models are R1-Distill models, distilled from a reasoning model's traces. `synthetic:style=think`
     writes such traces at CPU scale (`think_trace`): `<think>` reasoning `</think>` then a boxed answer sentence,
@@ -274,7 +274,9 @@ def _gen_word(rng, d):
 
 # Held out for OOD evaluation: never used for training by default (Sec. 6: evaluation is on
 # problem types unseen in training). Each asks a training type's skill in a form never trained: word_sub is the
-# word problems' framing with subtraction. A type the organism never solves ("a + b * c": 0 of 40) measures no cost.
+# word problems' framing with subtraction, product multiplication named in words. A type the organism never solves
+# ("a + b * c": 0 of 40) measures no cost; one it transfers to on every warm start (product: 0.76-0.83 of its 29 on
+# three; lcm 0.00-0.17, word_sub 0.20-0.47) keeps the held-out score off the floor of an unlucky warm start.
 def _gen_lcm(rng, d):
     a, b = _num(rng, d, low=2), _num(rng, d, low=2)
     g = math.gcd(a, b)
@@ -312,6 +314,16 @@ def _gen_mean(rng, d):
             ("", f"{xs[0] + xs[1]} + {xs[2]}", sum(xs)),
             ("Then I divide by 3.", f"{sum(xs)} / 3", ans),
         ],
+    )
+
+
+def _gen_product(rng, d):
+    a, b = _num(rng, d, low=2), _num(rng, d, low=2)
+    return (
+        f"What is the product of {a} and {b}?",
+        a * b,
+        _boxed([f"The product is {a} * {b} = {a * b}."], a * b),
+        [(f"The product of {a} and {b} is {a} times {b}.", f"{a} * {b}", a * b)],
     )
 
 
@@ -408,7 +420,7 @@ TRAIN_TYPES = {
     "gcd": _gen_gcd,
     "word": _gen_word,
 }
-OOD_TYPES = {"lcm": _gen_lcm, "mean": _gen_mean, "word_sub": _gen_word_sub, "square": _gen_square}
+OOD_TYPES = dict(lcm=_gen_lcm, mean=_gen_mean, word_sub=_gen_word_sub, square=_gen_square, product=_gen_product)
 ALL_TYPES = {**TRAIN_TYPES, **OOD_TYPES}
 
 
@@ -427,7 +439,7 @@ def synthetic_problems(
 ) -> list[dict]:
     """n distinct generated problems, round-robin over the chosen types, deterministic by seed.
 
-    split: "train" (the 10 training types), "ood" (the 4 held-out types), "all". `types` (a list
+    split: "train" (the 10 training types), "ood" (the 5 held-out types), "all". `types` (a list
     or a '+'-joined string) overrides split. difficulty >= 1: number of digits per operand; '1+2': each level in turn
     (a block of every type at 1, then at 2, ...)
     style: "plain" (a worked solution) or "think" (the same problems with a reasoning trace as the solution,

@@ -298,10 +298,12 @@ CLIP_FRACS = ("clip_frac_high", "clip_frac_low", "clip_frac_dual")
 
 
 def train_on_rollouts(
-    model, optimizer, batch: list[dict], args: Args, world: int, device, pad_id: int, ref_model=None
+    model, optimizer, batch: list[dict], args: Args, world: int, device, pad_id: int, ref_model=None, compute=None
 ) -> dict:
     """GRPO's updates on one step's rollouts (rows with prompt_ids, response_ids, rollout_logprobs, advantage);
-    returns the step's metrics. Every rank holds as many rows."""
+    returns the step's metrics. Every rank holds as many rows. `compute`: the module the forwards run, whose
+    gradients reach `model` (sft.bf16_compute_copy); default `model`."""
+    net = model if compute is None else compute  # the forwards' module
     per_update, on_policy = update_plan(len(batch), args, world)
     with_kl = ref_model is not None and args.kl_coef > 0
 
@@ -310,7 +312,7 @@ def train_on_rollouts(
 
     sums, t0 = Counter(), time.time()  # the step's metrics on this rank, as sums
     if not on_policy:  # on-policy, pi_old is the current policy detached (departure 1)
-        attach_old_logprobs(model, batch, args, pad_id, device, has_gradient)
+        attach_old_logprobs(net, batch, args, pad_id, device, has_gradient)
     sums.update(ranks=1, t_old_logprobs=time.time() - t0)
     for _ in range(args.ppo_epochs):
         for u in range(0, len(batch), per_update):
@@ -320,10 +322,10 @@ def train_on_rollouts(
             local_tokens = sum(len(r["response_ids"]) for r in update)
             tokens, seqs = sft.all_reduce_sum(local_tokens) / world, sft.all_reduce_sum(len(update)) / world
             sums.update(rows=len(update), tokens=local_tokens, n_updates=1)
-            micros, bad = micro_batches(update, args, model, has_gradient), False
+            micros, bad = micro_batches(update, args, net, has_gradient), False
             sums.update(train_tokens=trained_positions(micros))
             for micro in micros:
-                logp, mask, entropy = logprobs(model, micro, args, pad_id, device, with_entropy=True)  # (B, R)
+                logp, mask, entropy = logprobs(net, micro, args, pad_id, device, with_entropy=True)  # (B, R)
                 old = logp.detach() if on_policy else padded([r["old_logp"] for r in micro], logp)  # (B, R)
                 rollout_logp = padded([r["rollout_logprobs"] for r in micro], logp)  # (B, R)
                 is_weight = torch.clamp(torch.exp(old - rollout_logp), max=args.rollout_is_clip) * mask  # (B, R)
@@ -437,8 +439,9 @@ def rollout_metrics(rows: list[dict], group_size: int) -> dict:
 
 def grpo_train_step(run: sft.Run):  # GRPO's update, with a frozen reference policy when --kl-coef > 0
     ref_model = sft.frozen_model(run.args.model, run.args, run.device) if run.args.kl_coef > 0 else None
+    pad = run.tokenizer.pad_token_id
     return lambda rows, step_problems: train_on_rollouts(
-        run.model, run.optimizer, rows, run.args, run.world, run.device, run.tokenizer.pad_token_id, ref_model
+        run.model, run.optimizer, rows, run.args, run.world, run.device, pad, ref_model, run.compute
     )
 
 

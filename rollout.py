@@ -325,7 +325,8 @@ def compute_dtype(dtype: str, device) -> str:
 def autocast(dtype: str, device):
     """The context of a trained model's forwards: torch.autocast to bf16 on a CPU under --dtype bfloat16, so that
     matmuls run in bf16 while the weights, their gradients and AdamW's state stay fp32 (autocast's casts are
-    differentiable: each gradient reaches its fp32 weight). Nothing elsewhere: on GPUs FSDP2's MixedPrecisionPolicy
+    differentiable: each gradient reaches its fp32 weight); sft.py trains so, and the RL trainers keep it around
+    their bf16 copy's forwards (sft.bf16_compute_copy) for fast.py's fp32 attention. Nothing elsewhere: on GPUs FSDP2's MixedPrecisionPolicy
     casts (sft.shard_model), and fp32 needs nothing. The log-softmaxes stay fp32: the code upcasts the logits."""
     if compute_dtype(dtype, device) == "bfloat16" and torch.device(device).type == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16)

@@ -532,6 +532,7 @@ def micro_loss(terms: dict, micro: list[dict], n: dict, args: Args, on_policy: b
 def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], problems: list[dict]) -> dict:
     """SDPO's updates on one step's rollouts; returns the step's metrics."""
     args, world, device, pad = run.args, run.world, run.device, run.tokenizer.pad_token_id
+    compute = run.model if run.compute is None else run.compute  # the forwards' module: sft.bf16_compute_copy
     attach_teacher_prompts(run, rows, problems, args)  # contexts c (Sec. 5)
     n_protected = attach_distill_positions(rows, args, run.tokenizer)
     per_update, on_policy = grpo.update_plan(len(rows), args, world)
@@ -540,7 +541,7 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
         return any(r["distill"]) or (args.pg_coef and r["advantage"] != 0)
 
     if not on_policy:
-        grpo.attach_old_logprobs(run.model, rows, args, pad, device, has_gradient)
+        grpo.attach_old_logprobs(compute, rows, args, pad, device, has_gradient)
     sums, with_c = Counter(), [r for r in rows if r["context"] is not None]  # the step's metrics on this rank
     sums.update(
         ranks=1,
@@ -562,10 +563,10 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
             )
             n = {k: sft.all_reduce_sum(v) / world for k, v in n.items()}
             sums.update(n_updates=1, update_rows=len(update))
-            micros, bad = grpo.micro_batches(update, args, run.model, has_gradient), False
+            micros, bad = grpo.micro_batches(update, args, compute, has_gradient), False
             sums.update(train_tokens=grpo.trained_positions(micros))
             for micro in micros:
-                terms = terms_of(run.model, teacher, micro, args, pad, device)  # forwards: (N,) per position
+                terms = terms_of(compute, teacher, micro, args, pad, device)  # forwards: (N,) per position
                 loss, parts, d = micro_loss(terms, micro, n, args, on_policy)  # Eq. 1 (+ remedies)
                 bad = bad or not torch.isfinite(loss)  # the update is then skipped on every rank
                 loss.backward()

@@ -90,9 +90,9 @@ class TrainerArgs:
     dtype: str = HfArg(
         default="auto",
         help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16). bf16: the "
-        "forwards compute in bf16 (CPU: torch.autocast; GPU: FSDP2's mixed precision) over fp32 weights, gradients "
-        "and AdamW state; the RL trainers' frozen teacher or reference policy and hf generation replica hold bf16 "
-        "weights",
+        "forwards compute in bf16 over fp32 master weights, gradients and AdamW state (GPU: FSDP2's mixed precision; "
+        "CPU: the RL trainers' bf16 generation replica, whose gradients land in the masters, sft.py and --grad-ckpt "
+        "torch.autocast); the RL trainers' frozen teacher or reference policy hold bf16 weights",
     )
     micro_batch: int = HfArg(
         default=4, help="sequences per forward/backward on one rank (memory knob; gradients accumulate)"
@@ -243,8 +243,8 @@ def world_info() -> tuple[int, int]:
 def shard_model(model, device, grad_ckpt: bool = False, mixed_precision: bool = False):
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, norm, tied LM head).
 
-    bf16 mixed precision (fp32 master weights and gradient reduction) is for GPUs; a CPU computes in bf16 under
-    torch.autocast instead (`rollout.autocast`: the same fp32 weights, no process group for one process). A
+    bf16 mixed precision (fp32 master weights and gradient reduction) is for GPUs; a CPU computes in bf16 in a bf16
+    copy (`bf16_compute_copy`) or under torch.autocast (`rollout.autocast`), no process group for one process. A
     single process without mixed precision keeps the plain module (the same math, no collectives); with it,
     the module is sharded over a one-rank group too, so that one GPU computes in bf16 as eight do."""
     if grad_ckpt:
@@ -269,6 +269,34 @@ def shard_model(model, device, grad_ckpt: bool = False, mixed_precision: bool = 
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def bf16_compute_copy(replica, model, segment_attention: bool = False):
+    """CPU bf16 mixed precision, computed as FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) does
+    on GPUs: the bf16 generation replica also runs the training forwards and backwards, and a hook on each of its
+    parameters adds the bf16 gradient, upcast, into the fp32 master's .grad (summed over micro-batches) and frees
+    it. AdamW steps the fp32 masters; `rollout.refresh_weights` copies them, rounded, back into the replica after
+    each step, as FSDP2 casts its shards at each forward. Against autocast over the masters this saves the casts of
+    every weight at every forward and their fp32 gradients in the backward, and the activations (the residual stream
+    too) are bf16. One process (FSDP2 shards the masters under torchrun). Returns the replica."""
+    if segment_attention:
+        import fast
+
+        fast.use_segment_attention(replica)
+    masters = dict(model.named_parameters())
+
+    def into_master(q, master):
+        g = q.grad.float()
+        if master.grad is None:
+            master.grad = g
+        else:
+            master.grad.add_(g)
+        q.grad = None
+
+    for name, q in replica.named_parameters():
+        q.requires_grad_(True)
+        q.register_post_accumulate_grad_hook(functools.partial(into_master, master=masters[name]))
+    return replica
 
 
 RESERVE_GB = 4.0  # per GPU, outside every estimate: the CUDA context, NCCL's buffers, the allocator's fragmentation
@@ -694,7 +722,7 @@ class Run:
     device: torch.device
     problems: list
     benchmarks: dict
-    model: object
+    model: object  # the policy: its fp32 master weights, which AdamW steps and checkpoints save
     tokenizer: object
     backend: rollout.Backend
     optimizer: object
@@ -703,6 +731,7 @@ class Run:
     resumed_from: Path | None = None  # the checkpoint this run continues, if any
     checkpoint_extra: object = None  # () -> {name: {key: tensor}} saved inside each checkpoint
     wandb: object = None  # --wandb: the Weights & Biases run (rank 0), else None
+    compute: object = None  # the module the training forwards run: `bf16_compute_copy`, or the policy itself
 
 
 def setup(args) -> Run:
@@ -757,6 +786,9 @@ def setup(args) -> Run:
 
         fast.use_segment_attention(model)
     model = shard_model(model, device, args.grad_ckpt, mixed_precision=bf16 and device.type == "cuda")
+    compute = model
+    if replica is not None and world == 1 and device.type == "cpu" and not args.grad_ckpt:  # bf16, one process
+        compute = bf16_compute_copy(replica, model, args.fast and args.segment_attention)
     if backend.asleep:
         rollout.push_weights_to_vllm(backend, model)  # wakes the engine with the policy's weights (collective)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
@@ -782,6 +814,7 @@ def setup(args) -> Run:
         out,
         ckpt,
         wandb=open_wandb(args.wandb, args, out),
+        compute=compute,
     )
 
 

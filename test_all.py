@@ -444,6 +444,8 @@ def _solve_independently(p):
         return nums[0] - nums[1]
     if t == "square":
         return nums[0] ** 2
+    if t == "product":
+        return nums[0] * nums[1]
     raise AssertionError(f"no independent solver for {t}")
 
 
@@ -5555,7 +5557,10 @@ def test_bf16_run_keeps_fp32_master_weights_and_bf16_copies(digit_model_dir, tmp
         }
         assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
         rows, problems, _ = grpo.collect_rollouts(run, 0)
-        m = grpo.train_on_rollouts(run.model, run.optimizer, rows, args, 1, run.device, run.tokenizer.pad_token_id)
+        assert run.compute is run.backend.model  # the forwards run in the bf16 replica (sft.bf16_compute_copy)
+        pad = run.tokenizer.pad_token_id
+        m = grpo.train_on_rollouts(run.model, run.optimizer, rows, args, 1, run.device, pad, compute=run.compute)
+        assert all(q.grad is None for q in run.compute.parameters())  # moved into the masters, then freed
         rollout.refresh_weights(run.backend, run.model)
     assert m["updates"] == 1 and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
     moved = 0
@@ -5573,6 +5578,35 @@ def test_bf16_run_keeps_fp32_master_weights_and_bf16_copies(digit_model_dir, tmp
         assert torch.equal(replica[k], p.detach().to(torch.bfloat16)), k
 
 
+def test_bf16_compute_copy_sums_its_gradients_into_the_fp32_masters(tiny_model_dir):
+    """sft.bf16_compute_copy: the bf16 replica's backward leaves its own gradients freed and each fp32 master's .grad
+    the fp32 sum of that parameter's bf16 gradients over the micro-batches, exactly: the same as a hook-free copy's
+    gradients, taken one micro-batch at a time and summed in fp32 by hand. The masters' weights do not move."""
+    import copy
+
+    model, _ = rollout.load_model(tiny_model_dir, "float32")
+    replica, tok = rollout.load_model(tiny_model_dir, "bfloat16")
+    plain = fast.use_segment_attention(copy.deepcopy(replica).requires_grad_(True))
+    assert sft.bf16_compute_copy(replica, model, segment_attention=True) is replica
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(10, 1000, (7,), generator=g).tolist()
+    micros = [[(prompt, torch.randint(10, 1000, (n,), generator=g).tolist()) for n in ns] for ns in ((9, 4), (12,))]
+    want = {}
+    for seqs in micros:
+        for net in (replica, plain):
+            plain.zero_grad(set_to_none=True)
+            logp, mask, _ = fast.token_logprobs(net, seqs, tok.pad_token_id, 1.0, "cpu", chunk=7, pack=4096)
+            (logp * mask).sum().backward()
+        for k, q in plain.named_parameters():
+            want[k] = q.grad.float() + want.get(k, 0)
+    assert all(q.grad is None for q in replica.parameters())
+    for k, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, want[k]), k
+        assert torch.equal(p.detach(), before[k]), k
+    assert float(sum(w.norm() ** 2 for w in want.values())) > 0
+
+
 def _sgd_gradient(model_dir, tmp_path, script, name, *flags):
     """One SGD step at lr 1 on the digit model under the tests' sampler: (its rollouts' texts, its gradient)."""
     _, rolls, out = _digit_run(model_dir, tmp_path, script, name, *flags, sgd=True)
@@ -5587,25 +5621,27 @@ def _sgd_gradient(model_dir, tmp_path, script, name, *flags):
 def test_bf16_update_matches_fp32(digit_model_dir, tmp_path, script, flags):
     """An update taken under --dtype bfloat16 equals fp32's to bf16's resolution: the same rollouts (the tests'
     sampler picks among tokens far from every threshold, so the bf16 replica draws what the fp32 policy draws), and
-    the gradient recovered from an SGD step at lr 1 within the bound below, every parameter's gradient pointing the
-    same way (cosine > 0.99). A bf16 step that lost the fp32 master weights, sampled from a stale replica or left
-    the autocast out would fail one of these.
+    the gradient recovered from an SGD step at lr 1 within the bound below, the large parts of the gradient pointing
+    the same way (cosine > 0.99). A bf16 step that lost the fp32 master weights, sampled from a stale replica or
+    computed in fp32 would fail one of these.
 
-    The bound: autocast stores the logits in bf16, rounded by up to u = 2^-8 of their size; the digit model's three
-    tokens have logits near 17 (`digit_model_dir`), so a log-prob moves by up to 2 u 17 = 0.13 and the softmax terms
-    of the gradient, p and 1 - p, by about as much relative to themselves: 2 u 17 of the gradient's norm (measured:
-    18 u GRPO, 14 u GRPO --no-fast, 9 u SDPO)."""
+    The bound: the forwards run in the bf16 replica (sft.bf16_compute_copy), whose logits are bf16, rounded by up to
+    u = 2^-8 of their size; the digit model's three tokens have logits near 17 (`digit_model_dir`), so a log-prob
+    moves by up to 2 u 17 = 0.13 and the softmax terms of the gradient, p and 1 - p, by about as much relative to
+    themselves: 2 u 17 of the gradient's norm (measured: 25 u GRPO, 11 u GRPO --no-fast, 9 u SDPO). A parameter's
+    gradient is itself bf16 before the masters sum it in fp32; a small one that sums terms of both signs over the
+    positions keeps less of its direction: layer 0's input norm, 1.6% of the norm, at cosine 0.77 (GRPO)."""
     texts32, g32 = _sgd_gradient(digit_model_dir, tmp_path, script, "fp32", *flags, "--dtype", "float32")
     texts16, g16 = _sgd_gradient(digit_model_dir, tmp_path, script, "bf16", *flags, "--dtype", "bfloat16")
     assert texts16 == texts32
     num = math.sqrt(sum(float((g16[k] - g32[k]).double().norm() ** 2) for k in g32))
     den = math.sqrt(sum(float(g32[k].double().norm() ** 2) for k in g32))
     assert den > 1e-3 and 0 < num <= 2 * BF16_U * 17 * den, num / den
-    for k in g32:  # a large part of the gradient keeps its direction; the norms' small sums cancel more: 0.9
+    for k in g32:  # a large part of the gradient keeps its direction; the norms' small sums cancel more: 0.7
         share = float(g32[k].norm()) / den
         if share > 1e-3:
             cos = float(torch.nn.functional.cosine_similarity(g16[k].flatten().double(), g32[k].flatten().double(), 0))
-            assert cos > (0.99 if share > 0.05 else 0.9), (k, cos, share)
+            assert cos > (0.99 if share > 0.05 else 0.7), (k, cos, share)
 
 
 # ============================================================================================
