@@ -24,7 +24,8 @@ Departures, and why:
      gets the odd-ranked, slightly longer half (+3-5% mean length on 4 steps of real rollouts; ours differed by 4-10%
      by which prompts fell where). On-policy (the default) it is the same update.
   6. Under --dtype float32 log-probs come from fp32 logits; under bf16 (the default where the device has it
-     natively), as in verl, from bf16 logits, upcast for an fp32 log-softmax.
+     natively), as in verl, from bf16 logits, upcast for an fp32 log-softmax. One CPU process computes bf16 as
+     FSDP2 does on GPUs, in a bf16 copy whose gradients reach the fp32 masters (`sft.bf16_compute_copy`).
   7. The LR follows verl's constant schedule with warmup (`sft.lr_at`: step k gets lr * k / 10).
   8. --fast (the default) runs the training forwards through fast.py's twins: the same update up to rounding.
 
@@ -360,7 +361,7 @@ def train_on_rollouts(
                         trained_frac=len(micro),
                         **{k: m[k] * n for k in CLIP_FRACS},
                     )
-            grad_norm = sft.apply_update(model, optimizer, args.grad_clip, bad)  # None: skipped, not finite
+            grad_norm = sft.apply_update(model, optimizer, args.grad_clip, bad, net)  # None: skipped, not finite
             sums.update(updates=grad_norm is not None, nonfinite_updates=grad_norm is None, grad_norm=grad_norm or 0.0)
     t = sft.sum_over_ranks(sums)
     return dict(

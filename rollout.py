@@ -325,9 +325,10 @@ def compute_dtype(dtype: str, device) -> str:
 def autocast(dtype: str, device):
     """The context of a trained model's forwards: torch.autocast to bf16 on a CPU under --dtype bfloat16, so that
     matmuls run in bf16 while the weights, their gradients and AdamW's state stay fp32 (autocast's casts are
-    differentiable: each gradient reaches its fp32 weight); sft.py trains so, and the RL trainers keep it around
-    their bf16 copy's forwards (sft.bf16_compute_copy) for fast.py's fp32 attention. Nothing elsewhere: on GPUs FSDP2's MixedPrecisionPolicy
-    casts (sft.shard_model), and fp32 needs nothing. The log-softmaxes stay fp32: the code upcasts the logits."""
+    differentiable: each gradient reaches its fp32 weight); sft.py trains so, and the RL trainers keep it around their
+    bf16 copy's forwards (sft.bf16_compute_copy) for fast.py's fp32 attention. Nothing elsewhere: on GPUs FSDP2's
+    MixedPrecisionPolicy casts (sft.shard_model), and fp32 needs nothing. The log-softmaxes stay fp32: the code upcasts
+    the logits."""
     if compute_dtype(dtype, device) == "bfloat16" and torch.device(device).type == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -890,7 +891,8 @@ def save_rollouts(path: Path, step: int, rows: list[dict], problems: list[dict],
 
 def refresh_weights(backend: Backend, model) -> None:
     """After a training step: push the weights into the vllm engine (waking it), or copy them into the hf
-    backend's generation replica (torchrun); nothing when the policy generates itself. Collective."""
+    backend's generation replica (torchrun; one CPU process in bf16); nothing when the policy generates itself.
+    Collective."""
     if backend.kind == "vllm":
         push_weights_to_vllm(backend, model)
     elif backend.model is not model:

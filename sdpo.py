@@ -592,7 +592,7 @@ def sdpo_step(run: sft.Run, teacher, ema, variants: dict, rows: list[dict], prob
                                 f"n/{variants[token]!r}": 1,
                             }
                         )
-            grad_norm = sft.apply_update(run.model, run.optimizer, args.grad_clip, bad)  # None: skipped
+            grad_norm = sft.apply_update(run.model, run.optimizer, args.grad_clip, bad, compute)  # None: skipped
             sums.update(updates=grad_norm is not None, nonfinite_updates=grad_norm is None, grad_norm=grad_norm or 0.0)
     if ema is not None:  # once per step, after all its updates (verl: once per update_policy call)
         ema_update(ema, teacher, run.model, args.teacher_ema)

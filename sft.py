@@ -91,8 +91,8 @@ class TrainerArgs:
         default="auto",
         help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16). bf16: the "
         "forwards compute in bf16 over fp32 master weights, gradients and AdamW state (GPU: FSDP2's mixed precision; "
-        "CPU: the RL trainers' bf16 generation replica, whose gradients land in the masters, sft.py and --grad-ckpt "
-        "torch.autocast); the RL trainers' frozen teacher or reference policy hold bf16 weights",
+        "CPU: the RL trainers' bf16 generation replica, whose gradients land in the masters; sft.py, torchrun and "
+        "--grad-ckpt: torch.autocast); the RL trainers' frozen teacher or reference policy hold bf16 weights",
     )
     micro_batch: int = HfArg(
         default=4, help="sequences per forward/backward on one rank (memory knob; gradients accumulate)"
@@ -867,13 +867,14 @@ def log_metrics(path: Path, row: dict, wandb_run=None) -> None:
         wandb_run.log({k: v for k, v in row.items() if v is not None}, step=row.get("step"))
 
 
-def apply_update(model, optimizer, grad_clip: float, bad: bool) -> float | None:
-    """Clip and step, or, when any rank saw a non-finite loss or gradient, skip the update and keep the
-    weights. Returns the gradient norm, None when skipped. A parameter with no gradient (no row was trained:
-    fast.rows_with_gradient) gets a zero one, so that AdamW still decays and moves on its momentum as it would on
-    the zero gradient of a full forward and backward. First, FSDP2's root is resharded (`reshard`): a no-grad
-    forward with no backward behind it (generation by the policy itself on one GPU, evaluation, pi_old) leaves its
-    parameters gathered as plain tensors, which clip_grad_norm_ cannot mix with the sharded ones."""
+def apply_update(model, optimizer, grad_clip: float, bad: bool, compute=None) -> float | None:
+    """Clip and step, or, when any rank saw a non-finite loss or gradient, skip the update and keep the weights; a bf16
+    copy that computes the forwards (`compute`, `bf16_compute_copy`) then takes the new weights, for the step's next
+    update. Returns the gradient norm, None when skipped. A parameter with no gradient (no row was trained:
+    fast.rows_with_gradient) gets a zero one, so that AdamW still decays and moves on its momentum as it would on the
+    zero gradient of a full forward and backward. First, FSDP2's root is resharded (`reshard`): a no-grad forward with
+    no backward behind it (generation by the policy itself on one GPU, evaluation, pi_old) leaves its parameters
+    gathered as plain tensors, which clip_grad_norm_ cannot mix with the sharded ones."""
     reshard(model)
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
@@ -882,6 +883,8 @@ def apply_update(model, optimizer, grad_clip: float, bad: bool) -> float | None:
     skip = all_reduce_sum(float(bad or not math.isfinite(grad_norm))) > 0
     if not skip:
         optimizer.step()
+        if compute is not None and compute is not model:
+            rollout.sync_replica(compute, model)
     optimizer.zero_grad(set_to_none=True)
     return None if skip else grad_norm
 

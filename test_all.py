@@ -5530,9 +5530,10 @@ def test_bf16_forward_and_gradient_within_bf16_resolution(tiny_model_dir, plain)
 
 
 def test_bf16_run_keeps_fp32_master_weights_and_bf16_copies(digit_model_dir, tmp_path):
-    """--dtype bfloat16: the policy's weights and AdamW's state stay fp32 through an update, which moves them by
-    amounts bf16 could not hold; the generation replica and SDPO's teacher hold bf16 weights, and the replica is the
-    policy's weights rounded to bf16 after the update (`rollout.refresh_weights`)."""
+    """--dtype bfloat16: the policy's weights and AdamW's state stay fp32 through two updates (--mini-batch 2), which
+    move them by amounts bf16 could not hold; the generation replica and SDPO's teacher hold bf16 weights, and the
+    replica, which computes the forwards, is the policy's weights rounded to bf16 after each update (sft.apply_update,
+    before `rollout.refresh_weights`)."""
     args = sdpo.Args(
         model=digit_model_dir,
         data=_digit_problems(tmp_path),
@@ -5545,6 +5546,7 @@ def test_bf16_run_keeps_fp32_master_weights_and_bf16_copies(digit_model_dir, tmp
         warmup=0,
         lr=1e-4,
         dtype="bfloat16",
+        mini_batch=2,
         out=str(tmp_path / "run"),
     )
     with pytest.MonkeyPatch.context() as mp:
@@ -5561,8 +5563,7 @@ def test_bf16_run_keeps_fp32_master_weights_and_bf16_copies(digit_model_dir, tmp
         pad = run.tokenizer.pad_token_id
         m = grpo.train_on_rollouts(run.model, run.optimizer, rows, args, 1, run.device, pad, compute=run.compute)
         assert all(q.grad is None for q in run.compute.parameters())  # moved into the masters, then freed
-        rollout.refresh_weights(run.backend, run.model)
-    assert m["updates"] == 1 and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
+    assert m["updates"] == 2 and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
     moved = 0
     for k, p in run.model.named_parameters():
         assert p.dtype == torch.float32
