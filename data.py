@@ -275,8 +275,8 @@ def _gen_word(rng, d):
 # Held out for OOD evaluation: never used for training by default (Sec. 6: evaluation is on
 # problem types unseen in training). Each asks a training type's skill in a form never trained: word_sub is the
 # word problems' framing with subtraction, product multiplication named in words. A type the organism never solves
-# ("a + b * c": 0 of 40) measures no cost; one it transfers to on every warm start (product: 0.76-0.83 of its 29 on
-# three; lcm 0.00-0.17, word_sub 0.20-0.47) keeps the held-out score off the floor of an unlucky warm start.
+# ("a + b * c": 0 of 40) measures no cost; one it transfers to on every warm start (product: 0.66-0.83 of its 29 over
+# three warm starts and two samplings; lcm 0.00-0.20, word_sub 0.17-0.47) keeps the held-out score off the floor.
 def _gen_lcm(rng, d):
     a, b = _num(rng, d, low=2), _num(rng, d, low=2)
     g = math.gcd(a, b)
