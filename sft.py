@@ -275,8 +275,8 @@ def bf16_compute_copy(replica, model, segment_attention: bool = False):
     """CPU bf16 mixed precision, computed as FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) does
     on GPUs: the bf16 generation replica also runs the training forwards and backwards, and a hook on each of its
     parameters adds the bf16 gradient, upcast, into the fp32 master's .grad (summed over micro-batches) and frees
-    it. AdamW steps the fp32 masters; `rollout.refresh_weights` copies them, rounded, back into the replica after
-    each step, as FSDP2 casts its shards at each forward. Against autocast over the masters this saves the casts of
+    it. AdamW steps the fp32 masters; `apply_update` copies them, rounded, back into the replica after each update,
+    as FSDP2 casts its shards at each forward. Against autocast over the masters this saves the casts of
     every weight at every forward and their fp32 gradients in the backward, and the activations (the residual stream
     too) are bf16. One process (FSDP2 shards the masters under torchrun). Returns the replica."""
     if segment_attention:
