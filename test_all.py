@@ -2788,8 +2788,11 @@ s.close()
 env.setdefault("OMP_NUM_THREADS", "1")
 ps = [subprocess.Popen([sys.executable, *sys.argv[1:]], env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
 while any(p.poll() is None for p in ps):
-    if any(p.poll() for p in ps):
-        [p.kill() for p in ps]
+    if any(p.poll() for p in ps):  # a rank failed: the others get 5 s to end by themselves (a bad flag fails all)
+        end = time.time() + 5
+        while time.time() < end and any(p.poll() is None for p in ps):
+            time.sleep(0.02)
+        [p.kill() for p in ps if p.poll() is None]
     time.sleep(0.02)
 sys.exit(next((p.returncode for p in ps if p.returncode), 0))""",
 ]
