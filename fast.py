@@ -192,7 +192,10 @@ def last_hidden_state(model, **inputs) -> torch.Tensor:
     Why not output_hidden_states=True: that keeps every layer's states (for a 7B model at 24k positions,
     28 x 24k x 3584 bf16 values, ~5 GB) where only the last is read; and use_cache=False, or transformers
     builds a KV cache in training-side forwards. The model is still called as a whole (not its decoder alone),
-    so that FSDP2's root hooks gather the embeddings; logits_to_keep=1 makes its own head compute one position."""
+    so that FSDP2's root hooks gather the embeddings. logits_to_keep, an empty index, makes its own head compute
+    no position: with logits_to_keep=1 under autograd, torch.matmul cannot fold the (B, 1, H) slice of a (B, T, H)
+    state into a matrix and runs bmm over W.T expanded to (B, H, V), which in bf16 on a CPU copies W (57 MB for
+    SmolLM2, ~0.1 s) at every training forward."""
     caught = {}
 
     def keep(module, args, out):  # returns None: the output goes on unchanged
@@ -200,7 +203,11 @@ def last_hidden_state(model, **inputs) -> torch.Tensor:
 
     hook = model.get_decoder().register_forward_hook(keep)
     try:
-        model(**inputs, use_cache=False, logits_to_keep=1)
+        model(
+            **inputs,
+            use_cache=False,
+            logits_to_keep=torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device),
+        )
     finally:
         hook.remove()
     return caught["x"]
@@ -296,7 +303,9 @@ class ChunkedHead(torch.autograd.Function):
     Why not torch.utils.checkpoint per chunk: each chunk's backward then makes a fresh (V, H) weight gradient
     (113 MB for SmolLM2) and adds it into W.grad; here the chunks accumulate into one buffer (addmm_), and
     piece's statistics are not recomputed: 4.4 s against 5.35 s for `chunked_logprobs` (PERFORMANCE.md). The
-    weight gradient accumulates in at least fp32 and is returned in W's dtype.
+    weight gradient accumulates in at least fp32 and is returned in W's dtype. For a bf16 W (the CPU's bf16 copy)
+    it is formed from dL/dz as the vjp returns it, fp32, not rounded to bf16 first: more exact, and no (V, chunk)
+    transposed cast.
 
     Under torch.autocast (CPU bf16: rollout.autocast) x @ W.T runs in autocast's dtype, and so do the backward's
     three matmuls: autocast is off in a backward, so the forward's dtype is kept in ctx and cast to explicitly."""
@@ -335,14 +344,14 @@ class ChunkedHead(torch.autograd.Function):
             if w is None:
                 dx[c : c + ctx.chunk] = dz
                 continue
-            dz = dz.to(wc.dtype)
-            dx[c : c + ctx.chunk] = dz @ wc
+            low = dz.to(wc.dtype)
+            dx[c : c + ctx.chunk] = low @ wc
             if dw is None:
                 continue
-            if wc.dtype == w.dtype:
+            if wc.dtype == w.dtype:  # dz as the vjp made it (fp32 from bf16 logits), not rounded to W's dtype
                 dw.addmm_(dz.T.to(acc), xc.to(acc))
             else:  # autocast: the product in its dtype, accumulated in fp32
-                dw.add_(dz.T @ xc)
+                dw.add_(low.T @ xc)
         return dx, None if dw is None else dw.to(w.dtype), None, None, None, None, *[None] * len(args)
 
 

@@ -4954,12 +4954,12 @@ def test_training_forwards_build_no_cache_and_keep_one_hidden_state(tiny_model_d
         return out
 
     monkeypatch.setattr(type(model), "forward", spy)
-    head_rows = []  # positions the model's own LM head computes: one (logits_to_keep=1), never (T, V)
+    head_rows = []  # positions the model's own LM head computes: none (an empty logits_to_keep), never (T, V)
     model.lm_head.register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[1]) and None)
     fast.token_logprobs(model, [([5, 6, 7], [8, 9])], 0, 1.0, "cpu", pack=64)
     fast.token_nll(model, [[5, 6, 7, 8]], [[0, 0, 1, 1]], 0, "cpu")
     assert len(seen) == 2 and all(kw["use_cache"] is False and not kw.get("output_hidden_states") for kw in seen)
-    assert head_rows == [1, 1]
+    assert head_rows == [0, 0]
 
 
 def test_sft_chunked_nll_equals_full_logits(tiny_model_dir):
