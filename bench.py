@@ -13,6 +13,7 @@
     python bench.py grpo_step_plain sdpo_step_plain        # --no-fast: the plain code, without fast.py
     python bench.py trl_grpo_step trl_sdpo_step   # TRL's trainers on the same config (pip install trl)
     python bench.py grpo_step_all_rows_bf16 sdpo_step_all_rows_bf16 trl_grpo_step_bf16 trl_sdpo_step_bf16  # in bf16
+    python bench.py grpo_step_all_rows_bf16_ckpt sdpo_step_all_rows_bf16_ckpt  # bf16 with --grad-ckpt (TRL's default)
     python bench.py bf16_curves   # GRPO and SDPO from the organism, fp32 vs bf16, 2 seeds x 10 steps (~30 min)
 
 Each row is measured in a fresh process so rows don't share caches or memory peaks.
@@ -432,6 +433,10 @@ ROWS = {
     "trl_sdpo_step": lambda: bench_trl_step("sdpo"),
     "grpo_step_all_rows_bf16": lambda: bench_rl_step(skip_zero_rows=False, dtype="bfloat16"),
     "sdpo_step_all_rows_bf16": lambda: bench_rl_step("sdpo", skip_zero_rows=False, dtype="bfloat16"),
+    "grpo_step_all_rows_bf16_ckpt": lambda: bench_rl_step(skip_zero_rows=False, dtype="bfloat16", grad_ckpt=True),
+    "sdpo_step_all_rows_bf16_ckpt": lambda: bench_rl_step(
+        "sdpo", skip_zero_rows=False, dtype="bfloat16", grad_ckpt=True
+    ),
     "trl_grpo_step_bf16": lambda: bench_trl_step(bf16=True),
     "trl_sdpo_step_bf16": lambda: bench_trl_step("sdpo", bf16=True),
     "bf16_curves": bench_bf16_curves,

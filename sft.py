@@ -91,8 +91,8 @@ class TrainerArgs:
         default="auto",
         help="float32 | bfloat16 | auto (bf16 where the device computes it natively: rollout.native_bf16). bf16: the "
         "forwards compute in bf16 over fp32 master weights, gradients and AdamW state (GPU: FSDP2's mixed precision; "
-        "CPU: the RL trainers' bf16 generation replica, whose gradients land in the masters; sft.py, torchrun and "
-        "--grad-ckpt: torch.autocast); the RL trainers' frozen teacher or reference policy hold bf16 weights",
+        "CPU: the RL trainers' bf16 generation replica, whose gradients land in the masters; sft.py and torchrun: "
+        "torch.autocast); the RL trainers' frozen teacher or reference policy hold bf16 weights",
     )
     micro_batch: int = HfArg(
         default=4, help="sequences per forward/backward on one rank (memory knob; gradients accumulate)"
@@ -248,11 +248,7 @@ def shard_model(model, device, grad_ckpt: bool = False, mixed_precision: bool = 
     single process without mixed precision keeps the plain module (the same math, no collectives); with it,
     the module is sharded over a one-rank group too, so that one GPU computes in bf16 as eight do."""
     if grad_ckpt:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers' current name (it warns on the old one)
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        checkpoint_layers(model)
     model.to(device).train()
     _, world = world_info()
     if world == 1 and not mixed_precision:
@@ -271,14 +267,28 @@ def shard_model(model, device, grad_ckpt: bool = False, mixed_precision: bool = 
     return model
 
 
-def bf16_compute_copy(replica, model, segment_attention: bool = False):
+def checkpoint_layers(model) -> None:
+    """--grad-ckpt: each decoder layer's activations recomputed in the backward (non-reentrant), in training mode
+    only; decoding runs in `rollout.eval_mode`, where transformers keeps its KV cache."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' current name (it warns on the old one)
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def bf16_compute_copy(replica, model, segment_attention: bool = False, grad_ckpt: bool = False):
     """CPU bf16 mixed precision, computed as FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) does
     on GPUs: the bf16 generation replica also runs the training forwards and backwards, and a hook on each of its
     parameters adds the bf16 gradient, upcast, into the fp32 master's .grad (summed over micro-batches) and frees
     it. AdamW steps the fp32 masters; `apply_update` copies them, rounded, back into the replica after each update,
     as FSDP2 casts its shards at each forward. Against autocast over the masters this saves the casts of
     every weight at every forward and their fp32 gradients in the backward, and the activations (the residual stream
-    too) are bf16. One process (FSDP2 shards the masters under torchrun). Returns the replica."""
+    too) are bf16. One process (FSDP2 shards the masters under torchrun). The replica is put in training mode (it
+    decodes in `rollout.eval_mode`), with its layers checkpointed under --grad-ckpt. Returns the replica."""
+    if grad_ckpt:
+        checkpoint_layers(replica)
+    replica.train()
     if segment_attention:
         import fast
 
@@ -787,8 +797,8 @@ def setup(args) -> Run:
         fast.use_segment_attention(model)
     model = shard_model(model, device, args.grad_ckpt, mixed_precision=bf16 and device.type == "cuda")
     compute = model
-    if replica is not None and world == 1 and device.type == "cpu" and not args.grad_ckpt:  # bf16, one process
-        compute = bf16_compute_copy(replica, model, args.fast and args.segment_attention)
+    if replica is not None and world == 1 and device.type == "cpu":  # bf16, one process
+        compute = bf16_compute_copy(replica, model, args.fast and args.segment_attention, args.grad_ckpt)
     if backend.asleep:
         rollout.push_weights_to_vllm(backend, model)  # wakes the engine with the policy's weights (collective)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)

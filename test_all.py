@@ -5582,6 +5582,57 @@ def test_bf16_run_keeps_fp32_master_weights_and_bf16_copies(digit_model_dir, tmp
         assert torch.equal(replica[k], p.detach().to(torch.bfloat16)), k
 
 
+def _counted(*a, _forward, _calls, **kw):
+    _calls["layer"] += 1
+    return _forward(*a, **kw)
+
+
+def test_bf16_grad_ckpt_checkpoints_the_compute_copy(digit_model_dir, tmp_path):
+    """--dtype bfloat16 --grad-ckpt on a CPU: the bf16 replica still computes the forwards (sft.bf16_compute_copy), in
+    training mode, with each decoder layer run again in the backward; it decodes with its KV cache
+    (rollout.eval_mode). The same rollouts, and the fp32 masters' gradients within 1e-5 of their size of those
+    taken without --grad-ckpt, as `test_gradient_checkpointing_changes_nothing` bounds the fp32 policy's."""
+    got = {}
+    for ckpt in (False, True):
+        args = grpo.Args(
+            model=digit_model_dir,
+            data=_digit_problems(tmp_path),
+            prompts_per_step=2,
+            rollouts=4,
+            max_new_tokens=6,
+            lenient=True,
+            eval_data=[],
+            save_every=0,
+            dtype="bfloat16",
+            grad_ckpt=ckpt,
+            out=str(tmp_path / f"run{ckpt}"),
+        )
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rollout, "sample_tokens", forced_draw)
+            run = sft.setup(args)
+            assert run.compute is run.backend.model and run.compute.training
+            rows, _, _ = grpo.collect_rollouts(run, 0)
+            calls = {"layer": 0}  # decoder-layer forwards, counted in forward itself (a recomputation runs no hooks)
+            for layer in run.compute.model.layers:
+                layer.forward = functools.partial(_counted, _forward=layer.forward, _calls=calls)
+            for r in rows:
+                r["advantage"] = 1.0 if r["reward"] > 0 else -1.0  # every row trained, whatever it drew
+            run.optimizer.step = lambda: None  # the gradient stays on the masters
+            run.optimizer.zero_grad = lambda set_to_none=True: None
+            grpo.train_on_rollouts(
+                run.model, run.optimizer, rows, args, 1, run.device, run.tokenizer.pad_token_id, compute=run.compute
+            )
+        got[ckpt] = (
+            [r["response_ids"] for r in rows],
+            {k: p.grad.clone() for k, p in run.model.named_parameters()},
+            calls["layer"],
+        )
+    (ids0, g0, n0), (ids1, g1, n1) = got[False], got[True]
+    assert ids1 == ids0 and n0 > 0 and n1 == 2 * n0
+    scale = max(float(g.abs().max()) for g in g0.values())
+    assert scale > 0 and max(float((g1[k] - g0[k]).abs().max()) for k in g0) < 1e-5 * scale
+
+
 def test_bf16_compute_copy_sums_its_gradients_into_the_fp32_masters(tiny_model_dir):
     """sft.bf16_compute_copy: the bf16 replica's backward leaves its own gradients freed and each fp32 master's .grad
     the fp32 sum of that parameter's bf16 gradients over the micro-batches, exactly: the same as a hook-free copy's
