@@ -303,9 +303,7 @@ class ChunkedHead(torch.autograd.Function):
     Why not torch.utils.checkpoint per chunk: each chunk's backward then makes a fresh (V, H) weight gradient
     (113 MB for SmolLM2) and adds it into W.grad; here the chunks accumulate into one buffer (addmm_), and
     piece's statistics are not recomputed: 4.4 s against 5.35 s for `chunked_logprobs` (PERFORMANCE.md). The
-    weight gradient accumulates in at least fp32 and is returned in W's dtype. For a bf16 W (the CPU's bf16 copy)
-    it is formed from dL/dz as the vjp returns it, fp32, not rounded to bf16 first: more exact, and no (V, chunk)
-    transposed cast.
+    weight gradient accumulates in at least fp32 and is returned in W's dtype.
 
     Under torch.autocast (CPU bf16: rollout.autocast) x @ W.T runs in autocast's dtype, and so do the backward's
     three matmuls: autocast is off in a backward, so the forward's dtype is kept in ctx and cast to explicitly."""
@@ -344,14 +342,14 @@ class ChunkedHead(torch.autograd.Function):
             if w is None:
                 dx[c : c + ctx.chunk] = dz
                 continue
-            low = dz.to(wc.dtype)
-            dx[c : c + ctx.chunk] = low @ wc
+            dz = dz.to(wc.dtype)
+            dx[c : c + ctx.chunk] = dz @ wc
             if dw is None:
                 continue
-            if wc.dtype == w.dtype:  # dz as the vjp made it (fp32 from bf16 logits), not rounded to W's dtype
+            if wc.dtype == w.dtype:
                 dw.addmm_(dz.T.to(acc), xc.to(acc))
             else:  # autocast: the product in its dtype, accumulated in fp32
-                dw.add_(low.T @ xc)
+                dw.add_(dz.T @ xc)
         return dx, None if dw is None else dw.to(w.dtype), None, None, None, None, *[None] * len(args)
 
 
