@@ -284,7 +284,7 @@ def softmax_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e = exp(z - max), lse = max + log sum e, H = lse - sum(e z) / sum e. (torch.logsumexp and then
     torch.softmax for the entropy run the exp twice.)"""
     m = z.amax(-1, keepdim=True)
-    e = torch.exp(z - m)
+    e = (z - m).exp_()  # in place: one (c, V) buffer, not two
     total = e.sum(-1)
     lse = m.squeeze(-1) + total.log()
     return lse, lse - e.mul_(z).sum(-1) / total
@@ -426,17 +426,19 @@ def chunked_distillation(
             loss = divergence(s, torch.log_softmax(teacher_logits(tx), dim=-1), alpha)
             logp = s.gather(-1, y[:, None]).squeeze(-1)
             return torch.cat([torch.stack([loss, logp], dim=-1), s.new_zeros(len(s), 3)], dim=-1)
-        zt = teacher_logits(tx)
         lse, entropy = softmax_stats(z)
-        lse_t, entropy_t = softmax_stats(zt)
-        if topk:
+        logp = z.gather(-1, y[:, None]).squeeze(-1) - lse
+        if topk:  # the student's side first, so that its (c, V) upcast is freed before the teacher's is made
             idx = z.topk(topk, dim=-1).indices  # the STUDENT's top-k (z and its log-probs have the same order)
             s_sup = finish_support(z.gather(-1, idx) - lse[:, None], add_tail)
+            del z
+        zt = teacher_logits(tx)
+        lse_t, entropy_t = softmax_stats(zt)
+        if topk:
             t_sup = finish_support(zt.gather(-1, idx) - lse_t[:, None], add_tail)
             support[start] = (idx, t_sup, lse)
         else:
             s_sup, t_sup = z - lse[:, None], zt - lse_t[:, None]
-        logp = z.gather(-1, y[:, None]).squeeze(-1) - lse
         entropy_t = entropy_t / math.log(zt.shape[-1])  # the teacher's entropy: in [0, 1]
         terms = [divergence(s_sup, t_sup, alpha), logp, divergence(s_sup, t_sup, 1.0), entropy, entropy_t]
         return torch.stack(terms, dim=-1)
