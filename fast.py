@@ -180,9 +180,12 @@ def packing_limit(model, limit: int) -> int:
 
 def plain_lm_head(model) -> bool:
     """True when the logits are exactly hidden @ W.T: a bias-free Linear head with no soft-capping or
-    logit scaling (Llama, Qwen2/3, OLMo, SmolLM). Other heads take the full-logits path."""
+    logit scaling (Llama, Qwen2/3, OLMo, SmolLM). Other heads take the full-logits path (Gemma 2's soft-capping,
+    Cohere's logit_scale, Granite's logits_scaling)."""
     head, cfg = model.get_output_embeddings(), model.config
-    scaled = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0)
+    scaled = getattr(cfg, "final_logit_softcapping", None) or any(
+        getattr(cfg, k, None) not in (None, 1.0) for k in ("logit_scale", "logits_scaling")
+    )
     return type(head) is torch.nn.Linear and head.bias is None and not scaled
 
 

@@ -3747,6 +3747,25 @@ def test_token_logprobs_equal_straightforward(tiny_model_dir, temp):
         _check_token_logprobs(tiny_model_dir, temp, twin)
 
 
+def test_scaled_heads_take_the_full_logits_path():
+    """fast.plain_lm_head: Granite divides its logits by `logits_scaling`, so hidden @ W.T is not its logits; with a
+    scale it takes the full-logits path, and fast.token_logprobs then equals the log-softmax of the model's own
+    logits. At scale 1 its head is plain."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    cfg = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    assert fast.plain_lm_head(GraniteForCausalLM(GraniteConfig(**cfg, logits_scaling=1.0)))
+    model = GraniteForCausalLM(GraniteConfig(**cfg, logits_scaling=4.0)).eval()
+    assert not fast.plain_lm_head(model)
+    seqs = [([5, 6, 7], [8, 9, 10]), ([3], [4, 5])]
+    logp, mask, _ = fast.token_logprobs(model, seqs, 0, 1.0, "cpu", chunk=2, pack=64)
+    for i, (x, y) in enumerate(seqs):
+        z = model(input_ids=torch.tensor([x + y])).logits[0, len(x) - 1 : -1]
+        want = torch.log_softmax(z, -1).gather(-1, torch.tensor(y)[:, None]).squeeze(-1)
+        assert torch.allclose(logp[i, : len(y)], want, atol=1e-5) and mask[i].sum() == len(y)
+
+
 def _check_token_logprobs(tiny_model_dir, temp, token_logprobs):
     model, _ = rollout.load_model(tiny_model_dir, "float32", "cpu")
     torch.manual_seed(0)
@@ -5584,14 +5603,18 @@ def test_bf16_run_keeps_fp32_master_weights_and_bf16_copies(digit_model_dir, tmp
 
 def _counted(*a, _forward, _calls, **kw):
     _calls["layer"] += 1
+    _calls["lengths"].add(a[0].shape[1] if a else kw["hidden_states"].shape[1])  # positions in this forward
     return _forward(*a, **kw)
 
 
-def test_bf16_grad_ckpt_checkpoints_the_compute_copy(digit_model_dir, tmp_path):
+@pytest.mark.parametrize("fast_code", [True, False], ids=["fast", "no-fast"])
+def test_bf16_grad_ckpt_checkpoints_the_compute_copy(digit_model_dir, tmp_path, fast_code):
     """--dtype bfloat16 --grad-ckpt on a CPU: the bf16 replica still computes the forwards (sft.bf16_compute_copy), in
     training mode, with each decoder layer run again in the backward; it decodes with its KV cache
-    (rollout.eval_mode). The same rollouts, and the fp32 masters' gradients within 1e-5 of their size of those
-    taken without --grad-ckpt, as `test_gradient_checkpointing_changes_nothing` bounds the fp32 policy's."""
+    (rollout.eval_mode: under --no-fast transformers' layers decode one new position at a time; fast.py's decoder
+    keeps a cache of its own past the prefill). The same rollouts, and the fp32 masters' gradients within 1e-5 of
+    their size of those taken without --grad-ckpt, as `test_gradient_checkpointing_changes_nothing` bounds the
+    fp32 policy's."""
     got = {}
     for ckpt in (False, True):
         args = grpo.Args(
@@ -5605,16 +5628,19 @@ def test_bf16_grad_ckpt_checkpoints_the_compute_copy(digit_model_dir, tmp_path):
             save_every=0,
             dtype="bfloat16",
             grad_ckpt=ckpt,
+            fast=fast_code,
             out=str(tmp_path / f"run{ckpt}"),
         )
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(rollout, "sample_tokens", forced_draw)
             run = sft.setup(args)
             assert run.compute is run.backend.model and run.compute.training
-            rows, _, _ = grpo.collect_rollouts(run, 0)
-            calls = {"layer": 0}  # decoder-layer forwards, counted in forward itself (a recomputation runs no hooks)
-            for layer in run.compute.model.layers:
+            calls = {"layer": 0, "lengths": set()}  # decoder-layer forwards, counted in forward itself (a
+            for layer in run.compute.model.layers:  # recomputation runs no module hooks)
                 layer.forward = functools.partial(_counted, _forward=layer.forward, _calls=calls)
+            rows, _, _ = grpo.collect_rollouts(run, 0)
+            assert fast_code or 1 in calls["lengths"]  # decoding steps of one new position each: the KV cache
+            calls["layer"] = 0
             for r in rows:
                 r["advantage"] = 1.0 if r["reward"] > 0 else -1.0  # every row trained, whatever it drew
             run.optimizer.step = lambda: None  # the gradient stays on the masters
