@@ -5551,25 +5551,29 @@ def test_bf16_forward_and_gradient_within_bf16_resolution(tiny_model_dir, plain)
     assert 0 < num <= 3 * BF16_U * den, num / den
 
 
-def test_bf16_run_keeps_fp32_master_weights_and_bf16_copies(digit_model_dir, tmp_path):
-    """--dtype bfloat16: the policy's weights and AdamW's state stay fp32 through two updates (--mini-batch 2), which
-    move them by amounts bf16 could not hold; the generation replica and SDPO's teacher hold bf16 weights, and the
-    replica, which computes the forwards, is the policy's weights rounded to bf16 after each update (sft.apply_update,
-    before `rollout.refresh_weights`)."""
-    args = sdpo.Args(
+def _bf16_digit_args(cls, digit_model_dir, tmp_path, out: str, **kw):
+    """A bf16 run's Args on the digit model: 4 rollouts of at most 6 tokens, no evaluation, no checkpoints."""
+    return cls(
         model=digit_model_dir,
         data=_digit_problems(tmp_path),
-        prompts_per_step=4,
         rollouts=4,
         max_new_tokens=6,
         lenient=True,
         eval_data=[],
         save_every=0,
-        warmup=0,
-        lr=1e-4,
         dtype="bfloat16",
-        mini_batch=2,
-        out=str(tmp_path / "run"),
+        out=str(tmp_path / out),
+        **kw,
+    )
+
+
+def test_bf16_run_keeps_fp32_master_weights_and_bf16_copies(digit_model_dir, tmp_path):
+    """--dtype bfloat16: the policy's weights and AdamW's state stay fp32 through two updates (--mini-batch 2), which
+    move them by amounts bf16 could not hold; the generation replica and SDPO's teacher hold bf16 weights, and the
+    replica, which computes the forwards, is the policy's weights rounded to bf16 after each update (sft.apply_update,
+    before `rollout.refresh_weights`)."""
+    args = _bf16_digit_args(
+        sdpo.Args, digit_model_dir, tmp_path, prompts_per_step=4, warmup=0, lr=1e-4, mini_batch=2, out="run"
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rollout, "sample_tokens", forced_draw)
@@ -5617,19 +5621,8 @@ def test_bf16_grad_ckpt_checkpoints_the_compute_copy(digit_model_dir, tmp_path, 
     fp32 policy's."""
     got = {}
     for ckpt in (False, True):
-        args = grpo.Args(
-            model=digit_model_dir,
-            data=_digit_problems(tmp_path),
-            prompts_per_step=2,
-            rollouts=4,
-            max_new_tokens=6,
-            lenient=True,
-            eval_data=[],
-            save_every=0,
-            dtype="bfloat16",
-            grad_ckpt=ckpt,
-            fast=fast_code,
-            out=str(tmp_path / f"run{ckpt}"),
+        args = _bf16_digit_args(
+            grpo.Args, digit_model_dir, tmp_path, prompts_per_step=2, grad_ckpt=ckpt, fast=fast_code, out=f"run{ckpt}"
         )
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(rollout, "sample_tokens", forced_draw)
